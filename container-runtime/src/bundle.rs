@@ -1,0 +1,143 @@
+//! The destination's bundle: config.json rebuilt under the receiver's
+//! policy, never taken from the sender as it is.
+
+use std::path::Path;
+
+use oci_spec::runtime::Spec;
+
+use crate::RuntimeError;
+
+/// Container ids: what runc accepts, and safe as a path component.
+pub fn validate_container_id(id: &str) -> Result<(), RuntimeError> {
+    let bad = |reason| Err(RuntimeError::InvalidId { id: id.to_string(), reason });
+    if id.is_empty() || id.len() > 128 {
+        return bad("must be 1 to 128 characters");
+    }
+    if id == "." || id == ".." || id.starts_with('.') {
+        return bad("must not start with a dot");
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+')) {
+        return bad("may contain only letters, digits and _ - . +");
+    }
+    Ok(())
+}
+
+/// What the receiver allows and imposes on a migrated container.
+#[derive(Debug, Clone)]
+pub struct BundlePolicy {
+    /// Parent of the container's cgroup on the destination, e.g. `/ctmigrate`.
+    pub cgroup_parent: String,
+}
+
+impl BundlePolicy {
+    /// Builds the destination's config.json from the sender's.
+    pub fn destination_config(&self, source: &serde_json::Value, dest_id: &str) -> Result<Spec, RuntimeError> {
+        let mut spec: Spec = serde_json::from_value(source.clone())
+            .map_err(|e| RuntimeError::Config(format!("the sender's config.json is not a valid OCI runtime config: {e}")))?;
+
+        let mut root = spec.root().clone().ok_or_else(|| RuntimeError::Config("config.json has no root".into()))?;
+        root.set_path("rootfs".into());
+        spec.set_root(Some(root));
+
+        // Hooks run as root on this host: they come only from local policy.
+        spec.set_hooks(None);
+
+        if let Some(ann) = spec.annotations().clone() {
+            // `org.criu.*` annotations steer CRIU (config files, options).
+            let kept = ann.into_iter().filter(|(k, _)| !k.starts_with("org.criu.")).collect();
+            spec.set_annotations(Some(kept));
+        }
+
+        let mut linux = spec.linux().clone().ok_or_else(|| RuntimeError::Config("config.json has no linux section".into()))?;
+        if let Some(namespaces) = linux.namespaces() {
+            for ns in namespaces {
+                if let Some(p) = ns.path() {
+                    return Err(RuntimeError::Config(format!(
+                        "the container joins an existing {:?} namespace ({}); ctmigrate cannot recreate that namespace on the destination",
+                        ns.typ(),
+                        p.display()
+                    )));
+                }
+            }
+        }
+        let parent = format!("/{}", self.cgroup_parent.trim_matches('/'));
+        let cgroups_path = if parent == "/" { format!("/{dest_id}") } else { format!("{parent}/{dest_id}") };
+        linux.set_cgroups_path(Some(cgroups_path.into()));
+        spec.set_linux(Some(linux));
+
+        if let Some(mounts) = spec.mounts() {
+            for m in mounts {
+                let is_bind = m.typ().as_deref() == Some("bind")
+                    || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
+                if !is_bind {
+                    continue;
+                }
+                let src = m.source().clone().unwrap_or_default();
+                if !Path::new(&src).exists() {
+                    return Err(RuntimeError::Config(format!(
+                        "bind mount source {} (for {}) does not exist on the destination: create it there first",
+                        src.display(),
+                        m.destination().display()
+                    )));
+                }
+            }
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source_config() -> serde_json::Value {
+        serde_json::json!({
+            "ociVersion": "1.0.2-dev",
+            "process": {"user": {"uid": 0, "gid": 0}, "args": ["sh"], "cwd": "/"},
+            "root": {"path": "/var/lib/src/bundle/rootfs", "readonly": false},
+            "hooks": {"prestart": [{"path": "/bin/evil"}]},
+            "annotations": {"org.criu.config": "/etc/evil.conf", "app": "web"},
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "mount"}],
+                "cgroupsPath": "/source/web"
+            }
+        })
+    }
+
+    #[test]
+    fn destination_config_applies_policy() {
+        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into() };
+        let spec = policy.destination_config(&source_config(), "web2").unwrap();
+        assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
+        assert!(spec.hooks().is_none());
+        let ann = spec.annotations().as_ref().unwrap();
+        assert!(!ann.contains_key("org.criu.config"));
+        assert_eq!(ann.get("app").map(String::as_str), Some("web"));
+        assert_eq!(
+            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
+            Some(Path::new("/ctmigrate/web2"))
+        );
+    }
+
+    #[test]
+    fn namespace_paths_and_missing_bind_sources_are_refused() {
+        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into() };
+        let mut cfg = source_config();
+        cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/run/netns/x"}]);
+        assert!(policy.destination_config(&cfg, "a").is_err());
+        let mut cfg = source_config();
+        cfg["mounts"] = serde_json::json!([{"destination": "/data", "type": "bind", "source": "/nonexistent/ctm", "options": ["rbind"]}]);
+        let err = policy.destination_config(&cfg, "a").unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ctm"), "{err}");
+    }
+
+    #[test]
+    fn container_ids() {
+        for ok in ["web", "a.b-c_d+1", "X"] {
+            validate_container_id(ok).unwrap();
+        }
+        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_container_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

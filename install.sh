@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Installs everything ctmigrate needs on a Debian host and builds ctmigrate.
+# Idempotent: run it again at any time; finished steps are skipped.
+#
+#   sudo ./install.sh
+#
+# What it installs:
+#   - runc, iptables, busybox-static, iproute2, protoc and build tools (apt)
+#   - CRIU >= 4.2: the distribution's if it is new enough and `criu check`
+#     passes, else built from Debian's own source package (suite sid),
+#     installed as /usr/local/sbin/criu with its RPC schema at
+#     /usr/local/include/criu/rpc.proto
+#   - ctmigrate itself at /usr/local/bin/ctmigrate, and the static test
+#     fixture at /usr/local/libexec/ctmigrate/pattern-fixture
+set -euo pipefail
+
+MIN_CRIU_MAJOR=4
+MIN_CRIU_MINOR=2
+CRIU_PREFIX=/usr/local
+RPC_PROTO_DEST="$CRIU_PREFIX/include/criu/rpc.proto"
+FIXTURE_DIR=/usr/local/libexec/ctmigrate
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+log() { printf 'install.sh: %s\n' "$*" >&2; }
+die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo ./install.sh): it installs system packages"
+command -v apt-get >/dev/null || die "this installer supports Debian-based hosts only (no apt-get found)"
+
+export DEBIAN_FRONTEND=noninteractive
+
+APT_PACKAGES=(
+    runc iptables nftables busybox-static iproute2 procps util-linux psmisc
+    protobuf-compiler pkg-config build-essential zstd tar ca-certificates
+    # CRIU build dependencies (used only when CRIU is built from source)
+    libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
+    libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev libgnutls28-dev
+    libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils
+)
+
+missing_packages() {
+    local p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+    done
+}
+
+install_apt_packages() {
+    local missing
+    missing=$(missing_packages)
+    if [ -z "$missing" ]; then
+        log "system packages already installed"
+        return
+    fi
+    log "installing packages: $(echo $missing | tr '\n' ' ')"
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+}
+
+# Prints "MAJOR MINOR" of the criu on PATH, or nothing.
+criu_version() {
+    local v
+    v=$(criu --version 2>/dev/null | sed -n 's/^Version: *\([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -n1)
+    echo "$v"
+}
+
+criu_is_usable() {
+    command -v criu >/dev/null || return 1
+    local v major minor
+    v=$(criu_version)
+    [ -n "$v" ] || return 1
+    read -r major minor <<<"$v"
+    if [ "$major" -lt "$MIN_CRIU_MAJOR" ] || { [ "$major" -eq "$MIN_CRIU_MAJOR" ] && [ "$minor" -lt "$MIN_CRIU_MINOR" ]; }; then
+        return 1
+    fi
+    criu check >/dev/null 2>&1 || return 1
+    [ -f "$RPC_PROTO_DEST" ] || [ -f /usr/include/criu/rpc.proto ] || return 1
+}
+
+build_criu_from_debian_source() {
+    local src_list=/etc/apt/sources.list.d/ctmigrate-criu-src.sources
+    if [ ! -f "$src_list" ]; then
+        log "adding a deb-src entry for Debian sid (source packages only: no binary comes from it)"
+        cat >"$src_list" <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+        apt-get update -q
+    fi
+    local work=/var/cache/ctmigrate/criu-src
+    mkdir -p "$work"
+    cd "$work"
+    if ! ls criu_*.orig.tar.* >/dev/null 2>&1; then
+        log "downloading CRIU's Debian source package"
+        # The Debian packaging tarball may be missing from the mirror; the
+        # upstream (orig) tarball is all the build needs, so a failure here is
+        # judged by whether the orig tarball arrived.
+        apt-get source --download-only criu || true
+    fi
+    local orig
+    orig=$(ls criu_*.orig.tar.* 2>/dev/null | sort -V | tail -n1)
+    [ -n "$orig" ] || die "could not download CRIU's source (criu_*.orig.tar.*) from Debian sid"
+    log "building CRIU from $orig"
+    rm -rf build && mkdir build
+    tar -xf "$orig" -C build --strip-components=1
+    make -C build -j"$(nproc)" criu >build.log 2>&1 || { tail -n 40 build.log >&2; die "CRIU build failed (full log: $work/build.log)"; }
+    install -D -m 0755 build/criu/criu "$CRIU_PREFIX/sbin/criu"
+    install -D -m 0644 build/images/rpc.proto "$RPC_PROTO_DEST"
+    cd "$REPO_DIR"
+    hash -r
+}
+
+install_criu() {
+    if criu_is_usable; then
+        log "CRIU $(criu --version | sed -n 's/^Version: *//p') is usable"
+        return
+    fi
+    # The distribution's package first: if it is new enough and works on this
+    # kernel, it is the better-maintained choice.
+    if apt-cache policy criu 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        local cand
+        cand=$(apt-cache policy criu | sed -n 's/ *Candidate: *//p')
+        case "$cand" in
+            [5-9]*|4.[2-9]*|4.[1-9][0-9]*)
+                log "trying the distribution's criu $cand"
+                apt-get install -y -q --no-install-recommends criu libcriu-dev || true
+                if criu_is_usable; then return; fi
+                ;;
+        esac
+    fi
+    build_criu_from_debian_source
+    criu_is_usable || die "CRIU at $(command -v criu) does not pass 'criu check' on this kernel"
+    log "CRIU $(criu --version | sed -n 's/^Version: *//p') installed"
+}
+
+build_fixtures() {
+    log "building the static test fixtures"
+    mkdir -p "$FIXTURE_DIR"
+    gcc -O2 -static -Wall -Wextra -o "$FIXTURE_DIR/pattern-fixture" "$REPO_DIR/fixtures/pattern-fixture.c"
+}
+
+build_ctmigrate() {
+    command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
+    log "building ctmigrate"
+    cd "$REPO_DIR"
+    cargo build --release --locked
+    install -m 0755 target/release/ctmigrate /usr/local/bin/ctmigrate
+    log "installed /usr/local/bin/ctmigrate"
+}
+
+install_apt_packages
+install_criu
+build_fixtures
+build_ctmigrate
+log "done: try 'sudo ctmigrate check' and 'sudo ctmigrate validate'"

@@ -1,0 +1,195 @@
+//! `ctmigrate check`: can this host send and receive migrations?
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub runtime_root: PathBuf,
+    pub runc_binary: PathBuf,
+    pub criu_binary: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckItem {
+    pub name: &'static str,
+    pub ok: bool,
+    /// A failed required item means migrations cannot run.
+    pub required: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub checks: Vec<CheckItem>,
+}
+
+/// Lowest CRIU that dumps sockets on kernels >= 6.16.
+pub const MIN_CRIU: (u32, u32) = (4, 2);
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok || !c.required)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CheckItem> {
+        self.checks.iter().find(|c| c.name == name)
+    }
+
+    pub fn print(&self, json: bool) {
+        if json {
+            let v = serde_json::json!({"event": "check", "ok": self.ok(), "checks": self.checks});
+            println!("{v}");
+            return;
+        }
+        for c in &self.checks {
+            let mark = match (c.ok, c.required) {
+                (true, _) => "ok  ",
+                (false, true) => "FAIL",
+                (false, false) => "note",
+            };
+            println!("{mark} {:<16} {}", c.name, c.detail);
+        }
+        println!("{}", if self.ok() { "this host can migrate containers" } else { "this host cannot migrate containers: fix the FAIL lines" });
+    }
+}
+
+fn item(name: &'static str, required: bool, result: Result<String, String>) -> CheckItem {
+    match result {
+        Ok(detail) => CheckItem { name, ok: true, required, detail },
+        Err(detail) => CheckItem { name, ok: false, required, detail },
+    }
+}
+
+/// Effective capabilities of this process, from /proc/self/status.
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
+        .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
+        .unwrap_or(0)
+}
+
+pub fn run(opts: &CheckOptions) -> CheckReport {
+    let mut checks = Vec::new();
+
+    const NEEDED_CAPS: &[(u32, &str)] =
+        &[(12, "CAP_NET_ADMIN"), (19, "CAP_SYS_PTRACE"), (21, "CAP_SYS_ADMIN"), (40, "CAP_CHECKPOINT_RESTORE")];
+    let caps = effective_caps();
+    let missing: Vec<&str> = NEEDED_CAPS.iter().filter(|(bit, _)| caps & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    checks.push(item(
+        "privileges",
+        true,
+        if nix::unistd::geteuid().is_root() && missing.is_empty() {
+            Ok("root with the capabilities CRIU needs".into())
+        } else {
+            Err(format!("run as root (missing: {})", if missing.is_empty() { "uid 0".into() } else { missing.join(", ") }))
+        },
+    ));
+
+    let version = criu_bindings::version(&opts.criu_binary);
+    checks.push(item(
+        "criu",
+        true,
+        match &version {
+            Ok(v) if (v.major, v.minor) >= MIN_CRIU => Ok(format!("CRIU {v} at {}", which(&opts.criu_binary))),
+            Ok(v) => Err(format!(
+                "CRIU {v} is too old: {}.{} or newer is needed (older CRIU cannot dump sockets on kernels >= 6.16); run ./install.sh",
+                MIN_CRIU.0, MIN_CRIU.1
+            )),
+            Err(e) => Err(format!("{e}")),
+        },
+    ));
+
+    let features = criu_bindings::feature_check(&opts.criu_binary);
+    let (soft_dirty, uffd) = match &features {
+        Ok(f) => (f.mem_track, f.lazy_pages),
+        Err(_) => (false, false),
+    };
+    checks.push(item(
+        "dirty-tracking",
+        false,
+        if soft_dirty {
+            Ok("soft-dirty memory tracking available: pre-copy possible".into())
+        } else {
+            Err("the kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY): only stop-copy migration is possible".into())
+        },
+    ));
+    checks.push(item(
+        "uffd",
+        false,
+        if uffd { Ok("userfaultfd available (lazy pages)".into()) } else { Err("no userfaultfd for lazy pages".into()) },
+    ));
+
+    let runc = Command::new(&opts.runc_binary).arg("--version").output();
+    checks.push(item(
+        "runtime",
+        true,
+        match runc {
+            Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("runc").to_string()),
+            Ok(o) => Err(format!("`runc --version` failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => Err(format!("cannot run {}: {e}; run ./install.sh", opts.runc_binary.display())),
+        },
+    ));
+
+    let cg = container_runtime::cgroup_version();
+    let freezer = match cg {
+        container_runtime::cgroup::CgroupVersion::V1 => Path::new("/sys/fs/cgroup/freezer/freezer.state").exists()
+            || Path::new("/sys/fs/cgroup/freezer/tasks").exists(),
+        container_runtime::cgroup::CgroupVersion::V2 => {
+            std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control").is_ok()
+        }
+    };
+    checks.push(item(
+        "cgroup-freezer",
+        true,
+        if freezer {
+            Ok(format!("cgroup {cg:?} with a freezer"))
+        } else {
+            Err(format!("cgroup {cg:?} without a usable freezer: mount the v1 freezer controller or use cgroup v2"))
+        },
+    ));
+
+    let iptables = which(Path::new("iptables-restore"));
+    checks.push(item(
+        "network-lock",
+        true,
+        if iptables.starts_with('/') {
+            Ok(format!("iptables-restore at {iptables} (CRIU locks the network while dumping)"))
+        } else {
+            Err("iptables-restore not found: CRIU needs it to lock the network during a dump; install iptables".into())
+        },
+    ));
+
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.contains("[always]") {
+        checks.push(item(
+            "huge-pages",
+            false,
+            Err("transparent huge pages are `always`: dirty tracking works per 2 MiB page, so pre-copy rounds may not shrink".into()),
+        ));
+    }
+
+    checks.push(item(
+        "runtime-root",
+        true,
+        match std::fs::metadata(&opts.runtime_root) {
+            Ok(m) if m.is_dir() => Ok(format!("{} exists", opts.runtime_root.display())),
+            Ok(_) => Err(format!("{} is not a directory", opts.runtime_root.display())),
+            Err(_) => Ok(format!("{} will be created by runc", opts.runtime_root.display())),
+        },
+    ));
+    CheckReport { checks }
+}
+
+fn which(bin: &Path) -> String {
+    if bin.is_absolute() {
+        return bin.display().to_string();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(bin)).find(|p| p.is_file()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| bin.display().to_string())
+}

@@ -1,0 +1,92 @@
+//! Migration errors and what they mean for the source container.
+
+use container_runtime::RuntimeError;
+use criu_bindings::CriuError;
+use migration_protocol::ProtocolError;
+
+/// What happened to the source container when a migration failed. Each maps
+/// to one documented exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Refused before anything was touched (bad input, preflight, the
+    /// destination refused the manifest). Exit 3.
+    NothingTouched,
+    /// Failed after the source was frozen; it was thawed and runs. Exit 4.
+    SourceResumed,
+    /// The source could not be resumed. Exit 5: needs an operator now.
+    SourceNotResumed,
+    /// The destination may or may not run the container (its commit
+    /// acknowledgement was lost); the source was resumed, so a copy may run
+    /// on both hosts. Exit 6.
+    Uncertain,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::NothingTouched => 3,
+            Outcome::SourceResumed => 4,
+            Outcome::SourceNotResumed => 5,
+            Outcome::Uncertain => 6,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("migration stream: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("cannot reach the destination {addr}: {reason}; check that `ctmigrate receive` listens there and the address is routable")]
+    Unreachable { addr: String, reason: String },
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("the destination failed: {0}")]
+    Remote(String),
+    #[error("the sender aborted: {0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Preflight(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("injected failure at `{0}`")]
+    Injected(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl MigrationError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+        let context = context.into();
+        move |source| MigrationError::Io { context, source }
+    }
+}
+
+/// A failed migration: the error, and what became of the source.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: MigrationError,
+    pub outcome: Outcome,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}

@@ -1,0 +1,264 @@
+//! What a migration tells its user: newline-delimited JSON events with
+//! `--json`, a progress display on a terminal, plain lines otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+/// The stages of a migration, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Preflight,
+    Connect,
+    RootfsSync,
+    Freeze,
+    RootfsDelta,
+    Dump,
+    Transfer,
+    Restore,
+    Commit,
+    Cleanup,
+    Rollback,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Preflight => "preflight",
+            Phase::Connect => "connect",
+            Phase::RootfsSync => "rootfs sync (running)",
+            Phase::Freeze => "freeze",
+            Phase::RootfsDelta => "rootfs delta (frozen)",
+            Phase::Dump => "dump",
+            Phase::Transfer => "transfer",
+            Phase::Restore => "restore",
+            Phase::Commit => "commit",
+            Phase::Cleanup => "cleanup",
+            Phase::Rollback => "rollback",
+        }
+    }
+}
+
+/// The final event of a migration, on both sides.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResultEvent {
+    pub ok: bool,
+    pub role: &'static str,
+    pub container: String,
+    pub dest_id: String,
+    pub mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_reason: Option<String>,
+    /// Source frozen until the destination reported it running.
+    pub frozen_ms: Option<u64>,
+    pub total_ms: u64,
+    /// Bytes put on the wire (headers, compression included).
+    pub bytes_sent: u64,
+    /// Payload bytes before compression.
+    pub bytes_raw: u64,
+    /// Sum of CRIU's image files.
+    pub image_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `running`, `migrated`, `untouched`, `not-resumed`, `uncertain`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    Start {
+        role: &'static str,
+        container: String,
+        dest_id: String,
+        peer: String,
+        mode: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode_reason: Option<String>,
+    },
+    Listening {
+        addr: String,
+    },
+    Accepted {
+        peer: String,
+    },
+    Phase {
+        phase: Phase,
+        elapsed_ms: u64,
+    },
+    Progress {
+        phase: Phase,
+        bytes: u64,
+        mb_per_s: f64,
+    },
+    Warning {
+        message: String,
+    },
+    Result(ResultEvent),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportMode {
+    Json,
+    Progress,
+    Plain,
+    Quiet,
+}
+
+/// Sends events to the chosen output. Shared between threads.
+pub struct Reporter {
+    mode: ReportMode,
+    start: Instant,
+    bar: Mutex<Option<ProgressBar>>,
+    last_progress: Mutex<Instant>,
+}
+
+impl Reporter {
+    /// `--json` → JSON on stdout; else a progress bar if stderr is a
+    /// terminal, plain lines if it is not.
+    pub fn new(json: bool) -> Self {
+        let mode = if json {
+            ReportMode::Json
+        } else if std::io::stderr().is_terminal() {
+            ReportMode::Progress
+        } else {
+            ReportMode::Plain
+        };
+        Self::with_mode(mode)
+    }
+
+    pub fn with_mode(mode: ReportMode) -> Self {
+        Self {
+            mode,
+            start: Instant::now(),
+            bar: Mutex::new(None),
+            last_progress: Mutex::new(Instant::now() - Duration::from_secs(1)),
+        }
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    pub fn phase(&self, phase: Phase) {
+        self.emit(Event::Phase { phase, elapsed_ms: self.elapsed_ms() });
+    }
+
+    /// Throttled to a few events a second.
+    pub fn progress(&self, phase: Phase, bytes: u64, since: Instant) {
+        {
+            let mut last = self.last_progress.lock().unwrap();
+            if last.elapsed() < Duration::from_millis(250) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let secs = since.elapsed().as_secs_f64().max(1e-3);
+        let mb_per_s = (bytes as f64 / 1e6 / secs * 10.0).round() / 10.0;
+        self.emit(Event::Progress { phase, bytes, mb_per_s });
+    }
+
+    pub fn warn(&self, message: impl Into<String>) {
+        self.emit(Event::Warning { message: message.into() });
+    }
+
+    pub fn emit(&self, event: Event) {
+        match self.mode {
+            ReportMode::Quiet => {}
+            ReportMode::Json => {
+                let line = serde_json::to_string(&event).expect("events serialize");
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            ReportMode::Plain => {
+                if let Some(line) = human_line(&event) {
+                    eprintln!("ctmigrate: {line}");
+                }
+            }
+            ReportMode::Progress => self.draw(&event),
+        }
+    }
+
+    fn draw(&self, event: &Event) {
+        let mut bar = self.bar.lock().unwrap();
+        match event {
+            Event::Phase { phase, .. } => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+                let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                b.set_style(
+                    ProgressStyle::with_template("{spinner} {prefix:<24} {msg} {binary_bytes} ({binary_bytes_per_sec}) [{elapsed}]")
+                        .expect("valid template"),
+                );
+                b.set_prefix(phase.label());
+                b.enable_steady_tick(Duration::from_millis(120));
+                *bar = Some(b);
+            }
+            Event::Progress { bytes, .. } => {
+                if let Some(b) = bar.as_ref() {
+                    b.set_position(*bytes);
+                }
+            }
+            other => {
+                if let Some(line) = human_line(other) {
+                    match bar.as_ref() {
+                        Some(b) => b.println(format!("ctmigrate: {line}")),
+                        None => eprintln!("ctmigrate: {line}"),
+                    }
+                }
+                if matches!(other, Event::Result(_)) {
+                    if let Some(b) = bar.take() {
+                        b.finish_and_clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn human_line(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::Start { role, container, dest_id, peer, mode, mode_reason } => {
+            let reason = mode_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+            match *role {
+                "sender" => format!("migrating {container} to {peer} as {dest_id}, mode {mode}{reason}"),
+                _ => format!("receiving {container} from {peer} as {dest_id}"),
+            }
+        }
+        Event::Listening { addr } => format!("listening on {addr}"),
+        Event::Accepted { peer } => format!("connection from {peer}"),
+        Event::Phase { phase, elapsed_ms } => format!("{} (at {elapsed_ms} ms)", phase.label()),
+        Event::Progress { phase, bytes, mb_per_s } => {
+            format!("{}: {:.1} MB at {mb_per_s} MB/s", phase.label(), *bytes as f64 / 1e6)
+        }
+        Event::Warning { message } => format!("warning: {message}"),
+        Event::Result(r) => {
+            if r.ok {
+                format!(
+                    "done: {} now runs as {} (frozen {} ms, total {} ms, {:.1} MB sent for {:.1} MB of data)",
+                    r.container,
+                    r.dest_id,
+                    r.frozen_ms.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
+                    r.total_ms,
+                    r.bytes_sent as f64 / 1e6,
+                    r.bytes_raw as f64 / 1e6
+                )
+            } else {
+                format!(
+                    "failed: {} (source: {})",
+                    r.error.as_deref().unwrap_or("unknown error"),
+                    r.source_state.as_deref().unwrap_or("unknown")
+                )
+            }
+        }
+    })
+}

@@ -1,0 +1,72 @@
+//! Fault injection for tests: `CTMIGRATE_FAILPOINTS=name=action[,name=action]`.
+//!
+//! Actions: `error` (the step fails as if it had failed for real), `exit`
+//! (the process dies on the spot, as if killed), `sleep:MS` (stall), and
+//! `corrupt` (the step damages the data it sends). Only tests set the
+//! variable; every failpoint is a named place in the code, listed here:
+//!
+//! | name | where |
+//! |---|---|
+//! | `sender-after-freeze` | sender, right after the cgroup froze |
+//! | `sender-before-commit` | sender, after the destination restored, before Commit |
+//! | `sender-corrupt-image` | sender, one image chunk altered after its checksum |
+//! | `sender-after-dump` | sender, CRIU done, before the last images go out |
+//! | `receiver-after-manifest` | receiver, after accepting the manifest |
+//! | `receiver-during-images` | receiver, after the first image chunk |
+//! | `receiver-before-restore` | receiver, with all images received |
+//! | `receiver-before-commit-ack` | receiver, restored, before acknowledging Commit |
+
+use std::time::Duration;
+
+use crate::MigrationError;
+
+pub const ENV: &str = "CTMIGRATE_FAILPOINTS";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Error,
+    Exit,
+    Sleep(Duration),
+    Corrupt,
+}
+
+/// The action configured for `name`, if any.
+pub fn action(name: &str) -> Option<Action> {
+    let spec = std::env::var(ENV).ok()?;
+    spec.split(',').find_map(|item| {
+        let (n, a) = item.split_once('=')?;
+        if n.trim() != name {
+            return None;
+        }
+        let a = a.trim();
+        Some(match a {
+            "error" => Action::Error,
+            "exit" => Action::Exit,
+            "corrupt" => Action::Corrupt,
+            _ => Action::Sleep(Duration::from_millis(a.strip_prefix("sleep:")?.parse().ok()?)),
+        })
+    })
+}
+
+/// Runs the failpoint `name`: fails, exits or stalls as configured.
+/// (`corrupt` is for [`should_corrupt`] and does nothing here.)
+pub fn hit(name: &str) -> Result<(), MigrationError> {
+    match action(name) {
+        None | Some(Action::Corrupt) => Ok(()),
+        Some(Action::Error) => Err(MigrationError::Injected(name.to_string())),
+        Some(Action::Exit) => {
+            eprintln!("ctmigrate: failpoint {name}: exiting abruptly");
+            // SIGKILL ourselves: no destructors, no cleanup, as a crash.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+            std::process::abort();
+        }
+        Some(Action::Sleep(d)) => {
+            std::thread::sleep(d);
+            Ok(())
+        }
+    }
+}
+
+pub fn should_corrupt(name: &str) -> bool {
+    action(name) == Some(Action::Corrupt)
+}

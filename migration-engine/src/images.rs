@@ -1,0 +1,334 @@
+//! Moving CRIU's image files.
+//!
+//! Page images (`pages-*.img`) hold nearly all the bytes and CRIU only
+//! appends to them, so the sender streams them while CRIU is still writing.
+//! The other images are small and some are rewritten in place before CRIU
+//! finishes (the inventory, for one), so they are sent once CRIU returns.
+//! ImagesDone then lists every file with its size and CRC-32C, and the
+//! receiver checks its copy against that list before restoring.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use migration_protocol::frame::encode_header;
+use migration_protocol::{Compressor, FrameWriter, ImageData, ImageFileSummary, ImagesDone, MessageKind};
+
+use crate::{failpoints, MigrationError};
+
+const CHUNK: usize = 1 << 20;
+
+/// Files CRIU only appends to, safe to stream while it writes.
+pub fn is_append_only(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// An image file name as the receiver accepts it: one plain component of
+/// letters, digits and `._-`, not starting with a dot.
+pub fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= migration_protocol::MAX_IMAGE_NAME
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[derive(Debug, Default)]
+struct Sent {
+    offset: u64,
+    crc: u32,
+}
+
+/// Sender side: follows the images directory and sends what is new.
+pub struct ImageStreamer {
+    dir: PathBuf,
+    sent: BTreeMap<String, Sent>,
+    buf: Vec<u8>,
+    frame: Vec<u8>,
+    corrupt_next: bool,
+}
+
+impl ImageStreamer {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            sent: BTreeMap::new(),
+            buf: vec![0u8; CHUNK],
+            frame: Vec::with_capacity(CHUNK + 300),
+            corrupt_next: failpoints::should_corrupt("sender-corrupt-image"),
+        }
+    }
+
+    fn names(&self) -> Result<Vec<String>, MigrationError> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(MigrationError::io(format!("listing {}", self.dir.display())))? {
+            let e = e.map_err(MigrationError::io("listing images"))?;
+            if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Sends whatever the append-only files gained since the last call.
+    /// Returns the number of payload bytes sent.
+    pub fn pump<W: Write>(&mut self, out: &mut FrameWriter<W>, comp: &mut Compressor) -> Result<u64, MigrationError> {
+        let mut total = 0;
+        for name in self.names()? {
+            if is_append_only(&name) {
+                total += self.send_tail(out, comp, &name)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// After CRIU returned: the rest of every file, then ImagesDone.
+    pub fn finish<W: Write>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        comp: &mut Compressor,
+        dump_ms: u64,
+    ) -> Result<(u64, u64), MigrationError> {
+        let mut sent = 0;
+        let mut files = Vec::new();
+        for name in self.names()? {
+            sent += self.send_tail(out, comp, &name)?;
+            let s = &self.sent[&name];
+            let size = std::fs::metadata(self.dir.join(&name)).map_err(MigrationError::io("stat image"))?.len();
+            if size != s.offset {
+                return Err(MigrationError::Other(format!(
+                    "image {name} changed size after it was sent ({} → {size} bytes)",
+                    s.offset
+                )));
+            }
+            files.push(ImageFileSummary { name: name.clone(), size, crc32c: s.crc });
+        }
+        let image_bytes = files.iter().map(|f| f.size).sum();
+        out.write_json(MessageKind::ImagesDone, &ImagesDone { files, dump_ms })?;
+        Ok((sent, image_bytes))
+    }
+
+    fn send_tail<W: Write>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        comp: &mut Compressor,
+        name: &str,
+    ) -> Result<u64, MigrationError> {
+        let path = self.dir.join(name);
+        let f = File::open(&path).map_err(MigrationError::io(format!("opening {}", path.display())))?;
+        let state = self.sent.entry(name.to_string()).or_default();
+        let mut total = 0;
+        loop {
+            let n = f.read_at(&mut self.buf, state.offset).map_err(MigrationError::io(format!("reading {}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            let data = &self.buf[..n];
+            ImageData { name, offset: state.offset, data }.encode(&mut self.frame);
+            if std::mem::take(&mut self.corrupt_next) {
+                // Fault injection: the frame's checksum is for the intact
+                // bytes, then one byte flips, as a bad link would do.
+                let header = encode_header(MessageKind::ImageData, &self.frame, self.frame.len() as u32, false);
+                let last = self.frame.len() - 1;
+                self.frame[last] ^= 0xff;
+                out.get_mut().write_all(&header).map_err(MigrationError::io("sending images"))?;
+                out.get_mut().write_all(&self.frame).map_err(MigrationError::io("sending images"))?;
+            } else {
+                comp.write(out, MessageKind::ImageData, &self.frame)?;
+            }
+            state.crc = crc32c::crc32c_append(state.crc, data);
+            state.offset += n as u64;
+            total += n as u64;
+        }
+        Ok(total)
+    }
+}
+
+#[derive(Debug)]
+struct Received {
+    file: File,
+    size: u64,
+    /// Running CRC while chunks arrive in order; None once one did not.
+    crc: Option<u32>,
+}
+
+/// Receiver side: writes image chunks into a directory and verifies them.
+pub struct ImageSink {
+    dir: PathBuf,
+    files: BTreeMap<String, Received>,
+    max_files: usize,
+    max_file_size: u64,
+    pub bytes: u64,
+}
+
+impl ImageSink {
+    pub fn new(dir: &Path, max_files: usize, max_file_size: u64) -> Self {
+        Self { dir: dir.to_path_buf(), files: BTreeMap::new(), max_files, max_file_size, bytes: 0 }
+    }
+
+    pub fn write(&mut self, chunk: &ImageData<'_>) -> Result<(), MigrationError> {
+        if !valid_image_name(chunk.name) {
+            return Err(MigrationError::Other(format!("refusing image file name {:?}", chunk.name)));
+        }
+        let end = chunk.offset.checked_add(chunk.data.len() as u64).filter(|e| *e <= self.max_file_size);
+        let Some(end) = end else {
+            return Err(MigrationError::Other(format!(
+                "image {} would exceed {} bytes",
+                chunk.name, self.max_file_size
+            )));
+        };
+        if !self.files.contains_key(chunk.name) {
+            if self.files.len() >= self.max_files {
+                return Err(MigrationError::Other(format!("more than {} image files", self.max_files)));
+            }
+            let path = self.dir.join(chunk.name);
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(MigrationError::io(format!("creating {}", path.display())))?;
+            self.files.insert(chunk.name.to_string(), Received { file, size: 0, crc: Some(0) });
+        }
+        let r = self.files.get_mut(chunk.name).expect("inserted above");
+        r.file
+            .write_all_at(chunk.data, chunk.offset)
+            .map_err(MigrationError::io(format!("writing image {}", chunk.name)))?;
+        r.crc = match r.crc {
+            Some(c) if chunk.offset == r.size => Some(crc32c::crc32c_append(c, chunk.data)),
+            _ => None,
+        };
+        r.size = r.size.max(end);
+        self.bytes += chunk.data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks every file against the sender's list: same set, sizes, CRCs.
+    pub fn verify(&mut self, done: &ImagesDone) -> Result<(), MigrationError> {
+        let listed: BTreeMap<&str, &ImageFileSummary> = done.files.iter().map(|f| (f.name.as_str(), f)).collect();
+        for name in self.files.keys() {
+            if !listed.contains_key(name.as_str()) {
+                return Err(MigrationError::Other(format!("image {name} was sent but not listed")));
+            }
+        }
+        for f in &done.files {
+            if !valid_image_name(&f.name) {
+                return Err(MigrationError::Other(format!("refusing image file name {:?}", f.name)));
+            }
+            let crc = match self.files.get_mut(&f.name) {
+                // An empty file is listed but never sent as a chunk.
+                None if f.size == 0 => {
+                    let path = self.dir.join(&f.name);
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .map_err(MigrationError::io(format!("creating {}", path.display())))?;
+                    0
+                }
+                None => return Err(MigrationError::Other(format!("image {} listed but never received", f.name))),
+                Some(r) => {
+                    if r.size != f.size {
+                        return Err(MigrationError::Other(format!(
+                            "image {} is {} bytes, the sender's is {}",
+                            f.name, r.size, f.size
+                        )));
+                    }
+                    match r.crc {
+                        Some(c) => c,
+                        None => file_crc(&mut r.file)?,
+                    }
+                }
+            };
+            if crc != f.crc32c {
+                return Err(MigrationError::Other(format!(
+                    "image {} checksum {crc:#010x} differs from the sender's {:#010x}",
+                    f.name, f.crc32c
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn file_crc(f: &mut File) -> Result<u32, MigrationError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut crc = 0;
+    let mut off = 0;
+    loop {
+        let n = f.read_at(&mut buf, off).map_err(MigrationError::io("reading image back"))?;
+        if n == 0 {
+            return Ok(crc);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        off += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration_protocol::{CompressionMode, FrameReader};
+
+    #[test]
+    fn streamed_images_arrive_intact_and_are_verified() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("pages-1.img"), vec![1u8; 3 * CHUNK / 2]).unwrap();
+        let mut w = FrameWriter::new(Vec::new());
+        let mut c = Compressor::new(CompressionMode::Auto);
+        let mut s = ImageStreamer::new(src.path());
+        s.pump(&mut w, &mut c).unwrap();
+        // CRIU appends more pages and writes its metadata.
+        let mut f = OpenOptions::new().append(true).open(src.path().join("pages-1.img")).unwrap();
+        f.write_all(&[2u8; 100]).unwrap();
+        std::fs::write(src.path().join("inventory.img"), b"inv").unwrap();
+        std::fs::write(src.path().join("empty.img"), b"").unwrap();
+        s.finish(&mut w, &mut c, 5).unwrap();
+
+        let bytes = w.get_ref().clone();
+        let mut r = FrameReader::new(&bytes[..]);
+        let mut sink = ImageSink::new(dst.path(), 100, 1 << 30);
+        loop {
+            let f = r.read_frame().unwrap();
+            match f.kind {
+                MessageKind::ImageData => sink.write(&ImageData::decode(&f.payload).unwrap()).unwrap(),
+                MessageKind::ImagesDone => {
+                    let done: ImagesDone = f.json().unwrap();
+                    sink.verify(&done).unwrap();
+                    // A tampered list is caught.
+                    let mut bad = done.clone();
+                    bad.files[0].crc32c ^= 1;
+                    assert!(sink.verify(&bad).is_err());
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            std::fs::read(dst.path().join("pages-1.img")).unwrap(),
+            std::fs::read(src.path().join("pages-1.img")).unwrap()
+        );
+        assert_eq!(std::fs::read(dst.path().join("inventory.img")).unwrap(), b"inv");
+        assert!(dst.path().join("empty.img").exists());
+    }
+
+    #[test]
+    fn hostile_image_names_and_sizes_are_refused() {
+        let dst = tempfile::tempdir().unwrap();
+        let mut sink = ImageSink::new(dst.path(), 2, 1000);
+        for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
+            assert!(sink.write(&ImageData { name, offset: 0, data: b"x" }).is_err(), "{name:?}");
+        }
+        assert!(sink.write(&ImageData { name: "big.img", offset: 999, data: b"xy" }).is_err());
+        assert!(sink.write(&ImageData { name: "wrap.img", offset: u64::MAX, data: b"xy" }).is_err());
+        sink.write(&ImageData { name: "a.img", offset: 0, data: b"x" }).unwrap();
+        sink.write(&ImageData { name: "b.img", offset: 0, data: b"x" }).unwrap();
+        assert!(sink.write(&ImageData { name: "c.img", offset: 0, data: b"x" }).is_err(), "file count limit");
+    }
+}

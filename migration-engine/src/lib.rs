@@ -1,0 +1,37 @@
+//! Live migration of runc containers: the sender ([`send`]), the receiver
+//! ([`receive`]), the preflight check ([`check`]) and the one-machine
+//! validation ([`validate`]).
+//!
+//! The command-line binary is a thin layer over these functions; each
+//! returns a typed error whose [`Outcome`] decides the exit code.
+
+pub mod check;
+pub mod error;
+pub mod events;
+pub mod failpoints;
+pub mod images;
+pub mod receiver;
+pub mod rootfs;
+pub mod sender;
+pub mod testbed;
+pub mod transport;
+pub mod validate;
+
+pub use error::{MigrationError, Outcome};
+pub use events::{Event, Reporter};
+pub use receiver::{receive, ReceiveOptions};
+pub use sender::{send, SendOptions, SendReport};
+
+/// Default place for working files (image directories): a tmpfs on most
+/// hosts, root-only.
+pub const DEFAULT_WORK_ROOT: &str = "/run/ctmigrate";
+
+/// This build's name and version, sent in the handshake.
+pub fn software() -> String {
+    format!("ctmigrate {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The CRIU binary: `$CTMIGRATE_CRIU`, else `criu` on PATH.
+pub fn criu_binary() -> std::path::PathBuf {
+    criu_bindings::default_binary()
+}

@@ -1,0 +1,438 @@
+//! The destination side of a migration.
+//!
+//! A receiver answers one connection at a time. Everything it creates for a
+//! migration (bundle, images, runtime state) belongs to a [`Staging`] that
+//! removes it all unless the sender's Commit arrived. A receiver that was
+//! killed cannot clean up after itself, so every receiver start sweeps what
+//! dead receivers left (see [`sweep_stale`]).
+
+use std::io::BufWriter;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use container_runtime::{validate_container_id, BundlePolicy, Runc};
+use migration_protocol::{
+    negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImageData, ImagesDone,
+    Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored,
+};
+
+use crate::error::Outcome;
+use crate::events::{Event, Phase, ResultEvent};
+use crate::images::ImageSink;
+use crate::{failpoints, rootfs, MigrationError, Reporter};
+
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    pub listen: String,
+    /// Serve one migration, then exit with its result.
+    pub once: bool,
+    pub bundle_root: PathBuf,
+    pub runtime_root: PathBuf,
+    pub cgroup_parent: String,
+    pub work_root: PathBuf,
+    pub runc_binary: PathBuf,
+    pub io_timeout: Duration,
+    /// Largest single image file accepted.
+    pub max_image_file: u64,
+    pub max_image_files: usize,
+}
+
+/// Marker in a bundle that is not committed yet: holds the receiver's pid.
+const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
+
+/// Listens and serves migrations. With `once`, returns the first
+/// migration's outcome.
+pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
+    let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
+    sweep_stale(opts, &runc, rep);
+    let listener = TcpListener::bind(&opts.listen).map_err(|e| {
+        (
+            MigrationError::Preflight(format!("cannot listen on {}: {e}; pick another address or port", opts.listen)),
+            Outcome::NothingTouched,
+        )
+    })?;
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.listen.clone());
+    rep.emit(Event::Listening { addr: local });
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                rep.warn(format!("accept failed: {e}"));
+                continue;
+            }
+        };
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        rep.emit(Event::Accepted { peer: peer.clone() });
+        let outcome = serve(opts, &runc, stream, &peer, rep);
+        if opts.once {
+            return outcome;
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection and emits its result event.
+fn serve(
+    opts: &ReceiveOptions,
+    runc: &Runc,
+    stream: TcpStream,
+    peer: &str,
+    rep: &Reporter,
+) -> Result<(), (MigrationError, Outcome)> {
+    let started = Instant::now();
+    let mut result = ResultEvent { role: "receiver", mode: "stop-copy".into(), ..Default::default() };
+    let mut session = match Session::new(opts, runc, stream, rep) {
+        Ok(s) => s,
+        Err(e) => return Err((e, Outcome::NothingTouched)),
+    };
+    let outcome = session.run(&mut result, peer);
+    result.total_ms = started.elapsed().as_millis() as u64;
+    result.bytes_sent = session.reader.wire_bytes;
+    result.bytes_raw = session.sink_bytes;
+    match &outcome {
+        Ok(()) => result.ok = true,
+        Err((e, o)) => {
+            result.error = Some(e.to_string());
+            result.exit_code = Some(o.exit_code());
+            // Tell the sender why, if it still listens.
+            let code = match e {
+                MigrationError::Protocol(ProtocolError::NoCommonVersion { .. }) => ErrorCode::IncompatibleVersion,
+                MigrationError::Refused(_) => ErrorCode::Refused,
+                MigrationError::Protocol(_) => ErrorCode::BadStream,
+                MigrationError::Remote(_) => ErrorCode::RestoreFailed,
+                _ => ErrorCode::Internal,
+            };
+            let message = match e {
+                MigrationError::Refused(m) | MigrationError::Remote(m) => m.clone(),
+                other => other.to_string(),
+            };
+            let _ = session.writer.write_json(MessageKind::Error, &ErrorMessage { code, message });
+            let _ = session.writer.flush();
+        }
+    }
+    // Whatever was not committed goes now, before the next connection.
+    drop(session.staging.take());
+    rep.emit(Event::Result(result));
+    outcome
+}
+
+struct Session<'a> {
+    opts: &'a ReceiveOptions,
+    runc: &'a Runc,
+    rep: &'a Reporter,
+    stream: TcpStream,
+    reader: FrameReader<TcpStream>,
+    writer: FrameWriter<BufWriter<TcpStream>>,
+    staging: Option<Staging>,
+    sink_bytes: u64,
+}
+
+fn refused(msg: String) -> (MigrationError, Outcome) {
+    (MigrationError::Refused(msg), Outcome::NothingTouched)
+}
+
+impl<'a> Session<'a> {
+    fn new(opts: &'a ReceiveOptions, runc: &'a Runc, stream: TcpStream, rep: &'a Reporter) -> Result<Self, MigrationError> {
+        stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+        stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Self {
+            opts,
+            runc,
+            rep,
+            reader: FrameReader::new(stream.try_clone().map_err(MigrationError::io("socket"))?),
+            writer: FrameWriter::new(BufWriter::new(stream.try_clone().map_err(MigrationError::io("socket"))?)),
+            stream,
+            staging: None,
+            sink_bytes: 0,
+        })
+    }
+
+    fn read(&mut self) -> Result<Frame, MigrationError> {
+        let f = self.reader.read_frame()?;
+        if f.kind == MessageKind::Abort {
+            let a: migration_protocol::Abort = f.json()?;
+            return Err(MigrationError::Aborted(a.reason));
+        }
+        Ok(f)
+    }
+
+    fn run(&mut self, result: &mut ResultEvent, peer: &str) -> Result<(), (MigrationError, Outcome)> {
+        let nothing = |e: MigrationError| (e, Outcome::NothingTouched);
+        let resumed = |e: MigrationError| (e, Outcome::SourceResumed);
+        // Handshake. Until the manifest is accepted nothing is stored.
+        let hello: Hello = self.read().and_then(|f| Ok(f.expect(MessageKind::Hello, "Hello")?.json()?)).map_err(nothing)?;
+        let version = negotiate_version(hello.min_version, hello.max_version).map_err(|e| nothing(e.into()))?;
+        self.writer
+            .write_json(MessageKind::HelloAck, &HelloAck { version, software: crate::software() })
+            .map_err(|e| nothing(e.into()))?;
+        self.writer.flush().map_err(|e| nothing(e.into()))?;
+        let manifest: Manifest =
+            self.read().and_then(|f| Ok(f.expect(MessageKind::Manifest, "Manifest")?.json()?)).map_err(nothing)?;
+        result.container = manifest.container_id.clone();
+        result.dest_id = manifest.dest_id.clone();
+        self.rep.emit(Event::Start {
+            role: "receiver",
+            container: manifest.container_id.clone(),
+            dest_id: manifest.dest_id.clone(),
+            peer: peer.to_string(),
+            mode: manifest.mode.clone(),
+            mode_reason: None,
+        });
+        let spec = self.check_manifest(&manifest)?;
+        let staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        let config_path = staging.bundle.join("config.json");
+        spec.save(&config_path)
+            .map_err(|e| nothing(MigrationError::Other(format!("writing {}: {e}", config_path.display()))))?;
+        let bundle = staging.bundle.display().to_string();
+        self.staging = Some(staging);
+        self.writer
+            .write_json(MessageKind::ManifestAccepted, &ManifestAccepted { bundle })
+            .map_err(|e| resumed(e.into()))?;
+        self.writer.flush().map_err(|e| resumed(e.into()))?;
+        failpoints::hit("receiver-after-manifest").map_err(resumed)?;
+
+        // Rootfs passes and images, in whatever order the sender sends them.
+        self.rep.phase(Phase::Transfer);
+        let done = self.receive_state().map_err(resumed)?;
+        result.image_bytes = done.files.iter().map(|f| f.size).sum();
+        failpoints::hit("receiver-before-restore").map_err(resumed)?;
+
+        self.rep.phase(Phase::Restore);
+        let restore_started = Instant::now();
+        let st = self.staging.as_mut().expect("staging exists");
+        st.restore_attempted = true;
+        self.runc
+            .restore(&manifest.dest_id, &st.bundle, &st.images, &st.work)
+            .map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
+        let state = self
+            .runc
+            .running(&manifest.dest_id)
+            .map_err(|e| resumed(MigrationError::Remote(format!("the restored container is not running: {e}"))))?;
+        let restore_ms = restore_started.elapsed().as_millis() as u64;
+        self.writer
+            .write_json(MessageKind::Restored, &Restored { pid: state.pid, restore_ms })
+            .map_err(|e| resumed(e.into()))?;
+        self.writer.flush().map_err(|e| resumed(e.into()))?;
+
+        // Wait for the sender's Commit; anything else rolls back.
+        self.rep.phase(Phase::Commit);
+        let commit = self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?));
+        if let Err(e) = commit {
+            return Err(resumed(MigrationError::Aborted(format!("no commit from the sender ({e}); the restored copy was removed"))));
+        }
+        failpoints::hit("receiver-before-commit-ack").map_err(resumed)?;
+        // Committed: from here the container is ours to keep.
+        if let Some(st) = self.staging.take() {
+            st.commit();
+        }
+        let _ = self.writer.write_frame(MessageKind::CommitAck, b"");
+        let _ = self.writer.flush();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        Ok(())
+    }
+
+    /// Everything is checked before the sender freezes anything.
+    fn check_manifest(&self, m: &Manifest) -> Result<container_runtime::Spec, (MigrationError, Outcome)> {
+        validate_container_id(&m.dest_id).map_err(|e| refused(e.to_string()))?;
+        if m.arch != std::env::consts::ARCH {
+            return Err(refused(format!(
+                "the container comes from an {} host; this host is {}",
+                m.arch,
+                std::env::consts::ARCH
+            )));
+        }
+        match self.runc.exists(&m.dest_id) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(refused(format!(
+                    "a container `{}` already exists on the destination (runtime root {}): choose another with --dest-id, or remove it",
+                    m.dest_id,
+                    self.opts.runtime_root.display()
+                )))
+            }
+            Err(e) => return Err(refused(format!("cannot query the destination's runtime: {e}"))),
+        }
+        let bundle = self.opts.bundle_root.join(&m.dest_id);
+        if bundle.exists() {
+            return Err(refused(format!(
+                "bundle directory {} already exists on the destination: remove it or choose another --dest-id",
+                bundle.display()
+            )));
+        }
+        let policy = BundlePolicy { cgroup_parent: self.opts.cgroup_parent.clone() };
+        let spec = policy.destination_config(&m.oci_config, &m.dest_id).map_err(|e| refused(e.to_string()))?;
+        if let Some(cg) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+            if let Some(existing) = existing_cgroup(&cg) {
+                return Err(refused(format!(
+                    "cgroup {} already exists on the destination: another container uses it; choose another --dest-id or --cgroup-parent",
+                    existing.display()
+                )));
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Reads rootfs passes and image chunks until ImagesDone, verified.
+    fn receive_state(&mut self) -> Result<ImagesDone, MigrationError> {
+        let st = self.staging.as_ref().expect("staging exists");
+        let (rootfs_dir, images_dir) = (st.bundle.join("rootfs"), st.images.clone());
+        let mut sink = ImageSink::new(&images_dir, self.opts.max_image_files, self.opts.max_image_file);
+        let mut first_image = true;
+        let since = Instant::now();
+        loop {
+            let frame = self.read()?;
+            match frame.kind {
+                MessageKind::RootfsData | MessageKind::RootfsEnd => {
+                    let (_end, bytes) = rootfs::receive_pass(&mut self.reader, frame, &rootfs_dir)?;
+                    self.sink_bytes += bytes;
+                }
+                MessageKind::ImageData => {
+                    let chunk = ImageData::decode(&frame.payload)?;
+                    sink.write(&chunk)?;
+                    self.sink_bytes += chunk.data.len() as u64;
+                    self.rep.progress(Phase::Transfer, self.sink_bytes, since);
+                    if std::mem::take(&mut first_image) {
+                        failpoints::hit("receiver-during-images")?;
+                    }
+                }
+                MessageKind::ImagesDone => {
+                    let done: ImagesDone = frame.json()?;
+                    sink.verify(&done)?;
+                    return Ok(done);
+                }
+                other => {
+                    return Err(ProtocolError::UnexpectedMessage { expected: "rootfs or image data", got: other }.into())
+                }
+            }
+        }
+    }
+}
+
+/// The first hierarchy in which the cgroup `path` already exists.
+fn existing_cgroup(path: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    roots.into_iter().map(|r| r.join(rel)).find(|p| p.join("cgroup.procs").exists() || p.join("tasks").exists())
+}
+
+/// What one incoming migration created; removed on drop unless committed.
+struct Staging {
+    runc: Runc,
+    dest_id: String,
+    bundle: PathBuf,
+    /// `work_root/recv-<id>-<pid>`, holding images/ and CRIU's logs.
+    work_dir: PathBuf,
+    images: PathBuf,
+    work: PathBuf,
+    restore_attempted: bool,
+    committed: bool,
+}
+
+impl Staging {
+    fn create(opts: &ReceiveOptions, runc: &Runc, dest_id: &str) -> Result<Self, MigrationError> {
+        let bundle = opts.bundle_root.join(dest_id);
+        let work_dir = opts.work_root.join(format!("recv-{dest_id}-{}", std::process::id()));
+        let st = Staging {
+            runc: runc.clone(),
+            dest_id: dest_id.to_string(),
+            images: work_dir.join("images"),
+            work: work_dir.join("work"),
+            bundle: bundle.clone(),
+            work_dir,
+            restore_attempted: false,
+            committed: false,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&opts.bundle_root)
+            .map_err(MigrationError::io(format!("creating {}", opts.bundle_root.display())))?;
+        // create (not create_all): an existing bundle is never reused.
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&bundle)
+            .map_err(MigrationError::io(format!("creating {}", bundle.display())))?;
+        std::fs::write(bundle.join(INCOMPLETE_MARKER), std::process::id().to_string())
+            .map_err(MigrationError::io("writing the staging marker"))?;
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(bundle.join("rootfs"))
+            .map_err(MigrationError::io("creating the rootfs directory"))?;
+        for d in [&st.images, &st.work] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(MigrationError::io(format!("creating {}", d.display())))?;
+        }
+        Ok(st)
+    }
+
+    fn commit(mut self) {
+        self.committed = true;
+        let _ = std::fs::remove_file(self.bundle.join(INCOMPLETE_MARKER));
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        if self.restore_attempted {
+            remove_container(&self.runc, &self.dest_id);
+        }
+        let _ = std::fs::remove_dir_all(&self.bundle);
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+fn remove_container(runc: &Runc, id: &str) {
+    if runc.exists(id).unwrap_or(false) {
+        let _ = runc.kill(id, "KILL");
+        let _ = runc.delete_force(id);
+    }
+}
+
+fn pid_is_live_receiver(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("ctmigrate"))
+        .unwrap_or(false)
+}
+
+/// Removes what receivers that died mid-migration left: uncommitted
+/// bundles (and any container restored from them, since its sender has
+/// rolled back) and image directories.
+pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
+    if let Ok(rd) = std::fs::read_dir(&opts.bundle_root) {
+        for e in rd.flatten() {
+            let marker = e.path().join(INCOMPLETE_MARKER);
+            let Ok(pid) = std::fs::read_to_string(&marker) else { continue };
+            let pid: u32 = pid.trim().parse().unwrap_or(0);
+            if pid == std::process::id() || pid_is_live_receiver(pid) {
+                continue;
+            }
+            let id = e.file_name().to_string_lossy().into_owned();
+            rep.warn(format!("removing {}, left uncommitted by a receiver that died", e.path().display()));
+            remove_container(runc, &id);
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(&opts.work_root) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("recv-") else { continue };
+            let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if pid != std::process::id() && !pid_is_live_receiver(pid) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! The source side of a migration.
+//!
+//! Order of work, and what a failure at each point leaves behind:
+//!
+//! 1. preflight: find the container, read its state, connect, handshake,
+//!    send the manifest and get it accepted. A failure touches nothing.
+//! 2. rootfs sync while the container runs. Still nothing touched.
+//! 3. freeze the cgroup; send the rootfs delta; CRIU dumps with the tasks
+//!    left in place (frozen), page images streaming as CRIU writes them;
+//!    wait for the destination to restore. A failure thaws the source.
+//! 4. commit: Commit → CommitAck, and only then the source is killed and
+//!    deleted. A lost CommitAck leaves the outcome uncertain (exit 6).
+
+use std::io::BufWriter;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use container_runtime::{validate_container_id, DumpPlan, FreezerState, Runc, RuncInternalState, RuncState};
+use criu_bindings::{CriuSession, DumpOptions, NotifyAction};
+use migration_protocol::{
+    CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
+    MessageKind, Restored, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+
+use crate::error::{Failure, Outcome};
+use crate::events::{Event, Phase, ResultEvent};
+use crate::transport::{connect, Destination};
+use crate::{failpoints, images, rootfs, MigrationError, Reporter};
+
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub container: String,
+    pub to: Destination,
+    pub runtime_root: PathBuf,
+    pub dest_id: Option<String>,
+    pub compression: CompressionMode,
+    pub work_root: PathBuf,
+    pub runc_binary: PathBuf,
+    pub criu_binary: PathBuf,
+    /// Longest wait for the peer outside of restore.
+    pub io_timeout: Duration,
+    /// Longest wait for the destination to restore.
+    pub restore_timeout: Duration,
+    pub freeze_timeout: Duration,
+}
+
+pub type SendReport = ResultEvent;
+
+/// An open, handshaken connection to a receiver.
+struct Peer {
+    reader: FrameReader<TcpStream>,
+    writer: FrameWriter<BufWriter<TcpStream>>,
+    stream: TcpStream,
+}
+
+impl Peer {
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    fn read_with_timeout(&mut self, t: Duration) -> Result<migration_protocol::Frame, MigrationError> {
+        self.stream.set_read_timeout(Some(t)).map_err(MigrationError::io("socket"))?;
+        let frame = self.reader.read_frame()?;
+        if frame.kind == MessageKind::Error {
+            let e: ErrorMessage = frame.json()?;
+            return Err(MigrationError::Remote(e.message));
+        }
+        Ok(frame)
+    }
+
+    /// After a failed write, the receiver may have said why it hung up.
+    fn reason_for_hangup(&mut self) -> Option<String> {
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
+        for _ in 0..64 {
+            match self.reader.read_frame() {
+                Ok(f) if f.kind == MessageKind::Error => return f.json::<ErrorMessage>().ok().map(|e| e.message),
+                Ok(f) if f.kind == MessageKind::Abort => {
+                    return f.json::<migration_protocol::Abort>().ok().map(|a| a.reason)
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+/// What preflight found.
+struct Prepared {
+    runc: Runc,
+    state: RuncState,
+    plan: DumpPlan,
+    dest_id: String,
+    peer: Peer,
+}
+
+/// Migrates one container. On failure, the [`Failure`] says what became of
+/// the source; the result event is emitted either way.
+pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
+    let started = Instant::now();
+    let dest_id = opts.dest_id.clone().unwrap_or_else(|| opts.container.clone());
+    let mut result = ResultEvent {
+        ok: false,
+        role: "sender",
+        container: opts.container.clone(),
+        dest_id: dest_id.clone(),
+        mode: "stop-copy".into(),
+        ..Default::default()
+    };
+    let outcome = match preflight(opts, &dest_id, rep) {
+        Err(error) => Err(Failure { error, outcome: Outcome::NothingTouched }),
+        Ok(prepared) => Migration::new(opts, prepared, rep).run(&mut result),
+    };
+    result.total_ms = started.elapsed().as_millis() as u64;
+    match &outcome {
+        Ok(()) => {
+            result.ok = true;
+            result.source_state = Some("migrated".into());
+        }
+        Err(f) => {
+            result.error = Some(f.error.to_string());
+            result.exit_code = Some(f.outcome.exit_code());
+            result.source_state = Some(
+                match f.outcome {
+                    Outcome::NothingTouched => "untouched",
+                    Outcome::SourceResumed => "running",
+                    Outcome::SourceNotResumed => "not-resumed",
+                    Outcome::Uncertain => "uncertain",
+                }
+                .into(),
+            );
+        }
+    }
+    rep.emit(Event::Result(result.clone()));
+    outcome.map(|()| result)
+}
+
+fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepared, MigrationError> {
+    rep.phase(Phase::Preflight);
+    validate_container_id(&opts.container)?;
+    validate_container_id(dest_id)?;
+    let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
+    let state = runc.running(&opts.container)?;
+    let internal: RuncInternalState = runc.internal_state(&opts.container)?;
+    let plan = DumpPlan::for_container(&internal)?;
+    if let Some(ns) = &plan.netns_path {
+        return Err(MigrationError::Preflight(format!(
+            "container `{}` joins the network namespace {}; migrating containers with a namespace path is not supported yet: give it a namespace of its own",
+            opts.container,
+            ns.display()
+        )));
+    }
+    match plan.freezer.state()? {
+        FreezerState::Thawed => {}
+        other => {
+            return Err(MigrationError::Preflight(format!(
+                "container `{}` is {other:?} (paused?): resume it with `runc resume` first",
+                opts.container
+            )))
+        }
+    }
+    let config_path = state.bundle.join("config.json");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&config_path).map_err(MigrationError::io(format!("reading {}", config_path.display())))?,
+    )
+    .map_err(|e| MigrationError::Preflight(format!("{}: {e}", config_path.display())))?;
+    let criu_version = criu_bindings::version(&opts.criu_binary)?;
+
+    rep.emit(Event::Start {
+        role: "sender",
+        container: opts.container.clone(),
+        dest_id: dest_id.to_string(),
+        peer: opts.to.to_string(),
+        mode: "stop-copy".into(),
+        mode_reason: None,
+    });
+    rep.phase(Phase::Connect);
+    let stream = connect(&opts.to, opts.io_timeout)?;
+    stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+    let mut peer = Peer {
+        reader: FrameReader::new(stream.try_clone().map_err(MigrationError::io("socket"))?),
+        writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, stream.try_clone().map_err(MigrationError::io("socket"))?)),
+        stream,
+    };
+    peer.writer.write_json(
+        MessageKind::Hello,
+        &Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() },
+    )?;
+    peer.flush()?;
+    let ack: HelloAck = peer.read_with_timeout(opts.io_timeout)?.expect(MessageKind::HelloAck, "HelloAck")?.json()?;
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&ack.version) {
+        return Err(MigrationError::Preflight(format!(
+            "the receiver ({}) chose protocol version {}, which this build does not speak",
+            ack.software, ack.version
+        )));
+    }
+    let uts = nix::sys::utsname::uname().map_err(|e| MigrationError::Other(e.to_string()))?;
+    let manifest = Manifest {
+        container_id: opts.container.clone(),
+        dest_id: dest_id.to_string(),
+        oci_config: config,
+        criu_version: criu_version.to_string(),
+        kernel: uts.release().to_string_lossy().into_owned(),
+        arch: std::env::consts::ARCH.to_string(),
+        cgroup_version: plan.freezer.version.as_u8(),
+        mode: "stop-copy".into(),
+        tcp_established: false,
+        source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    peer.writer.write_json(MessageKind::Manifest, &manifest)?;
+    peer.flush()?;
+    match peer.read_with_timeout(opts.io_timeout) {
+        Ok(f) => {
+            let _accepted: ManifestAccepted = f.expect(MessageKind::ManifestAccepted, "ManifestAccepted")?.json()?;
+        }
+        Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
+        Err(e) => return Err(e),
+    }
+    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer })
+}
+
+/// A migration past preflight.
+struct Migration<'a> {
+    opts: &'a SendOptions,
+    p: Prepared,
+    rep: &'a Reporter,
+    compressor: Compressor,
+    work_dir: PathBuf,
+    frozen: bool,
+}
+
+impl<'a> Migration<'a> {
+    fn new(opts: &'a SendOptions, p: Prepared, rep: &'a Reporter) -> Self {
+        let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
+        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false }
+    }
+
+    fn run(mut self, result: &mut ResultEvent) -> Result<(), Failure> {
+        let outcome = self.run_inner(result);
+        result.bytes_sent = self.p.peer.writer.wire_bytes + self.p.peer.reader.wire_bytes;
+        result.bytes_raw = self.p.peer.writer.raw_bytes;
+        // Images and logs go, success or failure: what an operator needs
+        // from CRIU's log is in the error message.
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+        outcome
+    }
+
+    fn run_inner(&mut self, result: &mut ResultEvent) -> Result<(), Failure> {
+        let not_touched = |error| Failure { error, outcome: Outcome::NothingTouched };
+        // Initial rootfs sync, container running.
+        self.rep.phase(Phase::RootfsSync);
+        let since = Instant::now();
+        let mut sent = 0u64;
+        let rep = self.rep;
+        let snapshot = rootfs::send_pass(
+            &mut self.p.peer.writer,
+            &mut self.compressor,
+            &self.p.state.rootfs,
+            None,
+            &mut |n| {
+                sent += n;
+                rep.progress(Phase::RootfsSync, sent, since);
+            },
+        )
+        .map_err(|e| self.explain_send_error(e))
+        .map_err(not_touched)?;
+
+        self.prepare_work_dir().map_err(not_touched)?;
+
+        // Freeze: from here on, every failure thaws.
+        self.rep.phase(Phase::Freeze);
+        self.p.plan.freezer.freeze(self.opts.freeze_timeout).map_err(|e| not_touched(e.into()))?;
+        self.frozen = true;
+        let frozen_at = Instant::now();
+
+        let restored = match self.frozen_phase(&snapshot, result) {
+            Ok(r) => r,
+            Err(e) => return Err(self.rollback(e)),
+        };
+        result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
+        let _ = restored;
+
+        // Commit.
+        self.rep.phase(Phase::Commit);
+        if let Err(e) = failpoints::hit("sender-before-commit") {
+            return Err(self.rollback(e));
+        }
+        let commit = (|| -> Result<(), MigrationError> {
+            self.p.peer.writer.write_frame(MessageKind::Commit, b"")?;
+            self.p.peer.flush()?;
+            Ok(())
+        })();
+        if let Err(e) = commit {
+            // The receiver never saw Commit: it will remove its copy.
+            return Err(self.rollback(e));
+        }
+        match self.p.peer.read_with_timeout(self.opts.io_timeout).and_then(|f| Ok(f.expect(MessageKind::CommitAck, "CommitAck")?)) {
+            Ok(_) => {}
+            Err(e) => {
+                // The receiver may have committed; keeping the source alive
+                // risks two copies but never zero.
+                let thawed = self.thaw_and_verify();
+                return Err(Failure {
+                    error: MigrationError::Other(format!(
+                        "no commit acknowledgement from the destination ({e}); the source was {}: check whether `{}` runs on the destination and remove one copy",
+                        if thawed.is_ok() { "resumed" } else { "NOT resumed" },
+                        self.p.dest_id
+                    )),
+                    outcome: if thawed.is_ok() { Outcome::Uncertain } else { Outcome::SourceNotResumed },
+                });
+            }
+        }
+
+        // The destination owns the container now: remove the source.
+        self.rep.phase(Phase::Cleanup);
+        self.destroy_source();
+        Ok(())
+    }
+
+    fn prepare_work_dir(&self) -> Result<(), MigrationError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let images = self.work_dir.join("images");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&images)
+            .map_err(MigrationError::io(format!("creating {}", images.display())))?;
+        std::fs::write(images.join("descriptors.json"), &self.p.plan.descriptors_json)
+            .map_err(MigrationError::io("writing descriptors.json"))?;
+        Ok(())
+    }
+
+    /// Rootfs delta, dump and transfer, restore on the destination.
+    fn frozen_phase(&mut self, snapshot: &rootfs::Snapshot, result: &mut ResultEvent) -> Result<Restored, MigrationError> {
+        failpoints::hit("sender-after-freeze")?;
+        self.rep.phase(Phase::RootfsDelta);
+        rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(snapshot), &mut |_| {})
+            .map_err(|e| self.explain_send_error(e))?;
+
+        self.rep.phase(Phase::Dump);
+        let image_bytes = self.dump_and_stream().map_err(|e| self.explain_send_error(e))?;
+        result.image_bytes = image_bytes;
+        self.p.peer.flush().map_err(|e| self.explain_send_error(e))?;
+
+        self.rep.phase(Phase::Restore);
+        let frame = self.p.peer.read_with_timeout(self.opts.restore_timeout)?;
+        let restored: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
+        Ok(restored)
+    }
+
+    /// Runs CRIU in a thread while this one streams its page images.
+    fn dump_and_stream(&mut self) -> Result<u64, MigrationError> {
+        let images = self.work_dir.join("images");
+        let plan = &self.p.plan;
+        let dump = DumpOptions {
+            images_dir: images.clone(),
+            work_dir: Some(self.work_dir.clone()),
+            log_file: "dump.log".into(),
+            pid: plan.pid,
+            root: Some(plan.root.clone()),
+            leave_running: true,
+            manage_cgroups: true,
+            freeze_cgroup: Some(plan.freezer.path.clone()),
+            external: plan.external_namespaces.clone(),
+            ext_mounts: plan.ext_mounts.clone(),
+            file_locks: true,
+            ..Default::default()
+        };
+        let criu = self.opts.criu_binary.clone();
+        let started = Instant::now();
+        let worker = std::thread::spawn(move || -> Result<(), criu_bindings::CriuError> {
+            let mut session = CriuSession::start(&criu)?;
+            session.dump(&dump, &mut |_| NotifyAction::Continue)?;
+            session.finish()
+        });
+        let mut streamer = images::ImageStreamer::new(&images);
+        let mut streamed = 0u64;
+        let transfer_start = Instant::now();
+        let mut stream_error = None;
+        while !worker.is_finished() {
+            match streamer.pump(&mut self.p.peer.writer, &mut self.compressor) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(2)),
+                Ok(n) => {
+                    streamed += n;
+                    self.rep.progress(Phase::Dump, streamed, transfer_start);
+                }
+                Err(e) => {
+                    // Let CRIU finish (the tasks stay frozen either way),
+                    // then report the transfer error.
+                    stream_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let dumped = worker.join().map_err(|_| MigrationError::Other("the CRIU thread panicked".into()))?;
+        let dump_ms = started.elapsed().as_millis() as u64;
+        if let Err(e) = dumped {
+            let log = self.work_dir.join("dump.log");
+            let detail = container_runtime::runc::criu_log_errors(&log).map(|d| format!(": {d}")).unwrap_or_default();
+            return Err(MigrationError::Other(format!("CRIU dump failed ({e}){detail}")));
+        }
+        if let Some(e) = stream_error {
+            return Err(e);
+        }
+        self.rep.phase(Phase::Transfer);
+        failpoints::hit("sender-after-dump")?;
+        let (_, image_bytes) = streamer.finish(&mut self.p.peer.writer, &mut self.compressor, dump_ms)?;
+        Ok(image_bytes)
+    }
+
+    /// A write error usually means the receiver hung up; use its reason.
+    fn explain_send_error(&mut self, e: MigrationError) -> MigrationError {
+        let broken = match &e {
+            MigrationError::Protocol(migration_protocol::ProtocolError::Io(_)) | MigrationError::Io { .. } => true,
+            MigrationError::Other(m) => m.contains("Broken pipe") || m.contains("reset"),
+            _ => false,
+        };
+        if broken {
+            if let Some(reason) = self.p.peer.reason_for_hangup() {
+                return MigrationError::Remote(reason);
+            }
+        }
+        e
+    }
+
+    /// Tells the receiver to drop its copy, thaws the source and checks it.
+    fn rollback(&mut self, error: MigrationError) -> Failure {
+        self.rep.phase(Phase::Rollback);
+        let _ = self
+            .p
+            .peer
+            .writer
+            .write_json(MessageKind::Abort, &migration_protocol::Abort { reason: error.to_string() });
+        let _ = self.p.peer.flush();
+        let _ = self.p.peer.stream.shutdown(std::net::Shutdown::Write);
+        match self.thaw_and_verify() {
+            Ok(()) => Failure { error, outcome: Outcome::SourceResumed },
+            Err(resume) => Failure {
+                error: MigrationError::Other(format!(
+                    "{error}; AND THE SOURCE COULD NOT BE RESUMED: {resume}. Check `runc --root {} state {}` and thaw {} by hand",
+                    self.opts.runtime_root.display(),
+                    self.opts.container,
+                    self.p.plan.freezer.path.display()
+                )),
+                outcome: Outcome::SourceNotResumed,
+            },
+        }
+    }
+
+    fn thaw_and_verify(&mut self) -> Result<(), MigrationError> {
+        if self.frozen {
+            self.p.plan.freezer.thaw()?;
+            self.frozen = false;
+        }
+        let state = self.p.runc.state(&self.opts.container)?;
+        if state.status != "running" {
+            return Err(MigrationError::Other(format!("the source is {} after thawing", state.status)));
+        }
+        if self.p.plan.freezer.state()? != FreezerState::Thawed {
+            return Err(MigrationError::Other("the source's cgroup is still frozen".into()));
+        }
+        if !Path::new(&format!("/proc/{}", self.p.state.pid)).exists() {
+            return Err(MigrationError::Other("the source's init process is gone".into()));
+        }
+        Ok(())
+    }
+
+    /// Kills and deletes the (frozen) source after the destination committed.
+    fn destroy_source(&mut self) {
+        let id = &self.opts.container;
+        // A frozen task acts on SIGKILL as soon as it is thawed, before it
+        // returns to user space: it never runs again.
+        if let Err(e) = self.p.runc.kill(id, "KILL") {
+            self.rep.warn(format!("migrated, but killing the source failed: {e}"));
+        }
+        if let Err(e) = self.p.plan.freezer.thaw() {
+            self.rep.warn(format!("migrated, but thawing the killed source failed: {e}"));
+        }
+        self.frozen = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{}", self.p.state.pid)).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Err(e) = self.p.runc.delete_force(id) {
+            self.rep.warn(format!("migrated, but `runc delete` of the source failed: {e}"));
+        }
+        let _ = self.p.peer.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

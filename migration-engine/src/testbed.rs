@@ -1,0 +1,516 @@
+//! Two "hosts" on one machine and fixture containers to migrate between
+//! them. Used by `ctmigrate validate` and by the integration tests.
+//!
+//! Each host is a network namespace joined to the other by a veth pair;
+//! commands run in a host through `nsenter --net`, which keeps the
+//! machine's mounts (and so its cgroup filesystems) as they are.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use container_runtime::Runc;
+
+use crate::MigrationError;
+
+/// Where install.sh puts the static fixture programs.
+pub const DEFAULT_FIXTURE_DIR: &str = "/usr/local/libexec/ctmigrate";
+
+fn run(cmd: &mut Command) -> Result<(), MigrationError> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(MigrationError::io(format!("running {cmd:?}")))?;
+    if !out.status.success() {
+        return Err(MigrationError::Other(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A process-unique short tag for names (netns, veth, ids).
+pub fn unique_tag(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}{n}", std::process::id() % 100_000)
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+#[derive(Debug)]
+pub struct HostPair {
+    pub src: String,
+    pub dst: String,
+    pub src_ip: String,
+    pub dst_ip: String,
+}
+
+impl HostPair {
+    /// `tag` must be short (veth names are at most 15 bytes).
+    pub fn create(tag: &str) -> Result<Self, MigrationError> {
+        // A /30 inside 10.231.0.0/16 chosen from the tag: only these
+        // namespaces ever hold these addresses.
+        let h = tag.bytes().fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+        let (x, y) = ((h >> 8) % 256, (h % 64) * 4);
+        let pair = HostPair {
+            src: format!("ctm-{tag}-s"),
+            dst: format!("ctm-{tag}-d"),
+            src_ip: format!("10.231.{x}.{}", y + 1),
+            dst_ip: format!("10.231.{x}.{}", y + 2),
+        };
+        let (vs, vd) = (format!("{tag}s"), format!("{tag}d"));
+        if vs.len() > 15 {
+            return Err(MigrationError::Usage(format!("host pair tag `{tag}` too long")));
+        }
+        run(Command::new("ip").args(["netns", "add", &pair.src]))?;
+        // From here on, Drop removes what exists.
+        run(Command::new("ip").args(["netns", "add", &pair.dst]))?;
+        run(Command::new("ip").args(["link", "add", &vs, "netns", &pair.src, "type", "veth", "peer", "name", &vd, "netns", &pair.dst]))?;
+        for (ns, dev, ip) in [(&pair.src, &vs, &pair.src_ip), (&pair.dst, &vd, &pair.dst_ip)] {
+            run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{ip}/30"), "dev", dev]))?;
+            run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
+            run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+        }
+        Ok(pair)
+    }
+
+    /// A command that runs `program` in the network namespace `ns`.
+    pub fn command_in(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+        c
+    }
+}
+
+impl Drop for HostPair {
+    fn drop(&mut self) {
+        for ns in [&self.src, &self.dst] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// What a fixture container runs.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    /// A shell loop writing `<token> <count>` to /counter every 50 ms; the
+    /// token is drawn once at start, so a restart shows a new token.
+    Counter,
+    /// The static pattern fixture: `mib` MiB filled with a known pattern,
+    /// re-verified continuously, `dirty_kib_per_s` rewritten per second;
+    /// status in /status.
+    Pattern { mib: u64, dirty_kib_per_s: u64 },
+}
+
+pub const COUNTER_SCRIPT: &str = "tok=$(cat /proc/sys/kernel/random/uuid); i=0; \
+    while true; do i=$((i+1)); echo \"$tok $i\" > /counter.tmp; mv /counter.tmp /counter; sleep 0.05; done";
+
+fn busybox() -> Result<PathBuf, MigrationError> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| MigrationError::Preflight("busybox not found: run ./install.sh (busybox-static)".into()))
+}
+
+pub fn fixture_dir() -> PathBuf {
+    std::env::var_os("CTMIGRATE_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_FIXTURE_DIR))
+}
+
+/// Builds an OCI bundle for `workload` in `dir` (rootfs + config.json).
+pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Result<(), MigrationError> {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d)).map_err(MigrationError::io("creating the fixture rootfs"))?;
+    }
+    std::fs::copy(busybox()?, rootfs.join("bin/busybox")).map_err(MigrationError::io("copying busybox"))?;
+    for applet in ["sh", "cat", "mv", "sleep", "echo", "ls"] {
+        let link = rootfs.join("bin").join(applet);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("busybox", &link).map_err(MigrationError::io("linking busybox applets"))?;
+    }
+    let args: Vec<String> = match workload {
+        Workload::Counter => vec!["/bin/sh".into(), "-c".into(), COUNTER_SCRIPT.into()],
+        Workload::Pattern { mib, dirty_kib_per_s } => {
+            let src = fixture_dir().join("pattern-fixture");
+            std::fs::copy(&src, rootfs.join("bin/pattern-fixture")).map_err(|e| {
+                MigrationError::Preflight(format!("{}: {e}; run ./install.sh, which builds the fixtures", src.display()))
+            })?;
+            vec!["/bin/pattern-fixture".into(), mib.to_string(), dirty_kib_per_s.to_string(), "/status".into()]
+        }
+    };
+    let _ = std::fs::remove_file(dir.join("config.json"));
+    run(Command::new(runc_binary).arg("spec").arg("--bundle").arg(dir))?;
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).map_err(MigrationError::io("reading config.json"))?)
+        .map_err(|e| MigrationError::Other(e.to_string()))?;
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = args.into();
+    cfg["root"]["readonly"] = false.into();
+    cfg["hostname"] = "ctmigrate-fixture".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(MigrationError::io("writing config.json"))?;
+    Ok(())
+}
+
+/// A container started for a test; killed and deleted on drop.
+pub struct FixtureContainer {
+    pub runc: Runc,
+    pub id: String,
+    pub bundle: PathBuf,
+}
+
+impl FixtureContainer {
+    pub fn start(runc: Runc, id: &str, bundle: &Path) -> Result<Self, MigrationError> {
+        runc.run_detached(id, bundle)?;
+        Ok(Self { runc, id: id.to_string(), bundle: bundle.to_path_buf() })
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.bundle.join("rootfs")
+    }
+}
+
+impl Drop for FixtureContainer {
+    fn drop(&mut self) {
+        force_remove(&self.runc, &self.id);
+    }
+}
+
+/// Kills and deletes `id` if runc knows it, thawing it first if frozen.
+pub fn force_remove(runc: &Runc, id: &str) {
+    if let Ok(st) = runc.internal_state(id) {
+        if let Ok(f) = container_runtime::Freezer::for_container(&st) {
+            let _ = f.thaw();
+        }
+    }
+    if runc.exists(id).unwrap_or(false) {
+        let _ = runc.kill(id, "KILL");
+        let _ = runc.delete_force(id);
+    }
+}
+
+/// `(token, count)` from a counter fixture's /counter.
+pub fn read_counter(rootfs: &Path) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(rootfs.join("counter")).ok()?;
+    let (tok, n) = text.trim().split_once(' ')?;
+    Some((tok.to_string(), n.parse().ok()?))
+}
+
+/// The pattern fixture's /status: `<token> pass=<n> <ok|CORRUPT...>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternStatus {
+    pub token: String,
+    pub passes: u64,
+    pub ok: bool,
+    pub line: String,
+}
+
+pub fn read_pattern_status(rootfs: &Path) -> Option<PatternStatus> {
+    let line = std::fs::read_to_string(rootfs.join("status")).ok()?.trim().to_string();
+    let mut parts = line.split_whitespace();
+    let token = parts.next()?.to_string();
+    let passes = parts.next()?.strip_prefix("pass=")?.parse().ok()?;
+    let ok = parts.next()? == "ok";
+    Some(PatternStatus { token, passes, ok, line })
+}
+
+/// Polls `f` every 20 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// One local migration setup: two hosts, a runtime root, bundle root and
+/// work directory for each, all below `dir`, all removed on drop.
+pub struct Testbed {
+    pub hosts: HostPair,
+    pub dir: PathBuf,
+    pub tag: String,
+    pub exe: PathBuf,
+    pub runc_binary: PathBuf,
+    pub src_runc: Runc,
+    pub dst_runc: Runc,
+    pub cgroup_parent: String,
+}
+
+impl Testbed {
+    /// `exe` is the ctmigrate binary to run on each side.
+    pub fn create(prefix: &str, exe: &Path) -> Result<Self, MigrationError> {
+        let tag = unique_tag(prefix);
+        let dir = PathBuf::from(crate::DEFAULT_WORK_ROOT).join(format!("testbed-{tag}"));
+        std::fs::create_dir_all(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
+        let hosts = match HostPair::create(&tag) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let runc_binary = std::env::var_os("CTMIGRATE_RUNC").map(PathBuf::from).unwrap_or_else(|| "runc".into());
+        Ok(Self {
+            src_runc: Runc::new(&runc_binary, dir.join("src-runc")),
+            dst_runc: Runc::new(&runc_binary, dir.join("dst-runc")),
+            cgroup_parent: format!("/ctmigrate-{tag}"),
+            runc_binary,
+            hosts,
+            dir,
+            tag,
+            exe: exe.to_path_buf(),
+        })
+    }
+
+    pub fn dst_bundles(&self) -> PathBuf {
+        self.dir.join("dst-bundles")
+    }
+
+    pub fn src_work(&self) -> PathBuf {
+        self.dir.join("src-work")
+    }
+
+    pub fn dst_work(&self) -> PathBuf {
+        self.dir.join("dst-work")
+    }
+
+    /// Builds a bundle and starts a fixture container on the source host.
+    pub fn start_fixture(&self, id: &str, workload: &Workload) -> Result<FixtureContainer, MigrationError> {
+        let bundle = self.dir.join("src-bundles").join(id);
+        std::fs::create_dir_all(&bundle).map_err(MigrationError::io("creating the fixture bundle"))?;
+        build_bundle(&self.runc_binary, &bundle, workload)?;
+        FixtureContainer::start(self.src_runc.clone(), id, &bundle)
+    }
+
+    /// The destination's view of a migrated container.
+    pub fn dst_container(&self, id: &str) -> FixtureContainer {
+        FixtureContainer { runc: self.dst_runc.clone(), id: id.to_string(), bundle: self.dst_bundles().join(id) }
+    }
+
+    /// The receive command, to run in the destination host.
+    pub fn receive_command(&self, port: u16, extra: &[&str]) -> Command {
+        let mut c = HostPair::command_in(&self.hosts.dst, &self.exe);
+        c.arg("receive")
+            .arg("--listen")
+            .arg(format!("{}:{port}", self.hosts.dst_ip))
+            .arg("--bundle-root")
+            .arg(self.dst_bundles())
+            .arg("--runtime-root")
+            .arg(&self.dst_runc.root)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .arg("--work-dir")
+            .arg(self.dst_work())
+            .arg("--json")
+            .args(extra);
+        c
+    }
+
+    /// Starts a receiver and waits until it listens.
+    pub fn spawn_receiver(&self, port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Result<ChildProcess, MigrationError> {
+        let mut cmd = self.receive_command(port, extra);
+        cmd.envs(envs.iter().copied());
+        let mut child = ChildProcess::spawn(cmd)?;
+        child.wait_for_event("listening", std::time::Duration::from_secs(10))?;
+        Ok(child)
+    }
+
+    /// The send command, to run in the source host.
+    pub fn send_command(&self, id: &str, port: u16, extra: &[&str]) -> Command {
+        let mut c = HostPair::command_in(&self.hosts.src, &self.exe);
+        c.arg("send")
+            .arg(id)
+            .arg("--to")
+            .arg(format!("tcp://{}:{port}", self.hosts.dst_ip))
+            .arg("--runtime-root")
+            .arg(&self.src_runc.root)
+            .arg("--work-dir")
+            .arg(self.src_work())
+            .arg("--json")
+            .args(extra);
+        c
+    }
+
+    /// Runs a sender to completion: exit code, JSON events, stderr.
+    pub fn run_sender(&self, id: &str, port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Result<CommandResult, MigrationError> {
+        let mut cmd = self.send_command(id, port, extra);
+        cmd.envs(envs.iter().copied());
+        CommandResult::run(cmd)
+    }
+
+    /// Everything a migration may have left on either host, as text (empty
+    /// when clean): runtime state, bundles, image directories, cgroups.
+    pub fn leftovers(&self, dest_id: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(ids) = self.dst_runc.list() {
+            out.extend(ids.into_iter().map(|i| format!("destination runtime has container {i}")));
+        }
+        if let Ok(rd) = std::fs::read_dir(self.dst_bundles()) {
+            out.extend(rd.flatten().map(|e| format!("destination bundle {}", e.path().display())));
+        }
+        for w in [self.src_work(), self.dst_work()] {
+            if let Ok(rd) = std::fs::read_dir(&w) {
+                out.extend(rd.flatten().map(|e| format!("work directory {}", e.path().display())));
+            }
+        }
+        let cg = format!("{}/{dest_id}", self.cgroup_parent.trim_start_matches('/'));
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let p = h.path().join(&cg);
+                if p.exists() {
+                    out.push(format!("cgroup {}", p.display()));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for runc in [&self.src_runc, &self.dst_runc] {
+            for id in runc.list().unwrap_or_default() {
+                force_remove(runc, &id);
+            }
+        }
+        // Empty cgroup parents this testbed's receivers created.
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(self.cgroup_parent.trim_start_matches('/')));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A spawned ctmigrate whose stdout carries JSON events.
+pub struct ChildProcess {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub events: Vec<serde_json::Value>,
+    stderr_path: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file path removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl ChildProcess {
+    pub fn spawn(mut cmd: Command) -> Result<Self, MigrationError> {
+        let stderr_path = std::env::temp_dir().join(unique_tag("ctm-stderr-"));
+        let stderr = std::fs::File::create(&stderr_path).map_err(MigrationError::io("creating a stderr file"))?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(MigrationError::io(format!("spawning {cmd:?}")))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child, lines: rx, events: Vec::new(), stderr_path: tempfile_path::TempPath(stderr_path) })
+    }
+
+    /// Waits for an event named `name`; returns it.
+    pub fn wait_for_event(&mut self, name: &str, timeout: std::time::Duration) -> Result<serde_json::Value, MigrationError> {
+        if let Some(e) = self.events.iter().find(|e| e["event"] == name) {
+            return Ok(e.clone());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        let hit = v["event"] == name;
+                        self.events.push(v.clone());
+                        if hit {
+                            return Ok(v);
+                        }
+                    }
+                }
+                Err(_) => {
+                    return Err(MigrationError::Other(format!(
+                        "no `{name}` event within {timeout:?}; stderr: {}",
+                        self.stderr()
+                    )))
+                }
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path.0).unwrap_or_default()
+    }
+
+    /// Waits for exit (up to `timeout`, then kills); returns the exit code.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_millis(50)) {
+                    if let Ok(v) = serde_json::from_str(&line) {
+                        self.events.push(v);
+                    }
+                }
+                return st.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// The last `result` event seen.
+    pub fn result(&self) -> Option<&serde_json::Value> {
+        self.events.iter().rev().find(|e| e["event"] == "result")
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A finished command: exit code, JSON events from stdout, stderr.
+#[derive(Debug)]
+pub struct CommandResult {
+    pub code: Option<i32>,
+    pub events: Vec<serde_json::Value>,
+    pub stderr: String,
+}
+
+impl CommandResult {
+    pub fn run(mut cmd: Command) -> Result<Self, MigrationError> {
+        let out = cmd.stdin(Stdio::null()).output().map_err(MigrationError::io(format!("running {cmd:?}")))?;
+        let events = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        Ok(Self { code: out.status.code(), events, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+    }
+
+    pub fn result(&self) -> Option<&serde_json::Value> {
+        self.events.iter().rev().find(|e| e["event"] == "result")
+    }
+}

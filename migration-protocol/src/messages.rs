@@ -1,0 +1,163 @@
+//! Message payloads. Control messages are JSON; `ImageData` is binary.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::MessageKind;
+use crate::ProtocolError;
+
+/// First frame from the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u32,
+    pub max_version: u32,
+    /// `ctmigrate X.Y.Z`, for messages and the audit log.
+    pub software: String,
+}
+
+/// The receiver's answer to [`Hello`]: the chosen protocol version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub version: u32,
+    pub software: String,
+}
+
+/// What is about to be migrated. The receiver checks all of it before the
+/// source is frozen, and may refuse.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub container_id: String,
+    /// Id the container gets on the destination.
+    pub dest_id: String,
+    /// The container's OCI runtime config (config.json). The receiver builds
+    /// its own config from it under its own policy.
+    pub oci_config: serde_json::Value,
+    pub criu_version: String,
+    pub kernel: String,
+    pub arch: String,
+    pub cgroup_version: u8,
+    pub mode: String,
+    pub tcp_established: bool,
+    pub source_host: String,
+}
+
+/// The receiver accepts the manifest; the sender may now freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestAccepted {
+    pub bundle: String,
+}
+
+/// Which rootfs pass a tar stream belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootfsPhase {
+    /// Everything, sent while the container still runs.
+    Initial,
+    /// What changed since the initial pass, sent while frozen.
+    Delta,
+}
+
+/// Ends one rootfs tar stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsEnd {
+    pub phase: RootfsPhase,
+    /// Entries in this pass's tar stream.
+    pub entries: u64,
+    /// Paths (relative to the rootfs) removed since the previous pass.
+    pub deleted: Vec<String>,
+}
+
+/// A piece of one CRIU image file, written at `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageData<'a> {
+    pub name: &'a str,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// Longest image file name accepted.
+pub const MAX_IMAGE_NAME: usize = 255;
+
+impl<'a> ImageData<'a> {
+    /// `name_len: u16 LE | name | offset: u64 LE | data`
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(self.data);
+    }
+
+    pub fn decode(payload: &'a [u8]) -> Result<Self, ProtocolError> {
+        let bad = |reason: &str| ProtocolError::Malformed {
+            kind: MessageKind::ImageData,
+            reason: reason.to_string(),
+        };
+        if payload.len() < 2 {
+            return Err(bad("shorter than its name length"));
+        }
+        let name_len = u16::from_le_bytes([payload[0], payload[1]]) as usize;
+        if name_len == 0 || name_len > MAX_IMAGE_NAME {
+            return Err(bad("image name length out of range"));
+        }
+        let rest = &payload[2..];
+        if rest.len() < name_len + 8 {
+            return Err(bad("shorter than its name and offset"));
+        }
+        let name = std::str::from_utf8(&rest[..name_len]).map_err(|_| bad("image name is not UTF-8"))?;
+        let offset = u64::from_le_bytes(rest[name_len..name_len + 8].try_into().unwrap());
+        Ok(Self {
+            name,
+            offset,
+            data: &rest[name_len + 8..],
+        })
+    }
+}
+
+/// One image file as the sender finished it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFileSummary {
+    pub name: String,
+    pub size: u64,
+    pub crc32c: u32,
+}
+
+/// CRIU has finished; every image file and its checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagesDone {
+    pub files: Vec<ImageFileSummary>,
+    /// How long CRIU's dump took on the source, for the receiver's records.
+    pub dump_ms: u64,
+}
+
+/// The destination runs the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    pub pid: i32,
+    pub restore_ms: u64,
+}
+
+/// Either side gives up; the other rolls back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Abort {
+    pub reason: String,
+}
+
+/// Why a receiver refused or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    IncompatibleVersion,
+    /// The manifest was refused (id taken, unsupported config, ...).
+    Refused,
+    /// A frame or message was invalid (checksum, size, order, path).
+    BadStream,
+    RestoreFailed,
+    Internal,
+}
+
+/// An error report from the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    pub message: String,
+}

@@ -1,0 +1,209 @@
+//! `ctmigrate`: the command line. Parsing and exit codes only; the work is
+//! done by the `migration-engine` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use migration_engine::events::Reporter;
+use migration_engine::{check, receive, send, validate, MigrationError, Outcome, ReceiveOptions, SendOptions};
+use migration_protocol::CompressionMode;
+
+/// Exit codes (documented in the README).
+mod exit {
+    pub const OK: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+#[derive(Parser)]
+#[command(name = "ctmigrate", version, about = "Live-migrate a running runc container to another host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Compress {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<Compress> for CompressionMode {
+    fn from(c: Compress) -> Self {
+        match c {
+            Compress::Auto => CompressionMode::Auto,
+            Compress::Always => CompressionMode::Always,
+            Compress::Never => CompressionMode::Never,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Migrate a running container to a receiver.
+    Send {
+        /// Id of the container in the runtime.
+        container: String,
+        /// Destination: tcp://HOST:PORT of a `ctmigrate receive`.
+        #[arg(long)]
+        to: String,
+        /// runc's state root on this host.
+        #[arg(long, default_value = "/run/runc")]
+        runtime_root: PathBuf,
+        /// Id of the container on the destination (default: the same id).
+        #[arg(long)]
+        dest_id: Option<String>,
+        /// Compress chunks with zstd: auto sends a chunk compressed only if
+        /// that saves at least 10%.
+        #[arg(long, value_enum, default_value = "auto")]
+        compress: Compress,
+        /// Directory for CRIU's images and logs (root-only, removed after).
+        #[arg(long, default_value = migration_engine::DEFAULT_WORK_ROOT)]
+        work_dir: PathBuf,
+        /// Seconds to wait for the receiver at any step but restore.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Seconds to wait for the destination to restore the container.
+        #[arg(long, default_value_t = 300)]
+        restore_timeout: u64,
+        /// Newline-delimited JSON events on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept migrations and restore them here.
+    Receive {
+        /// Address to listen on, ADDR:PORT.
+        #[arg(long)]
+        listen: String,
+        /// Serve one migration, then exit with its result.
+        #[arg(long)]
+        once: bool,
+        /// Where bundles of received containers are created (BUNDLE_ROOT/ID).
+        #[arg(long, default_value = "/var/lib/ctmigrate/bundles")]
+        bundle_root: PathBuf,
+        /// runc's state root for received containers.
+        #[arg(long, default_value = "/run/runc")]
+        runtime_root: PathBuf,
+        /// Parent of received containers' cgroups (PARENT/ID).
+        #[arg(long, default_value = "/ctmigrate")]
+        cgroup_parent: String,
+        /// Directory for received images and CRIU's logs (root-only).
+        #[arg(long, default_value = migration_engine::DEFAULT_WORK_ROOT)]
+        work_dir: PathBuf,
+        /// Seconds of silence from the sender before giving up.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Newline-delimited JSON events on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that this host can send and receive migrations.
+    Check {
+        /// runc's state root.
+        #[arg(long, default_value = "/run/runc")]
+        runtime_root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate a fixture container between two local network-namespace
+    /// hosts, check it survived, and remove everything.
+    Validate {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn runc_binary() -> PathBuf {
+    std::env::var_os("CTMIGRATE_RUNC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runc"))
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("ctmigrate: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn outcome_code(o: Outcome) -> u8 {
+    o.exit_code() as u8
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Send { container, to, runtime_root, dest_id, compress, work_dir, timeout, restore_timeout, json } => {
+            let to = match to.parse() {
+                Ok(d) => d,
+                Err(e) => return fail(e, exit::USAGE),
+            };
+            let opts = SendOptions {
+                container,
+                to,
+                runtime_root,
+                dest_id,
+                compression: compress.into(),
+                work_root: work_dir,
+                runc_binary: runc_binary(),
+                criu_binary: criu_bindings_binary(),
+                io_timeout: Duration::from_secs(timeout),
+                restore_timeout: Duration::from_secs(restore_timeout),
+                freeze_timeout: Duration::from_secs(10),
+            };
+            let rep = Reporter::new(json);
+            match send(&opts, &rep) {
+                Ok(_) => ExitCode::from(exit::OK),
+                Err(f) => {
+                    let code = match f.error {
+                        MigrationError::Usage(_) => exit::USAGE,
+                        _ => outcome_code(f.outcome),
+                    };
+                    fail(&f.error, code)
+                }
+            }
+        }
+        Command::Receive { listen, once, bundle_root, runtime_root, cgroup_parent, work_dir, timeout, json } => {
+            let opts = ReceiveOptions {
+                listen,
+                once,
+                bundle_root,
+                runtime_root,
+                cgroup_parent,
+                work_root: work_dir,
+                runc_binary: runc_binary(),
+                io_timeout: Duration::from_secs(timeout),
+                max_image_file: 64 << 30,
+                max_image_files: 100_000,
+            };
+            let rep = Reporter::new(json);
+            match receive(&opts, &rep) {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err((e, o)) => fail(e, outcome_code(o)),
+            }
+        }
+        Command::Check { runtime_root, json } => {
+            let report = check::run(&check::CheckOptions {
+                runtime_root,
+                runc_binary: runc_binary(),
+                criu_binary: criu_bindings_binary(),
+            });
+            report.print(json);
+            if report.ok() {
+                ExitCode::from(exit::OK)
+            } else {
+                ExitCode::from(outcome_code(Outcome::NothingTouched))
+            }
+        }
+        Command::Validate { json } => {
+            let rep = Reporter::new(json);
+            match validate::run(&validate::ValidateOptions::default(), &rep) {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => fail(e, exit::INTERNAL),
+            }
+        }
+    }
+}
+
+fn criu_bindings_binary() -> PathBuf {
+    migration_engine::criu_binary()
+}
