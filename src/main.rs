@@ -114,6 +114,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Internal: the freeze guard a sender starts (see migration-engine's
+    /// guard module).
+    #[command(name = "__guard", hide = true)]
+    Guard { version: String, freezer: PathBuf, work_dir: PathBuf },
 }
 
 fn runc_binary() -> PathBuf {
@@ -131,6 +135,9 @@ fn outcome_code(o: Outcome) -> u8 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Send { .. } | Command::Receive { .. }) {
+        migration_engine::interrupt::install();
+    }
     match cli.command {
         Command::Send { container, to, runtime_root, dest_id, compress, work_dir, timeout, restore_timeout, json } => {
             let to = match to.parse() {
@@ -149,6 +156,7 @@ fn main() -> ExitCode {
                 io_timeout: Duration::from_secs(timeout),
                 restore_timeout: Duration::from_secs(restore_timeout),
                 freeze_timeout: Duration::from_secs(10),
+                guard_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ctmigrate")),
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {
@@ -194,6 +202,10 @@ fn main() -> ExitCode {
                 ExitCode::from(outcome_code(Outcome::NothingTouched))
             }
         }
+        Command::Guard { version, freezer, work_dir } => match migration_engine::guard::run_guard(&version, freezer, work_dir) {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(e) => fail(e, exit::INTERNAL),
+        },
         Command::Validate { json } => {
             let rep = Reporter::new(json);
             match validate::run(&validate::ValidateOptions::default(), &rep) {

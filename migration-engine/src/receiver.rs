@@ -65,8 +65,11 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
         };
         let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         rep.emit(Event::Accepted { peer: peer.clone() });
+        // A signal cuts this connection; the session then cleans up.
+        crate::interrupt::register(&stream);
         let outcome = serve(opts, &runc, stream, &peer, rep);
-        if opts.once {
+        crate::interrupt::unregister();
+        if opts.once || crate::interrupt::interrupted() {
             return outcome;
         }
     }

@@ -26,7 +26,8 @@ use migration_protocol::{
 use crate::error::{Failure, Outcome};
 use crate::events::{Event, Phase, ResultEvent};
 use crate::transport::{connect, Destination};
-use crate::{failpoints, images, rootfs, MigrationError, Reporter};
+use crate::guard::FreezeGuard;
+use crate::{failpoints, images, interrupt, rootfs, MigrationError, Reporter};
 
 #[derive(Debug, Clone)]
 pub struct SendOptions {
@@ -43,6 +44,8 @@ pub struct SendOptions {
     /// Longest wait for the destination to restore.
     pub restore_timeout: Duration,
     pub freeze_timeout: Duration,
+    /// The ctmigrate binary that runs the freeze guard (see [`guard`]).
+    pub guard_exe: PathBuf,
 }
 
 pub type SendReport = ResultEvent;
@@ -178,6 +181,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     });
     rep.phase(Phase::Connect);
     let stream = connect(&opts.to, opts.io_timeout)?;
+    interrupt::register(&stream);
     stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
     let mut peer = Peer {
         reader: FrameReader::new(stream.try_clone().map_err(MigrationError::io("socket"))?),
@@ -229,16 +233,26 @@ struct Migration<'a> {
     compressor: Compressor,
     work_dir: PathBuf,
     frozen: bool,
+    guard: Option<FreezeGuard>,
 }
 
 impl<'a> Migration<'a> {
     fn new(opts: &'a SendOptions, p: Prepared, rep: &'a Reporter) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
-        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false }
+        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None }
     }
 
     fn run(mut self, result: &mut ResultEvent) -> Result<(), Failure> {
-        let outcome = self.run_inner(result);
+        let mut outcome = self.run_inner(result);
+        if let Some(guard) = self.guard.take() {
+            guard.resolved();
+        }
+        interrupt::unregister();
+        if let Err(f) = &mut outcome {
+            if interrupt::interrupted() {
+                f.error = MigrationError::Other(format!("interrupted by a signal ({})", f.error));
+            }
+        }
         result.bytes_sent = self.p.peer.writer.wire_bytes + self.p.peer.reader.wire_bytes;
         result.bytes_raw = self.p.peer.writer.raw_bytes;
         // Images and logs go, success or failure: what an operator needs
@@ -269,7 +283,9 @@ impl<'a> Migration<'a> {
 
         self.prepare_work_dir().map_err(not_touched)?;
 
-        // Freeze: from here on, every failure thaws.
+        // Freeze: from here on, every failure thaws, and the guard thaws
+        // if this process dies.
+        self.guard = Some(FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir).map_err(not_touched)?);
         self.rep.phase(Phase::Freeze);
         self.p.plan.freezer.freeze(self.opts.freeze_timeout).map_err(|e| not_touched(e.into()))?;
         self.frozen = true;
@@ -297,7 +313,11 @@ impl<'a> Migration<'a> {
             return Err(self.rollback(e));
         }
         match self.p.peer.read_with_timeout(self.opts.io_timeout).and_then(|f| Ok(f.expect(MessageKind::CommitAck, "CommitAck")?)) {
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.committed();
+                }
+            }
             Err(e) => {
                 // The receiver may have committed; keeping the source alive
                 // risks two copies but never zero.
@@ -368,10 +388,12 @@ impl<'a> Migration<'a> {
             file_locks: true,
             ..Default::default()
         };
-        let criu = self.opts.criu_binary.clone();
         let started = Instant::now();
+        let mut session = CriuSession::start(&self.opts.criu_binary)?;
+        if let (Some(g), Some(pid)) = (self.guard.as_mut(), session.pid()) {
+            g.watch_criu(pid);
+        }
         let worker = std::thread::spawn(move || -> Result<(), criu_bindings::CriuError> {
-            let mut session = CriuSession::start(&criu)?;
             session.dump(&dump, &mut |_| NotifyAction::Continue)?;
             session.finish()
         });

@@ -1,0 +1,144 @@
+//! The freeze guard: a separate process that thaws the source if the sender
+//! dies while the source is frozen.
+//!
+//! The sender starts `ctmigrate __guard` just before freezing, with a pipe
+//! on its stdin, and tells it what to watch:
+//!
+//! - `criu <pid>`: a CRIU process that is dumping the container;
+//! - `committed`: the destination acknowledged; the source must die;
+//! - `resolved`: the sender itself finished (source removed, or rolled
+//!   back): exit quietly.
+//!
+//! If the pipe reaches end of file without `resolved` (the sender was
+//! killed, crashed or lost its terminal), the guard lets each CRIU it was
+//! told of finish (CRIU notices its client is gone; killing it mid-dump
+//! could leave its parasite in a task), then thaws the cgroup, after
+//! killing its tasks if the migration had committed. The guard
+//! runs in its own session and ignores SIGINT, SIGTERM and SIGHUP, so the
+//! Ctrl-C that stops the sender does not stop it.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use container_runtime::cgroup::CgroupVersion;
+use container_runtime::Freezer;
+
+use crate::MigrationError;
+
+/// The hidden subcommand that runs the guard.
+pub const SUBCOMMAND: &str = "__guard";
+
+/// Longest wait for a CRIU dump to end on its own before it is killed.
+const CRIU_GRACE: Duration = Duration::from_secs(300);
+
+/// The sender's handle on its guard.
+pub struct FreezeGuard {
+    child: Child,
+}
+
+impl FreezeGuard {
+    /// `work_dir` (images and logs) is removed if the guard has to act.
+    pub fn spawn(exe: &Path, freezer: &Freezer, work_dir: &Path) -> Result<Self, MigrationError> {
+        let version = match freezer.version {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        };
+        let child = Command::new(exe)
+            .arg(SUBCOMMAND)
+            .arg(version)
+            .arg(&freezer.path)
+            .arg(work_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(MigrationError::io("starting the freeze guard"))?;
+        Ok(Self { child })
+    }
+
+    fn tell(&mut self, line: &str) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = writeln!(stdin, "{line}");
+            let _ = stdin.flush();
+        }
+    }
+
+    pub fn watch_criu(&mut self, pid: u32) {
+        self.tell(&format!("criu {pid}"));
+    }
+
+    /// The destination owns the container: if the sender dies now, the
+    /// source must be killed, not thawed.
+    pub fn committed(&mut self) {
+        self.tell("committed");
+    }
+
+    /// The sender has settled the source's fate itself.
+    pub fn resolved(mut self) {
+        self.tell("resolved");
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the guard (in the `__guard` process). Returns when there is
+/// nothing left to guard.
+pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Result<(), MigrationError> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: setting the disposition to SIG_IGN installs no handler code;
+    // it cannot race with Rust code in this single-threaded process.
+    unsafe {
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            let _ = signal(s, SigHandler::SigIgn);
+        }
+    }
+    let _ = nix::unistd::setsid();
+    let freezer = Freezer {
+        path: freezer_path,
+        version: if version == "v2" { CgroupVersion::V2 } else { CgroupVersion::V1 },
+    };
+    let mut criu_pids = Vec::new();
+    let mut committed = false;
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        match line.split_once(' ') {
+            Some(("criu", pid)) => criu_pids.extend(pid.trim().parse::<i32>().ok()),
+            _ if line.trim() == "committed" => committed = true,
+            _ if line.trim() == "resolved" => return Ok(()),
+            _ => {}
+        }
+    }
+    eprintln!(
+        "ctmigrate guard: the sender ended without settling the migration; {} {}",
+        if committed { "killing (it was committed) and thawing" } else { "thawing" },
+        freezer.path.display()
+    );
+    for pid in criu_pids {
+        let deadline = Instant::now() + CRIU_GRACE;
+        while Path::new(&format!("/proc/{pid}")).exists() && is_criu(pid) {
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if committed {
+        // A frozen task dies of SIGKILL as soon as it thaws.
+        let procs = std::fs::read_to_string(freezer.path.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let thawed = freezer.thaw();
+    // CRIU has exited: its images and logs are no one's now.
+    let _ = std::fs::remove_dir_all(&work_dir);
+    thawed?;
+    Ok(())
+}
+
+fn is_criu(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).next().map(|a| a.ends_with(b"criu")).unwrap_or(false))
+        .unwrap_or(false)
+}

@@ -1,0 +1,178 @@
+//! Failure injection at each phase of a migration. Every test checks the
+//! same promise: the source keeps running as it was (same token, still
+//! counting, thawed), and neither host keeps anything of the attempt.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use migration_engine::testbed::ChildProcess;
+
+/// A running counter fixture and its token.
+fn counter(bed: &Testbed, name: &str) -> (migration_engine::testbed::FixtureContainer, String, String) {
+    let id = format!("{name}-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
+    let (token, _) = counter_at_least(&src.rootfs(), 5);
+    (src, id, token)
+}
+
+fn assert_source_runs(bed: &Testbed, src: &migration_engine::testbed::FixtureContainer, token: &str) {
+    assert_eq!(frozen_state(bed, &src.id), "THAWED", "source left frozen");
+    assert_eq!(bed.src_runc.state(&src.id).unwrap().status, "running");
+    let (_, now) = read_counter(&src.rootfs()).unwrap();
+    assert_counting_on(&src.rootfs(), token, now);
+}
+
+#[test]
+fn sender_killed_while_frozen_is_thawed_by_its_guard() {
+    let Some(bed) = testbed("skl") else { return };
+    let (src, id, token) = counter(&bed, "sk");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let mut cmd = bed.send_command(&id, port, &[]);
+    cmd.env("CTMIGRATE_FAILPOINTS", "sender-after-freeze=sleep:60000");
+    let mut sender = ChildProcess::spawn(cmd).unwrap();
+    wait_for(Duration::from_secs(20), || (frozen_state(&bed, &id) == "FROZEN").then_some(())).expect("never froze");
+    // SIGKILL: the sender runs no code of its own after this.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sender.child.id() as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let _ = sender.wait(Duration::from_secs(5));
+    wait_for(Duration::from_secs(10), || (frozen_state(&bed, &id) == "THAWED").then_some(()))
+        .expect("the guard did not thaw the source");
+    assert_source_runs(&bed, &src, &token);
+    // The receiver saw the connection drop and removed its staging.
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4), "{}", receiver.stderr());
+    assert_clean(&bed, &id);
+}
+
+#[test]
+fn sender_interrupted_rolls_back_and_reports() {
+    let Some(bed) = testbed("sin") else { return };
+    let (src, id, token) = counter(&bed, "si");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let mut cmd = bed.send_command(&id, port, &[]);
+    cmd.env("CTMIGRATE_FAILPOINTS", "sender-after-freeze=sleep:2000");
+    let mut sender = ChildProcess::spawn(cmd).unwrap();
+    wait_for(Duration::from_secs(20), || (frozen_state(&bed, &id) == "FROZEN").then_some(())).expect("never froze");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sender.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    assert_eq!(sender.wait(Duration::from_secs(30)), Some(4), "{}", sender.stderr());
+    let result = sender.result().expect("a result event after Ctrl-C").clone();
+    assert_eq!(result["source_state"], "running");
+    assert!(result["error"].as_str().unwrap().contains("interrupted"), "{result}");
+    assert_source_runs(&bed, &src, &token);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+    assert_clean(&bed, &id);
+}
+
+#[test]
+fn link_cut_during_transfer_times_out_and_rolls_back() {
+    let Some(bed) = testbed("cut") else { return };
+    let (src, id, token) = counter(&bed, "ct");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--timeout", "4"], &[]).unwrap();
+    let mut cmd = bed.send_command(&id, port, &["--timeout", "4", "--restore-timeout", "6"]);
+    cmd.env("CTMIGRATE_FAILPOINTS", "sender-after-freeze=sleep:1500");
+    let mut sender = ChildProcess::spawn(cmd).unwrap();
+    wait_for(Duration::from_secs(20), || (frozen_state(&bed, &id) == "FROZEN").then_some(())).expect("never froze");
+    // Cut the cable: the source host's end of the link goes down.
+    let st = Command::new("ip").args(["-n", &bed.hosts.src, "link", "set", &format!("{}s", bed.tag), "down"]).status();
+    assert!(st.unwrap().success());
+    assert_eq!(sender.wait(Duration::from_secs(60)), Some(4), "{}", sender.stderr());
+    assert_source_runs(&bed, &src, &token);
+    assert_eq!(receiver.wait(Duration::from_secs(60)), Some(4), "{}", receiver.stderr());
+    assert_clean(&bed, &id);
+}
+
+#[test]
+fn destination_disk_full_is_refused_and_source_resumes() {
+    let Some(bed) = testbed("ful") else { return };
+    let id = format!("full-{}", bed.tag);
+    // 48 MiB of memory that does not compress, into a 16 MiB filesystem.
+    let src = bed.start_fixture(&id, &Workload::Pattern { mib: 48, dirty_kib_per_s: 0 }).unwrap();
+    let before = wait_for(Duration::from_secs(20), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1))
+        .expect("fixture never verified");
+    std::fs::create_dir_all(bed.dst_work()).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(bed.dst_work()).status();
+    assert!(mounted.unwrap().success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(bed.dst_work());
+
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let sent = bed.run_sender(&id, port, &[], &[]).unwrap();
+    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
+    assert!(sent.stderr.contains("No space left"), "the receiver's reason should reach the sender: {}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+
+    assert_eq!(frozen_state(&bed, &id), "THAWED");
+    let after = wait_for(Duration::from_secs(20), || {
+        read_pattern_status(&src.rootfs()).filter(|s| s.passes > before.passes + 1)
+    })
+    .expect("the source stopped verifying");
+    assert_eq!(after.token, before.token);
+    assert!(after.ok, "{}", after.line);
+    assert_clean(&bed, &id);
+}
+
+#[test]
+fn restore_failure_on_destination_rolls_back() {
+    let Some(bed) = testbed("rsf") else { return };
+    let (src, id, token) = counter(&bed, "rf");
+    let port = port();
+    let mut receiver =
+        bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-restore=error")]).unwrap();
+    let sent = bed.run_sender(&id, port, &[], &[]).unwrap();
+    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
+    assert!(sent.stderr.contains("receiver-before-restore"), "{}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+    assert_source_runs(&bed, &src, &token);
+    assert_clean(&bed, &id);
+}
+
+#[test]
+fn abort_after_restore_removes_the_destination_copy() {
+    let Some(bed) = testbed("abr") else { return };
+    let (src, id, token) = counter(&bed, "ab");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    // The destination restored and runs the container; then the sender
+    // fails before Commit.
+    let sent = bed.run_sender(&id, port, &[], &[("CTMIGRATE_FAILPOINTS", "sender-before-commit=error")]).unwrap();
+    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+    assert!(receiver.events.iter().any(|e| e["phase"] == "commit"), "the receiver never restored");
+    assert_source_runs(&bed, &src, &token);
+    assert_clean(&bed, &id);
+}
+
+#[test]
+fn receiver_dying_before_commit_ack_is_reported_uncertain_and_swept() {
+    let Some(bed) = testbed("unc") else { return };
+    let (src, id, token) = counter(&bed, "uc");
+    let port = port();
+    let mut receiver =
+        bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-commit-ack=exit")]).unwrap();
+    let sent = bed.run_sender(&id, port, &["--timeout", "5"], &[]).unwrap();
+    assert_eq!(sent.code, Some(6), "{}", sent.stderr);
+    assert_eq!(sent.result().unwrap()["source_state"], "uncertain");
+    assert!(sent.stderr.contains("check whether"), "{}", sent.stderr);
+    let _ = receiver.wait(Duration::from_secs(10));
+    // Never lost: the source was resumed.
+    assert_source_runs(&bed, &src, &token);
+    // The receiver died holding an uncommitted copy; the next receiver
+    // start removes it.
+    assert!(bed.dst_runc.exists(&id).unwrap(), "the destination copy should still exist before the sweep");
+    let mut next = bed.spawn_receiver(port + 100, &[], &[]).unwrap();
+    next.child.kill().unwrap();
+    let _ = next.child.wait();
+    assert_clean(&bed, &id);
+}
