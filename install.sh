@@ -10,6 +10,8 @@
 #     passes, else built from Debian's own source package (suite sid),
 #     installed as /usr/local/sbin/criu with its RPC schema at
 #     /usr/local/include/criu/rpc.proto
+#   - for the pre-copy tests: qemu (software emulation) and Debian's own
+#     kernel (which tracks dirty memory) unpacked under $GUEST_DIR
 #   - ctmigrate itself at /usr/local/bin/ctmigrate, and the static test
 #     fixture at /usr/local/libexec/ctmigrate/pattern-fixture
 set -euo pipefail
@@ -19,6 +21,7 @@ MIN_CRIU_MINOR=2
 CRIU_PREFIX=/usr/local
 RPC_PROTO_DEST="$CRIU_PREFIX/include/criu/rpc.proto"
 FIXTURE_DIR=/usr/local/libexec/ctmigrate
+GUEST_DIR=/var/cache/ctmigrate/guest-kernel
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { printf 'install.sh: %s\n' "$*" >&2; }
@@ -36,6 +39,8 @@ APT_PACKAGES=(
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
     libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev libgnutls28-dev
     libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils
+    # pre-copy test guest
+    qemu-system-x86 kmod cpio
 )
 
 missing_packages() {
@@ -137,6 +142,29 @@ install_criu() {
     log "CRIU $(criu --version | sed -n 's/^Version: *//p') installed"
 }
 
+# Debian's kernel has CONFIG_MEM_SOFT_DIRTY=y; the pre-copy tests boot it
+# under qemu. Unpacked, not installed: this host keeps its own kernel.
+install_guest_kernel() {
+    if [ -f "$GUEST_DIR/ready" ]; then
+        log "pre-copy guest kernel ready ($(cat "$GUEST_DIR/ready"))"
+        return
+    fi
+    local pkg
+    pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -n1)
+    [ -n "$pkg" ] || die "no linux-image-6.1.0-*-amd64 package found (apt-get update?)"
+    log "unpacking $pkg for the pre-copy test guest"
+    rm -rf "$GUEST_DIR" && mkdir -p "$GUEST_DIR/dl"
+    (cd "$GUEST_DIR/dl" && apt-get download "$pkg" >/dev/null)
+    dpkg -x "$GUEST_DIR"/dl/*.deb "$GUEST_DIR/root"
+    rm -rf "$GUEST_DIR/dl"
+    local kver
+    kver=$(ls "$GUEST_DIR/root/lib/modules" | head -n1)
+    depmod -b "$GUEST_DIR/root" "$kver"
+    grep -q '^CONFIG_MEM_SOFT_DIRTY=y' "$GUEST_DIR/root/boot/config-$kver" \
+        || die "$pkg lacks CONFIG_MEM_SOFT_DIRTY: the pre-copy guest needs it"
+    echo "$kver" >"$GUEST_DIR/ready"
+}
+
 build_fixtures() {
     log "building the static test fixtures"
     mkdir -p "$FIXTURE_DIR"
@@ -154,6 +182,7 @@ build_ctmigrate() {
 
 install_apt_packages
 install_criu
+install_guest_kernel
 build_fixtures
 build_ctmigrate
 log "done: try 'sudo ctmigrate check' and 'sudo ctmigrate validate'"

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use migration_engine::events::Reporter;
+use migration_engine::precopy::ModeRequest;
 use migration_engine::{check, receive, send, validate, MigrationError, Outcome, ReceiveOptions, SendOptions};
 use migration_protocol::CompressionMode;
 
@@ -41,6 +42,16 @@ impl From<Compress> for CompressionMode {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Pre-copy where the kernel tracks dirty memory, else stop-copy.
+    Auto,
+    /// Iterative pre-dumps while the container runs, then a short freeze.
+    Precopy,
+    /// Freeze, dump everything, restore.
+    StopCopy,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Migrate a running container to a receiver.
@@ -69,6 +80,15 @@ enum Command {
         /// Seconds to wait for the destination to restore the container.
         #[arg(long, default_value_t = 300)]
         restore_timeout: u64,
+        /// Migration mode.
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: Mode,
+        /// Most pre-copy rounds before the final freeze (1 to 32).
+        #[arg(long, default_value_t = 8)]
+        max_iterations: u32,
+        /// Frozen time, in milliseconds, pre-copy aims for.
+        #[arg(long, default_value_t = 300)]
+        downtime_target: u64,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
@@ -139,7 +159,20 @@ fn main() -> ExitCode {
         migration_engine::interrupt::install();
     }
     match cli.command {
-        Command::Send { container, to, runtime_root, dest_id, compress, work_dir, timeout, restore_timeout, json } => {
+        Command::Send {
+            container,
+            to,
+            runtime_root,
+            dest_id,
+            compress,
+            work_dir,
+            timeout,
+            restore_timeout,
+            mode,
+            max_iterations,
+            downtime_target,
+            json,
+        } => {
             let to = match to.parse() {
                 Ok(d) => d,
                 Err(e) => return fail(e, exit::USAGE),
@@ -157,6 +190,13 @@ fn main() -> ExitCode {
                 restore_timeout: Duration::from_secs(restore_timeout),
                 freeze_timeout: Duration::from_secs(10),
                 guard_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ctmigrate")),
+                mode: match mode {
+                    Mode::Auto => ModeRequest::Auto,
+                    Mode::Precopy => ModeRequest::Precopy,
+                    Mode::StopCopy => ModeRequest::StopCopy,
+                },
+                max_iterations,
+                downtime_target: Duration::from_millis(downtime_target),
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {

@@ -22,6 +22,9 @@ pub fn validate_container_id(id: &str) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// File in the destination bundle with CRIU options for `runc restore`.
+pub const CRIU_RESTORE_CONFIG: &str = "criu-restore.conf";
+
 /// What the receiver allows and imposes on a migrated container.
 #[derive(Debug, Clone)]
 pub struct BundlePolicy {
@@ -30,8 +33,15 @@ pub struct BundlePolicy {
 }
 
 impl BundlePolicy {
-    /// Builds the destination's config.json from the sender's.
-    pub fn destination_config(&self, source: &serde_json::Value, dest_id: &str) -> Result<Spec, RuntimeError> {
+    /// Builds the destination's config.json from the sender's, for a bundle
+    /// at `bundle`. Returns it with the CRIU configuration file to write at
+    /// `bundle/`[`CRIU_RESTORE_CONFIG`].
+    pub fn destination_config(
+        &self,
+        source: &serde_json::Value,
+        dest_id: &str,
+        bundle: &Path,
+    ) -> Result<(Spec, String), RuntimeError> {
         let mut spec: Spec = serde_json::from_value(source.clone())
             .map_err(|e| RuntimeError::Config(format!("the sender's config.json is not a valid OCI runtime config: {e}")))?;
 
@@ -42,11 +52,15 @@ impl BundlePolicy {
         // Hooks run as root on this host: they come only from local policy.
         spec.set_hooks(None);
 
-        if let Some(ann) = spec.annotations().clone() {
-            // `org.criu.*` annotations steer CRIU (config files, options).
-            let kept = ann.into_iter().filter(|(k, _)| !k.starts_with("org.criu.")).collect();
-            spec.set_annotations(Some(kept));
-        }
+        // `org.criu.*` annotations steer CRIU (config files, options): the
+        // sender's go, and the receiver sets its own.
+        let mut annotations: std::collections::HashMap<String, String> = spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("org.criu."))
+            .collect();
 
         let mut linux = spec.linux().clone().ok_or_else(|| RuntimeError::Config("config.json has no linux section".into()))?;
         if let Some(namespaces) = linux.namespaces() {
@@ -62,8 +76,18 @@ impl BundlePolicy {
         }
         let parent = format!("/{}", self.cgroup_parent.trim_matches('/'));
         let cgroups_path = if parent == "/" { format!("/{dest_id}") } else { format!("{parent}/{dest_id}") };
-        linux.set_cgroups_path(Some(cgroups_path.into()));
+        linux.set_cgroups_path(Some(cgroups_path.clone().into()));
         spec.set_linux(Some(linux));
+
+        // runc hands CRIU the container's new cgroup per controller name;
+        // on cgroup v2 that name is empty, CRIU matches no controller with
+        // it, and restores the tasks into the cgroup recorded in the images
+        // (on one machine: the frozen source's). A global cgroup root, which
+        // CRIU takes from its configuration file, applies to every
+        // controller and puts them where runc expects them.
+        let criu_config = format!("cgroup-root {cgroups_path}\n");
+        annotations.insert("org.criu.config".into(), bundle.join(CRIU_RESTORE_CONFIG).display().to_string());
+        spec.set_annotations(Some(annotations));
 
         if let Some(mounts) = spec.mounts() {
             for m in mounts {
@@ -82,7 +106,7 @@ impl BundlePolicy {
                 }
             }
         }
-        Ok(spec)
+        Ok((spec, criu_config))
     }
 }
 
@@ -107,11 +131,12 @@ mod tests {
     #[test]
     fn destination_config_applies_policy() {
         let policy = BundlePolicy { cgroup_parent: "ctmigrate".into() };
-        let spec = policy.destination_config(&source_config(), "web2").unwrap();
+        let (spec, criu) = policy.destination_config(&source_config(), "web2", Path::new("/b/web2")).unwrap();
+        assert_eq!(criu, "cgroup-root /ctmigrate/web2\n");
         assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
         assert!(spec.hooks().is_none());
         let ann = spec.annotations().as_ref().unwrap();
-        assert!(!ann.contains_key("org.criu.config"));
+        assert_eq!(ann.get("org.criu.config").map(String::as_str), Some("/b/web2/criu-restore.conf"));
         assert_eq!(ann.get("app").map(String::as_str), Some("web"));
         assert_eq!(
             spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
@@ -124,10 +149,10 @@ mod tests {
         let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into() };
         let mut cfg = source_config();
         cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/run/netns/x"}]);
-        assert!(policy.destination_config(&cfg, "a").is_err());
+        assert!(policy.destination_config(&cfg, "a", Path::new("/b")).is_err());
         let mut cfg = source_config();
         cfg["mounts"] = serde_json::json!([{"destination": "/data", "type": "bind", "source": "/nonexistent/ctm", "options": ["rbind"]}]);
-        let err = policy.destination_config(&cfg, "a").unwrap_err().to_string();
+        let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ctm"), "{err}");
     }
 

@@ -175,6 +175,16 @@ impl CriuSession {
         self.close_and_wait()
     }
 
+    /// Like [`finish`](Self::finish) after a successful PRE_DUMP: CRIU then
+    /// waits for a further request and exits non-zero when the socket
+    /// closes instead, which is not a failure.
+    pub fn finish_after_pre_dump(mut self) -> Result<(), CriuError> {
+        match self.close_and_wait() {
+            Err(CriuError::Exited(_)) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn close_and_wait(&mut self) -> Result<(), CriuError> {
         let _ = nix::sys::socket::shutdown(
             self.socket.as_raw_fd(),

@@ -14,6 +14,7 @@ use serde::Serialize;
 pub enum Phase {
     Preflight,
     Connect,
+    Precopy,
     RootfsSync,
     Freeze,
     RootfsDelta,
@@ -30,6 +31,7 @@ impl Phase {
         match self {
             Phase::Preflight => "preflight",
             Phase::Connect => "connect",
+            Phase::Precopy => "pre-copy (running)",
             Phase::RootfsSync => "rootfs sync (running)",
             Phase::Freeze => "freeze",
             Phase::RootfsDelta => "rootfs delta (frozen)",
@@ -60,8 +62,16 @@ pub struct ResultEvent {
     pub bytes_sent: u64,
     /// Payload bytes before compression.
     pub bytes_raw: u64,
-    /// Sum of CRIU's image files.
+    /// Sum of CRIU's image files, all rounds.
     pub image_bytes: u64,
+    /// Pre-dump rounds, in order (empty for stop-copy).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<crate::precopy::RoundReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<crate::precopy::StopReason>,
+    /// Page bytes of the final (frozen) dump.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// `running`, `migrated`, `untouched`, `not-resumed`, `uncertain`.
@@ -100,6 +110,14 @@ pub enum Event {
     },
     Warning {
         message: String,
+    },
+    /// A pre-dump round finished.
+    Round(crate::precopy::RoundReport),
+    /// Pre-copy ends; the final dump follows.
+    PrecopyStop {
+        rounds: u32,
+        reason: crate::precopy::StopReason,
+        detail: &'static str,
     },
     Result(ResultEvent),
 }
@@ -241,6 +259,16 @@ fn human_line(event: &Event) -> Option<String> {
             format!("{}: {:.1} MB at {mb_per_s} MB/s", phase.label(), *bytes as f64 / 1e6)
         }
         Event::Warning { message } => format!("warning: {message}"),
+        Event::Round(r) => format!(
+            "round {}: {} pages ({:.1} MB) in {} ms, {} MB/s{}",
+            r.round,
+            r.pages,
+            r.bytes as f64 / 1e6,
+            r.duration_ms,
+            r.mb_per_s,
+            r.estimated_downtime_ms.map(|e| format!(", estimated frozen time {e} ms")).unwrap_or_default()
+        ),
+        Event::PrecopyStop { rounds, detail, .. } => format!("pre-copy stops after {rounds} rounds: {detail}"),
         Event::Result(r) => {
             if r.ok {
                 format!(

@@ -15,6 +15,8 @@
 //! | `receiver-during-images` | receiver, after the first image chunk |
 //! | `receiver-before-restore` | receiver, with all images received |
 //! | `receiver-before-commit-ack` | receiver, restored, before acknowledging Commit |
+//! | `sender-after-round` | sender, after a pre-copy round was acknowledged |
+//! | `receiver-after-round` | receiver, after verifying a pre-copy round, before RoundDone |
 
 use std::time::Duration;
 

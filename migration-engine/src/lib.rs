@@ -12,6 +12,7 @@ pub mod failpoints;
 pub mod guard;
 pub mod images;
 pub mod interrupt;
+pub mod precopy;
 pub mod receiver;
 pub mod rootfs;
 pub mod sender;

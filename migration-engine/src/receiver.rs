@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 use container_runtime::{validate_container_id, BundlePolicy, Runc};
 use migration_protocol::{
     negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImageData, ImagesDone,
-    Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored,
+    Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored, RoundBegin, RoundDone, RoundKind,
 };
 
 use crate::error::Outcome;
 use crate::events::{Event, Phase, ResultEvent};
 use crate::images::ImageSink;
+use crate::sender::round_dir;
 use crate::{failpoints, rootfs, MigrationError, Reporter};
 
 #[derive(Debug, Clone)]
@@ -184,11 +185,13 @@ impl<'a> Session<'a> {
             mode: manifest.mode.clone(),
             mode_reason: None,
         });
-        let spec = self.check_manifest(&manifest)?;
+        let (spec, criu_config) = self.check_manifest(&manifest)?;
         let staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
         let config_path = staging.bundle.join("config.json");
         spec.save(&config_path)
             .map_err(|e| nothing(MigrationError::Other(format!("writing {}: {e}", config_path.display()))))?;
+        std::fs::write(staging.bundle.join(container_runtime::bundle::CRIU_RESTORE_CONFIG), criu_config)
+            .map_err(|e| nothing(MigrationError::io("writing the CRIU restore configuration")(e)))?;
         let bundle = staging.bundle.display().to_string();
         self.staging = Some(staging);
         self.writer
@@ -199,7 +202,7 @@ impl<'a> Session<'a> {
 
         // Rootfs passes and images, in whatever order the sender sends them.
         self.rep.phase(Phase::Transfer);
-        let done = self.receive_state().map_err(resumed)?;
+        let done = self.receive_state(manifest.max_rounds).map_err(resumed)?;
         result.image_bytes = done.files.iter().map(|f| f.size).sum();
         failpoints::hit("receiver-before-restore").map_err(resumed)?;
 
@@ -208,7 +211,7 @@ impl<'a> Session<'a> {
         let st = self.staging.as_mut().expect("staging exists");
         st.restore_attempted = true;
         self.runc
-            .restore(&manifest.dest_id, &st.bundle, &st.images, &st.work)
+            .restore(&manifest.dest_id, &st.bundle, &st.images.join(round_dir(RoundKind::Final, 0)), &st.work)
             .map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
         let state = self
             .runc
@@ -238,7 +241,7 @@ impl<'a> Session<'a> {
     }
 
     /// Everything is checked before the sender freezes anything.
-    fn check_manifest(&self, m: &Manifest) -> Result<container_runtime::Spec, (MigrationError, Outcome)> {
+    fn check_manifest(&self, m: &Manifest) -> Result<(container_runtime::Spec, String), (MigrationError, Outcome)> {
         validate_container_id(&m.dest_id).map_err(|e| refused(e.to_string()))?;
         if m.arch != std::env::consts::ARCH {
             return Err(refused(format!(
@@ -266,7 +269,8 @@ impl<'a> Session<'a> {
             )));
         }
         let policy = BundlePolicy { cgroup_parent: self.opts.cgroup_parent.clone() };
-        let spec = policy.destination_config(&m.oci_config, &m.dest_id).map_err(|e| refused(e.to_string()))?;
+        let (spec, criu_config) =
+            policy.destination_config(&m.oci_config, &m.dest_id, &bundle).map_err(|e| refused(e.to_string()))?;
         if let Some(cg) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
             if let Some(existing) = existing_cgroup(&cg) {
                 return Err(refused(format!(
@@ -275,14 +279,17 @@ impl<'a> Session<'a> {
                 )));
             }
         }
-        Ok(spec)
+        Ok((spec, criu_config))
     }
 
-    /// Reads rootfs passes and image chunks until ImagesDone, verified.
-    fn receive_state(&mut self) -> Result<ImagesDone, MigrationError> {
+    /// Reads rootfs passes and rounds of images until the final round's
+    /// ImagesDone, verified. Pre-dump rounds are acknowledged one by one.
+    /// Returns the final round's file list.
+    fn receive_state(&mut self, max_rounds: u32) -> Result<ImagesDone, MigrationError> {
         let st = self.staging.as_ref().expect("staging exists");
         let (rootfs_dir, images_dir) = (st.bundle.join("rootfs"), st.images.clone());
-        let mut sink = ImageSink::new(&images_dir, self.opts.max_image_files, self.opts.max_image_file);
+        let mut round: Option<(RoundBegin, ImageSink)> = None;
+        let mut last_round = 0u32;
         let mut first_image = true;
         let since = Instant::now();
         loop {
@@ -292,7 +299,33 @@ impl<'a> Session<'a> {
                     let (_end, bytes) = rootfs::receive_pass(&mut self.reader, frame, &rootfs_dir)?;
                     self.sink_bytes += bytes;
                 }
+                MessageKind::RoundBegin => {
+                    let begin: RoundBegin = frame.json()?;
+                    if round.is_some() || begin.round != last_round + 1 {
+                        return Err(MigrationError::Other(format!("round {} out of order", begin.round)));
+                    }
+                    if begin.kind == RoundKind::PreDump && begin.round > max_rounds.min(crate::sender::MAX_ITERATIONS) {
+                        return Err(MigrationError::Other(format!("round {} exceeds the announced {max_rounds}", begin.round)));
+                    }
+                    let dir = images_dir.join(round_dir(begin.kind, begin.round));
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&dir)
+                        .map_err(MigrationError::io(format!("creating {}", dir.display())))?;
+                    // The parent link is ours to make: CRIU follows it to
+                    // the previous round's pages.
+                    if begin.round > 1 {
+                        let parent = format!("../{}", round_dir(RoundKind::PreDump, begin.round - 1));
+                        std::os::unix::fs::symlink(parent, dir.join("parent"))
+                            .map_err(MigrationError::io("linking the parent images"))?;
+                    }
+                    let sink = ImageSink::new(&dir, self.opts.max_image_files, self.opts.max_image_file);
+                    round = Some((begin, sink));
+                }
                 MessageKind::ImageData => {
+                    let Some((_, sink)) = round.as_mut() else {
+                        return Err(MigrationError::Other("image data outside a round".into()));
+                    };
                     let chunk = ImageData::decode(&frame.payload)?;
                     sink.write(&chunk)?;
                     self.sink_bytes += chunk.data.len() as u64;
@@ -302,9 +335,19 @@ impl<'a> Session<'a> {
                     }
                 }
                 MessageKind::ImagesDone => {
+                    let Some((begin, mut sink)) = round.take() else {
+                        return Err(MigrationError::Other("ImagesDone outside a round".into()));
+                    };
                     let done: ImagesDone = frame.json()?;
                     sink.verify(&done)?;
-                    return Ok(done);
+                    last_round = begin.round;
+                    if begin.kind == RoundKind::Final {
+                        return Ok(done);
+                    }
+                    let bytes = done.files.iter().map(|f| f.size).sum();
+                    failpoints::hit("receiver-after-round")?;
+                    self.writer.write_json(MessageKind::RoundDone, &RoundDone { round: begin.round, bytes })?;
+                    self.writer.flush()?;
                 }
                 other => {
                     return Err(ProtocolError::UnexpectedMessage { expected: "rootfs or image data", got: other }.into())

@@ -20,13 +20,14 @@ use container_runtime::{validate_container_id, DumpPlan, FreezerState, Runc, Run
 use criu_bindings::{CriuSession, DumpOptions, NotifyAction};
 use migration_protocol::{
     CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
-    MessageKind, Restored, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    MessageKind, Restored, RoundBegin, RoundDone, RoundKind, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
 use crate::error::{Failure, Outcome};
 use crate::events::{Event, Phase, ResultEvent};
 use crate::transport::{connect, Destination};
 use crate::guard::FreezeGuard;
+use crate::precopy::{Convergence, ModeRequest, RoundReport};
 use crate::{failpoints, images, interrupt, rootfs, MigrationError, Reporter};
 
 #[derive(Debug, Clone)]
@@ -46,6 +47,27 @@ pub struct SendOptions {
     pub freeze_timeout: Duration,
     /// The ctmigrate binary that runs the freeze guard (see [`guard`]).
     pub guard_exe: PathBuf,
+    pub mode: ModeRequest,
+    /// Most pre-dump rounds (`--max-iterations`).
+    pub max_iterations: u32,
+    /// Frozen time pre-copy aims for (`--downtime-target`).
+    pub downtime_target: Duration,
+}
+
+/// How a migration runs, once the mode request met the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    StopCopy,
+    Precopy,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::StopCopy => "stop-copy",
+            Mode::Precopy => "precopy",
+        }
+    }
 }
 
 pub type SendReport = ResultEvent;
@@ -97,6 +119,8 @@ struct Prepared {
     plan: DumpPlan,
     dest_id: String,
     peer: Peer,
+    mode: Mode,
+    mode_reason: Option<String>,
 }
 
 /// Migrates one container. On failure, the [`Failure`] says what became of
@@ -114,7 +138,11 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
     };
     let outcome = match preflight(opts, &dest_id, rep) {
         Err(error) => Err(Failure { error, outcome: Outcome::NothingTouched }),
-        Ok(prepared) => Migration::new(opts, prepared, rep).run(&mut result),
+        Ok(prepared) => {
+            result.mode = prepared.mode.name().into();
+            result.mode_reason = prepared.mode_reason.clone();
+            Migration::new(opts, prepared, rep).run(&mut result)
+        }
     };
     result.total_ms = started.elapsed().as_millis() as u64;
     match &outcome {
@@ -170,14 +198,18 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     )
     .map_err(|e| MigrationError::Preflight(format!("{}: {e}", config_path.display())))?;
     let criu_version = criu_bindings::version(&opts.criu_binary)?;
+    let (mode, mode_reason) = resolve_mode(opts)?;
+    if let Some(reason) = &mode_reason {
+        rep.warn(reason.clone());
+    }
 
     rep.emit(Event::Start {
         role: "sender",
         container: opts.container.clone(),
         dest_id: dest_id.to_string(),
         peer: opts.to.to_string(),
-        mode: "stop-copy".into(),
-        mode_reason: None,
+        mode: mode.name().into(),
+        mode_reason: mode_reason.clone(),
     });
     rep.phase(Phase::Connect);
     let stream = connect(&opts.to, opts.io_timeout)?;
@@ -209,7 +241,8 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         kernel: uts.release().to_string_lossy().into_owned(),
         arch: std::env::consts::ARCH.to_string(),
         cgroup_version: plan.freezer.version.as_u8(),
-        mode: "stop-copy".into(),
+        mode: mode.name().into(),
+        max_rounds: if mode == Mode::Precopy { opts.max_iterations } else { 0 },
         tcp_established: false,
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
@@ -222,7 +255,38 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e),
     }
-    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer })
+    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason })
+}
+
+/// Largest `--max-iterations` accepted (the receiver refuses more rounds).
+pub const MAX_ITERATIONS: u32 = 32;
+
+/// `auto` becomes pre-copy where the kernel tracks dirty memory and
+/// stop-copy (with the reason) where it does not; `precopy` on such a
+/// kernel is refused before anything is touched.
+fn resolve_mode(opts: &SendOptions) -> Result<(Mode, Option<String>), MigrationError> {
+    if opts.mode == ModeRequest::StopCopy {
+        return Ok((Mode::StopCopy, None));
+    }
+    if !(1..=MAX_ITERATIONS).contains(&opts.max_iterations) {
+        return Err(MigrationError::Usage(format!(
+            "--max-iterations must be from 1 to {MAX_ITERATIONS} (got {})",
+            opts.max_iterations
+        )));
+    }
+    let soft_dirty = criu_bindings::feature_check(&opts.criu_binary)?.mem_track;
+    match (opts.mode, soft_dirty) {
+        (_, true) => Ok((Mode::Precopy, None)),
+        (ModeRequest::Precopy, false) => Err(MigrationError::Preflight(
+            "pre-copy needs soft-dirty memory tracking, which this kernel lacks: boot a kernel built with \
+             CONFIG_MEM_SOFT_DIRTY=y, or use --mode stop-copy"
+                .into(),
+        )),
+        (_, false) => Ok((
+            Mode::StopCopy,
+            Some("stop-copy: this kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY), so pre-copy is impossible".into()),
+        )),
+    }
 }
 
 /// A migration past preflight.
@@ -282,6 +346,15 @@ impl<'a> Migration<'a> {
         .map_err(not_touched)?;
 
         self.prepare_work_dir().map_err(not_touched)?;
+
+        // Pre-copy rounds, container running: a failure here leaves the
+        // source as it was (it was never frozen by us).
+        let snapshot = if self.p.mode == Mode::Precopy {
+            let still_running = |error| Failure { error, outcome: Outcome::SourceResumed };
+            self.precopy(snapshot, result).map_err(|e| self.explain_send_error(e)).map_err(still_running)?
+        } else {
+            snapshot
+        };
 
         // Freeze: from here on, every failure thaws, and the guard thaws
         // if this process dies.
@@ -347,9 +420,82 @@ impl<'a> Migration<'a> {
             .mode(0o700)
             .create(&images)
             .map_err(MigrationError::io(format!("creating {}", images.display())))?;
-        std::fs::write(images.join("descriptors.json"), &self.p.plan.descriptors_json)
-            .map_err(MigrationError::io("writing descriptors.json"))?;
         Ok(())
+    }
+
+    /// Pre-dump rounds until the convergence rule says stop. Returns the
+    /// rootfs snapshot after the last round's delta.
+    fn precopy(&mut self, mut snapshot: rootfs::Snapshot, result: &mut ResultEvent) -> Result<rootfs::Snapshot, MigrationError> {
+        self.rep.phase(Phase::Precopy);
+        let rule = Convergence {
+            downtime_target_ms: self.opts.downtime_target.as_millis() as u64,
+            max_iterations: self.opts.max_iterations,
+        };
+        let mut rounds: Vec<RoundReport> = Vec::new();
+        for round in 1..=self.opts.max_iterations {
+            let started = Instant::now();
+            let bytes = self.criu_round(RoundKind::PreDump, round)?;
+            // Keep the destination's rootfs close, so the frozen delta is small.
+            rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(&snapshot), &mut |_| {})
+                .map(|s| snapshot = s)?;
+            self.p.peer.flush()?;
+            let done: RoundDone = self.p.peer.read_with_timeout(self.opts.io_timeout)?.expect(MessageKind::RoundDone, "RoundDone")?.json()?;
+            if done.round != round || done.bytes < bytes {
+                return Err(MigrationError::Other(format!(
+                    "the receiver acknowledged round {} with {} bytes; round {round} sent {bytes}",
+                    done.round, done.bytes
+                )));
+            }
+            let report = RoundReport::new(round, "pre-dump", bytes, started.elapsed(), rounds.last());
+            self.rep.emit(Event::Round(report.clone()));
+            rounds.push(report);
+            failpoints::hit("sender-after-round")?;
+            if let Some(reason) = rule.stop_after(&rounds) {
+                self.rep.emit(Event::PrecopyStop { rounds: round, reason, detail: reason.describe() });
+                result.stop_reason = Some(reason);
+                break;
+            }
+        }
+        result.rounds = rounds;
+        Ok(snapshot)
+    }
+
+    /// One CRIU run (a pre-dump round, or the final dump) into its own
+    /// images directory, streamed as CRIU writes. Returns the bytes of
+    /// memory pages it wrote.
+    fn criu_round(&mut self, kind: RoundKind, round: u32) -> Result<u64, MigrationError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let images = self.work_dir.join("images");
+        let dir = images.join(round_dir(kind, round));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
+        let parent = (round > 1).then(|| format!("../{}", round_dir(RoundKind::PreDump, round - 1)));
+        self.p.peer.writer.write_json(MessageKind::RoundBegin, &RoundBegin { round, kind })?;
+        let plan = &self.p.plan;
+        let mut dump = DumpOptions {
+            images_dir: dir.clone(),
+            work_dir: Some(self.work_dir.clone()),
+            log_file: format!("{}.log", round_dir(kind, round)),
+            pid: plan.pid,
+            root: Some(plan.root.clone()),
+            leave_running: true,
+            manage_cgroups: true,
+            freeze_cgroup: Some(plan.freezer.path.clone()),
+            external: plan.external_namespaces.clone(),
+            file_locks: true,
+            track_mem: self.p.mode == Mode::Precopy,
+            parent_images: parent,
+            ..Default::default()
+        };
+        match kind {
+            RoundKind::PreDump => dump.pre_dump = true,
+            RoundKind::Final => {
+                // Mounts and stdio matter only to the dump that is restored.
+                dump.ext_mounts = plan.ext_mounts.clone();
+                std::fs::write(dir.join("descriptors.json"), &plan.descriptors_json)
+                    .map_err(MigrationError::io("writing descriptors.json"))?;
+            }
+        }
+        self.dump_and_stream(dump)
     }
 
     /// Rootfs delta, dump and transfer, restore on the destination.
@@ -360,8 +506,10 @@ impl<'a> Migration<'a> {
             .map_err(|e| self.explain_send_error(e))?;
 
         self.rep.phase(Phase::Dump);
-        let image_bytes = self.dump_and_stream().map_err(|e| self.explain_send_error(e))?;
-        result.image_bytes = image_bytes;
+        let final_round = result.rounds.len() as u32 + 1;
+        let pages = self.criu_round(RoundKind::Final, final_round).map_err(|e| self.explain_send_error(e))?;
+        result.final_bytes = Some(pages);
+        result.image_bytes = dir_size(&self.work_dir.join("images"));
         self.p.peer.flush().map_err(|e| self.explain_send_error(e))?;
 
         self.rep.phase(Phase::Restore);
@@ -370,24 +518,13 @@ impl<'a> Migration<'a> {
         Ok(restored)
     }
 
-    /// Runs CRIU in a thread while this one streams its page images.
-    fn dump_and_stream(&mut self) -> Result<u64, MigrationError> {
-        let images = self.work_dir.join("images");
-        let plan = &self.p.plan;
-        let dump = DumpOptions {
-            images_dir: images.clone(),
-            work_dir: Some(self.work_dir.clone()),
-            log_file: "dump.log".into(),
-            pid: plan.pid,
-            root: Some(plan.root.clone()),
-            leave_running: true,
-            manage_cgroups: true,
-            freeze_cgroup: Some(plan.freezer.path.clone()),
-            external: plan.external_namespaces.clone(),
-            ext_mounts: plan.ext_mounts.clone(),
-            file_locks: true,
-            ..Default::default()
-        };
+    /// Runs CRIU in a thread while this one streams its page images; then
+    /// sends the rest and ImagesDone. Returns the bytes of page images.
+    fn dump_and_stream(&mut self, dump: DumpOptions) -> Result<u64, MigrationError> {
+        let images = dump.images_dir.clone();
+        let log = self.work_dir.join(&dump.log_file);
+        let pre_dump = dump.pre_dump;
+        let what = if pre_dump { "pre-dump" } else { "dump" };
         let started = Instant::now();
         let mut session = CriuSession::start(&self.opts.criu_binary)?;
         if let (Some(g), Some(pid)) = (self.guard.as_mut(), session.pid()) {
@@ -395,7 +532,11 @@ impl<'a> Migration<'a> {
         }
         let worker = std::thread::spawn(move || -> Result<(), criu_bindings::CriuError> {
             session.dump(&dump, &mut |_| NotifyAction::Continue)?;
-            session.finish()
+            if dump.pre_dump {
+                session.finish_after_pre_dump()
+            } else {
+                session.finish()
+            }
         });
         let mut streamer = images::ImageStreamer::new(&images);
         let mut streamed = 0u64;
@@ -419,17 +560,18 @@ impl<'a> Migration<'a> {
         let dumped = worker.join().map_err(|_| MigrationError::Other("the CRIU thread panicked".into()))?;
         let dump_ms = started.elapsed().as_millis() as u64;
         if let Err(e) = dumped {
-            let log = self.work_dir.join("dump.log");
             let detail = container_runtime::runc::criu_log_errors(&log).map(|d| format!(": {d}")).unwrap_or_default();
-            return Err(MigrationError::Other(format!("CRIU dump failed ({e}){detail}")));
+            return Err(MigrationError::Other(format!("CRIU {what} failed ({e}){detail}")));
         }
         if let Some(e) = stream_error {
             return Err(e);
         }
-        self.rep.phase(Phase::Transfer);
-        failpoints::hit("sender-after-dump")?;
-        let (_, image_bytes) = streamer.finish(&mut self.p.peer.writer, &mut self.compressor, dump_ms)?;
-        Ok(image_bytes)
+        if !pre_dump {
+            self.rep.phase(Phase::Transfer);
+            failpoints::hit("sender-after-dump")?;
+        }
+        streamer.finish(&mut self.p.peer.writer, &mut self.compressor, dump_ms)?;
+        Ok(pages_bytes(&images))
     }
 
     /// A write error usually means the receiver hung up; use its reason.
@@ -510,4 +652,36 @@ impl<'a> Migration<'a> {
         }
         let _ = self.p.peer.stream.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// Directory of a round's images, on both sides.
+pub fn round_dir(kind: RoundKind, round: u32) -> String {
+    match kind {
+        RoundKind::PreDump => format!("round-{round}"),
+        RoundKind::Final => "final".to_string(),
+    }
+}
+
+/// Bytes of memory pages in an images directory (`pages-*.img`).
+fn pages_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| images::is_append_only(&e.file_name().to_string_lossy()))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes of all regular files below `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }

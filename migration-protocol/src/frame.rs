@@ -45,6 +45,8 @@ pub enum MessageKind {
     CommitAck = 11,
     Abort = 12,
     Error = 13,
+    RoundBegin = 14,
+    RoundDone = 15,
 }
 
 impl MessageKind {
@@ -64,6 +66,8 @@ impl MessageKind {
             11 => CommitAck,
             12 => Abort,
             13 => Error,
+            14 => RoundBegin,
+            15 => RoundDone,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }

@@ -35,7 +35,11 @@ pub struct Manifest {
     pub kernel: String,
     pub arch: String,
     pub cgroup_version: u8,
+    /// `stop-copy` or `precopy`.
     pub mode: String,
+    /// Most pre-dump rounds the sender may send.
+    #[serde(default)]
+    pub max_rounds: u32,
     pub tcp_established: bool,
     pub source_host: String,
 }
@@ -64,6 +68,33 @@ pub struct RootfsEnd {
     pub entries: u64,
     /// Paths (relative to the rootfs) removed since the previous pass.
     pub deleted: Vec<String>,
+}
+
+/// What a round of images is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundKind {
+    /// A pre-dump while the container runs: memory only, and after the
+    /// first round only what was dirtied since the round before.
+    PreDump,
+    /// The final dump of the frozen container, restored from.
+    Final,
+}
+
+/// Starts a round of images. The ImageData that follow, up to the round's
+/// ImagesDone, belong to it. Pre-dump rounds are numbered from 1; each
+/// round's images refer to the previous round's (CRIU's parent images).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundBegin {
+    pub round: u32,
+    pub kind: RoundKind,
+}
+
+/// The receiver has a pre-dump round, verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundDone {
+    pub round: u32,
+    pub bytes: u64,
 }
 
 /// A piece of one CRIU image file, written at `offset`.

@@ -24,6 +24,7 @@ fn control_messages_round_trip() {
         arch: "x86_64".into(),
         cgroup_version: 1,
         mode: "stop-copy".into(),
+        max_rounds: 0,
         tcp_established: false,
         source_host: "a".into(),
     };

@@ -7,7 +7,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 pub use migration_engine::testbed::{read_counter, read_pattern_status, wait_for, Testbed, Workload};
@@ -75,12 +75,15 @@ pub fn assert_clean(bed: &Testbed, dest_id: &str) {
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
+/// The source's freezer state: "THAWED", "FREEZING" or "FROZEN" (cgroup v1
+/// names, also for v2).
 pub fn frozen_state(bed: &Testbed, id: &str) -> String {
     let st = bed.src_runc.internal_state(id).expect("source state");
-    let path: PathBuf = st.cgroup_paths.get("freezer").cloned().unwrap_or_else(|| st.cgroup_paths[""].clone());
-    std::fs::read_to_string(path.join("freezer.state"))
-        .or_else(|_| std::fs::read_to_string(path.join("cgroup.freeze")))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    let freezer = container_runtime::Freezer::for_container(&st).expect("a freezer");
+    match freezer.state().expect("freezer state") {
+        container_runtime::FreezerState::Thawed => "THAWED",
+        container_runtime::FreezerState::Freezing => "FREEZING",
+        container_runtime::FreezerState::Frozen => "FROZEN",
+    }
+    .to_string()
 }
