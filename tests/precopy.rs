@@ -207,3 +207,63 @@ fn guest_destination_killed_between_rounds_leaves_the_source_running() {
     let _ = next.child.wait();
     assert_clean(&bed, &id);
 }
+
+/// Benchmark (not run by the test suite): frozen time of pre-copy against
+/// stop-copy for the 256 MiB pattern fixture dirtying 1 MiB/s, interleaved,
+/// in the soft-dirty guest. Prints one `BENCH {json}` line. Run with
+/// `cargo test --release --test precopy -- --ignored bench_precopy_vs_stop_copy_in_guest --nocapture`.
+#[test]
+#[ignore = "benchmark: run by hand, see docs/performance.md"]
+fn bench_precopy_vs_stop_copy_in_guest() {
+    assert!(vm::missing().is_none(), "{:?}", vm::missing());
+    let exe = std::env::current_exe().unwrap();
+    let command = format!("{} --include-ignored --exact --nocapture guest_bench_frozen_time", exe.display());
+    let run = vm::run_in_guest(&command, 3072, Duration::from_secs(1800));
+    let line = run.output.lines().find(|l| l.starts_with("BENCH ")).unwrap_or_else(|| panic!("no figures:\n{}", run.output));
+    println!("{line}");
+}
+
+#[test]
+#[ignore = "benchmark half that runs inside the guest"]
+fn guest_bench_frozen_time() {
+    let bed = require_guest();
+    const RUNS: usize = 3;
+    let mut frozen: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    let mut finals: Vec<u64> = Vec::new();
+    for run in 0..RUNS {
+        for mode in ["stop-copy", "precopy"] {
+            let id = format!("bench-{mode}-{run}-{}", bed.tag);
+            let src = bed.start_fixture(&id, &Workload::Pattern { mib: 256, dirty_kib_per_s: 1024 }).unwrap();
+            wait_for(Duration::from_secs(180), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1)).unwrap();
+            let port = port();
+            let mut receiver = bed.spawn_receiver(port, &["--once", "--timeout", "300"], &[]).unwrap();
+            let sent = bed
+                .run_sender(&id, port, &["--mode", mode, "--timeout", "300", "--dest-id", &format!("{id}-d")], &[])
+                .unwrap();
+            assert_eq!(sent.code, Some(0), "{}", sent.stderr);
+            assert_eq!(receiver.wait(Duration::from_secs(120)), Some(0));
+            let r = sent.result().unwrap();
+            frozen.entry(mode).or_default().push(r["frozen_ms"].as_u64().unwrap());
+            if mode == "precopy" {
+                finals.push(r["final_bytes"].as_u64().unwrap());
+            }
+            drop(src);
+            migration_engine::testbed::force_remove(&bed.dst_runc, &format!("{id}-d"));
+        }
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let stop = median(frozen.get_mut("stop-copy").unwrap());
+    let pre = median(frozen.get_mut("precopy").unwrap());
+    let figures = serde_json::json!({
+        "fixture": "pattern 256 MiB, 1 MiB/s dirtied",
+        "runs": RUNS,
+        "frozen_ms": frozen,
+        "median_frozen_ms": {"stop-copy": stop, "precopy": pre},
+        "precopy_final_dump_bytes": finals,
+        "ratio_precopy_to_stop_copy": (pre as f64 / stop as f64 * 1000.0).round() / 1000.0,
+    });
+    println!("BENCH {figures}");
+}

@@ -17,6 +17,7 @@ pub mod receiver;
 pub mod rootfs;
 pub mod sender;
 pub mod testbed;
+pub mod tls;
 pub mod transport;
 pub mod validate;
 

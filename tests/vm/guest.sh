@@ -6,8 +6,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
+# A fresh /run (netns, runc state); /tmp stays the host's as seen through
+# the overlay: the test binary may live there (CI clones into /tmp).
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # Soft-dirty tracks transparent huge pages whole: a few small writes would
 # make every round as big as the first. (`ctmigrate check` warns of this.)

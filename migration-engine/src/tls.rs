@@ -1,0 +1,275 @@
+//! Mutually authenticated TLS 1.3 for migration connections, and the
+//! certificates for it.
+//!
+//! A host's TLS directory (`--tls-dir`) holds three PEM files:
+//!
+//! | file | what |
+//! |---|---|
+//! | `ca.pem` | the CA that signs every ctmigrate host of a cluster |
+//! | `cert.pem` | this host's certificate, signed by that CA |
+//! | `key.pem` | this host's private key (mode 0600) |
+//!
+//! The sender checks that the receiver's certificate names the host it
+//! dialled (DNS name or IP address); the receiver accepts only clients whose
+//! certificate the CA signed. `ctmigrate certs init` makes such a layout.
+
+use std::io::{Read, Write};
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::MigrationError;
+
+pub const CA_FILE: &str = "ca.pem";
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+pub const DEFAULT_TLS_DIR: &str = "/etc/ctmigrate/tls";
+
+fn tls_err(dir: &Path, what: impl std::fmt::Display) -> MigrationError {
+    MigrationError::Preflight(format!(
+        "TLS set-up from {}: {what}; create certificates with `ctmigrate certs init`, or use --insecure on both sides",
+        dir.display()
+    ))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(dir: &Path, file: &str) -> Result<Vec<CertificateDer<'static>>, MigrationError> {
+    let path = dir.join(file);
+    let pem = std::fs::read(&path).map_err(|e| tls_err(dir, format!("{}: {e}", path.display())))?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
+    let certs = certs.map_err(|e| tls_err(dir, format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(tls_err(dir, format!("{} holds no certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+fn read_key(dir: &Path) -> Result<PrivateKeyDer<'static>, MigrationError> {
+    let path = dir.join(KEY_FILE);
+    let pem = std::fs::read(&path).map_err(|e| tls_err(dir, format!("{}: {e}", path.display())))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| tls_err(dir, format!("{}: {e}", path.display())))?
+        .ok_or_else(|| tls_err(dir, format!("{} holds no private key", path.display())))
+}
+
+fn roots(dir: &Path) -> Result<RootCertStore, MigrationError> {
+    let mut store = RootCertStore::empty();
+    for c in read_certs(dir, CA_FILE)? {
+        store.add(c).map_err(|e| tls_err(dir, format!("bad CA certificate: {e}")))?;
+    }
+    Ok(store)
+}
+
+/// The sender's side.
+pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, MigrationError> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err(dir, e))?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(read_certs(dir, CERT_FILE)?, read_key(dir)?)
+        .map_err(|e| tls_err(dir, e))?;
+    Ok(Arc::new(cfg))
+}
+
+/// The receiver's side: clients must present a certificate from the CA.
+pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, MigrationError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), provider())
+        .build()
+        .map_err(|e| tls_err(dir, e))?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err(dir, e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(dir, CERT_FILE)?, read_key(dir)?)
+        .map_err(|e| tls_err(dir, e))?;
+    Ok(Arc::new(cfg))
+}
+
+/// How connections are secured.
+#[derive(Clone)]
+pub enum Security {
+    Tls(PathBuf),
+    /// `--insecure`: plain TCP.
+    Insecure,
+}
+
+enum Inner {
+    Plain(TcpStream),
+    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+/// One connection, plain or TLS, shared by a frame reader and a frame
+/// writer on the same thread.
+pub struct Conn {
+    inner: std::rc::Rc<std::cell::RefCell<Inner>>,
+    /// The socket, for timeouts and shutdown.
+    pub socket: TcpStream,
+}
+
+impl Conn {
+    pub fn plain(socket: TcpStream) -> Result<Self, MigrationError> {
+        let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Plain(socket))), socket: clone })
+    }
+
+    /// TLS client to `host` (checked against the receiver's certificate).
+    /// The handshake completes here, so that a bad peer fails early.
+    pub fn client(socket: TcpStream, cfg: Arc<ClientConfig>, host: &str) -> Result<Self, MigrationError> {
+        let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| MigrationError::Usage(format!("`{host}` is not a valid TLS server name: {e}")))?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| MigrationError::Other(e.to_string()))?;
+        let mut stream = rustls::StreamOwned::new(conn, socket);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).map_err(handshake_err)?;
+        }
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Client(Box::new(stream)))), socket: clone })
+    }
+
+    /// TLS server; the handshake (and the client's certificate check)
+    /// completes before anything else is read.
+    pub fn server(socket: TcpStream, cfg: Arc<ServerConfig>) -> Result<Self, MigrationError> {
+        let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
+        let conn = rustls::ServerConnection::new(cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
+        let mut stream = rustls::StreamOwned::new(conn, socket);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).map_err(handshake_err)?;
+        }
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Server(Box::new(stream)))), socket: clone })
+    }
+
+    /// Another handle on the same connection.
+    pub fn handle(&self) -> Result<Conn, MigrationError> {
+        Ok(Conn { inner: self.inner.clone(), socket: self.socket.try_clone().map_err(MigrationError::io("socket"))? })
+    }
+
+    /// Who the peer is: the subject of its certificate, or its address.
+    pub fn peer_identity(&self) -> String {
+        let addr = self.socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let certs = match &*self.inner.borrow() {
+            Inner::Plain(_) => return format!("insecure:{addr}"),
+            Inner::Client(s) => s.conn.peer_certificates().map(|c| c.to_vec()),
+            Inner::Server(s) => s.conn.peer_certificates().map(|c| c.to_vec()),
+        };
+        let name = certs.and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
+        match name {
+            Some(n) => format!("tls:{n}@{addr}"),
+            None => format!("tls:?@{addr}"),
+        }
+    }
+}
+
+fn handshake_err(e: std::io::Error) -> MigrationError {
+    MigrationError::Refused(format!("TLS handshake failed: {e}"))
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut *self.inner.borrow_mut() {
+            Inner::Plain(s) => s.read(buf),
+            Inner::Client(s) => s.read(buf),
+            Inner::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut *self.inner.borrow_mut() {
+            Inner::Plain(s) => s.write(buf),
+            Inner::Client(s) => s.write(buf),
+            Inner::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut *self.inner.borrow_mut() {
+            Inner::Plain(s) => s.flush(),
+            Inner::Client(s) => s.flush(),
+            Inner::Server(s) => s.flush(),
+        }
+    }
+}
+
+/// DNS names and IP addresses a certificate is for (its SANs, else CN).
+pub fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else { return Vec::new() };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => names.push(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_string()),
+                    16 => names.push(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap()).to_string()),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    if names.is_empty() {
+        names.extend(cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(str::to_string)));
+    }
+    names
+}
+
+/// `ctmigrate certs init`: a CA and, for each host, a directory usable as
+/// its `--tls-dir`. `hosts` are names or IP addresses; each host's
+/// certificate carries its own name and serves as server and client.
+pub fn init_certs(out: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, MigrationError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let gen = |e: rcgen::Error| MigrationError::Other(format!("generating certificates: {e}"));
+    if hosts.is_empty() {
+        return Err(MigrationError::Usage("name at least one host with --host".into()));
+    }
+    let write = |path: &Path, data: &str, mode: u32| -> Result<(), MigrationError> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| MigrationError::Usage(format!("{}: {e} (certs init never overwrites)", path.display())))?;
+        f.write_all(data.as_bytes()).map_err(MigrationError::io(format!("writing {}", path.display())))
+    };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(MigrationError::io(format!("creating {}", out.display())))?;
+    let ca_key = KeyPair::generate().map_err(gen)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+    ca_params.distinguished_name.push(DnType::CommonName, "ctmigrate CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca = ca_params.self_signed(&ca_key).map_err(gen)?;
+    write(&out.join(CA_FILE), &ca.pem(), 0o644)?;
+    write(&out.join("ca-key.pem"), &ca_key.serialize_pem(), 0o600)?;
+    let mut dirs = Vec::new();
+    for host in hosts {
+        let dir = out.join(host);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
+        let key = KeyPair::generate().map_err(gen)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+        params.distinguished_name.push(DnType::CommonName, host.as_str());
+        params.subject_alt_names = vec![match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(host.clone().try_into().map_err(gen)?),
+        }];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &ca, &ca_key).map_err(gen)?;
+        write(&dir.join(CA_FILE), &ca.pem(), 0o644)?;
+        write(&dir.join(CERT_FILE), &cert.pem(), 0o644)?;
+        write(&dir.join(KEY_FILE), &key.serialize_pem(), 0o600)?;
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
