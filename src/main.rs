@@ -52,6 +52,40 @@ enum Mode {
     StopCopy,
 }
 
+/// TLS options, shared by send and receive.
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// Directory with ca.pem, cert.pem and key.pem (see `certs init`).
+    #[arg(long, default_value = migration_engine::tls::DEFAULT_TLS_DIR)]
+    tls_dir: PathBuf,
+    /// Plain TCP: no authentication, no encryption. Both sides must agree.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    fn security(&self) -> migration_engine::tls::Security {
+        if self.insecure {
+            migration_engine::tls::Security::Insecure
+        } else {
+            migration_engine::tls::Security::Tls(self.tls_dir.clone())
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a CA and, for each host, a directory to use as its --tls-dir:
+    /// OUT/ca.pem, OUT/ca-key.pem (keep it safe), OUT/HOST/{ca,cert,key}.pem.
+    Init {
+        /// Output directory (created; nothing in it is overwritten).
+        out: PathBuf,
+        /// A host name or IP address senders will dial (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Migrate a running container to a receiver.
@@ -89,6 +123,11 @@ enum Command {
         /// Frozen time, in milliseconds, pre-copy aims for.
         #[arg(long, default_value_t = 300)]
         downtime_target: u64,
+        #[command(flatten)]
+        security: SecurityArgs,
+        /// Where to append one JSON line per migration.
+        #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
+        audit_log: PathBuf,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
@@ -116,9 +155,26 @@ enum Command {
         /// Seconds of silence from the sender before giving up.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Most bytes (before compression) one migration may send.
+        #[arg(long, default_value_t = 256 << 30)]
+        max_bytes: u64,
+        /// Host directory whose contents containers may bind-mount
+        /// (repeatable); other host bind mounts are refused.
+        #[arg(long = "allow-bind-source")]
+        allow_bind_source: Vec<PathBuf>,
+        #[command(flatten)]
+        security: SecurityArgs,
+        /// Where to append one JSON line per migration.
+        #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
+        audit_log: PathBuf,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// Certificates for authenticated, encrypted migrations.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Check that this host can send and receive migrations.
     Check {
@@ -171,6 +227,8 @@ fn main() -> ExitCode {
             mode,
             max_iterations,
             downtime_target,
+            security,
+            audit_log,
             json,
         } => {
             let to = match to.parse() {
@@ -197,6 +255,8 @@ fn main() -> ExitCode {
                 },
                 max_iterations,
                 downtime_target: Duration::from_millis(downtime_target),
+                security: security.security(),
+                audit_log,
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {
@@ -210,7 +270,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Receive { listen, once, bundle_root, runtime_root, cgroup_parent, work_dir, timeout, json } => {
+        Command::Receive {
+            listen,
+            once,
+            bundle_root,
+            runtime_root,
+            cgroup_parent,
+            work_dir,
+            timeout,
+            max_bytes,
+            allow_bind_source,
+            security,
+            audit_log,
+            json,
+        } => {
             let opts = ReceiveOptions {
                 listen,
                 once,
@@ -222,11 +295,27 @@ fn main() -> ExitCode {
                 io_timeout: Duration::from_secs(timeout),
                 max_image_file: 64 << 30,
                 max_image_files: 100_000,
+                max_bytes,
+                security: security.security(),
+                audit_log,
+                allowed_bind_sources: allow_bind_source,
             };
             let rep = Reporter::new(json);
             match receive(&opts, &rep) {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err((e, o)) => fail(e, outcome_code(o)),
+            }
+        }
+        Command::Certs { command: CertsCommand::Init { out, hosts } } => {
+            match migration_engine::tls::init_certs(&out, &hosts) {
+                Ok(dirs) => {
+                    for d in dirs {
+                        println!("{}", d.display());
+                    }
+                    ExitCode::from(exit::OK)
+                }
+                Err(MigrationError::Usage(m)) => fail(m, exit::USAGE),
+                Err(e) => fail(e, exit::INTERNAL),
             }
         }
         Command::Check { runtime_root, json } => {

@@ -30,6 +30,10 @@ pub const CRIU_RESTORE_CONFIG: &str = "criu-restore.conf";
 pub struct BundlePolicy {
     /// Parent of the container's cgroup on the destination, e.g. `/ctmigrate`.
     pub cgroup_parent: String,
+    /// Host directories whose contents containers may bind-mount. Others
+    /// are refused: a sender must not choose what of this host a
+    /// container sees.
+    pub allowed_bind_sources: Vec<std::path::PathBuf>,
 }
 
 impl BundlePolicy {
@@ -50,7 +54,11 @@ impl BundlePolicy {
         spec.set_root(Some(root));
 
         // Hooks run as root on this host: they come only from local policy.
-        spec.set_hooks(None);
+        if spec.hooks().is_some() {
+            return Err(RuntimeError::Config(
+                "the container's config.json has hooks, and a receiver never runs hooks chosen by the sender: remove them before migrating".into(),
+            ));
+        }
 
         // `org.criu.*` annotations steer CRIU (config files, options): the
         // sender's go, and the receiver sets its own.
@@ -97,6 +105,13 @@ impl BundlePolicy {
                     continue;
                 }
                 let src = m.source().clone().unwrap_or_default();
+                if !self.allowed_bind_sources.iter().any(|a| src.starts_with(a)) {
+                    return Err(RuntimeError::Config(format!(
+                        "the container bind-mounts {} from the host (at {}), which the receiver does not allow: allow it with `receive --allow-bind-source`",
+                        src.display(),
+                        m.destination().display()
+                    )));
+                }
                 if !Path::new(&src).exists() {
                     return Err(RuntimeError::Config(format!(
                         "bind mount source {} (for {}) does not exist on the destination: create it there first",
@@ -119,7 +134,6 @@ mod tests {
             "ociVersion": "1.0.2-dev",
             "process": {"user": {"uid": 0, "gid": 0}, "args": ["sh"], "cwd": "/"},
             "root": {"path": "/var/lib/src/bundle/rootfs", "readonly": false},
-            "hooks": {"prestart": [{"path": "/bin/evil"}]},
             "annotations": {"org.criu.config": "/etc/evil.conf", "app": "web"},
             "linux": {
                 "namespaces": [{"type": "pid"}, {"type": "mount"}],
@@ -130,7 +144,7 @@ mod tests {
 
     #[test]
     fn destination_config_applies_policy() {
-        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into() };
+        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into(), allowed_bind_sources: vec![] };
         let (spec, criu) = policy.destination_config(&source_config(), "web2", Path::new("/b/web2")).unwrap();
         assert_eq!(criu, "cgroup-root /ctmigrate/web2\n");
         assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
@@ -146,14 +160,23 @@ mod tests {
 
     #[test]
     fn namespace_paths_and_missing_bind_sources_are_refused() {
-        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into() };
+        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into(), allowed_bind_sources: vec!["/nonexistent".into()] };
         let mut cfg = source_config();
         cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/run/netns/x"}]);
         assert!(policy.destination_config(&cfg, "a", Path::new("/b")).is_err());
         let mut cfg = source_config();
         cfg["mounts"] = serde_json::json!([{"destination": "/data", "type": "bind", "source": "/nonexistent/ctm", "options": ["rbind"]}]);
         let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/ctm"), "{err}");
+        assert!(err.contains("/nonexistent/ctm") && err.contains("does not exist"), "{err}");
+        // Outside the allowed sources: refused whether it exists or not.
+        cfg["mounts"] = serde_json::json!([{"destination": "/h", "type": "bind", "source": "/etc", "options": ["rbind"]}]);
+        let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
+        assert!(err.contains("does not allow"), "{err}");
+        // Hooks are refused, with the reason.
+        let mut cfg = source_config();
+        cfg["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/evil"}]});
+        let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
+        assert!(err.contains("hooks"), "{err}");
     }
 
     #[test]

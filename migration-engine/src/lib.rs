@@ -5,6 +5,7 @@
 //! The command-line binary is a thin layer over these functions; each
 //! returns a typed error whose [`Outcome`] decides the exit code.
 
+pub mod audit;
 pub mod check;
 pub mod error;
 pub mod events;

@@ -38,6 +38,12 @@ pub struct ReceiveOptions {
     /// Largest single image file accepted.
     pub max_image_file: u64,
     pub max_image_files: usize,
+    /// Most payload bytes one migration may send (`--max-bytes`).
+    pub max_bytes: u64,
+    pub security: crate::tls::Security,
+    pub audit_log: PathBuf,
+    /// Host paths containers may bind-mount (`--allow-bind-source`).
+    pub allowed_bind_sources: Vec<PathBuf>,
 }
 
 /// Marker in a bundle that is not committed yet: holds the receiver's pid.
@@ -47,6 +53,13 @@ const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
 /// migration's outcome.
 pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
     let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
+    let tls = match &opts.security {
+        crate::tls::Security::Tls(dir) => Some(crate::tls::server_config(dir).map_err(|e| (e, Outcome::NothingTouched))?),
+        crate::tls::Security::Insecure => {
+            rep.warn("--insecure: accepting unauthenticated, unencrypted migrations");
+            None
+        }
+    };
     sweep_stale(opts, &runc, rep);
     let listener = TcpListener::bind(&opts.listen).map_err(|e| {
         (
@@ -68,7 +81,7 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
         rep.emit(Event::Accepted { peer: peer.clone() });
         // A signal cuts this connection; the session then cleans up.
         crate::interrupt::register(&stream);
-        let outcome = serve(opts, &runc, stream, &peer, rep);
+        let outcome = serve(opts, &runc, tls.clone(), stream, &peer, rep);
         crate::interrupt::unregister();
         if opts.once || crate::interrupt::interrupted() {
             return outcome;
@@ -81,17 +94,27 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
 fn serve(
     opts: &ReceiveOptions,
     runc: &Runc,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     stream: TcpStream,
     peer: &str,
     rep: &Reporter,
 ) -> Result<(), (MigrationError, Outcome)> {
     let started = Instant::now();
     let mut result = ResultEvent { role: "receiver", mode: "stop-copy".into(), ..Default::default() };
-    let mut session = match Session::new(opts, runc, stream, rep) {
+    // Until the peer is authenticated nothing is stored and nothing but a
+    // TLS alert is answered.
+    let mut session = match Session::new(opts, runc, tls, stream, rep) {
         Ok(s) => s,
-        Err(e) => return Err((e, Outcome::NothingTouched)),
+        Err(e) => {
+            result.error = Some(e.to_string());
+            result.exit_code = Some(Outcome::NothingTouched.exit_code());
+            let _ = crate::audit::record(&opts.audit_log, &format!("unauthenticated:{peer}"), &result);
+            rep.emit(Event::Result(result));
+            return Err((e, Outcome::NothingTouched));
+        }
     };
-    let outcome = session.run(&mut result, peer);
+    let identity = session.identity.clone();
+    let outcome = session.run(&mut result, &identity);
     result.total_ms = started.elapsed().as_millis() as u64;
     result.bytes_sent = session.reader.wire_bytes;
     result.bytes_raw = session.sink_bytes;
@@ -118,6 +141,9 @@ fn serve(
     }
     // Whatever was not committed goes now, before the next connection.
     drop(session.staging.take());
+    if let Err(e) = crate::audit::record(&opts.audit_log, &identity, &result) {
+        rep.warn(format!("cannot write the audit log {}: {e}", opts.audit_log.display()));
+    }
     rep.emit(Event::Result(result));
     outcome
 }
@@ -127,8 +153,9 @@ struct Session<'a> {
     runc: &'a Runc,
     rep: &'a Reporter,
     stream: TcpStream,
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<BufWriter<TcpStream>>,
+    reader: FrameReader<crate::tls::Conn>,
+    writer: FrameWriter<BufWriter<crate::tls::Conn>>,
+    identity: String,
     staging: Option<Staging>,
     sink_bytes: u64,
 }
@@ -138,16 +165,28 @@ fn refused(msg: String) -> (MigrationError, Outcome) {
 }
 
 impl<'a> Session<'a> {
-    fn new(opts: &'a ReceiveOptions, runc: &'a Runc, stream: TcpStream, rep: &'a Reporter) -> Result<Self, MigrationError> {
+    fn new(
+        opts: &'a ReceiveOptions,
+        runc: &'a Runc,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+        stream: TcpStream,
+        rep: &'a Reporter,
+    ) -> Result<Self, MigrationError> {
         stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
         stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
         let _ = stream.set_nodelay(true);
+        let socket = stream.try_clone().map_err(MigrationError::io("socket"))?;
+        let conn = match tls {
+            Some(cfg) => crate::tls::Conn::server(socket, cfg)?,
+            None => crate::tls::Conn::plain(socket)?,
+        };
         Ok(Self {
             opts,
             runc,
             rep,
-            reader: FrameReader::new(stream.try_clone().map_err(MigrationError::io("socket"))?),
-            writer: FrameWriter::new(BufWriter::new(stream.try_clone().map_err(MigrationError::io("socket"))?)),
+            identity: conn.peer_identity(),
+            reader: FrameReader::new(conn.handle()?).with_limit(opts.max_bytes),
+            writer: FrameWriter::new(BufWriter::new(conn)),
             stream,
             staging: None,
             sink_bytes: 0,
@@ -268,7 +307,10 @@ impl<'a> Session<'a> {
                 bundle.display()
             )));
         }
-        let policy = BundlePolicy { cgroup_parent: self.opts.cgroup_parent.clone() };
+        let policy = BundlePolicy {
+            cgroup_parent: self.opts.cgroup_parent.clone(),
+            allowed_bind_sources: self.opts.allowed_bind_sources.clone(),
+        };
         let (spec, criu_config) =
             policy.destination_config(&m.oci_config, &m.dest_id, &bundle).map_err(|e| refused(e.to_string()))?;
         if let Some(cg) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {

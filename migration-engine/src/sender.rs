@@ -13,6 +13,8 @@
 
 use std::io::BufWriter;
 use std::net::TcpStream;
+
+use crate::tls::{Conn, Security};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -52,6 +54,8 @@ pub struct SendOptions {
     pub max_iterations: u32,
     /// Frozen time pre-copy aims for (`--downtime-target`).
     pub downtime_target: Duration,
+    pub security: Security,
+    pub audit_log: PathBuf,
 }
 
 /// How a migration runs, once the mode request met the kernel.
@@ -74,9 +78,10 @@ pub type SendReport = ResultEvent;
 
 /// An open, handshaken connection to a receiver.
 struct Peer {
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<BufWriter<TcpStream>>,
+    reader: FrameReader<Conn>,
+    writer: FrameWriter<BufWriter<Conn>>,
     stream: TcpStream,
+    identity: String,
 }
 
 impl Peer {
@@ -136,11 +141,13 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
         mode: "stop-copy".into(),
         ..Default::default()
     };
+    let mut peer = format!("{}", opts.to);
     let outcome = match preflight(opts, &dest_id, rep) {
         Err(error) => Err(Failure { error, outcome: Outcome::NothingTouched }),
         Ok(prepared) => {
             result.mode = prepared.mode.name().into();
             result.mode_reason = prepared.mode_reason.clone();
+            peer = prepared.peer.identity.clone();
             Migration::new(opts, prepared, rep).run(&mut result)
         }
     };
@@ -163,6 +170,9 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
                 .into(),
             );
         }
+    }
+    if let Err(e) = crate::audit::record(&opts.audit_log, &peer, &result) {
+        rep.warn(format!("cannot write the audit log {}: {e}", opts.audit_log.display()));
     }
     rep.emit(Event::Result(result.clone()));
     outcome.map(|()| result)
@@ -212,12 +222,30 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         mode_reason: mode_reason.clone(),
     });
     rep.phase(Phase::Connect);
+    // TLS material is read before connecting: a missing certificate fails
+    // here, with nothing touched.
+    let tls = match &opts.security {
+        Security::Tls(dir) => Some(crate::tls::client_config(dir)?),
+        Security::Insecure => {
+            rep.warn("--insecure: the migration stream is neither authenticated nor encrypted");
+            None
+        }
+    };
     let stream = connect(&opts.to, opts.io_timeout)?;
     interrupt::register(&stream);
     stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+    stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+    let conn = match tls {
+        Some(cfg) => {
+            let crate::transport::Destination::Tcp { host, .. } = &opts.to;
+            Conn::client(stream.try_clone().map_err(MigrationError::io("socket"))?, cfg, host)?
+        }
+        None => Conn::plain(stream.try_clone().map_err(MigrationError::io("socket"))?)?,
+    };
     let mut peer = Peer {
-        reader: FrameReader::new(stream.try_clone().map_err(MigrationError::io("socket"))?),
-        writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, stream.try_clone().map_err(MigrationError::io("socket"))?)),
+        identity: conn.peer_identity(),
+        reader: FrameReader::new(conn.handle()?),
+        writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, conn)),
         stream,
     };
     peer.writer.write_json(

@@ -226,6 +226,15 @@ pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T
     }
 }
 
+/// `--tls-dir DIR` unless the caller chose its own security options.
+fn tls_args(extra: &[&str], dir: &Path) -> Vec<std::ffi::OsString> {
+    if extra.iter().any(|a| *a == "--tls-dir" || *a == "--insecure") {
+        Vec::new()
+    } else {
+        vec!["--tls-dir".into(), dir.as_os_str().to_owned()]
+    }
+}
+
 /// One local migration setup: two hosts, a runtime root, bundle root and
 /// work directory for each, all below `dir`, all removed on drop.
 pub struct Testbed {
@@ -253,6 +262,12 @@ impl Testbed {
             }
         };
         let runc_binary = std::env::var_os("CTMIGRATE_RUNC").map(PathBuf::from).unwrap_or_else(|| "runc".into());
+        // Each testbed has its own CA: the receiver's certificate names its
+        // address, the sender's is "source".
+        if let Err(e) = crate::tls::init_certs(&dir.join("tls"), &[hosts.dst_ip.clone(), "source".into()]) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         Ok(Self {
             src_runc: Runc::new(&runc_binary, dir.join("src-runc")),
             dst_runc: Runc::new(&runc_binary, dir.join("dst-runc")),
@@ -267,6 +282,20 @@ impl Testbed {
 
     pub fn dst_bundles(&self) -> PathBuf {
         self.dir.join("dst-bundles")
+    }
+
+    /// The receiver's TLS directory (certificate for its address).
+    pub fn dst_tls(&self) -> PathBuf {
+        self.dir.join("tls").join(&self.hosts.dst_ip)
+    }
+
+    /// The sender's TLS directory.
+    pub fn src_tls(&self) -> PathBuf {
+        self.dir.join("tls").join("source")
+    }
+
+    pub fn audit_log(&self, side: &str) -> PathBuf {
+        self.dir.join(format!("audit-{side}.log"))
     }
 
     pub fn src_work(&self) -> PathBuf {
@@ -304,6 +333,9 @@ impl Testbed {
             .arg(&self.cgroup_parent)
             .arg("--work-dir")
             .arg(self.dst_work())
+            .args(tls_args(extra, &self.dst_tls()))
+            .arg("--audit-log")
+            .arg(self.audit_log("dst"))
             .arg("--json")
             .args(extra);
         c
@@ -329,6 +361,9 @@ impl Testbed {
             .arg(&self.src_runc.root)
             .arg("--work-dir")
             .arg(self.src_work())
+            .args(tls_args(extra, &self.src_tls()))
+            .arg("--audit-log")
+            .arg(self.audit_log("src"))
             .arg("--json")
             .args(extra);
         c
@@ -513,4 +548,19 @@ impl CommandResult {
     pub fn result(&self) -> Option<&serde_json::Value> {
         self.events.iter().rev().find(|e| e["event"] == "result")
     }
+}
+
+/// A TCP connection made from inside the network namespace `ns` (the
+/// socket keeps that namespace), for tests that speak the protocol
+/// themselves.
+pub fn connect_from(ns: &str, addr: std::net::SocketAddr) -> Result<std::net::TcpStream, MigrationError> {
+    let ns = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        // setns changes only this thread's namespace.
+        let f = std::fs::File::open(&ns).map_err(MigrationError::io(format!("opening {ns}")))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| MigrationError::Other(format!("setns: {e}")))?;
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).map_err(MigrationError::io("connecting"))
+    })
+    .join()
+    .map_err(|_| MigrationError::Other("connect thread panicked".into()))?
 }

@@ -94,7 +94,7 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, MigrationError> {
 }
 
 /// How connections are secured.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum Security {
     Tls(PathBuf),
     /// `--insecure`: plain TCP.
@@ -103,8 +103,7 @@ pub enum Security {
 
 enum Inner {
     Plain(TcpStream),
-    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+    Tls { conn: rustls::Connection, sock: TcpStream },
 }
 
 /// One connection, plain or TLS, shared by a frame reader and a frame
@@ -124,27 +123,28 @@ impl Conn {
     /// TLS client to `host` (checked against the receiver's certificate).
     /// The handshake completes here, so that a bad peer fails early.
     pub fn client(socket: TcpStream, cfg: Arc<ClientConfig>, host: &str) -> Result<Self, MigrationError> {
-        let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| MigrationError::Usage(format!("`{host}` is not a valid TLS server name: {e}")))?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| MigrationError::Other(e.to_string()))?;
-        let mut stream = rustls::StreamOwned::new(conn, socket);
-        while stream.conn.is_handshaking() {
-            stream.conn.complete_io(&mut stream.sock).map_err(handshake_err)?;
-        }
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Client(Box::new(stream)))), socket: clone })
+        Self::tls(socket, conn.into()).map_err(|e| match e {
+            MigrationError::Refused(m) => MigrationError::Preflight(format!("{m} (connecting to {host})")),
+            other => other,
+        })
     }
 
     /// TLS server; the handshake (and the client's certificate check)
     /// completes before anything else is read.
     pub fn server(socket: TcpStream, cfg: Arc<ServerConfig>) -> Result<Self, MigrationError> {
-        let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
         let conn = rustls::ServerConnection::new(cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
-        let mut stream = rustls::StreamOwned::new(conn, socket);
-        while stream.conn.is_handshaking() {
-            stream.conn.complete_io(&mut stream.sock).map_err(handshake_err)?;
+        Self::tls(socket, conn.into())
+    }
+
+    fn tls(mut sock: TcpStream, mut conn: rustls::Connection) -> Result<Self, MigrationError> {
+        let clone = sock.try_clone().map_err(MigrationError::io("socket"))?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).map_err(|e| MigrationError::Refused(format!("TLS handshake failed: {e}")))?;
         }
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Server(Box::new(stream)))), socket: clone })
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls { conn, sock })), socket: clone })
     }
 
     /// Another handle on the same connection.
@@ -152,32 +152,42 @@ impl Conn {
         Ok(Conn { inner: self.inner.clone(), socket: self.socket.try_clone().map_err(MigrationError::io("socket"))? })
     }
 
-    /// Who the peer is: the subject of its certificate, or its address.
+    /// Who the peer is: the name in its certificate, or its address.
     pub fn peer_identity(&self) -> String {
         let addr = self.socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let certs = match &*self.inner.borrow() {
-            Inner::Plain(_) => return format!("insecure:{addr}"),
-            Inner::Client(s) => s.conn.peer_certificates().map(|c| c.to_vec()),
-            Inner::Server(s) => s.conn.peer_certificates().map(|c| c.to_vec()),
-        };
-        let name = certs.and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
-        match name {
-            Some(n) => format!("tls:{n}@{addr}"),
-            None => format!("tls:?@{addr}"),
+        match &*self.inner.borrow() {
+            Inner::Plain(_) => format!("insecure:{addr}"),
+            Inner::Tls { conn, .. } => {
+                let name = conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
+                format!("tls:{}@{addr}", name.unwrap_or_else(|| "?".into()))
+            }
         }
     }
-}
-
-fn handshake_err(e: std::io::Error) -> MigrationError {
-    MigrationError::Refused(format!("TLS handshake failed: {e}"))
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.read(buf),
-            Inner::Client(s) => s.read(buf),
-            Inner::Server(s) => s.read(buf),
+            Inner::Tls { conn, sock } => loop {
+                match conn.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                // Pending writes go first if they can, but a failed write
+                // must not stop us reading what the peer said before it
+                // hung up (its error report).
+                while conn.wants_write() {
+                    if conn.write_tls(sock).is_err() {
+                        break;
+                    }
+                }
+                if conn.read_tls(sock)? == 0 {
+                    return Ok(0);
+                }
+                conn.process_new_packets().map_err(std::io::Error::other)?;
+            },
         }
     }
 }
@@ -186,16 +196,25 @@ impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.write(buf),
-            Inner::Client(s) => s.write(buf),
-            Inner::Server(s) => s.write(buf),
+            Inner::Tls { conn, sock } => {
+                let n = conn.writer().write(buf)?;
+                while conn.wants_write() {
+                    conn.write_tls(sock)?;
+                }
+                Ok(n)
+            }
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
-            Inner::Client(s) => s.flush(),
-            Inner::Server(s) => s.flush(),
+            Inner::Tls { conn, sock } => {
+                while conn.wants_write() {
+                    conn.write_tls(sock)?;
+                }
+                sock.flush()
+            }
         }
     }
 }

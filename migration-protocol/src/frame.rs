@@ -183,6 +183,10 @@ pub struct FrameReader<R: Read> {
     inner: R,
     /// Bytes read off the wire, headers included.
     pub wire_bytes: u64,
+    /// Payload bytes after decompression.
+    pub raw_bytes: u64,
+    /// Most payload bytes (after decompression) this reader accepts in all.
+    limit: u64,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -190,7 +194,17 @@ impl<R: Read> FrameReader<R> {
         Self {
             inner,
             wire_bytes: 0,
+            raw_bytes: 0,
+            limit: u64::MAX,
         }
+    }
+
+    /// Refuse the stream once its payloads add up to more than `limit`
+    /// bytes (decompressed), before decompressing the frame that would
+    /// pass it.
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
     }
 
     pub fn get_ref(&self) -> &R {
@@ -233,6 +247,9 @@ impl<R: Read> FrameReader<R> {
                 });
             }
         }
+        if self.raw_bytes + raw_len as u64 > self.limit {
+            return Err(ProtocolError::StreamTooLarge { limit: self.limit });
+        }
         let mut wire = vec![0u8; wire_len as usize];
         if read_full(&mut self.inner, &mut wire)? < wire.len() {
             return Err(ProtocolError::Truncated("inside a frame payload"));
@@ -258,6 +275,7 @@ impl<R: Read> FrameReader<R> {
             }
             wire
         };
+        self.raw_bytes += payload.len() as u64;
         Ok(Frame { kind, payload })
     }
 }

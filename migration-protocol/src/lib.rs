@@ -38,6 +38,8 @@ pub enum ProtocolError {
     UnknownFlags(u32),
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
     FrameTooLarge { len: u64, max: u64 },
+    #[error("the stream exceeds the receiver's limit of {limit} bytes (--max-bytes)")]
+    StreamTooLarge { limit: u64 },
     #[error("checksum mismatch in a {kind:?} frame (expected {expected:#010x}, computed {actual:#010x}): data was corrupted in transit")]
     ChecksumMismatch {
         kind: MessageKind,

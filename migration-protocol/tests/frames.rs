@@ -162,3 +162,21 @@ fn version_negotiation() {
     assert_eq!(negotiate_version(1, 5).unwrap(), PROTOCOL_VERSION_MAX);
     assert!(matches!(negotiate_version(7, 9), Err(ProtocolError::NoCommonVersion { .. })));
 }
+
+#[test]
+fn total_size_limit_is_enforced_before_decompressing() {
+    let mut w = FrameWriter::new(Vec::new());
+    let mut c = Compressor::new(CompressionMode::Always);
+    for _ in 0..3 {
+        c.write(&mut w, MessageKind::RootfsData, &vec![0u8; 1 << 20]).unwrap();
+    }
+    let bytes = w.get_ref().clone();
+    assert!(bytes.len() < 64 * 1024, "three compressed MiB are small on the wire");
+    let mut r = FrameReader::new(&bytes[..]).with_limit((2 << 20) + 10);
+    r.read_frame().unwrap();
+    r.read_frame().unwrap();
+    match r.read_frame() {
+        Err(ProtocolError::StreamTooLarge { limit }) => assert_eq!(limit, (2 << 20) + 10),
+        other => panic!("expected StreamTooLarge, got {other:?}"),
+    }
+}

@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+#[allow(unused_imports)]
 pub use migration_engine::testbed::{read_counter, read_pattern_status, wait_for, Testbed, Workload};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_ctmigrate");

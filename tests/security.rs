@@ -1,0 +1,289 @@
+//! Authentication and hostile input. The receiver takes nothing from a peer
+//! it has not authenticated, and validates everything an authenticated
+//! peer sends: each hostile stream is refused with its reason, nothing is
+//! written outside the bundle root, and the receiver serves the next
+//! migration.
+
+mod common;
+
+use std::io::BufWriter;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use migration_engine::testbed::{connect_from, ChildProcess};
+use migration_engine::tls::{client_config, Conn};
+use migration_protocol::frame::encode_header;
+use migration_protocol::*;
+
+fn receiver_addr(bed: &Testbed, port: u16) -> SocketAddr {
+    format!("{}:{port}", bed.hosts.dst_ip).parse().unwrap()
+}
+
+/// Nothing of an attempt on the destination's disk.
+fn assert_nothing_written(bed: &Testbed) {
+    for dir in [bed.dst_bundles(), bed.dst_work()] {
+        let entries: Vec<_> = std::fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(entries.is_empty(), "{} holds {entries:?}", dir.display());
+    }
+}
+
+fn migrate_ok(bed: &Testbed, port: u16, name: &str) {
+    let id = format!("{name}-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
+    let (token, _) = counter_at_least(&src.rootfs(), 3);
+    let sent = bed.run_sender(&id, port, &[], &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "the receiver no longer serves: {}", sent.stderr);
+    let dst = bed.dst_container(&id);
+    let (_, n) = read_counter(&dst.rootfs()).unwrap();
+    assert_counting_on(&dst.rootfs(), &token, n);
+}
+
+#[test]
+fn unauthenticated_peers_are_refused_before_anything_is_stored() {
+    let Some(bed) = testbed("tls") else { return };
+    let port = port();
+    let mut receiver: ChildProcess = bed.spawn_receiver(port, &[], &[]).unwrap();
+
+    // A client certificate from another CA (the client itself trusts the
+    // receiver's CA, so only the receiver's check can stop it).
+    let other = bed.dir.join("other-ca");
+    migration_engine::tls::init_certs(&other, &["intruder".into()]).unwrap();
+    let mixed = bed.dir.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(bed.src_tls().join("ca.pem"), mixed.join("ca.pem")).unwrap();
+    std::fs::copy(other.join("intruder/cert.pem"), mixed.join("cert.pem")).unwrap();
+    std::fs::copy(other.join("intruder/key.pem"), mixed.join("key.pem")).unwrap();
+    let id = format!("tlsc-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
+    let (token, _) = counter_at_least(&src.rootfs(), 3);
+    let r = bed.run_sender(&id, port, &["--tls-dir", mixed.to_str().unwrap()], &[]).unwrap();
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+
+    // No certificate at all: plain TCP to a TLS receiver.
+    let r = bed.run_sender(&id, port, &["--insecure"], &[]).unwrap();
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+
+    // The receiver said why, stored nothing, and audited both attempts.
+    let refusals = (0..2)
+        .map(|_| receiver.wait_for_event("result", Duration::from_secs(10)).map(|e| { receiver.events.retain(|x| x != &e); e }))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    for r in &refusals {
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("TLS handshake failed"), "{r}");
+    }
+    assert_nothing_written(&bed);
+    let audit = std::fs::read_to_string(bed.audit_log("dst")).unwrap();
+    assert_eq!(audit.lines().filter(|l| l.contains("unauthenticated:")).count(), 2, "{audit}");
+
+    // The source was never touched; the receiver still serves.
+    assert_eq!(frozen_state(&bed, &id), "THAWED");
+    let (_, n) = read_counter(&src.rootfs()).unwrap();
+    assert_counting_on(&src.rootfs(), &token, n);
+    migrate_ok(&bed, port, "after");
+    let audit = std::fs::read_to_string(bed.audit_log("dst")).unwrap();
+    let ok_line = audit.lines().find(|l| l.contains("\"ok\":true")).expect("an audit line for the migration");
+    assert!(ok_line.contains("tls:source@"), "the peer identity is its certificate's name: {ok_line}");
+}
+
+#[test]
+fn a_receiver_whose_certificate_names_another_host_is_refused() {
+    let Some(bed) = testbed("tln") else { return };
+    // The receiver presents a certificate for "elsewhere.example" (same CA
+    // as ours would not help: here it is a CA of its own, shared by both).
+    let dir = bed.dir.join("named");
+    migration_engine::tls::init_certs(&dir, &["elsewhere.example".into(), "source".into()]).unwrap();
+    let port = port();
+    let _receiver = bed
+        .spawn_receiver(port, &["--once", "--tls-dir", dir.join("elsewhere.example").to_str().unwrap()], &[])
+        .unwrap();
+    let id = format!("name-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
+    counter_at_least(&src.rootfs(), 3);
+    let r = bed.run_sender(&id, port, &["--tls-dir", dir.join("source").to_str().unwrap()], &[]).unwrap();
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    assert!(r.stderr.contains("TLS handshake failed") && r.stderr.contains("not valid for name"), "{}", r.stderr);
+    assert_eq!(frozen_state(&bed, &id), "THAWED");
+    assert_nothing_written(&bed);
+}
+
+/// An authenticated but malicious sender.
+struct Hostile {
+    reader: FrameReader<Conn>,
+    writer: FrameWriter<BufWriter<Conn>>,
+}
+
+impl Hostile {
+    fn connect(bed: &Testbed, port: u16) -> Self {
+        let stream = connect_from(&bed.hosts.src, receiver_addr(bed, port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let conn = Conn::client(stream, client_config(&bed.src_tls()).unwrap(), &bed.hosts.dst_ip).unwrap();
+        Self { reader: FrameReader::new(conn.handle().unwrap()), writer: FrameWriter::new(BufWriter::new(conn)) }
+    }
+
+    fn hello(&mut self) {
+        self.writer.write_json(MessageKind::Hello, &Hello { min_version: 1, max_version: 1, software: "hostile".into() }).unwrap();
+        self.writer.flush().unwrap();
+        assert_eq!(self.reader.read_frame().unwrap().kind, MessageKind::HelloAck);
+    }
+
+    /// Sends a manifest; returns the receiver's answer frame.
+    fn manifest(&mut self, id: &str, config: serde_json::Value) -> Frame {
+        let m = Manifest {
+            container_id: id.into(),
+            dest_id: id.into(),
+            oci_config: config,
+            criu_version: "4.2.1".into(),
+            kernel: "x".into(),
+            arch: std::env::consts::ARCH.into(),
+            cgroup_version: 1,
+            mode: "stop-copy".into(),
+            max_rounds: 0,
+            tcp_established: false,
+            source_host: "hostile".into(),
+        };
+        self.writer.write_json(MessageKind::Manifest, &m).unwrap();
+        self.writer.flush().unwrap();
+        self.reader.read_frame().unwrap()
+    }
+
+    /// Sends raw bytes, ignoring a write error (the receiver may hang up).
+    fn send(&mut self, frames: &[u8]) {
+        let _ = std::io::Write::write_all(self.writer.get_mut(), frames);
+        let _ = self.writer.flush();
+    }
+}
+
+/// The reason the receiver gives, in its result event, for the attempt it
+/// just refused.
+fn refusal(receiver: &mut ChildProcess, step: &str) -> String {
+    let r = receiver
+        .wait_for_event("result", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{step}: the receiver did not report the attempt: {e}; events {:?}", receiver.events));
+    receiver.events.retain(|e| e != &r);
+    assert_eq!(r["ok"], false, "{r}");
+    r["error"].as_str().unwrap().to_string()
+}
+
+fn frame(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
+    let mut v = encode_header(kind, payload, payload.len() as u32, false).to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A tar stream of raw entries: (path bytes, type, link target, data).
+fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (path, kind, link, data) in entries {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..path.len()].copy_from_slice(path);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+fn rootfs_frames(tar: &[u8]) -> Vec<u8> {
+    let mut v = frame(MessageKind::RootfsData, tar);
+    let end = serde_json::to_vec(&RootfsEnd { phase: RootfsPhase::Initial, entries: 1, deleted: vec![] }).unwrap();
+    v.extend(frame(MessageKind::RootfsEnd, &end));
+    v
+}
+
+#[test]
+fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
+    let Some(bed) = testbed("hos") else { return };
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--max-bytes", &(8 << 20).to_string()], &[]).unwrap();
+    let cfg_dir = bed.dir.join("cfg");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    migration_engine::testbed::build_bundle(&bed.runc_binary, &cfg_dir, &Workload::Counter).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(cfg_dir.join("config.json")).unwrap()).unwrap();
+    let outside = bed.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+
+    let accepted = |h: &mut Hostile, id: &str| {
+        let f = h.manifest(id, config.clone());
+        assert_eq!(f.kind, MessageKind::ManifestAccepted, "{:?}", String::from_utf8_lossy(&f.payload));
+    };
+
+    // 1. Path traversal in the rootfs stream.
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    accepted(&mut h, "trav");
+    h.send(&rootfs_frames(&raw_tar(&[(b"../../../outside/pwned", tar::EntryType::Regular, b"", b"x")])));
+    let why = refusal(&mut receiver, "traversal");
+    assert!(why.contains("refusing rootfs path"), "{why}");
+
+    // 2. A symlink out of the rootfs, then a file written through it.
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    accepted(&mut h, "link");
+    let target = outside.to_str().unwrap().as_bytes();
+    h.send(&rootfs_frames(&raw_tar(&[
+        (b"esc", tar::EntryType::Symlink, target, b""),
+        (b"esc/pwned", tar::EntryType::Regular, b"", b"x"),
+    ])));
+    let why = refusal(&mut receiver, "symlink");
+    assert!(why.contains("escapes the rootfs") || why.contains("unpacking"), "{why}");
+
+    // 3. An oversized frame (a header claiming 4 GiB).
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    accepted(&mut h, "big");
+    let mut header = encode_header(MessageKind::RootfsData, b"", 0, false);
+    header[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    header[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    h.send(&header);
+    let why = refusal(&mut receiver, "oversized");
+    assert!(why.contains("exceeds"), "{why}");
+
+    // 4. A byte bomb past --max-bytes: 16 MiB of zeros in compressed frames
+    // that are small on the wire.
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    accepted(&mut h, "bomb");
+    let zeros = vec![0u8; 4 << 20];
+    let packed = zstd::bulk::compress(&zeros, 3).unwrap();
+    let mut bomb = Vec::new();
+    for _ in 0..4 {
+        bomb.extend_from_slice(&encode_header(MessageKind::RootfsData, &packed, zeros.len() as u32, true));
+        bomb.extend_from_slice(&packed);
+    }
+    h.send(&bomb);
+    let why = refusal(&mut receiver, "bomb");
+    assert!(why.contains("--max-bytes"), "{why}");
+
+    // 5. A config.json with a hook, and one bind-mounting the host's /etc.
+    let mut with_hook = config.clone();
+    with_hook["hooks"] = serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "touch /pwned"]}]});
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    let f = h.manifest("hook", with_hook);
+    assert_eq!(f.kind, MessageKind::Error);
+    assert!(f.json::<ErrorMessage>().unwrap().message.contains("hooks"));
+    assert!(refusal(&mut receiver, "hooks").contains("hooks"));
+    let mut with_bind = config.clone();
+    with_bind["mounts"].as_array_mut().unwrap().push(serde_json::json!({"destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind"]}));
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    let f = h.manifest("bind", with_bind);
+    assert_eq!(f.kind, MessageKind::Error);
+    assert!(f.json::<ErrorMessage>().unwrap().message.contains("/etc"));
+    assert!(refusal(&mut receiver, "bind").contains("/etc"));
+
+    // Nothing escaped, nothing stayed, and a real migration still works.
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "a hostile write landed outside the rootfs");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_nothing_written(&bed);
+    migrate_ok(&bed, port, "after");
+}
