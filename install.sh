@@ -180,7 +180,25 @@ build_ctmigrate() {
     log "installed /usr/local/bin/ctmigrate"
 }
 
+# sshd for the SSH transport test: the test starts its own sshd inside a
+# test network namespace; installing the package must not start one on
+# this host, so service starts are refused while it installs.
+install_sshd_for_tests() {
+    if dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed"; then
+        return
+    fi
+    log "installing openssh-server (not started: the SSH test runs its own sshd)"
+    local policy=/usr/sbin/policy-rc.d created=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created=1
+    fi
+    apt-get install -y -q --no-install-recommends openssh-server openssh-client || { [ "$created" = 1 ] && rm -f "$policy"; die "cannot install openssh-server"; }
+    [ "$created" = 1 ] && rm -f "$policy"
+    return 0
+}
+
 install_apt_packages
+install_sshd_for_tests
 install_criu
 install_guest_kernel
 build_fixtures

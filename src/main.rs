@@ -128,6 +128,16 @@ enum Command {
         /// Where to append one JSON line per migration.
         #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
         audit_log: PathBuf,
+        /// Most bytes per second to send, e.g. 50M (k, M, G: powers of 1000).
+        #[arg(long)]
+        bwlimit: Option<String>,
+        /// An ssh option for ssh:// destinations, as `ssh -o` takes it
+        /// (repeatable), e.g. IdentityFile=/root/.ssh/migrate.
+        #[arg(long = "ssh-opt")]
+        ssh_opt: Vec<String>,
+        /// The command ssh runs on the destination.
+        #[arg(long, default_value = "ctmigrate receive --stdio")]
+        remote_command: String,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
@@ -135,8 +145,12 @@ enum Command {
     /// Accept migrations and restore them here.
     Receive {
         /// Address to listen on, ADDR:PORT.
-        #[arg(long)]
-        listen: String,
+        #[arg(long, required_unless_present = "stdio")]
+        listen: Option<String>,
+        /// Serve one migration over stdin/stdout (what a sender's ssh runs);
+        /// events go to stderr.
+        #[arg(long, conflicts_with_all = ["listen", "json"])]
+        stdio: bool,
         /// Serve one migration, then exit with its result.
         #[arg(long)]
         once: bool,
@@ -229,8 +243,15 @@ fn main() -> ExitCode {
             downtime_target,
             security,
             audit_log,
+            bwlimit,
+            ssh_opt,
+            remote_command,
             json,
         } => {
+            let bwlimit = match bwlimit.as_deref().map(migration_engine::transport::parse_rate).transpose() {
+                Ok(b) => b,
+                Err(e) => return fail(e, exit::USAGE),
+            };
             let to = match to.parse() {
                 Ok(d) => d,
                 Err(e) => return fail(e, exit::USAGE),
@@ -257,6 +278,9 @@ fn main() -> ExitCode {
                 downtime_target: Duration::from_millis(downtime_target),
                 security: security.security(),
                 audit_log,
+                bwlimit,
+                ssh_options: ssh_opt,
+                remote_command,
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {
@@ -272,6 +296,7 @@ fn main() -> ExitCode {
         }
         Command::Receive {
             listen,
+            stdio,
             once,
             bundle_root,
             runtime_root,
@@ -285,7 +310,7 @@ fn main() -> ExitCode {
             json,
         } => {
             let opts = ReceiveOptions {
-                listen,
+                listen: listen.unwrap_or_default(),
                 once,
                 bundle_root,
                 runtime_root,
@@ -300,6 +325,14 @@ fn main() -> ExitCode {
                 audit_log,
                 allowed_bind_sources: allow_bind_source,
             };
+            if stdio {
+                // stdout carries the migration stream.
+                let rep = Reporter::with_mode(migration_engine::events::ReportMode::Plain);
+                return match migration_engine::receive_stdio(&opts, &rep) {
+                    Ok(()) => ExitCode::from(exit::OK),
+                    Err((e, o)) => fail(e, outcome_code(o)),
+                };
+            }
             let rep = Reporter::new(json);
             match receive(&opts, &rep) {
                 Ok(()) => ExitCode::from(exit::OK),

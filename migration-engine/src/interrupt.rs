@@ -12,7 +12,10 @@ use std::sync::Mutex;
 
 use nix::sys::signal::{SigSet, Signal};
 
-static CONNECTION: Mutex<Option<TcpStream>> = Mutex::new(None);
+/// What a signal does to the migration under way: cut its connection.
+type Cut = Box<dyn Fn() + Send>;
+
+static CONNECTION: Mutex<Option<Cut>> = Mutex::new(None);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Call first thing in the process, before any other thread exists.
@@ -27,9 +30,9 @@ pub fn install() {
         let Ok(sig) = set.wait() else { return };
         INTERRUPTED.store(true, Ordering::SeqCst);
         match CONNECTION.lock().unwrap().as_ref() {
-            Some(conn) => {
+            Some(cut) => {
                 eprintln!("ctmigrate: {sig:?}: stopping the migration and rolling back");
-                let _ = conn.shutdown(std::net::Shutdown::Both);
+                cut();
             }
             None => std::process::exit(130),
         }
@@ -38,7 +41,17 @@ pub fn install() {
 
 /// The connection a signal should cut.
 pub fn register(conn: &TcpStream) {
-    *CONNECTION.lock().unwrap() = conn.try_clone().ok();
+    if let Ok(c) = conn.try_clone() {
+        register_cut(move || {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+/// What to do to cut the connection, where it is not a socket (an `ssh`
+/// child to stop, say).
+pub fn register_cut(cut: impl Fn() + Send + 'static) {
+    *CONNECTION.lock().unwrap() = Some(Box::new(cut));
 }
 
 pub fn unregister() {

@@ -24,7 +24,7 @@ pub mod validate;
 
 pub use error::{MigrationError, Outcome};
 pub use events::{Event, Reporter};
-pub use receiver::{receive, ReceiveOptions};
+pub use receiver::{receive, receive_stdio, ReceiveOptions};
 pub use sender::{send, SendOptions, SendReport};
 
 /// Default place for working files (image directories): a tmpfs on most

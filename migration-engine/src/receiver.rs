@@ -81,7 +81,19 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
         rep.emit(Event::Accepted { peer: peer.clone() });
         // A signal cuts this connection; the session then cleans up.
         crate::interrupt::register(&stream);
-        let outcome = serve(opts, &runc, tls.clone(), stream, &peer, rep);
+        let outcome = match establish(opts, tls.clone(), stream) {
+            Ok(conn) => serve(opts, &runc, conn, rep),
+            Err(e) => {
+                // Until the peer is authenticated nothing is stored and
+                // nothing but a TLS alert is answered.
+                let mut result = ResultEvent { role: "receiver", ..Default::default() };
+                result.error = Some(e.to_string());
+                result.exit_code = Some(Outcome::NothingTouched.exit_code());
+                let _ = crate::audit::record(&opts.audit_log, &format!("unauthenticated:{peer}"), &result);
+                rep.emit(Event::Result(result));
+                Err((e, Outcome::NothingTouched))
+            }
+        };
         crate::interrupt::unregister();
         if opts.once || crate::interrupt::interrupted() {
             return outcome;
@@ -90,30 +102,57 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
     Ok(())
 }
 
-/// Serves one connection and emits its result event.
-fn serve(
+/// Timeouts, then the TLS handshake (and client certificate check).
+fn establish(
     opts: &ReceiveOptions,
-    runc: &Runc,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     stream: TcpStream,
-    peer: &str,
+) -> Result<crate::tls::Conn, MigrationError> {
+    stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+    stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+    let _ = stream.set_nodelay(true);
+    match tls {
+        Some(cfg) => crate::tls::Conn::server(stream, cfg),
+        None => crate::tls::Conn::plain(stream),
+    }
+}
+
+/// `receive --stdio`: one migration over stdin and stdout, as run by a
+/// sender's `ssh` (which authenticated and encrypts the stream).
+pub fn receive_stdio(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
+    use std::os::fd::AsFd;
+    let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
+    sweep_stale(opts, &runc, rep);
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<std::fs::File, (MigrationError, Outcome)> {
+        fd.try_clone_to_owned()
+            .map(std::fs::File::from)
+            .map_err(|e| (MigrationError::io("duplicating stdio")(e), Outcome::NothingTouched))
+    };
+    let conn = crate::tls::Conn::pipes(dup(std::io::stdin().as_fd())?, dup(std::io::stdout().as_fd())?);
+    conn.set_read_timeout(Some(opts.io_timeout)).map_err(|e| (e, Outcome::NothingTouched))?;
+    // ssh tells who connected: "CLIENT_IP CLIENT_PORT SERVER_IP SERVER_PORT".
+    let who = std::env::var("SSH_CONNECTION").ok().and_then(|c| c.split_whitespace().next().map(str::to_string));
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    let identity = format!("ssh:{user}@{}", who.unwrap_or_else(|| "local".into()));
+    serve_as(opts, &runc, conn, identity, rep)
+}
+
+/// Serves one connection and emits its result event.
+fn serve(opts: &ReceiveOptions, runc: &Runc, conn: crate::tls::Conn, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
+    let identity = conn.peer_identity();
+    serve_as(opts, runc, conn, identity, rep)
+}
+
+fn serve_as(
+    opts: &ReceiveOptions,
+    runc: &Runc,
+    conn: crate::tls::Conn,
+    identity: String,
     rep: &Reporter,
 ) -> Result<(), (MigrationError, Outcome)> {
     let started = Instant::now();
     let mut result = ResultEvent { role: "receiver", mode: "stop-copy".into(), ..Default::default() };
-    // Until the peer is authenticated nothing is stored and nothing but a
-    // TLS alert is answered.
-    let mut session = match Session::new(opts, runc, tls, stream, rep) {
-        Ok(s) => s,
-        Err(e) => {
-            result.error = Some(e.to_string());
-            result.exit_code = Some(Outcome::NothingTouched.exit_code());
-            let _ = crate::audit::record(&opts.audit_log, &format!("unauthenticated:{peer}"), &result);
-            rep.emit(Event::Result(result));
-            return Err((e, Outcome::NothingTouched));
-        }
-    };
-    let identity = session.identity.clone();
+    let mut session = Session::new(opts, runc, conn, identity.clone(), rep).map_err(|e| (e, Outcome::NothingTouched))?;
     let outcome = session.run(&mut result, &identity);
     result.total_ms = started.elapsed().as_millis() as u64;
     result.bytes_sent = session.reader.wire_bytes;
@@ -152,10 +191,9 @@ struct Session<'a> {
     opts: &'a ReceiveOptions,
     runc: &'a Runc,
     rep: &'a Reporter,
-    stream: TcpStream,
+    control: crate::tls::Conn,
     reader: FrameReader<crate::tls::Conn>,
     writer: FrameWriter<BufWriter<crate::tls::Conn>>,
-    identity: String,
     staging: Option<Staging>,
     sink_bytes: u64,
 }
@@ -168,26 +206,17 @@ impl<'a> Session<'a> {
     fn new(
         opts: &'a ReceiveOptions,
         runc: &'a Runc,
-        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-        stream: TcpStream,
+        conn: crate::tls::Conn,
+        _identity: String,
         rep: &'a Reporter,
     ) -> Result<Self, MigrationError> {
-        stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
-        stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
-        let _ = stream.set_nodelay(true);
-        let socket = stream.try_clone().map_err(MigrationError::io("socket"))?;
-        let conn = match tls {
-            Some(cfg) => crate::tls::Conn::server(socket, cfg)?,
-            None => crate::tls::Conn::plain(socket)?,
-        };
         Ok(Self {
             opts,
             runc,
             rep,
-            identity: conn.peer_identity(),
             reader: FrameReader::new(conn.handle()?).with_limit(opts.max_bytes),
+            control: conn.handle()?,
             writer: FrameWriter::new(BufWriter::new(conn)),
-            stream,
             staging: None,
             sink_bytes: 0,
         })
@@ -275,7 +304,7 @@ impl<'a> Session<'a> {
         }
         let _ = self.writer.write_frame(MessageKind::CommitAck, b"");
         let _ = self.writer.flush();
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.control.shutdown();
         Ok(())
     }
 

@@ -273,6 +273,11 @@ pub fn receive_pass<R: Read>(
             if kind.is_hard_link() {
                 return Err(MigrationError::Other(format!("refusing hard link {} in the rootfs stream", path.display())));
             }
+            // runc makes a container's device nodes itself; one arriving
+            // in a rootfs could open host hardware to the container.
+            if kind.is_character_special() || kind.is_block_special() {
+                return Err(MigrationError::Other(format!("refusing device node {} in the rootfs stream", path.display())));
+            }
             let ok = entry.unpack_in(dest).map_err(|e| MigrationError::io(format!("unpacking {}", path.display()))(e))?;
             if !ok {
                 return Err(MigrationError::Other(format!("refusing rootfs entry {} that escapes the rootfs", path.display())));
@@ -369,6 +374,30 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dst.path().join("new")).unwrap(), "n");
         assert!(!dst.path().join("gone").exists());
         assert_eq!(std::fs::read_to_string(dst.path().join("keep")).unwrap(), "k");
+    }
+
+    #[test]
+    fn device_nodes_are_refused() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("dev/sda").unwrap();
+        h.set_entry_type(tar::EntryType::Block);
+        h.set_device_major(8).unwrap();
+        h.set_device_minor(0).unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        tar.append(&h, &[][..]).unwrap();
+        let data = tar.into_inner().unwrap();
+        let mut w = FrameWriter::new(Vec::new());
+        w.write_frame(MessageKind::RootfsData, &data).unwrap();
+        w.write_json(MessageKind::RootfsEnd, &RootfsEnd { phase: RootfsPhase::Initial, entries: 1, deleted: vec![] }).unwrap();
+        let bytes = w.get_ref().clone();
+        let dst = tempfile::tempdir().unwrap();
+        let mut r = FrameReader::new(&bytes[..]);
+        let first = r.read_frame().unwrap();
+        let err = receive_pass(&mut r, first, dst.path()).unwrap_err().to_string();
+        assert!(err.contains("device node"), "{err}");
+        assert!(!dst.path().join("dev/sda").exists());
     }
 
     #[test]

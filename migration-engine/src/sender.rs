@@ -12,7 +12,6 @@
 //!    deleted. A lost CommitAck leaves the outcome uncertain (exit 6).
 
 use std::io::BufWriter;
-use std::net::TcpStream;
 
 use crate::tls::{Conn, Security};
 use std::path::{Path, PathBuf};
@@ -56,6 +55,12 @@ pub struct SendOptions {
     pub downtime_target: Duration,
     pub security: Security,
     pub audit_log: PathBuf,
+    /// Most bytes per second on the wire (`--bwlimit`).
+    pub bwlimit: Option<u64>,
+    /// `-o` options for ssh:// destinations.
+    pub ssh_options: Vec<String>,
+    /// What ssh runs on the destination.
+    pub remote_command: String,
 }
 
 /// How a migration runs, once the mode request met the kernel.
@@ -79,9 +84,37 @@ pub type SendReport = ResultEvent;
 /// An open, handshaken connection to a receiver.
 struct Peer {
     reader: FrameReader<Conn>,
-    writer: FrameWriter<BufWriter<Conn>>,
-    stream: TcpStream,
+    writer: FrameWriter<BufWriter<crate::transport::Throttle<Conn>>>,
+    /// For timeouts and shutdown.
+    control: Conn,
     identity: String,
+    /// The `ssh` child for ssh:// destinations, and where its stderr goes.
+    ssh: Option<(std::process::Child, tempfile_like::TempFile)>,
+}
+
+/// A file removed when dropped (ssh's stderr).
+mod tempfile_like {
+    pub struct TempFile(pub std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some((child, _)) = self.ssh.as_mut() {
+            // After a commit the remote receiver exits by itself; give it a
+            // moment, then stop ssh either way.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Peer {
@@ -91,8 +124,12 @@ impl Peer {
     }
 
     fn read_with_timeout(&mut self, t: Duration) -> Result<migration_protocol::Frame, MigrationError> {
-        self.stream.set_read_timeout(Some(t)).map_err(MigrationError::io("socket"))?;
-        let frame = self.reader.read_frame()?;
+        self.control.set_read_timeout(Some(t))?;
+        let frame = match self.reader.read_frame() {
+            Ok(f) => f,
+            // ssh says why it ended (host key, login refused, ...).
+            Err(e) => return Err(self.ssh_reason().map(|r| MigrationError::Unreachable { addr: "ssh".into(), reason: r }).unwrap_or(e.into())),
+        };
         if frame.kind == MessageKind::Error {
             let e: ErrorMessage = frame.json()?;
             return Err(MigrationError::Remote(e.message));
@@ -101,8 +138,19 @@ impl Peer {
     }
 
     /// After a failed write, the receiver may have said why it hung up.
+    /// The last line ssh wrote to stderr, once it has exited.
+    fn ssh_reason(&mut self) -> Option<String> {
+        let (child, stderr) = self.ssh.as_mut()?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&stderr.0).ok()?;
+        text.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!("ssh: {}", l.trim()))
+    }
+
     fn reason_for_hangup(&mut self) -> Option<String> {
-        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = self.control.set_read_timeout(Some(Duration::from_secs(2)));
         for _ in 0..64 {
             match self.reader.read_frame() {
                 Ok(f) if f.kind == MessageKind::Error => return f.json::<ErrorMessage>().ok().map(|e| e.message),
@@ -225,28 +273,50 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     // TLS material is read before connecting: a missing certificate fails
     // here, with nothing touched.
     let tls = match &opts.security {
+        _ if matches!(opts.to, crate::transport::Destination::Ssh { .. }) => None, // ssh authenticates and encrypts
         Security::Tls(dir) => Some(crate::tls::client_config(dir)?),
         Security::Insecure => {
             rep.warn("--insecure: the migration stream is neither authenticated nor encrypted");
             None
         }
     };
-    let stream = connect(&opts.to, opts.io_timeout)?;
-    interrupt::register(&stream);
-    stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
-    stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
-    let conn = match tls {
-        Some(cfg) => {
-            let crate::transport::Destination::Tcp { host, .. } = &opts.to;
-            Conn::client(stream.try_clone().map_err(MigrationError::io("socket"))?, cfg, host)?
+    let mut peer = match &opts.to {
+        crate::transport::Destination::Tcp { host, .. } => {
+            let stream = connect(&opts.to, opts.io_timeout)?;
+            interrupt::register(&stream);
+            let conn = match tls {
+                Some(cfg) => Conn::client(stream, cfg, host)?,
+                None => Conn::plain(stream)?,
+            };
+            conn.set_write_timeout(Some(opts.io_timeout))?;
+            Peer {
+                identity: conn.peer_identity(),
+                reader: FrameReader::new(conn.handle()?),
+                control: conn.handle()?,
+                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, opts.bwlimit))),
+                ssh: None,
+            }
         }
-        None => Conn::plain(stream.try_clone().map_err(MigrationError::io("socket"))?)?,
-    };
-    let mut peer = Peer {
-        identity: conn.peer_identity(),
-        reader: FrameReader::new(conn.handle()?),
-        writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, conn)),
-        stream,
+        ssh_dest @ crate::transport::Destination::Ssh { .. } => {
+            let err_path = std::env::temp_dir().join(format!("ctmigrate-ssh-{}.err", std::process::id()));
+            let err_file = std::fs::File::create(&err_path).map_err(MigrationError::io("creating ssh's stderr file"))?;
+            let stderr = tempfile_like::TempFile(err_path);
+            let mut child = crate::transport::spawn_ssh(ssh_dest, &opts.ssh_options, &opts.remote_command, err_file)?;
+            let pid = child.id() as i32;
+            interrupt::register_cut(move || {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            });
+            let read: std::fs::File = std::os::fd::OwnedFd::from(child.stdout.take().expect("piped")).into();
+            let write: std::fs::File = std::os::fd::OwnedFd::from(child.stdin.take().expect("piped")).into();
+            let conn = Conn::pipes(read, write);
+            Peer {
+                identity: ssh_dest.to_string(),
+                reader: FrameReader::new(conn.handle()?),
+                control: conn.handle()?,
+                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, opts.bwlimit))),
+                ssh: Some((child, stderr)),
+            }
+        }
     };
     peer.writer.write_json(
         MessageKind::Hello,
@@ -626,7 +696,7 @@ impl<'a> Migration<'a> {
             .writer
             .write_json(MessageKind::Abort, &migration_protocol::Abort { reason: error.to_string() });
         let _ = self.p.peer.flush();
-        let _ = self.p.peer.stream.shutdown(std::net::Shutdown::Write);
+        self.p.peer.control.shutdown_write();
         match self.thaw_and_verify() {
             Ok(()) => Failure { error, outcome: Outcome::SourceResumed },
             Err(resume) => Failure {
@@ -678,7 +748,7 @@ impl<'a> Migration<'a> {
         if let Err(e) = self.p.runc.delete_force(id) {
             self.rep.warn(format!("migrated, but `runc delete` of the source failed: {e}"));
         }
-        let _ = self.p.peer.stream.shutdown(std::net::Shutdown::Both);
+        self.p.peer.control.shutdown();
     }
 }
 

@@ -104,20 +104,68 @@ pub enum Security {
 enum Inner {
     Plain(TcpStream),
     Tls { conn: rustls::Connection, sock: TcpStream },
+    /// A pipe pair: an `ssh` child's stdio, or our own with `--stdio`.
+    Pipes { read: std::fs::File, write: Option<std::fs::File>, read_timeout: Option<std::time::Duration> },
 }
 
-/// One connection, plain or TLS, shared by a frame reader and a frame
-/// writer on the same thread.
+/// One connection (TCP, TLS over TCP, or a pipe pair), shared by a frame
+/// reader and a frame writer on the same thread.
 pub struct Conn {
     inner: std::rc::Rc<std::cell::RefCell<Inner>>,
-    /// The socket, for timeouts and shutdown.
-    pub socket: TcpStream,
+    /// The socket, for timeouts and shutdown (None for pipes).
+    pub socket: Option<TcpStream>,
 }
 
 impl Conn {
     pub fn plain(socket: TcpStream) -> Result<Self, MigrationError> {
         let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Plain(socket))), socket: clone })
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Plain(socket))), socket: Some(clone) })
+    }
+
+    /// A connection over two pipes (`read` from the peer, `write` to it).
+    pub fn pipes(read: std::fs::File, write: std::fs::File) -> Self {
+        Self {
+            inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Pipes { read, write: Some(write), read_timeout: None })),
+            socket: None,
+        }
+    }
+
+    /// Longest wait for the peer in a read.
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> Result<(), MigrationError> {
+        match (&self.socket, &mut *self.inner.borrow_mut()) {
+            (Some(s), _) => s.set_read_timeout(t).map_err(MigrationError::io("socket")),
+            (None, Inner::Pipes { read_timeout, .. }) => {
+                *read_timeout = t;
+                Ok(())
+            }
+            (None, _) => Ok(()),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> Result<(), MigrationError> {
+        match &self.socket {
+            Some(s) => s.set_write_timeout(t).map_err(MigrationError::io("socket")),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the peer we send nothing more (it reads end of stream).
+    pub fn shutdown_write(&self) {
+        match (&self.socket, &mut *self.inner.borrow_mut()) {
+            (Some(s), _) => {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            (None, Inner::Pipes { write, .. }) => drop(write.take()),
+            (None, _) => {}
+        }
+    }
+
+    /// Ends the connection both ways.
+    pub fn shutdown(&self) {
+        self.shutdown_write();
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// TLS client to `host` (checked against the receiver's certificate).
@@ -144,18 +192,23 @@ impl Conn {
         while conn.is_handshaking() {
             conn.complete_io(&mut sock).map_err(|e| MigrationError::Refused(format!("TLS handshake failed: {e}")))?;
         }
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls { conn, sock })), socket: clone })
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls { conn, sock })), socket: Some(clone) })
     }
 
     /// Another handle on the same connection.
     pub fn handle(&self) -> Result<Conn, MigrationError> {
-        Ok(Conn { inner: self.inner.clone(), socket: self.socket.try_clone().map_err(MigrationError::io("socket"))? })
+        let socket = match &self.socket {
+            Some(s) => Some(s.try_clone().map_err(MigrationError::io("socket"))?),
+            None => None,
+        };
+        Ok(Conn { inner: self.inner.clone(), socket })
     }
 
     /// Who the peer is: the name in its certificate, or its address.
     pub fn peer_identity(&self) -> String {
-        let addr = self.socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let addr = self.socket.as_ref().and_then(|s| s.peer_addr().ok()).map(|a| a.to_string()).unwrap_or_default();
         match &*self.inner.borrow() {
+            Inner::Pipes { .. } => "pipe".into(),
             Inner::Plain(_) => format!("insecure:{addr}"),
             Inner::Tls { conn, .. } => {
                 let name = conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
@@ -169,6 +222,18 @@ impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.read(buf),
+            Inner::Pipes { read, read_timeout, .. } => {
+                if let Some(t) = read_timeout {
+                    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                    use std::os::fd::AsFd;
+                    let ms = PollTimeout::try_from(t.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+                    let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+                    if poll(&mut fds, ms).map_err(std::io::Error::from)? == 0 {
+                        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer sent nothing in time"));
+                    }
+                }
+                read.read(buf)
+            }
             Inner::Tls { conn, sock } => loop {
                 match conn.reader().read(buf) {
                     Ok(n) => return Ok(n),
@@ -196,6 +261,10 @@ impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.write(buf),
+            Inner::Pipes { write, .. } => match write {
+                Some(w) => w.write(buf),
+                None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed")),
+            },
             Inner::Tls { conn, sock } => {
                 let n = conn.writer().write(buf)?;
                 while conn.wants_write() {
@@ -209,6 +278,7 @@ impl Write for Conn {
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
+            Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),
             Inner::Tls { conn, sock } => {
                 while conn.wants_write() {
                     conn.write_tls(sock)?;

@@ -8,14 +8,58 @@ use crate::MigrationError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     Tcp { host: String, port: u16 },
+    /// Through the system `ssh`, which runs `ctmigrate receive --stdio`
+    /// there.
+    Ssh { user: Option<String>, host: String, port: Option<u16> },
 }
 
 impl std::fmt::Display for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Destination::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Destination::Ssh { user, host, port } => {
+                write!(f, "ssh://")?;
+                if let Some(u) = user {
+                    write!(f, "{u}@")?;
+                }
+                write!(f, "{host}")?;
+                if let Some(p) = port {
+                    write!(f, ":{p}")?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// Starts `ssh` to run `remote_command` on the destination, its stdio the
+/// migration stream. BatchMode: ssh fails rather than prompt, so a script
+/// never hangs on a password or a new host key; the user's ssh config,
+/// agent, known_hosts and ProxyJump apply as usual.
+pub fn spawn_ssh(
+    dest: &Destination,
+    options: &[String],
+    remote_command: &str,
+    stderr: std::fs::File,
+) -> Result<std::process::Child, MigrationError> {
+    let Destination::Ssh { user, host, port } = dest else {
+        return Err(MigrationError::Usage("not an ssh:// destination".into()));
+    };
+    let mut cmd = std::process::Command::new(std::env::var_os("CTMIGRATE_SSH").unwrap_or_else(|| "ssh".into()));
+    cmd.args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=10", "-T"]);
+    if let Some(p) = port {
+        cmd.arg("-p").arg(p.to_string());
+    }
+    for o in options {
+        cmd.arg("-o").arg(o);
+    }
+    let target = match user {
+        Some(u) => format!("{u}@{host}"),
+        None => host.clone(),
+    };
+    cmd.arg("--").arg(target).arg(remote_command);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(stderr);
+    cmd.spawn().map_err(|e| MigrationError::Unreachable { addr: dest.to_string(), reason: format!("cannot run ssh: {e}") })
 }
 
 impl std::str::FromStr for Destination {
@@ -23,8 +67,31 @@ impl std::str::FromStr for Destination {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let usage = |why: &str| {
-            MigrationError::Usage(format!("invalid destination `{s}`: {why}; expected tcp://HOST:PORT"))
+            MigrationError::Usage(format!(
+                "invalid destination `{s}`: {why}; expected tcp://HOST:PORT or ssh://[USER@]HOST[:PORT]"
+            ))
         };
+        if let Some(rest) = s.strip_prefix("ssh://") {
+            let (user, hostport) = match rest.split_once('@') {
+                Some((u, h)) if !u.is_empty() => (Some(u.to_string()), h),
+                Some(_) => return Err(usage("empty user")),
+                None => (None, rest),
+            };
+            let (host, port) = match hostport.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                    let port: u16 = p.parse().map_err(|_| usage("port is not a number from 1 to 65535"))?;
+                    (h.trim_start_matches('[').trim_end_matches(']'), Some(port))
+                }
+                _ => (hostport, None),
+            };
+            if host.is_empty() || host.starts_with('-') || host.contains(char::is_whitespace) {
+                return Err(usage("bad host"));
+            }
+            if user.as_deref().is_some_and(|u| u.starts_with('-') || u.contains(char::is_whitespace)) {
+                return Err(usage("bad user"));
+            }
+            return Ok(Destination::Ssh { user, host: host.to_string(), port });
+        }
         let rest = s.strip_prefix("tcp://").ok_or_else(|| usage("unknown scheme"))?;
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| usage("no port"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -41,7 +108,9 @@ impl std::str::FromStr for Destination {
 
 /// Connects with a deadline, trying each resolved address.
 pub fn connect(dest: &Destination, timeout: Duration) -> Result<TcpStream, MigrationError> {
-    let Destination::Tcp { host, port } = dest;
+    let Destination::Tcp { host, port } = dest else {
+        return Err(MigrationError::Usage("not a tcp:// destination".into()));
+    };
     let unreachable = |reason: String| MigrationError::Unreachable { addr: dest.to_string(), reason };
     let addrs: Vec<SocketAddr> = (host.as_str(), *port)
         .to_socket_addrs()
@@ -74,8 +143,94 @@ mod tests {
             "tcp://[::1]:7000".parse::<Destination>().unwrap(),
             Destination::Tcp { host: "::1".into(), port: 7000 }
         );
-        for bad in ["10.0.0.2:7000", "tcp://host", "tcp://:1", "tcp://h:0", "tcp://h:99999", "udp://h:1"] {
+        assert_eq!(
+            "ssh://root@db1:2222".parse::<Destination>().unwrap(),
+            Destination::Ssh { user: Some("root".into()), host: "db1".into(), port: Some(2222) }
+        );
+        assert_eq!(
+            "ssh://db1".parse::<Destination>().unwrap(),
+            Destination::Ssh { user: None, host: "db1".into(), port: None }
+        );
+        for bad in ["10.0.0.2:7000", "tcp://host", "tcp://:1", "tcp://h:0", "tcp://h:99999", "udp://h:1", "ssh://-oProxyCommand=x", "ssh://@h", "ssh://h:x"] {
             assert!(bad.parse::<Destination>().is_err(), "{bad} accepted");
         }
+    }
+}
+
+/// A writer that keeps to a byte rate (`--bwlimit`): after each write it
+/// sleeps as long as it is ahead of `bytes_per_s` since it started.
+pub struct Throttle<W> {
+    inner: W,
+    bytes_per_s: Option<u64>,
+    started: Option<std::time::Instant>,
+    written: u64,
+}
+
+impl<W> Throttle<W> {
+    pub fn new(inner: W, bytes_per_s: Option<u64>) -> Self {
+        Self { inner, bytes_per_s, started: None, written: 0 }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Throttle<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some(rate) = self.bytes_per_s else { return self.inner.write(buf) };
+        // At most a tenth of a second's worth per write keeps the pace smooth.
+        let max = ((rate / 10).max(4096) as usize).min(buf.len());
+        let n = self.inner.write(&buf[..max])?;
+        let started = *self.started.get_or_insert_with(std::time::Instant::now);
+        self.written += n as u64;
+        let due = Duration::from_secs_f64(self.written as f64 / rate as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `--bwlimit`: bytes per second, with an optional k, M or G suffix (powers
+/// of 1000), e.g. `50M`.
+pub fn parse_rate(s: &str) -> Result<u64, MigrationError> {
+    let bad = || MigrationError::Usage(format!("invalid rate `{s}`: expected bytes per second such as 500k, 50M or 1G"));
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1_000),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1_000_000),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1_000_000_000),
+        _ => (s, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad());
+    }
+    Ok(((v * mult as f64) as u64).max(1))
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("50M").unwrap(), 50_000_000);
+        assert_eq!(parse_rate("1.5k").unwrap(), 1500);
+        assert_eq!(parse_rate("123").unwrap(), 123);
+        for bad in ["", "M", "-5M", "fast", "0"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn throttle_keeps_to_its_rate() {
+        // 200 kB at 1 MB/s takes about 0.2 s; never less.
+        let mut t = Throttle::new(Vec::new(), Some(1_000_000));
+        let start = std::time::Instant::now();
+        t.write_all(&vec![0u8; 200_000]).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
+        assert_eq!(t.inner.len(), 200_000);
     }
 }
