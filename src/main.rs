@@ -176,6 +176,9 @@ enum Command {
         /// (repeatable); other host bind mounts are refused.
         #[arg(long = "allow-bind-source")]
         allow_bind_source: Vec<PathBuf>,
+        /// Clear setuid and setgid bits of received rootfs files.
+        #[arg(long)]
+        strip_setuid: bool,
         #[command(flatten)]
         security: SecurityArgs,
         /// Where to append one JSON line per migration.
@@ -305,6 +308,7 @@ fn main() -> ExitCode {
             timeout,
             max_bytes,
             allow_bind_source,
+            strip_setuid,
             security,
             audit_log,
             json,
@@ -324,6 +328,7 @@ fn main() -> ExitCode {
                 security: security.security(),
                 audit_log,
                 allowed_bind_sources: allow_bind_source,
+                unpack: migration_engine::rootfs::UnpackPolicy { strip_setuid },
             };
             if stdio {
                 // stdout carries the migration stream.

@@ -287,3 +287,37 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     assert_nothing_written(&bed);
     migrate_ok(&bed, port, "after");
 }
+
+/// Benchmark (not run by the suite): the wire rate `--bwlimit` achieves,
+/// against the limit. 128 MiB of incompressible memory at 20 MB/s; the rate
+/// is bytes on the wire over the time from the first rootfs byte to the end
+/// of the transfer. Prints one `BENCH {json}` line. Run with
+/// `cargo test --release --test security -- --ignored bench_bwlimit --nocapture`.
+#[test]
+#[ignore = "benchmark: run by hand, see docs/performance.md"]
+fn bench_bwlimit() {
+    let bed = testbed("bwl").expect("root prerequisites");
+    let id = format!("bw-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Pattern { mib: 128, dirty_kib_per_s: 0 }).unwrap();
+    wait_for(Duration::from_secs(30), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1)).unwrap();
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let limit = 20_000_000u64;
+    let sent = bed.run_sender(&id, port, &["--bwlimit", "20M", "--mode", "stop-copy"], &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "{}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(60)), Some(0));
+    let at = |phase: &str| {
+        sent.events.iter().find(|e| e["event"] == "phase" && e["phase"] == phase).and_then(|e| e["elapsed_ms"].as_u64()).unwrap()
+    };
+    let window_ms = at("restore") - at("rootfs-sync");
+    let bytes = sent.result().unwrap()["bytes_sent"].as_u64().unwrap();
+    let rate = bytes as f64 / (window_ms as f64 / 1000.0);
+    let figures = serde_json::json!({
+        "limit_bytes_per_s": limit,
+        "bytes_on_wire": bytes,
+        "window_ms": window_ms,
+        "measured_bytes_per_s": rate.round(),
+        "ratio_to_limit": (rate / limit as f64 * 1000.0).round() / 1000.0,
+    });
+    println!("BENCH {figures}");
+}

@@ -235,17 +235,23 @@ fn open_dir(path: Option<&Path>) -> Result<Option<File>, CriuError> {
     })
 }
 
+/// One request to a fresh `criu swrk`, which then exits.
+fn one_request(binary: &Path, req: &CriuReq) -> Result<CriuResp, CriuError> {
+    let mut s = CriuSession::start(binary)?;
+    let resp = s.request(req, &mut |_| NotifyAction::Continue)?;
+    s.finish()?;
+    Ok(resp)
+}
+
 /// Asks CRIU for its version.
 pub fn version(binary: &Path) -> Result<CriuVersion, CriuError> {
-    let mut s = CriuSession::start(binary)?;
-    let resp = s.request(
+    let resp = one_request(
+        binary,
         &CriuReq {
             r#type: CriuReqType::Version as i32,
             ..Default::default()
         },
-        &mut |_| NotifyAction::Continue,
     )?;
-    s.finish()?;
     let v = resp.version.unwrap_or_default();
     Ok(CriuVersion {
         major: v.major_number.max(0) as u32,
@@ -256,8 +262,8 @@ pub fn version(binary: &Path) -> Result<CriuVersion, CriuError> {
 
 /// Asks CRIU which of the features it knows of work on this kernel.
 pub fn feature_check(binary: &Path) -> Result<CriuFeatures, CriuError> {
-    let mut s = CriuSession::start(binary)?;
-    let resp = s.request(
+    let resp = one_request(
+        binary,
         &CriuReq {
             r#type: CriuReqType::FeatureCheck as i32,
             features: Some(RpcFeatures {
@@ -269,9 +275,7 @@ pub fn feature_check(binary: &Path) -> Result<CriuFeatures, CriuError> {
             opts: Some(CriuOpts::default()),
             ..Default::default()
         },
-        &mut |_| NotifyAction::Continue,
     )?;
-    s.finish()?;
     let f = resp.features.unwrap_or_default();
     Ok(CriuFeatures {
         mem_track: f.mem_track.unwrap_or(false),

@@ -44,6 +44,7 @@ pub struct ReceiveOptions {
     pub audit_log: PathBuf,
     /// Host paths containers may bind-mount (`--allow-bind-source`).
     pub allowed_bind_sources: Vec<PathBuf>,
+    pub unpack: rootfs::UnpackPolicy,
 }
 
 /// Marker in a bundle that is not committed yet: holds the receiver's pid.
@@ -367,7 +368,7 @@ impl<'a> Session<'a> {
             let frame = self.read()?;
             match frame.kind {
                 MessageKind::RootfsData | MessageKind::RootfsEnd => {
-                    let (_end, bytes) = rootfs::receive_pass(&mut self.reader, frame, &rootfs_dir)?;
+                    let (_end, bytes) = rootfs::receive_pass(&mut self.reader, frame, &rootfs_dir, &self.opts.unpack)?;
                     self.sink_bytes += bytes;
                 }
                 MessageKind::RoundBegin => {

@@ -215,6 +215,14 @@ impl<R: Read> Read for FrameSource<'_, R> {
     }
 }
 
+/// What the receiver allows in a rootfs stream beyond the fixed rules (no
+/// escapes, no hard links, no device nodes).
+#[derive(Debug, Clone, Default)]
+pub struct UnpackPolicy {
+    /// Clear setuid and setgid bits (`receive --strip-setuid`).
+    pub strip_setuid: bool,
+}
+
 /// A path from the stream made safe to join onto the rootfs: relative,
 /// without `..`, `.` or root components.
 pub fn safe_relative(path: &Path) -> Result<PathBuf, MigrationError> {
@@ -245,6 +253,7 @@ pub fn receive_pass<R: Read>(
     input: &mut FrameReader<R>,
     first: Frame,
     dest: &Path,
+    policy: &UnpackPolicy,
 ) -> Result<(RootfsEnd, u64), MigrationError> {
     let mut source = FrameSource { input, current: Vec::new(), pos: 0, end: None, received: 0 };
     match first.kind {
@@ -264,6 +273,9 @@ pub fn receive_pass<R: Read>(
         archive.set_preserve_mtime(true);
         archive.set_overwrite(true);
         archive.set_unpack_xattrs(false);
+        if policy.strip_setuid {
+            archive.set_mask(0o6000);
+        }
         let entries = archive.entries().map_err(MigrationError::io("reading the rootfs stream"))?;
         for entry in entries {
             let mut entry = entry.map_err(stream_err)?;
@@ -353,7 +365,7 @@ mod tests {
         let (bytes, snap) = send(src.path(), None);
         let mut r = FrameReader::new(&bytes[..]);
         let first = r.read_frame().unwrap();
-        let (end, _) = receive_pass(&mut r, first, dst.path()).unwrap();
+        let (end, _) = receive_pass(&mut r, first, dst.path(), &UnpackPolicy::default()).unwrap();
         assert_eq!(end.phase, RootfsPhase::Initial);
         assert_eq!(std::fs::read_to_string(dst.path().join("etc/app/conf")).unwrap(), "one");
         assert_eq!(std::fs::read_link(dst.path().join("link")).unwrap(), Path::new("etc/app/conf"));
@@ -364,7 +376,7 @@ mod tests {
         let (bytes, _) = send(src.path(), Some(&snap));
         let mut r = FrameReader::new(&bytes[..]);
         let first = r.read_frame().unwrap();
-        let (end, _) = receive_pass(&mut r, first, dst.path()).unwrap();
+        let (end, _) = receive_pass(&mut r, first, dst.path(), &UnpackPolicy::default()).unwrap();
         assert_eq!(end.phase, RootfsPhase::Delta);
         assert_eq!(end.deleted, vec!["gone".to_string()]);
         // Only what changed travels: the file, the new file, and the
@@ -395,9 +407,26 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         let mut r = FrameReader::new(&bytes[..]);
         let first = r.read_frame().unwrap();
-        let err = receive_pass(&mut r, first, dst.path()).unwrap_err().to_string();
+        let err = receive_pass(&mut r, first, dst.path(), &UnpackPolicy::default()).unwrap_err().to_string();
         assert!(err.contains("device node"), "{err}");
         assert!(!dst.path().join("dev/sda").exists());
+    }
+
+    #[test]
+    fn setuid_bits_are_kept_or_stripped_by_policy() {
+        use std::os::unix::fs::PermissionsExt;
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("su"), "x").unwrap();
+        std::fs::set_permissions(src.path().join("su"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        for (strip, want) in [(false, 0o4755), (true, 0o755)] {
+            let dst = tempfile::tempdir().unwrap();
+            let (bytes, _) = send(src.path(), None);
+            let mut r = FrameReader::new(&bytes[..]);
+            let first = r.read_frame().unwrap();
+            receive_pass(&mut r, first, dst.path(), &UnpackPolicy { strip_setuid: strip }).unwrap();
+            let mode = std::fs::metadata(dst.path().join("su")).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, want, "strip={strip}");
+        }
     }
 
     #[test]
