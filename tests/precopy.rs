@@ -227,10 +227,13 @@ fn bench_precopy_vs_stop_copy_in_guest() {
 #[ignore = "benchmark half that runs inside the guest"]
 fn guest_bench_frozen_time() {
     let bed = require_guest();
-    const RUNS: usize = 3;
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
     let mut frozen: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    // Where the frozen time goes, for the last run of each mode: ms from
+    // the freeze to the start of each later phase.
+    let mut phases: std::collections::BTreeMap<&str, serde_json::Value> = Default::default();
     let mut finals: Vec<u64> = Vec::new();
-    for run in 0..RUNS {
+    for run in 0..runs {
         for mode in ["stop-copy", "precopy"] {
             let id = format!("bench-{mode}-{run}-{}", bed.tag);
             let src = bed.start_fixture(&id, &Workload::Pattern { mib: 256, dirty_kib_per_s: 1024 }).unwrap();
@@ -244,6 +247,18 @@ fn guest_bench_frozen_time() {
             assert_eq!(receiver.wait(Duration::from_secs(120)), Some(0));
             let r = sent.result().unwrap();
             frozen.entry(mode).or_default().push(r["frozen_ms"].as_u64().unwrap());
+            let at = |p: &str| sent.events.iter().find(|e| e["phase"] == p).and_then(|e| e["elapsed_ms"].as_u64());
+            let freeze = at("freeze").unwrap();
+            phases.insert(
+                mode,
+                serde_json::json!({
+                    "rootfs_delta": at("rootfs-delta").map(|t| t - freeze),
+                    "dump": at("dump").map(|t| t - freeze),
+                    "transfer_rest": at("transfer").map(|t| t - freeze),
+                    "restore": at("restore").map(|t| t - freeze),
+                    "restored_at": r["frozen_ms"],
+                }),
+            );
             if mode == "precopy" {
                 finals.push(r["final_bytes"].as_u64().unwrap());
             }
@@ -259,7 +274,8 @@ fn guest_bench_frozen_time() {
     let pre = median(frozen.get_mut("precopy").unwrap());
     let figures = serde_json::json!({
         "fixture": "pattern 256 MiB, 1 MiB/s dirtied",
-        "runs": RUNS,
+        "runs": runs,
+        "ms_after_freeze_last_run": phases,
         "frozen_ms": frozen,
         "median_frozen_ms": {"stop-copy": stop, "precopy": pre},
         "precopy_final_dump_bytes": finals,

@@ -82,6 +82,22 @@ impl BundlePolicy {
                 }
             }
         }
+        // Device nodes and device cgroup rules open host hardware to the
+        // container: never on a sender's word.
+        if let Some(devices) = linux.devices().as_ref().filter(|d| !d.is_empty()) {
+            let paths: Vec<String> = devices.iter().map(|d| d.path().display().to_string()).collect();
+            return Err(RuntimeError::Config(format!(
+                "the container asks for host devices ({}), which a receiver does not take from a sender",
+                paths.join(", ")
+            )));
+        }
+        if let Some(rules) = linux.resources().as_ref().and_then(|r| r.devices().clone()) {
+            if rules.iter().any(|r| r.allow()) {
+                return Err(RuntimeError::Config(
+                    "the container's device cgroup rules allow devices, which a receiver does not take from a sender".into(),
+                ));
+            }
+        }
         let parent = format!("/{}", self.cgroup_parent.trim_matches('/'));
         let cgroups_path = if parent == "/" { format!("/{dest_id}") } else { format!("{parent}/{dest_id}") };
         linux.set_cgroups_path(Some(cgroups_path.clone().into()));
@@ -172,6 +188,19 @@ mod tests {
         cfg["mounts"] = serde_json::json!([{"destination": "/h", "type": "bind", "source": "/etc", "options": ["rbind"]}]);
         let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
         assert!(err.contains("does not allow"), "{err}");
+        // Devices and device-allowing cgroup rules are refused.
+        let mut cfg = source_config();
+        cfg["linux"]["devices"] = serde_json::json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
+        let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
+        assert!(err.contains("/dev/sda"), "{err}");
+        let mut cfg = source_config();
+        cfg["linux"]["resources"] = serde_json::json!({"devices": [{"allow": true, "access": "rwm"}]});
+        let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
+        assert!(err.contains("device cgroup"), "{err}");
+        // runc's default rule (deny all) passes.
+        let mut cfg = source_config();
+        cfg["linux"]["resources"] = serde_json::json!({"devices": [{"allow": false, "access": "rwm"}]});
+        policy.destination_config(&cfg, "a", Path::new("/b")).unwrap();
         // Hooks are refused, with the reason.
         let mut cfg = source_config();
         cfg["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/evil"}]});
