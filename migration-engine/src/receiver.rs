@@ -153,7 +153,7 @@ fn serve_as(
 ) -> Result<(), (MigrationError, Outcome)> {
     let started = Instant::now();
     let mut result = ResultEvent { role: "receiver", mode: "stop-copy".into(), ..Default::default() };
-    let mut session = Session::new(opts, runc, conn, identity.clone(), rep).map_err(|e| (e, Outcome::NothingTouched))?;
+    let mut session = Session::new(opts, runc, conn, rep).map_err(|e| (e, Outcome::NothingTouched))?;
     let outcome = session.run(&mut result, &identity);
     result.total_ms = started.elapsed().as_millis() as u64;
     result.bytes_sent = session.reader.wire_bytes;
@@ -208,7 +208,6 @@ impl<'a> Session<'a> {
         opts: &'a ReceiveOptions,
         runc: &'a Runc,
         conn: crate::tls::Conn,
-        _identity: String,
         rep: &'a Reporter,
     ) -> Result<Self, MigrationError> {
         Ok(Self {

@@ -462,12 +462,10 @@ impl<'a> Migration<'a> {
         self.frozen = true;
         let frozen_at = Instant::now();
 
-        let restored = match self.frozen_phase(&snapshot, result) {
-            Ok(r) => r,
-            Err(e) => return Err(self.rollback(e)),
-        };
+        if let Err(e) = self.frozen_phase(&snapshot, result) {
+            return Err(self.rollback(e));
+        }
         result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
-        let _ = restored;
 
         // Commit.
         self.rep.phase(Phase::Commit);
@@ -597,7 +595,7 @@ impl<'a> Migration<'a> {
     }
 
     /// Rootfs delta, dump and transfer, restore on the destination.
-    fn frozen_phase(&mut self, snapshot: &rootfs::Snapshot, result: &mut ResultEvent) -> Result<Restored, MigrationError> {
+    fn frozen_phase(&mut self, snapshot: &rootfs::Snapshot, result: &mut ResultEvent) -> Result<(), MigrationError> {
         failpoints::hit("sender-after-freeze")?;
         self.rep.phase(Phase::RootfsDelta);
         rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(snapshot), &mut |_| {})
@@ -612,8 +610,8 @@ impl<'a> Migration<'a> {
 
         self.rep.phase(Phase::Restore);
         let frame = self.p.peer.read_with_timeout(self.opts.restore_timeout)?;
-        let restored: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
-        Ok(restored)
+        let _: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
+        Ok(())
     }
 
     /// Runs CRIU in a thread while this one streams its page images; then
