@@ -34,6 +34,15 @@ pub fn valid_image_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// Sizes of one round of images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RoundBytes {
+    /// All image files.
+    pub images: u64,
+    /// Memory pages (`pages-*.img`).
+    pub pages: u64,
+}
+
 #[derive(Debug, Default)]
 struct Sent {
     offset: u64,
@@ -85,16 +94,16 @@ impl ImageStreamer {
     }
 
     /// After CRIU returned: the rest of every file, then ImagesDone.
+    /// Returns the sizes of what the round holds.
     pub fn finish<W: Write>(
         &mut self,
         out: &mut FrameWriter<W>,
         comp: &mut Compressor,
         dump_ms: u64,
-    ) -> Result<(u64, u64), MigrationError> {
-        let mut sent = 0;
+    ) -> Result<RoundBytes, MigrationError> {
         let mut files = Vec::new();
         for name in self.names()? {
-            sent += self.send_tail(out, comp, &name)?;
+            self.send_tail(out, comp, &name)?;
             let s = &self.sent[&name];
             let size = std::fs::metadata(self.dir.join(&name)).map_err(MigrationError::io("stat image"))?.len();
             if size != s.offset {
@@ -105,9 +114,12 @@ impl ImageStreamer {
             }
             files.push(ImageFileSummary { name: name.clone(), size, crc32c: s.crc });
         }
-        let image_bytes = files.iter().map(|f| f.size).sum();
+        let bytes = RoundBytes {
+            images: files.iter().map(|f| f.size).sum(),
+            pages: files.iter().filter(|f| is_append_only(&f.name)).map(|f| f.size).sum(),
+        };
         out.write_json(MessageKind::ImagesDone, &ImagesDone { files, dump_ms })?;
-        Ok((sent, image_bytes))
+        Ok(bytes)
     }
 
     fn send_tail<W: Write>(
@@ -289,7 +301,8 @@ mod tests {
         f.write_all(&[2u8; 100]).unwrap();
         std::fs::write(src.path().join("inventory.img"), b"inv").unwrap();
         std::fs::write(src.path().join("empty.img"), b"").unwrap();
-        s.finish(&mut w, &mut c, 5).unwrap();
+        let bytes = s.finish(&mut w, &mut c, 5).unwrap();
+        assert_eq!(bytes, RoundBytes { images: (3 * CHUNK / 2 + 100 + 3) as u64, pages: (3 * CHUNK / 2 + 100) as u64 });
 
         let bytes = w.get_ref().clone();
         let mut r = FrameReader::new(&bytes[..]);

@@ -89,17 +89,7 @@ struct Peer {
     control: Conn,
     identity: String,
     /// The `ssh` child for ssh:// destinations, and where its stderr goes.
-    ssh: Option<(std::process::Child, tempfile_like::TempFile)>,
-}
-
-/// A file removed when dropped (ssh's stderr).
-mod tempfile_like {
-    pub struct TempFile(pub std::path::PathBuf);
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    ssh: Option<(std::process::Child, tempfile::NamedTempFile)>,
 }
 
 impl Drop for Peer {
@@ -145,7 +135,7 @@ impl Peer {
         while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let text = std::fs::read_to_string(&stderr.0).ok()?;
+        let text = std::fs::read_to_string(stderr.path()).ok()?;
         text.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!("ssh: {}", l.trim()))
     }
 
@@ -298,9 +288,9 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
             }
         }
         ssh_dest @ crate::transport::Destination::Ssh { .. } => {
-            let err_path = std::env::temp_dir().join(format!("ctmigrate-ssh-{}.err", std::process::id()));
-            let err_file = std::fs::File::create(&err_path).map_err(MigrationError::io("creating ssh's stderr file"))?;
-            let stderr = tempfile_like::TempFile(err_path);
+            // ssh's stderr, for the reason it gives when it fails.
+            let stderr = tempfile::NamedTempFile::new().map_err(MigrationError::io("creating ssh's stderr file"))?;
+            let err_file = stderr.reopen().map_err(MigrationError::io("opening ssh's stderr file"))?;
             let mut child = crate::transport::spawn_ssh(ssh_dest, &opts.ssh_options, &opts.remote_command, err_file)?;
             let pid = child.id() as i32;
             interrupt::register_cut(move || {
@@ -530,7 +520,9 @@ impl<'a> Migration<'a> {
         let mut rounds: Vec<RoundReport> = Vec::new();
         for round in 1..=self.opts.max_iterations {
             let started = Instant::now();
-            let bytes = self.criu_round(RoundKind::PreDump, round)?;
+            let sizes = self.criu_round(RoundKind::PreDump, round)?;
+            result.image_bytes += sizes.images;
+            let bytes = sizes.pages;
             // Keep the destination's rootfs close, so the frozen delta is small.
             rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(&snapshot), &mut |_| {})
                 .map(|s| snapshot = s)?;
@@ -557,9 +549,8 @@ impl<'a> Migration<'a> {
     }
 
     /// One CRIU run (a pre-dump round, or the final dump) into its own
-    /// images directory, streamed as CRIU writes. Returns the bytes of
-    /// memory pages it wrote.
-    fn criu_round(&mut self, kind: RoundKind, round: u32) -> Result<u64, MigrationError> {
+    /// images directory, streamed as CRIU writes.
+    fn criu_round(&mut self, kind: RoundKind, round: u32) -> Result<images::RoundBytes, MigrationError> {
         use std::os::unix::fs::DirBuilderExt;
         let images = self.work_dir.join("images");
         let dir = images.join(round_dir(kind, round));
@@ -603,9 +594,9 @@ impl<'a> Migration<'a> {
 
         self.rep.phase(Phase::Dump);
         let final_round = result.rounds.len() as u32 + 1;
-        let pages = self.criu_round(RoundKind::Final, final_round).map_err(|e| self.explain_send_error(e))?;
-        result.final_bytes = Some(pages);
-        result.image_bytes = dir_size(&self.work_dir.join("images"));
+        let sizes = self.criu_round(RoundKind::Final, final_round).map_err(|e| self.explain_send_error(e))?;
+        result.final_bytes = Some(sizes.pages);
+        result.image_bytes += sizes.images;
         self.p.peer.flush().map_err(|e| self.explain_send_error(e))?;
 
         self.rep.phase(Phase::Restore);
@@ -615,8 +606,8 @@ impl<'a> Migration<'a> {
     }
 
     /// Runs CRIU in a thread while this one streams its page images; then
-    /// sends the rest and ImagesDone. Returns the bytes of page images.
-    fn dump_and_stream(&mut self, dump: DumpOptions) -> Result<u64, MigrationError> {
+    /// sends the rest and ImagesDone.
+    fn dump_and_stream(&mut self, dump: DumpOptions) -> Result<images::RoundBytes, MigrationError> {
         let images = dump.images_dir.clone();
         let log = self.work_dir.join(&dump.log_file);
         let pre_dump = dump.pre_dump;
@@ -666,8 +657,7 @@ impl<'a> Migration<'a> {
             self.rep.phase(Phase::Transfer);
             failpoints::hit("sender-after-dump")?;
         }
-        streamer.finish(&mut self.p.peer.writer, &mut self.compressor, dump_ms)?;
-        Ok(pages_bytes(&images))
+        streamer.finish(&mut self.p.peer.writer, &mut self.compressor, dump_ms)
     }
 
     /// A write error usually means the receiver hung up; use its reason.
@@ -756,28 +746,4 @@ pub fn round_dir(kind: RoundKind, round: u32) -> String {
         RoundKind::PreDump => format!("round-{round}"),
         RoundKind::Final => "final".to_string(),
     }
-}
-
-/// Bytes of memory pages in an images directory (`pages-*.img`).
-fn pages_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| images::is_append_only(&e.file_name().to_string_lossy()))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// Bytes of all regular files below `dir`.
-fn dir_size(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
 }

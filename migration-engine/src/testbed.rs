@@ -426,23 +426,13 @@ pub struct ChildProcess {
     pub child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     pub events: Vec<serde_json::Value>,
-    stderr_path: tempfile_path::TempPath,
-}
-
-mod tempfile_path {
-    /// A file path removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    stderr_file: tempfile::NamedTempFile,
 }
 
 impl ChildProcess {
     pub fn spawn(mut cmd: Command) -> Result<Self, MigrationError> {
-        let stderr_path = std::env::temp_dir().join(unique_tag("ctm-stderr-"));
-        let stderr = std::fs::File::create(&stderr_path).map_err(MigrationError::io("creating a stderr file"))?;
+        let stderr_file = tempfile::NamedTempFile::new().map_err(MigrationError::io("creating a stderr file"))?;
+        let stderr = stderr_file.reopen().map_err(MigrationError::io("opening the stderr file"))?;
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -459,7 +449,7 @@ impl ChildProcess {
                 }
             }
         });
-        Ok(Self { child, lines: rx, events: Vec::new(), stderr_path: tempfile_path::TempPath(stderr_path) })
+        Ok(Self { child, lines: rx, events: Vec::new(), stderr_file })
     }
 
     /// Waits for an event named `name`; returns it.
@@ -491,7 +481,7 @@ impl ChildProcess {
     }
 
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path.0).unwrap_or_default()
+        std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
     }
 
     /// Waits for exit (up to `timeout`, then kills); returns the exit code.
