@@ -87,6 +87,36 @@ enum CertsCommand {
 }
 
 #[derive(Subcommand)]
+enum HookCommand {
+    /// createRuntime hook: a veth pair from the container's network
+    /// namespace to a bridge, with addresses and a default route.
+    Attach {
+        /// Bridge the host end joins.
+        #[arg(long)]
+        bridge: String,
+        /// ADDR/PREFIX inside the container (repeatable).
+        #[arg(long = "address", required = true)]
+        addresses: Vec<String>,
+        /// Default gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// MAC inside the container (default: derived from the container id).
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// Interface name inside the container.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+    },
+    /// poststop hook: remove the host end `attach` made.
+    Detach,
+    /// poststop hook a receiver adds to migrated containers: remove the
+    /// network namespace it built for them.
+    RemoveNetns,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Migrate a running container to a receiver.
     Send {
@@ -138,6 +168,10 @@ enum Command {
         /// The command ssh runs on the destination.
         #[arg(long, default_value = "ctmigrate receive --stdio")]
         remote_command: String,
+        /// Move established TCP connections with the container (CRIU's TCP
+        /// repair); the peers see a pause, not a reset.
+        #[arg(long)]
+        tcp_established: bool,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
@@ -179,6 +213,10 @@ enum Command {
         /// Clear setuid and setgid bits of received rootfs files.
         #[arg(long)]
         strip_setuid: bool,
+        /// Bridge that migrated containers' interfaces are attached to (the
+        /// container keeps its addresses and MAC).
+        #[arg(long)]
+        bridge: Option<String>,
         #[command(flatten)]
         security: SecurityArgs,
         /// Where to append one JSON line per migration.
@@ -206,6 +244,11 @@ enum Command {
     Validate {
         #[arg(long)]
         json: bool,
+    },
+    /// OCI runtime hooks (state JSON on stdin); see docs/hooks.md.
+    Hook {
+        #[command(subcommand)]
+        command: HookCommand,
     },
     /// Internal: the freeze guard a sender starts (see migration-engine's
     /// guard module).
@@ -249,6 +292,7 @@ fn main() -> ExitCode {
             bwlimit,
             ssh_opt,
             remote_command,
+            tcp_established,
             json,
         } => {
             let bwlimit = match bwlimit.as_deref().map(migration_engine::transport::parse_rate).transpose() {
@@ -284,6 +328,7 @@ fn main() -> ExitCode {
                 bwlimit,
                 ssh_options: ssh_opt,
                 remote_command,
+                tcp_established,
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {
@@ -309,10 +354,16 @@ fn main() -> ExitCode {
             max_bytes,
             allow_bind_source,
             strip_setuid,
+            bridge,
             security,
             audit_log,
             json,
         } => {
+            if let Some(b) = &bridge {
+                if let Err(e) = container_network::check_bridge(b) {
+                    return fail(e, exit::USAGE);
+                }
+            }
             let opts = ReceiveOptions {
                 listen: listen.unwrap_or_default(),
                 once,
@@ -329,6 +380,7 @@ fn main() -> ExitCode {
                 audit_log,
                 allowed_bind_sources: allow_bind_source,
                 unpack: migration_engine::rootfs::UnpackPolicy { strip_setuid },
+                bridge,
             };
             if stdio {
                 // stdout carries the migration stream.
@@ -373,6 +425,23 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::from(exit::OK),
             Err(e) => fail(e, exit::INTERNAL),
         },
+        Command::Hook { command } => {
+            let state = match runtime_hooks::HookState::read(std::io::stdin().lock()) {
+                Ok(s) => s,
+                Err(e) => return fail(e, exit::USAGE),
+            };
+            let done = match command {
+                HookCommand::Attach { bridge, addresses, gateway, mac, mtu, ifname } => {
+                    runtime_hooks::attach(&state, &runtime_hooks::AttachOptions { bridge, ifname, addresses, gateway, mac, mtu })
+                }
+                HookCommand::Detach => runtime_hooks::detach(&state),
+                HookCommand::RemoveNetns => runtime_hooks::remove_netns(&state),
+            };
+            match done {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => fail(format!("hook for container `{}`: {e}", state.id), exit::INTERNAL),
+            }
+        }
         Command::Validate { json } => {
             let rep = Reporter::new(json);
             match validate::run(&validate::ValidateOptions::default(), &rep) {

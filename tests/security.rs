@@ -142,6 +142,7 @@ impl Hostile {
             mode: "stop-copy".into(),
             max_rounds: 0,
             tcp_established: false,
+            network: None,
             source_host: "hostile".into(),
         };
         self.writer.write_json(MessageKind::Manifest, &m).unwrap();

@@ -34,6 +34,19 @@ pub struct BundlePolicy {
     /// are refused: a sender must not choose what of this host a
     /// container sees.
     pub allowed_bind_sources: Vec<std::path::PathBuf>,
+    /// The network namespace the receiver built for the container, which
+    /// replaces the sender's (a path there, or a namespace of its own).
+    pub network_namespace: Option<std::path::PathBuf>,
+    /// The receiver's own poststop hook (program, argv), which removes
+    /// what it built for the container when the container is deleted.
+    pub poststop_hook: Option<(std::path::PathBuf, Vec<String>)>,
+}
+
+/// Whether a hook is one of ctmigrate's own network hooks, which the
+/// receiver replaces by its own network set-up rather than running.
+fn is_ctmigrate_hook(h: &oci_spec::runtime::Hook) -> bool {
+    let named = h.path().file_name().and_then(|n| n.to_str()) == Some("ctmigrate");
+    named && h.args().as_ref().and_then(|a| a.get(1)).map(String::as_str) == Some("hook")
 }
 
 impl BundlePolicy {
@@ -54,10 +67,28 @@ impl BundlePolicy {
         spec.set_root(Some(root));
 
         // Hooks run as root on this host: they come only from local policy.
-        if spec.hooks().is_some() {
-            return Err(RuntimeError::Config(
-                "the container's config.json has hooks, and a receiver never runs hooks chosen by the sender: remove them before migrating".into(),
-            ));
+        // ctmigrate's own network hooks are dropped (the receiver rebuilds
+        // the network itself); any other hook is refused.
+        if let Some(hooks) = spec.hooks() {
+            let all = [hooks.prestart(), hooks.create_runtime(), hooks.create_container(), hooks.start_container(), hooks.poststart(), hooks.poststop()];
+            if all.iter().flat_map(|l| l.iter().flatten()).any(|h| !is_ctmigrate_hook(h)) {
+                return Err(RuntimeError::Config(
+                    "the container's config.json has hooks, and a receiver never runs hooks chosen by the sender: remove them before migrating".into(),
+                ));
+            }
+        }
+        spec.set_hooks(None);
+        if let Some((path, args)) = &self.poststop_hook {
+            let hook = oci_spec::runtime::HookBuilder::default()
+                .path(path.clone())
+                .args(args.clone())
+                .build()
+                .map_err(|e| RuntimeError::Config(e.to_string()))?;
+            let hooks = oci_spec::runtime::HooksBuilder::default()
+                .poststop(vec![hook])
+                .build()
+                .map_err(|e| RuntimeError::Config(e.to_string()))?;
+            spec.set_hooks(Some(hooks));
         }
 
         // `org.criu.*` annotations steer CRIU (config files, options): the
@@ -71,17 +102,23 @@ impl BundlePolicy {
             .collect();
 
         let mut linux = spec.linux().clone().ok_or_else(|| RuntimeError::Config("config.json has no linux section".into()))?;
-        if let Some(namespaces) = linux.namespaces() {
-            for ns in namespaces {
-                if let Some(p) = ns.path() {
-                    return Err(RuntimeError::Config(format!(
-                        "the container joins an existing {:?} namespace ({}); ctmigrate cannot recreate that namespace on the destination",
-                        ns.typ(),
-                        p.display()
-                    )));
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        for ns in namespaces.iter_mut() {
+            if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+                if let Some(own) = &self.network_namespace {
+                    ns.set_path(Some(own.clone()));
+                    continue;
                 }
             }
+            if let Some(p) = ns.path() {
+                return Err(RuntimeError::Config(format!(
+                    "the container joins an existing {:?} namespace ({}); ctmigrate cannot recreate that namespace on the destination",
+                    ns.typ(),
+                    p.display()
+                )));
+            }
         }
+        linux.set_namespaces(Some(namespaces));
         // Device nodes and device cgroup rules open host hardware to the
         // container: never on a sender's word.
         if let Some(devices) = linux.devices().as_ref().filter(|d| !d.is_empty()) {
@@ -160,7 +197,7 @@ mod tests {
 
     #[test]
     fn destination_config_applies_policy() {
-        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into(), allowed_bind_sources: vec![] };
+        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into(), allowed_bind_sources: vec![], network_namespace: None, poststop_hook: None };
         let (spec, criu) = policy.destination_config(&source_config(), "web2", Path::new("/b/web2")).unwrap();
         assert_eq!(criu, "cgroup-root /ctmigrate/web2\n");
         assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
@@ -176,7 +213,7 @@ mod tests {
 
     #[test]
     fn namespace_paths_and_missing_bind_sources_are_refused() {
-        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into(), allowed_bind_sources: vec!["/nonexistent".into()] };
+        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into(), allowed_bind_sources: vec!["/nonexistent".into()], network_namespace: None, poststop_hook: None };
         let mut cfg = source_config();
         cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/run/netns/x"}]);
         assert!(policy.destination_config(&cfg, "a", Path::new("/b")).is_err());
@@ -206,6 +243,33 @@ mod tests {
         cfg["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/evil"}]});
         let err = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap_err().to_string();
         assert!(err.contains("hooks"), "{err}");
+    }
+
+    #[test]
+    fn the_receivers_network_namespace_and_hook_replace_the_senders() {
+        let policy = BundlePolicy {
+            cgroup_parent: "/ctmigrate".into(),
+            allowed_bind_sources: vec![],
+            network_namespace: Some("/run/netns/ctmigrate-a".into()),
+            poststop_hook: Some(("/usr/local/bin/ctmigrate".into(), vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()])),
+        };
+        let mut cfg = source_config();
+        cfg["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "network", "path": "/run/netns/source-side"}]);
+        cfg["hooks"] = serde_json::json!({"createRuntime": [{"path": "/opt/bin/ctmigrate", "args": ["ctmigrate", "hook", "attach", "--bridge", "br0"]}]});
+        let (spec, _) = policy.destination_config(&cfg, "a", Path::new("/b")).unwrap();
+        let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let net = ns.iter().find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network).unwrap();
+        assert_eq!(net.path().as_deref(), Some(Path::new("/run/netns/ctmigrate-a")));
+        let hooks = spec.hooks().as_ref().unwrap();
+        assert!(hooks.create_runtime().is_none());
+        let post = hooks.poststop().as_ref().unwrap();
+        assert_eq!(post[0].args().as_ref().unwrap()[2], "remove-netns");
+        // Without a namespace of the receiver's, a path is still refused,
+        // and a foreign hook next to ctmigrate's is refused.
+        let plain = BundlePolicy { network_namespace: None, poststop_hook: None, ..policy.clone() };
+        assert!(plain.destination_config(&cfg, "a", Path::new("/b")).is_err());
+        cfg["hooks"]["poststop"] = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "hook"]}]);
+        assert!(policy.destination_config(&cfg, "a", Path::new("/b")).is_err());
     }
 
     #[test]

@@ -204,9 +204,13 @@ impl Runc {
     }
 
     /// `runc restore -d` from `images`, CRIU's log going to `work`.
-    pub fn restore(&self, id: &str, bundle: &Path, images: &Path, work: &Path) -> Result<(), RuntimeError> {
+    pub fn restore(&self, id: &str, bundle: &Path, images: &Path, work: &Path, tcp_established: bool) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.args(["restore", "-d", "--image-path"])
+        cmd.args(["restore", "-d"]);
+        if tcp_established {
+            cmd.arg("--tcp-established");
+        }
+        cmd.arg("--image-path")
             .arg(images)
             .arg("--work-path")
             .arg(work)

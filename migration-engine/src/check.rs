@@ -152,14 +152,24 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
         },
     ));
 
-    let iptables = which(Path::new("iptables-restore"));
+    let nft = which(Path::new("nft"));
     checks.push(item(
         "network-lock",
         true,
-        if iptables.starts_with('/') {
-            Ok(format!("iptables-restore at {iptables} (CRIU locks the network while dumping)"))
+        if nft.starts_with('/') {
+            Ok(format!("nft at {nft} (the container's network is locked with nftables while it is dumped)"))
         } else {
-            Err("iptables-restore not found: CRIU needs it to lock the network during a dump; install iptables".into())
+            Err("nft not found: ctmigrate locks a container's network with nftables during the dump; install nftables".into())
+        },
+    ));
+    let ip = which(Path::new("ip"));
+    checks.push(item(
+        "iproute2",
+        true,
+        if ip.starts_with('/') {
+            Ok(format!("ip at {ip} (records and rebuilds containers' interfaces)"))
+        } else {
+            Err("ip not found: install iproute2".into())
         },
     ));
 

@@ -5,6 +5,8 @@
 //! on its stdin, and tells it what to watch:
 //!
 //! - `criu <pid>`: a CRIU process that is dumping the container;
+//! - `netns-lock <path>`: the container's network namespace is locked;
+//!   unlock it when thawing;
 //! - `committed`: the destination acknowledged; the source must die;
 //! - `resolved`: the sender itself finished (source removed, or rolled
 //!   back): exit quietly.
@@ -64,6 +66,10 @@ impl FreezeGuard {
         }
     }
 
+    pub fn watch_netns_lock(&mut self, netns: &Path) {
+        self.tell(&format!("netns-lock {}", netns.display()));
+    }
+
     pub fn watch_criu(&mut self, pid: u32) {
         self.tell(&format!("criu {pid}"));
     }
@@ -100,10 +106,12 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
     };
     let mut criu_pids = Vec::new();
     let mut committed = false;
+    let mut locked_netns = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         match line.split_once(' ') {
             Some(("criu", pid)) => criu_pids.extend(pid.trim().parse::<i32>().ok()),
+            Some(("netns-lock", path)) => locked_netns = Some(PathBuf::from(path.trim())),
             _ if line.trim() == "committed" => committed = true,
             _ if line.trim() == "resolved" => return Ok(()),
             _ => {}
@@ -131,6 +139,13 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
         }
     }
     let thawed = freezer.thaw();
+    // A resumed source gets its network back; a committed one keeps the
+    // lock until its namespace goes.
+    if let (Some(path), false) = (locked_netns, committed) {
+        if let Err(e) = container_network::lock::unlock(&container_network::Netns::Path(path)) {
+            eprintln!("ctmigrate guard: cannot unlock the container's network: {e}");
+        }
+    }
     // CRIU has exited: its images and logs are no one's now.
     let _ = std::fs::remove_dir_all(&work_dir);
     thawed?;

@@ -18,6 +18,8 @@ use migration_protocol::{
     Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored, RoundBegin, RoundDone, RoundKind,
 };
 
+use container_network::DestinationNetwork;
+
 use crate::error::Outcome;
 use crate::events::{Event, Phase, ResultEvent};
 use crate::images::ImageSink;
@@ -45,6 +47,9 @@ pub struct ReceiveOptions {
     /// Host paths containers may bind-mount (`--allow-bind-source`).
     pub allowed_bind_sources: Vec<PathBuf>,
     pub unpack: rootfs::UnpackPolicy,
+    /// Bridge that the host ends of migrated containers' interfaces join
+    /// (`--bridge`).
+    pub bridge: Option<String>,
 }
 
 /// Marker in a bundle that is not committed yet: holds the receiver's pid.
@@ -254,7 +259,14 @@ impl<'a> Session<'a> {
             mode_reason: None,
         });
         let (spec, criu_config) = self.check_manifest(&manifest)?;
-        let staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        if let Some(record) = &manifest.network {
+            // Built now, before the source freezes; the host ends stay down
+            // until the container is restored.
+            let built = DestinationNetwork::build(record, &manifest.dest_id, self.opts.bridge.as_deref())
+                .map_err(|e| refused(format!("cannot rebuild the container's network: {e}")))?;
+            staging.network = Some(built);
+        }
         let config_path = staging.bundle.join("config.json");
         spec.save(&config_path)
             .map_err(|e| nothing(MigrationError::Other(format!("writing {}: {e}", config_path.display()))))?;
@@ -279,12 +291,16 @@ impl<'a> Session<'a> {
         let st = self.staging.as_mut().expect("staging exists");
         st.restore_attempted = true;
         self.runc
-            .restore(&manifest.dest_id, &st.bundle, &st.images.join(round_dir(RoundKind::Final, 0)), &st.work)
+            .restore(&manifest.dest_id, &st.bundle, &st.images.join(round_dir(RoundKind::Final, 0)), &st.work, manifest.tcp_established)
             .map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
         let state = self
             .runc
             .running(&manifest.dest_id)
             .map_err(|e| resumed(MigrationError::Remote(format!("the restored container is not running: {e}"))))?;
+        if let Some(net) = &st.network {
+            net.activate()
+                .map_err(|e| resumed(MigrationError::Remote(format!("cannot bring up the restored container's network: {e}"))))?;
+        }
         let restore_ms = restore_started.elapsed().as_millis() as u64;
         self.writer
             .write_json(MessageKind::Restored, &Restored { pid: state.pid, restore_ms })
@@ -336,10 +352,37 @@ impl<'a> Session<'a> {
                 bundle.display()
             )));
         }
-        let policy = BundlePolicy {
+        let mut policy = BundlePolicy {
             cgroup_parent: self.opts.cgroup_parent.clone(),
             allowed_bind_sources: self.opts.allowed_bind_sources.clone(),
+            network_namespace: None,
+            poststop_hook: None,
         };
+        if let Some(record) = &m.network {
+            record.validate().map_err(|e| refused(e.to_string()))?;
+            match (&self.opts.bridge, record.is_empty()) {
+                (Some(bridge), _) => container_network::check_bridge(bridge).map_err(|e| refused(e.to_string()))?,
+                (None, false) => {
+                    return Err(refused(format!(
+                        "the container has network interfaces ({}), but this receiver has no bridge to attach them to: start `ctmigrate receive` with --bridge NAME",
+                        record.interfaces.iter().map(|i| format!("{} {}", i.name, i.addresses.join(" "))).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+                (None, true) => {}
+            }
+            let netns = container_network::Netns::Named(DestinationNetwork::netns_name(&m.dest_id));
+            if netns.exists() {
+                return Err(refused(format!(
+                    "network namespace {} already exists on the destination: another container uses it; choose another --dest-id",
+                    netns.path().display()
+                )));
+            }
+            let exe = std::env::current_exe().map_err(|e| refused(format!("cannot find the ctmigrate binary for the poststop hook: {e}")))?;
+            policy.network_namespace = Some(netns.path());
+            // When the container is deleted, runc runs this and the
+            // namespace built for it goes too.
+            policy.poststop_hook = Some((exe, vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()]));
+        }
         let (spec, criu_config) =
             policy.destination_config(&m.oci_config, &m.dest_id, &bundle).map_err(|e| refused(e.to_string()))?;
         if let Some(cg) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
@@ -449,6 +492,7 @@ struct Staging {
     work: PathBuf,
     restore_attempted: bool,
     committed: bool,
+    network: Option<DestinationNetwork>,
 }
 
 impl Staging {
@@ -464,6 +508,7 @@ impl Staging {
             work_dir,
             restore_attempted: false,
             committed: false,
+            network: None,
         };
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -506,6 +551,9 @@ impl Drop for Staging {
         if self.restore_attempted {
             remove_container(&self.runc, &self.dest_id);
         }
+        if let Some(net) = &self.network {
+            net.remove();
+        }
         let _ = std::fs::remove_dir_all(&self.bundle);
         let _ = std::fs::remove_dir_all(&self.work_dir);
     }
@@ -539,6 +587,7 @@ pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
             let id = e.file_name().to_string_lossy().into_owned();
             rep.warn(format!("removing {}, left uncommitted by a receiver that died", e.path().display()));
             remove_container(runc, &id);
+            let _ = DestinationNetwork::remove_for(&id);
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

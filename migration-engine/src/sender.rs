@@ -61,6 +61,20 @@ pub struct SendOptions {
     pub ssh_options: Vec<String>,
     /// What ssh runs on the destination.
     pub remote_command: String,
+    /// Dump and restore established TCP connections (`--tcp-established`).
+    pub tcp_established: bool,
+}
+
+/// The source container's network namespace, when ctmigrate moves it
+/// rather than CRIU: one named by a path in config.json, or one of its own
+/// with interfaces besides loopback.
+struct SourceNetwork {
+    netns: container_network::Netns,
+    record: container_network::NetworkRecord,
+    /// The namespace is a named one (/run/netns) that belonged to the
+    /// container: remove it once the destination owns the container.
+    remove_after_migration: bool,
+    locked: bool,
 }
 
 /// How a migration runs, once the mode request met the kernel.
@@ -164,6 +178,7 @@ struct Prepared {
     peer: Peer,
     mode: Mode,
     mode_reason: Option<String>,
+    network: Option<SourceNetwork>,
 }
 
 /// Migrates one container. On failure, the [`Failure`] says what became of
@@ -223,14 +238,8 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
     let state = runc.running(&opts.container)?;
     let internal: RuncInternalState = runc.internal_state(&opts.container)?;
-    let plan = DumpPlan::for_container(&internal)?;
-    if let Some(ns) = &plan.netns_path {
-        return Err(MigrationError::Preflight(format!(
-            "container `{}` joins the network namespace {}; migrating containers with a namespace path is not supported yet: give it a namespace of its own",
-            opts.container,
-            ns.display()
-        )));
-    }
+    let mut plan = DumpPlan::for_container(&internal)?;
+    let network = source_network(&mut plan, &internal)?;
     match plan.freezer.state()? {
         FreezerState::Thawed => {}
         other => {
@@ -331,7 +340,8 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         cgroup_version: plan.freezer.version.as_u8(),
         mode: mode.name().into(),
         max_rounds: if mode == Mode::Precopy { opts.max_iterations } else { 0 },
-        tcp_established: false,
+        tcp_established: opts.tcp_established,
+        network: network.as_ref().map(|n| n.record.clone()),
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     peer.writer.write_json(MessageKind::Manifest, &manifest)?;
@@ -343,7 +353,33 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e),
     }
-    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason })
+    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network })
+}
+
+/// Decides who moves the container's network namespace. A namespace named
+/// by a path is external to the dump (runc's way); so is one of the
+/// container's own that holds interfaces besides loopback, which CRIU
+/// could not recreate on another host's bridge. Either is recorded for the
+/// receiver to rebuild. A namespace of its own with only loopback is left
+/// to CRIU, which dumps and locks it itself.
+fn source_network(plan: &mut DumpPlan, internal: &RuncInternalState) -> Result<Option<SourceNetwork>, MigrationError> {
+    use container_network::Netns;
+    let netns = match &plan.netns_path {
+        Some(path) => Netns::Path(path.clone()),
+        None if internal.config.namespaces.iter().any(|n| n.kind == "NEWNET") => Netns::Process(plan.pid),
+        None => return Ok(None), // the host's namespace: nothing moves
+    };
+    let record = container_network::record::record(&netns)
+        .map_err(|e| MigrationError::Preflight(format!("cannot read the container's network: {e}")))?;
+    if plan.netns_path.is_none() {
+        if record.is_empty() {
+            return Ok(None);
+        }
+        plan.external_namespaces.push(format!("net[{}]:extRootNetNS", netns.inode().map_err(|e| MigrationError::Preflight(e.to_string()))?));
+    }
+    record.validate().map_err(|e| MigrationError::Preflight(format!("the container's network cannot be moved: {e}")))?;
+    let remove_after_migration = matches!(&netns, Netns::Path(p) if p.parent().is_some_and(|d| d == Path::new(container_network::netns::NAMED_NETNS_DIR) || d == Path::new("/var/run/netns")));
+    Ok(Some(SourceNetwork { netns, record, remove_after_migration, locked: false }))
 }
 
 /// Largest `--max-iterations` accepted (the receiver refuses more rounds).
@@ -448,7 +484,16 @@ impl<'a> Migration<'a> {
         // if this process dies.
         self.guard = Some(FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir).map_err(not_touched)?);
         self.rep.phase(Phase::Freeze);
-        self.p.plan.freezer.freeze(self.opts.freeze_timeout).map_err(|e| not_touched(e.into()))?;
+        // Lock before freezing: a frozen container's sockets would still
+        // take connections and data that the dump would not carry.
+        if let Err(e) = self.lock_network() {
+            self.unlock_network();
+            return Err(not_touched(e));
+        }
+        if let Err(e) = self.p.plan.freezer.freeze(self.opts.freeze_timeout) {
+            self.unlock_network();
+            return Err(not_touched(e.into()));
+        }
         self.frozen = true;
         let frozen_at = Instant::now();
 
@@ -576,8 +621,14 @@ impl<'a> Migration<'a> {
         match kind {
             RoundKind::PreDump => dump.pre_dump = true,
             RoundKind::Final => {
-                // Mounts and stdio matter only to the dump that is restored.
+                // Mounts, stdio and connections matter only to the dump
+                // that is restored.
                 dump.ext_mounts = plan.ext_mounts.clone();
+                dump.tcp_established = self.opts.tcp_established;
+                // nftables: CRIU keeps its lock in one table of its own and
+                // deletes it whole; the iptables method leaves empty
+                // filter tables behind in the container's namespace.
+                dump.network_lock = Some(criu_bindings::NetworkLock::Nftables);
                 std::fs::write(dir.join("descriptors.json"), &plan.descriptors_json)
                     .map_err(MigrationError::io("writing descriptors.json"))?;
             }
@@ -704,6 +755,7 @@ impl<'a> Migration<'a> {
             self.p.plan.freezer.thaw()?;
             self.frozen = false;
         }
+        self.unlock_network();
         let state = self.p.runc.state(&self.opts.container)?;
         if state.status != "running" {
             return Err(MigrationError::Other(format!("the source is {} after thawing", state.status)));
@@ -720,6 +772,14 @@ impl<'a> Migration<'a> {
     /// Kills and deletes the (frozen) source after the destination committed.
     fn destroy_source(&mut self) {
         let id = &self.opts.container;
+        // First the links (while the namespace can still be named), so
+        // the source's bridge port goes now, not when the last orphaned
+        // socket of the dead container gives up.
+        if let Some(net) = &self.p.network {
+            if let Err(e) = container_network::destination::remove_interfaces(&net.netns, &net.record) {
+                self.rep.warn(format!("migrated, but removing the source's interfaces failed: {e}"));
+            }
+        }
         // A frozen task acts on SIGKILL as soon as it is thawed, before it
         // returns to user space: it never runs again.
         if let Err(e) = self.p.runc.kill(id, "KILL") {
@@ -736,7 +796,33 @@ impl<'a> Migration<'a> {
         if let Err(e) = self.p.runc.delete_force(id) {
             self.rep.warn(format!("migrated, but `runc delete` of the source failed: {e}"));
         }
+        // A named namespace belonged to the container: it goes too.
+        if let Some(net) = self.p.network.as_ref().filter(|n| n.remove_after_migration) {
+            if let Err(e) = net.netns.remove() {
+                self.rep.warn(format!("migrated, but removing the source's network namespace {} failed: {e}", net.netns.path().display()));
+            }
+        }
         self.p.peer.control.shutdown();
+    }
+
+    /// Drops all traffic of a namespace ctmigrate moves (CRIU locks the
+    /// namespaces it dumps itself).
+    fn lock_network(&mut self) -> Result<(), MigrationError> {
+        let Some(net) = self.p.network.as_mut() else { return Ok(()) };
+        container_network::lock::lock(&net.netns).map_err(|e| MigrationError::Other(format!("cannot lock the container's network: {e}")))?;
+        net.locked = true;
+        if let Some(g) = self.guard.as_mut() {
+            g.watch_netns_lock(&net.netns.path());
+        }
+        Ok(())
+    }
+
+    fn unlock_network(&mut self) {
+        let Some(net) = self.p.network.as_mut() else { return };
+        match container_network::lock::unlock(&net.netns) {
+            Ok(()) => net.locked = false,
+            Err(e) => self.rep.warn(format!("cannot unlock the container's network {}: {e}", net.netns.path().display())),
+        }
     }
 }
 

@@ -98,6 +98,8 @@ pub enum Workload {
     /// re-verified continuously, `dirty_kib_per_s` rewritten per second;
     /// status in /status.
     Pattern { mib: u64, dirty_kib_per_s: u64 },
+    /// A TCP echo server on `port` (busybox nc, one `cat` per connection).
+    Echo { port: u16 },
 }
 
 pub const COUNTER_SCRIPT: &str = "tok=$(cat /proc/sys/kernel/random/uuid); i=0; \
@@ -122,7 +124,7 @@ pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Resu
         std::fs::create_dir_all(rootfs.join(d)).map_err(MigrationError::io("creating the fixture rootfs"))?;
     }
     std::fs::copy(busybox()?, rootfs.join("bin/busybox")).map_err(MigrationError::io("copying busybox"))?;
-    for applet in ["sh", "cat", "mv", "sleep", "echo", "ls"] {
+    for applet in ["sh", "cat", "mv", "sleep", "echo", "ls", "nc"] {
         let link = rootfs.join("bin").join(applet);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink("busybox", &link).map_err(MigrationError::io("linking busybox applets"))?;
@@ -136,6 +138,7 @@ pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Resu
             })?;
             vec!["/bin/pattern-fixture".into(), mib.to_string(), dirty_kib_per_s.to_string(), "/status".into()]
         }
+        Workload::Echo { port } => vec!["/bin/nc".into(), "-ll".into(), "-p".into(), port.to_string(), "-e".into(), "/bin/cat".into()],
     };
     let _ = std::fs::remove_file(dir.join("config.json"));
     run(Command::new(runc_binary).arg("spec").arg("--bundle").arg(dir))?;
@@ -148,6 +151,178 @@ pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Resu
     cfg["hostname"] = "ctmigrate-fixture".into();
     std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(MigrationError::io("writing config.json"))?;
     Ok(())
+}
+
+/// Makes the bundle's container join the network namespace at `netns`
+/// (as CNI plugins and engines set containers up).
+pub fn join_network_namespace(bundle: &Path, netns: &Path) -> Result<(), MigrationError> {
+    let path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).map_err(MigrationError::io("reading config.json"))?)
+        .map_err(|e| MigrationError::Other(e.to_string()))?;
+    let namespaces = cfg["linux"]["namespaces"].as_array_mut().ok_or_else(|| MigrationError::Other("config.json has no namespaces".into()))?;
+    namespaces.retain(|n| n["type"] != "network");
+    namespaces.push(serde_json::json!({"type": "network", "path": netns}));
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(MigrationError::io("writing config.json"))
+}
+
+/// The network of the TCP-connection tests: a bridge `br-ct` on each host
+/// holding the container subnet's gateway address, a client namespace with
+/// a link to each host, and routes so that the container's address is
+/// reached through whichever host the client's route names. The source
+/// container's namespace is a named one (`ctm-<tag>-ct`) with `eth0` on
+/// the source's bridge. Everything is removed on drop.
+pub struct ContainerNetwork {
+    pub tag: String,
+    pub src: String,
+    pub dst: String,
+    pub client: String,
+    pub container_netns: String,
+    pub bridge: String,
+    pub container_ip: std::net::Ipv4Addr,
+    pub container_mac: String,
+    pub client_ip: std::net::Ipv4Addr,
+    subnet: String,
+    via_src: String,
+    via_dst: String,
+    /// Links each host keeps besides what a migration adds.
+    own_links: Vec<(String, Vec<String>)>,
+}
+
+/// Which host the client's route to the container goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl ContainerNetwork {
+    pub fn create(bed: &Testbed) -> Result<Self, MigrationError> {
+        let tag = bed.tag.clone();
+        let h = tag.bytes().fold(11u32, |a, b| a.wrapping_mul(37).wrapping_add(b as u32));
+        let x = h % 256;
+        let (src, dst) = (bed.hosts.src.clone(), bed.hosts.dst.clone());
+        let host_link = |s: &str| format!("{}{s}", &bed.tag);
+        let net = ContainerNetwork {
+            client: format!("ctm-{tag}-c"),
+            container_netns: format!("ctm-{tag}-ct"),
+            bridge: "br-ct".into(),
+            container_ip: std::net::Ipv4Addr::new(10, 232, x as u8, 10),
+            container_mac: format!("02:c7:00:00:{:02x}:0a", x),
+            client_ip: std::net::Ipv4Addr::new(10, 233, x as u8, 9),
+            subnet: format!("10.232.{x}.0/24"),
+            via_src: format!("10.234.{x}.1"),
+            via_dst: format!("10.234.{x}.5"),
+            own_links: vec![
+                (src.clone(), vec!["lo".into(), format!("{tag}s"), "br-ct".into(), host_link("sc"), host_link("h0")]),
+                (dst.clone(), vec!["lo".into(), format!("{tag}d"), "br-ct".into(), host_link("dc")]),
+            ],
+            src,
+            dst,
+            tag,
+        };
+        // Drop removes what exists if a step fails.
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        let sysctl = |ns: &str, key: &str| {
+            run(HostPair::command_in(ns, "sh").args(["-c", &format!("echo 1 > /proc/sys/{key}")]))
+        };
+        ip(&["netns", "add", &net.client])?;
+        ip(&["netns", "add", &net.container_netns])?;
+        let gw = format!("10.232.{x}.1/24");
+        for host in [&net.src, &net.dst] {
+            ip(&["-n", host, "link", "add", "br-ct", "type", "bridge"])?;
+            ip(&["-n", host, "addr", "add", &gw, "dev", "br-ct"])?;
+            ip(&["-n", host, "link", "set", "br-ct", "up"])?;
+            sysctl(host, "net/ipv4/ip_forward")?;
+        }
+        // Client: its address on loopback, a /30 to each host.
+        let client_addr = format!("{}/32", net.client_ip);
+        ip(&["-n", &net.client, "link", "set", "lo", "up"])?;
+        ip(&["-n", &net.client, "addr", "add", &client_addr, "dev", "lo"])?;
+        for (host, here, there, host_addr, client_side) in [
+            (&net.src, host_link("sc"), host_link("cs"), format!("10.234.{x}.1/30"), format!("10.234.{x}.2/30")),
+            (&net.dst, host_link("dc"), host_link("cd"), format!("10.234.{x}.5/30"), format!("10.234.{x}.6/30")),
+        ] {
+            ip(&["link", "add", &here, "netns", host, "type", "veth", "peer", "name", &there, "netns", &net.client])?;
+            ip(&["-n", host, "addr", "add", &host_addr, "dev", &here])?;
+            ip(&["-n", host, "link", "set", &here, "up"])?;
+            ip(&["-n", &net.client, "addr", "add", &client_side, "dev", &there])?;
+            ip(&["-n", &net.client, "link", "set", &there, "up"])?;
+            let back = client_side.replace("/30", "");
+            ip(&["-n", host, "route", "add", &client_addr, "via", &back])?;
+        }
+        // The source container's namespace, wired to the source bridge.
+        let ct = &net.container_netns;
+        let hostend = host_link("h0");
+        ip(&["link", "add", &hostend, "netns", &net.src, "type", "veth", "peer", "name", "eth0", "netns", ct])?;
+        ip(&["-n", &net.src, "link", "set", &hostend, "master", "br-ct", "up"])?;
+        ip(&["-n", ct, "link", "set", "eth0", "address", &net.container_mac])?;
+        ip(&["-n", ct, "addr", "add", &format!("{}/24", net.container_ip), "dev", "eth0"])?;
+        ip(&["-n", ct, "link", "set", "eth0", "up"])?;
+        ip(&["-n", ct, "link", "set", "lo", "up"])?;
+        ip(&["-n", ct, "route", "add", "default", "via", &format!("10.232.{x}.1")])?;
+        net.route_via(Side::Source)?;
+        Ok(net)
+    }
+
+    pub fn container_netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.container_netns)
+    }
+
+    /// Points the client's route to the container subnet at one host.
+    pub fn route_via(&self, side: Side) -> Result<(), MigrationError> {
+        let via = if side == Side::Source { &self.via_src } else { &self.via_dst };
+        let src = self.client_ip.to_string();
+        run(Command::new("ip").args(["-n", &self.client, "route", "replace", &self.subnet, "via", via, "src", &src]))
+    }
+
+    /// What the network of a migration left behind: namespaces, links and
+    /// bridge ports on either host, and lock or CRIU rules anywhere.
+    /// `source_netns` says whether the source container's namespace should
+    /// still exist (it goes after a successful migration).
+    pub fn leftovers(&self, dest_id: &str, source_netns: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        let netns_list = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let names: Vec<&str> = netns_list.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        let dest_ns = format!("ctmigrate-{dest_id}");
+        if names.contains(&dest_ns.as_str()) {
+            out.push(format!("network namespace {dest_ns}"));
+        }
+        if names.contains(&self.container_netns.as_str()) != source_netns {
+            out.push(format!("source namespace {} {}", self.container_netns, if source_netns { "is gone" } else { "is still there" }));
+        }
+        for (host, keep) in &self.own_links {
+            let links = Command::new("ip").args(["-n", host, "-o", "link", "show"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            for l in links.lines() {
+                let name = l.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("");
+                let expected_source_end = name == format!("{}h0", self.tag) && source_netns;
+                if !keep.iter().any(|k| k == name) || (name == format!("{}h0", self.tag) && !expected_source_end) {
+                    out.push(format!("link {name} in {host}"));
+                }
+            }
+        }
+        let mut namespaces = vec![self.src.clone(), self.dst.clone(), self.client.clone()];
+        if source_netns {
+            namespaces.push(self.container_netns.clone());
+        }
+        for ns in namespaces {
+            let nft = HostPair::command_in(&ns, "nft").args(["list", "tables"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            out.extend(nft.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("nftables {} in {ns}", l.trim())));
+            let ipt = HostPair::command_in(&ns, "iptables-save").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            out.extend(ipt.lines().filter(|l| l.contains("CRIU") || l.starts_with("-A")).map(|l| format!("iptables `{l}` in {ns}")));
+        }
+        out
+    }
+}
+
+impl Drop for ContainerNetwork {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.container_netns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        }
+        for host in [&self.src, &self.dst] {
+            let _ = Command::new("ip").args(["-n", host, "link", "del", "br-ct"]).stderr(Stdio::null()).status();
+        }
+    }
 }
 
 /// A container started for a test; killed and deleted on drop.

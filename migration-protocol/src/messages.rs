@@ -42,6 +42,11 @@ pub struct Manifest {
     pub max_rounds: u32,
     pub tcp_established: bool,
     pub source_host: String,
+    /// The container's interfaces and routes, when its network namespace
+    /// is external to the dump: the receiver rebuilds them (validating
+    /// every field) and restores the container into the new namespace.
+    #[serde(default)]
+    pub network: Option<container_network::NetworkRecord>,
 }
 
 /// The receiver accepts the manifest; the sender may now freeze.

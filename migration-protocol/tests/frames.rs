@@ -26,6 +26,7 @@ fn control_messages_round_trip() {
         mode: "stop-copy".into(),
         max_rounds: 0,
         tcp_established: false,
+        network: None,
         source_host: "a".into(),
     };
     let mut w = FrameWriter::new(Vec::new());

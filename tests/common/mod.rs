@@ -19,7 +19,7 @@ fn missing_prerequisite() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root".into());
     }
-    for tool in ["runc", "criu", "ip", "nsenter", "iptables-restore"] {
+    for tool in ["runc", "criu", "ip", "nsenter", "nft", "iptables-save"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);

@@ -1,0 +1,330 @@
+//! The container's network moves with it: a container whose namespace is
+//! a path in config.json, wired to a bridge on the source host, migrates
+//! to a destination whose receiver rebuilds the namespace on its own
+//! bridge; one TCP connection from a third namespace carries on across the
+//! migration (and across failed ones), and nothing is left behind.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use migration_engine::testbed::{build_bundle, connect_from, join_network_namespace, ContainerNetwork, FixtureContainer, Side, Testbed, Workload};
+
+const ECHO_PORT: u16 = 7070;
+
+/// One TCP connection to the echo server in the container. The writer
+/// sends consecutive 64-bit numbers; the reader checks that each echoed
+/// number is the next one, so a lost, duplicated or reordered byte fails.
+struct EchoClient {
+    stream: TcpStream,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    echoed: Arc<AtomicU64>,
+    writer: Option<JoinHandle<std::io::Result<()>>>,
+    reader: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl EchoClient {
+    fn connect(net: &ContainerNetwork) -> Self {
+        let addr = SocketAddr::from((net.container_ip, ECHO_PORT));
+        let stream = common::wait_for(Duration::from_secs(10), || connect_from(&net.client, addr).ok())
+            .unwrap_or_else(|| panic!("the echo server at {addr} never answered"));
+        Self::adopt(stream)
+    }
+
+    fn adopt(stream: TcpStream) -> Self {
+        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, echoed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let writer = {
+            let (mut s, stop, sent) = (stream.try_clone().unwrap(), stop.clone(), sent.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut next = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let batch: Vec<u8> = (next..next + 64).flat_map(|n| n.to_be_bytes()).collect();
+                    s.write_all(&batch)?;
+                    next += 64;
+                    sent.store(next, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(())
+            })
+        };
+        let reader = {
+            let (mut s, echoed) = (stream.try_clone().unwrap(), echoed.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut expected = 0u64;
+                let mut buf = [0u8; 8];
+                loop {
+                    match s.read_exact(&mut buf) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                        Err(e) => return Err(format!("reading echo number {expected}: {e}")),
+                    }
+                    let got = u64::from_be_bytes(buf);
+                    if got != expected {
+                        return Err(format!("echo number {expected} came back as {got}: data lost or duplicated"));
+                    }
+                    expected += 1;
+                    echoed.store(expected, Ordering::Relaxed);
+                }
+            })
+        };
+        EchoClient { stream, stop, sent, echoed, writer: Some(writer), reader: Some(reader) }
+    }
+
+    /// Waits until `more` numbers beyond what is echoed now come back.
+    fn assert_flowing(&self, more: u64, within: Duration, context: &str) {
+        let target = self.echoed.load(Ordering::Relaxed) + more;
+        let deadline = Instant::now() + within;
+        while self.echoed.load(Ordering::Relaxed) < target {
+            assert!(
+                !self.reader.as_ref().unwrap().is_finished(),
+                "{context}: the connection's reader ended (after {} numbers)",
+                self.echoed.load(Ordering::Relaxed)
+            );
+            assert!(Instant::now() < deadline, "{context}: the connection stalled at {} numbers", self.echoed.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops sending, waits for every number sent to come back in order.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer.take().unwrap().join().unwrap().expect("writing to the connection");
+        let sent = self.sent.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.echoed.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.reader.take().unwrap().join().unwrap().expect("every echoed number in order");
+        assert_eq!(self.echoed.load(Ordering::Relaxed), sent, "numbers sent but never echoed");
+        sent
+    }
+}
+
+/// An echo container whose namespace is the network's named source
+/// namespace.
+fn start_echo(bed: &Testbed, net: &ContainerNetwork, id: &str) -> FixtureContainer {
+    let bundle = bed.dir.join("src-bundles").join(id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    build_bundle(&bed.runc_binary, &bundle, &Workload::Echo { port: ECHO_PORT }).unwrap();
+    join_network_namespace(&bundle, &net.container_netns_path()).unwrap();
+    FixtureContainer::start(bed.src_runc.clone(), id, &bundle).expect("starting the echo container")
+}
+
+fn assert_no_network_leftovers(net: &ContainerNetwork, dest_id: &str, source_netns: bool, context: &str) {
+    let left = net.leftovers(dest_id, source_netns);
+    assert!(left.is_empty(), "{context}: left behind: {left:#?}");
+}
+
+#[test]
+fn tcp_connection_survives_migration_with_the_network() {
+    let Some(bed) = common::testbed("nt") else { return };
+    let net = ContainerNetwork::create(&bed).expect("creating the network");
+    // Ids are unique per test: runc puts a container without a cgroups
+    // path in the cgroup named by its id.
+    let id = format!("echo-{}", bed.tag);
+    let id = id.as_str();
+    let _src = start_echo(&bed, &net, id);
+    let client = EchoClient::connect(&net);
+    client.assert_flowing(2_000, Duration::from_secs(20), "before migrating");
+
+    let port = common::port();
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[]).unwrap();
+    let sent = bed.run_sender(id, port, &["--tcp-established"], &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "migration failed: {}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
+
+    // The source is gone, with its namespace and bridge port; the
+    // destination runs the container at the same address and MAC.
+    assert!(bed.src_runc.list().unwrap().is_empty(), "the source container is still there");
+    let dst = bed.dst_container(id);
+    bed.dst_runc.running(id).expect("the destination runs the container");
+    let pid = bed.dst_runc.state(id).unwrap().pid;
+    let links = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["ip", "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&links.stdout).contains(&net.container_mac), "eth0 lost its MAC: {}", String::from_utf8_lossy(&links.stdout));
+
+    // The route moves to the destination; the same connection carries on.
+    net.route_via(Side::Destination).unwrap();
+    client.assert_flowing(5_000, Duration::from_secs(90), "after migrating");
+    let total = client.finish();
+    eprintln!("{total} numbers echoed in order across the migration");
+
+    // Deleting the container runs the receiver's poststop hook, which
+    // removes the namespace it built.
+    drop(dst);
+    assert_no_network_leftovers(&net, id, false, "after success and delete");
+    std::fs::remove_dir_all(bed.dst_bundles().join(id)).expect("the committed bundle");
+    common::assert_clean(&bed, id);
+}
+
+#[test]
+fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
+    let Some(bed) = common::testbed("nf") else { return };
+    let net = ContainerNetwork::create(&bed).expect("creating the network");
+    let id = format!("echo-{}", bed.tag);
+    let id = id.as_str();
+    let _src = start_echo(&bed, &net, id);
+    let client = EchoClient::connect(&net);
+    client.assert_flowing(1_000, Duration::from_secs(20), "before migrating");
+
+    // One failure in each phase, on the side where it happens.
+    let failures = [
+        ("receiver-after-manifest", true),
+        ("sender-after-freeze", false),
+        ("sender-after-dump", false),
+        ("receiver-before-restore", true),
+        ("sender-before-commit", false),
+        ("receiver-before-commit-ack", true),
+    ];
+    for (failpoint, on_receiver) in failures {
+        let fp = format!("{failpoint}=error");
+        let env = [("CTMIGRATE_FAILPOINTS", fp.as_str())];
+        let (recv_env, send_env): (&[(&str, &str)], &[(&str, &str)]) = if on_receiver { (&env, &[]) } else { (&[], &env) };
+        let port = common::port();
+        let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], recv_env).unwrap();
+        let sent = bed.run_sender(id, port, &["--tcp-established"], send_env).unwrap();
+        // 3 before the freeze, 4 after it, 6 when the commit was not
+        // acknowledged: the source runs in each case.
+        assert!(matches!(sent.code, Some(3) | Some(4) | Some(6)), "{failpoint}: exit {:?}: {}", sent.code, sent.stderr);
+        receiver.wait(Duration::from_secs(30));
+
+        assert_eq!(common::frozen_state(&bed, id), "THAWED", "{failpoint}: the source is still frozen");
+        bed.src_runc.running(id).unwrap_or_else(|e| panic!("{failpoint}: the source is not running: {e}"));
+        client.assert_flowing(1_000, Duration::from_secs(60), &format!("after a failure at {failpoint}"));
+        assert_no_network_leftovers(&net, id, true, failpoint);
+        common::assert_clean(&bed, id);
+    }
+    client.finish();
+}
+
+#[test]
+fn a_missing_bridge_is_refused_before_the_source_is_frozen() {
+    let Some(bed) = common::testbed("nb") else { return };
+    let net = ContainerNetwork::create(&bed).expect("creating the network");
+    let id = format!("echo-{}", bed.tag);
+    let id = id.as_str();
+    let _src = start_echo(&bed, &net, id);
+
+    // A receiver told of a bridge that does not exist does not start.
+    let out = bed.receive_command(common::port(), &["--once", "--bridge", "br-none"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("br-none") && stderr.contains("does not exist") && stderr.trim().lines().count() == 1, "{stderr}");
+
+    // A receiver without a bridge refuses the container at its manifest.
+    let port = common::port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let sent = bed.run_sender(id, port, &["--tcp-established"], &[]).unwrap();
+    receiver.wait(Duration::from_secs(30));
+    assert_eq!(sent.code, Some(3), "{}", sent.stderr);
+    assert!(sent.stderr.contains("--bridge"), "{}", sent.stderr);
+    let froze = sent.events.iter().any(|e| e["event"] == "phase" && e["phase"] == "freeze");
+    assert!(!froze, "the sender reached the freeze: {:?}", sent.events);
+    assert_eq!(common::frozen_state(&bed, id), "THAWED");
+    bed.src_runc.running(id).unwrap();
+    assert_no_network_leftovers(&net, id, true, "after the refusal");
+    common::assert_clean(&bed, id);
+}
+
+/// The `hooks` block of docs/hooks.md, with this test's binary, bridge and
+/// addresses in place of the example's.
+fn documented_hooks(bridge: &str, address: &str, gateway: &str) -> serde_json::Value {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/hooks.md")).expect("docs/hooks.md");
+    let after = &doc[doc.find("<!-- hooks-config").expect("the hooks-config marker in docs/hooks.md")..];
+    let start = after.find("```json").expect("a json block after the marker") + "```json".len();
+    let block = &after[start..start + after[start..].find("```").unwrap()];
+    let text = block
+        .replace("/usr/local/bin/ctmigrate", common::EXE)
+        .replace("\"br0\"", &format!("\"{bridge}\""))
+        .replace("10.88.0.10/24", address)
+        .replace("\"10.88.0.1\"", &format!("\"{gateway}\""));
+    let parsed: serde_json::Value = serde_json::from_str(&text).expect("the documented block is JSON");
+    parsed["hooks"].clone()
+}
+
+#[test]
+fn documented_hooks_wire_plain_runc_and_the_container_migrates() {
+    let Some(bed) = common::testbed("nh") else { return };
+    let net = ContainerNetwork::create(&bed).expect("creating the network");
+    let octets = net.container_ip.octets();
+    let address = std::net::Ipv4Addr::new(octets[0], octets[1], octets[2], 20);
+    let gateway = format!("{}.{}.{}.1", octets[0], octets[1], octets[2]);
+
+    // A bundle from `runc spec` (a network namespace of its own) with the
+    // documented hooks, run by plain runc in the source host's namespace.
+    let id = format!("hooked-{}", bed.tag);
+    let id = id.as_str();
+    let bundle = bed.dir.join("src-bundles").join(id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    build_bundle(&bed.runc_binary, &bundle, &Workload::Echo { port: ECHO_PORT }).unwrap();
+    let config_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    cfg["hooks"] = documented_hooks(&net.bridge, &format!("{address}/24"), &gateway);
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    // The container inherits runc's stdio: a pipe would never close.
+    let log = bed.dir.join("hooked-runc.log");
+    let run = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", net.src))
+        .arg(&bed.runc_binary)
+        .arg("--root")
+        .arg(&bed.src_runc.root)
+        .arg("--log")
+        .arg(&log)
+        .args(["run", "-d", "--bundle"])
+        .arg(&bundle)
+        .arg(id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(run.success(), "runc run with the documented hooks: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let _src = FixtureContainer { runc: bed.src_runc.clone(), id: id.into(), bundle: bundle.clone() };
+
+    // Reachable at its address from the client, through the source host.
+    let stream = common::wait_for(Duration::from_secs(10), || connect_from(&net.client, SocketAddr::from((address, ECHO_PORT))).ok())
+        .expect("the hooked container is not reachable at its address");
+    drop(stream);
+    let host_end = runtime_hooks::host_end(id);
+    let in_src = |name: &str| {
+        std::process::Command::new("ip").args(["-n", &net.src, "link", "show", "dev", name]).output().unwrap().status.success()
+    };
+    assert!(in_src(&host_end), "attach made no host end {host_end} in the source host");
+
+    // It migrates: its own namespace holds eth0, so ctmigrate records it
+    // and the receiver rebuilds it, dropping the hooks it has replaced.
+    let client = {
+        let addr = SocketAddr::from((address, ECHO_PORT));
+        let stream = connect_from(&net.client, addr).unwrap();
+        EchoClient::adopt(stream)
+    };
+    client.assert_flowing(1_000, Duration::from_secs(20), "before migrating");
+    let port = common::port();
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[]).unwrap();
+    let sent = bed.run_sender(id, port, &["--tcp-established"], &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "migration failed: {}", sent.stderr);
+    receiver.wait(Duration::from_secs(30));
+    assert!(!in_src(&host_end), "the source's host end outlived the migration");
+    let dst_cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(bed.dst_bundles().join(id).join("config.json")).unwrap()).unwrap();
+    let poststop = dst_cfg["hooks"]["poststop"].to_string();
+    assert!(dst_cfg["hooks"]["createRuntime"].is_null() && poststop.contains("remove-netns") && !poststop.contains("detach"), "{}", dst_cfg["hooks"]);
+    net.route_via(Side::Destination).unwrap();
+    client.assert_flowing(3_000, Duration::from_secs(90), "after migrating");
+    client.finish();
+
+    // Deleting the migrated container removes its namespace and host end.
+    drop(bed.dst_container(id));
+    assert_no_network_leftovers(&net, id, true, "after the hooked container was deleted");
+}
