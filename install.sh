@@ -41,6 +41,8 @@ APT_PACKAGES=(
     libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils
     # pre-copy test guest
     qemu-system-x86 kmod cpio
+    # the benchmark's plot labels
+    fonts-dejavu-core
 )
 
 missing_packages() {
@@ -168,7 +170,7 @@ install_guest_kernel() {
 build_fixtures() {
     log "building the static test fixtures"
     mkdir -p "$FIXTURE_DIR"
-    gcc -O2 -static -Wall -Wextra -o "$FIXTURE_DIR/pattern-fixture" "$REPO_DIR/fixtures/pattern-fixture.c"
+    gcc -O2 -static -pthread -Wall -Wextra -o "$FIXTURE_DIR/pattern-fixture" "$REPO_DIR/fixtures/pattern-fixture.c"
 }
 
 build_ctmigrate() {

@@ -1,86 +1,473 @@
-//! Benchmarks run by hand (`#[ignore]`d): see docs/performance.md.
+//! The migration benchmark (run by hand, `#[ignore]`d): ctmigrate against
+//! what users do today and against the floor, in one run, on the same
+//! fixtures and the same two network-namespace hosts. See
+//! docs/performance.md for the command and the figures.
+//!
+//! Methods, each timed from the start of its freeze/dump to the end of its
+//! restore (its own clock), and by the fixture (the longest gap in a
+//! heartbeat it keeps every 2 ms):
+//! - `ctmigrate`: a stop-copy migration over TLS (`frozen_ms`);
+//! - `by-hand`: `runc checkpoint` to a directory, `tar | zstd` over a TCP
+//!   connection between the hosts, unpack, `runc restore`;
+//! - `page-server`: `runc checkpoint --page-server` to `criu page-server`
+//!   on the destination, the other images over TCP, `runc restore`;
+//! - `floor`: `runc checkpoint` to tmpfs and `runc restore` from it on one
+//!   host, no network.
+//!
+//! And the raw link: TCP throughput between the hosts.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use migration_engine::testbed::{connect_from, HostPair};
 
-/// The floor for stop-copy: `runc checkpoint` to tmpfs and `runc restore`
-/// from it on the same host, no network. Returns the wall time from the
-/// start of the checkpoint to the end of the restore (the container runs
-/// in neither).
-fn floor_ms(bed: &Testbed, mib: u64, n: usize) -> u64 {
-    let id = format!("floor{mib}-{n}-{}", bed.tag);
-    let src = bed.start_fixture(&id, &Workload::Pattern { mib, dirty_kib_per_s: 0 }).unwrap();
-    wait_for(Duration::from_secs(60), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1)).unwrap();
-    // The restored copy needs its own bundle and cgroup, made beforehand.
+#[derive(Debug, Clone, Copy)]
+struct Fixture {
+    mib: u64,
+    dirty_kib_per_s: u64,
+    compressible: bool,
+}
+
+impl Fixture {
+    fn name(&self) -> String {
+        format!("{}MiB-{}-dirty{}KiBps", self.mib, if self.compressible { "compressible" } else { "random" }, self.dirty_kib_per_s)
+    }
+
+    fn workload(&self) -> Workload {
+        let (mib, dirty_kib_per_s) = (self.mib, self.dirty_kib_per_s);
+        if self.compressible {
+            Workload::CompressiblePattern { mib, dirty_kib_per_s }
+        } else {
+            Workload::Pattern { mib, dirty_kib_per_s }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Ctmigrate,
+    /// ctmigrate with `--compress never`.
+    CtmigrateNoCompression,
+    ByHand,
+    PageServer,
+    Floor,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Ctmigrate => "ctmigrate",
+            Method::CtmigrateNoCompression => "ctmigrate-compress-never",
+            Method::ByHand => "by-hand",
+            Method::PageServer => "page-server",
+            Method::Floor => "floor",
+        }
+    }
+}
+
+/// One migration's figures.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Sample {
+    frozen_ms: u64,
+    heartbeat_gap_ms: u64,
+    total_ms: u64,
+    wire_bytes: u64,
+    image_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frozen_phases: Option<serde_json::Value>,
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    walk(dir).iter().map(|p| p.metadata().map(|m| m.len()).unwrap_or(0)).sum()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A listener inside the destination host's namespace.
+fn listen_in(ns: &str, addr: SocketAddr) -> TcpListener {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        nix::sched::setns(std::fs::File::open(&path).unwrap(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        TcpListener::bind(addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Pipes `producer`'s stdout (run here) over one TCP connection from the
+/// source host to the destination host into `consumer`'s stdin. Returns
+/// the bytes that crossed the connection.
+fn tcp_pipe(bed: &Testbed, port: u16, mut producer: Command, mut consumer: Command) -> u64 {
+    let addr: SocketAddr = format!("{}:{port}", bed.hosts.dst_ip).parse().unwrap();
+    let listener = listen_in(&bed.hosts.dst, addr);
+    let mut consumer = consumer.stdin(Stdio::piped()).spawn().unwrap();
+    let mut sink = consumer.stdin.take().unwrap();
+    let receiving = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        std::io::copy(&mut conn, &mut sink).unwrap();
+    });
+    let mut producer = producer.stdout(Stdio::piped()).spawn().unwrap();
+    let mut conn = connect_from(&bed.hosts.src, addr).unwrap();
+    let bytes = std::io::copy(producer.stdout.as_mut().unwrap(), &mut conn).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(producer.wait().unwrap().success(), "the pipe's producer failed");
+    receiving.join().unwrap();
+    assert!(consumer.wait().unwrap().success(), "the pipe's consumer failed");
+    bytes
+}
+
+/// A source fixture, running and verified once, and a copy of its bundle
+/// with its own cgroup for the baselines to restore into.
+struct Prepared {
+    src: migration_engine::testbed::FixtureContainer,
+    id: String,
+    copy: PathBuf,
+}
+
+fn prepare(bed: &Testbed, fixture: Fixture) -> Prepared {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let id = format!("b{}-{}-{}", fixture.mib, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), bed.tag);
+    let src = bed.start_fixture(&id, &fixture.workload()).unwrap();
+    wait_for(Duration::from_secs(120), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1)).expect("the fixture never verified");
     let copy = bed.dir.join(format!("{id}-restored"));
     assert!(Command::new("cp").arg("-a").arg(&src.bundle).arg(&copy).status().unwrap().success());
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(copy.join("config.json")).unwrap()).unwrap();
     cfg["linux"]["cgroupsPath"] = format!("{}/{id}-r", bed.cgroup_parent).into();
     std::fs::write(copy.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
-    let images = bed.dir.join(format!("{id}-images"));
-    let runc = |root: &std::path::Path, args: &[&str]| {
-        let st = Command::new(&bed.runc_binary)
-            .arg("--root")
-            .arg(root)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "runc {args:?} failed");
+    Prepared { src, id, copy }
+}
+
+/// Waits for the restored fixture to verify its memory again; returns its
+/// longest heartbeat gap in ms.
+fn restored_gap_ms(rootfs: &Path, token: &str) -> u64 {
+    let before = read_pattern_status(rootfs).map(|s| s.passes).unwrap_or(0);
+    let st = wait_for(Duration::from_secs(120), || read_pattern_status(rootfs).filter(|s| s.passes >= before + 2))
+        .unwrap_or_else(|| panic!("the restored fixture in {} did not verify", rootfs.display()));
+    assert!(st.ok && st.token == token, "restored fixture: {}", st.line);
+    st.max_gap_us / 1000
+}
+
+fn runc_in(bed: &Testbed, netns: Option<&str>, root: &Path) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = HostPair::command_in(ns, &bed.runc_binary);
+            c.arg("--root").arg(root);
+            c
+        }
+        None => {
+            let mut c = Command::new(&bed.runc_binary);
+            c.arg("--root").arg(root);
+            c
+        }
     };
+    c.stdin(Stdio::null());
+    c
+}
+
+fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
+    let p = prepare(bed, fixture);
+    let token = read_pattern_status(&p.src.rootfs()).unwrap().token;
+    let images = bed.dir.join(format!("{}-images", p.id));
+    let images_dst = bed.dir.join(format!("{}-images-dst", p.id));
+    std::fs::create_dir_all(&images_dst).unwrap();
+    let restored_id = format!("{}-r", p.id);
+    let restore = |bed: &Testbed| {
+        run_ok(
+            runc_in(bed, None, &bed.dst_runc.root)
+                .args(["restore", "-d", "--image-path"])
+                .arg(&images_dst)
+                .arg("--bundle")
+                .arg(&p.copy)
+                .arg(&restored_id),
+            "runc restore",
+        )
+    };
+    let mut sample = Sample::default();
     let started = Instant::now();
-    runc(&bed.src_runc.root, &["checkpoint", "--image-path", images.to_str().unwrap(), &id]);
-    runc(&bed.dst_runc.root, &["restore", "-d", "--image-path", images.to_str().unwrap(), "--bundle", copy.to_str().unwrap(), &format!("{id}-r")]);
-    let ms = started.elapsed().as_millis() as u64;
-    let restored = bed.dst_container(&format!("{id}-r"));
-    restored.runc.running(&restored.id).expect("the floor's restored copy runs");
-    drop(restored);
-    let _ = std::fs::remove_dir_all(&images);
-    ms
+    let restored_rootfs = match method {
+        Method::Ctmigrate | Method::CtmigrateNoCompression => {
+            let port = port();
+            let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+            let mut extra = vec!["--mode", "stop-copy", "--dest-id", &restored_id];
+            if method == Method::CtmigrateNoCompression {
+                extra.extend(["--compress", "never"]);
+            }
+            let sent = bed.run_sender(&p.id, port, &extra, &[]).unwrap();
+            assert_eq!(sent.code, Some(0), "{}", sent.stderr);
+            assert_eq!(receiver.wait(Duration::from_secs(300)), Some(0));
+            let r = sent.result().unwrap();
+            sample.frozen_ms = r["frozen_ms"].as_u64().unwrap();
+            sample.total_ms = r["total_ms"].as_u64().unwrap();
+            sample.wire_bytes = r["bytes_sent"].as_u64().unwrap();
+            sample.image_bytes = r["image_bytes"].as_u64().unwrap();
+            sample.frozen_phases = Some(r["frozen_phases"].clone());
+            sample.usage = Some(serde_json::json!({"sender": r["usage"], "receiver": receiver.result().map(|r| r["usage"].clone())}));
+            bed.dst_bundles().join(&restored_id).join("rootfs")
+        }
+        Method::ByHand => {
+            run_ok(runc_in(bed, None, &bed.src_runc.root).args(["checkpoint", "--image-path"]).arg(&images).arg(&p.id), "runc checkpoint");
+            let mut producer = Command::new("sh");
+            producer.arg("-c").arg(format!("tar -C {} -cf - . | zstd -1 -T0 -q -c", images.display()));
+            let mut consumer = Command::new("sh");
+            consumer.arg("-c").arg(format!("zstd -d -q -c | tar -C {} -xf -", images_dst.display()));
+            sample.wire_bytes = tcp_pipe(bed, port(), producer, consumer);
+            restore(bed);
+            sample.frozen_ms = started.elapsed().as_millis() as u64;
+            sample.image_bytes = dir_bytes(&images);
+            p.copy.join("rootfs")
+        }
+        Method::PageServer => {
+            let port = port();
+            let mut server = HostPair::command_in(&bed.hosts.dst, "criu")
+                .args(["page-server", "--images-dir"])
+                .arg(&images_dst)
+                .args(["--address", &bed.hosts.dst_ip, "--port", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // Wait until it listens (without connecting: it serves one dump).
+            wait_for(Duration::from_secs(10), || {
+                let out = HostPair::command_in(&bed.hosts.dst, "ss").args(["-Hltn", &format!("sport = :{port}")]).output().ok()?;
+                (!out.stdout.is_empty()).then_some(())
+            })
+            .expect("criu page-server never listened");
+            let started_ps = Instant::now();
+            run_ok(
+                runc_in(bed, Some(&bed.hosts.src), &bed.src_runc.root)
+                    .args(["checkpoint", "--page-server", &format!("{}:{port}", bed.hosts.dst_ip), "--image-path"])
+                    .arg(&images)
+                    .arg(&p.id),
+                "runc checkpoint --page-server",
+            );
+            assert!(server.wait().unwrap().success(), "criu page-server failed");
+            let mut producer = Command::new("tar");
+            producer.arg("-C").arg(&images).args(["-cf", "-", "."]);
+            let mut consumer = Command::new("tar");
+            consumer.arg("-C").arg(&images_dst).arg("-xf").arg("-");
+            let other = tcp_pipe(bed, port + 1000, producer, consumer);
+            restore(bed);
+            sample.frozen_ms = started_ps.elapsed().as_millis() as u64;
+            sample.image_bytes = dir_bytes(&images_dst);
+            sample.wire_bytes = dir_bytes(&images_dst) - dir_bytes(&images) + other;
+            p.copy.join("rootfs")
+        }
+        Method::Floor => {
+            run_ok(runc_in(bed, None, &bed.src_runc.root).args(["checkpoint", "--image-path"]).arg(&images_dst).arg(&p.id), "runc checkpoint");
+            restore(bed);
+            sample.frozen_ms = started.elapsed().as_millis() as u64;
+            sample.image_bytes = dir_bytes(&images_dst);
+            p.copy.join("rootfs")
+        }
+    };
+    if sample.total_ms == 0 {
+        sample.total_ms = started.elapsed().as_millis() as u64;
+    }
+    sample.heartbeat_gap_ms = restored_gap_ms(&restored_rootfs, &token);
+    drop(bed.dst_container(&restored_id));
+    drop(p.src);
+    for d in [&images, &images_dst, &p.copy] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let _ = std::fs::remove_dir_all(bed.dst_bundles().join(&restored_id));
+    sample
 }
 
-fn ctmigrate_ms(bed: &Testbed, mib: u64, n: usize, port: u16) -> u64 {
-    let id = format!("ctm{mib}-{n}-{}", bed.tag);
-    let src = bed.start_fixture(&id, &Workload::Pattern { mib, dirty_kib_per_s: 0 }).unwrap();
-    wait_for(Duration::from_secs(60), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1)).unwrap();
-    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
-    let sent = bed.run_sender(&id, port, &["--mode", "stop-copy", "--dest-id", &format!("{id}-d")], &[]).unwrap();
-    assert_eq!(sent.code, Some(0), "{}", sent.stderr);
-    assert_eq!(receiver.wait(Duration::from_secs(120)), Some(0));
-    let ms = sent.result().unwrap()["frozen_ms"].as_u64().unwrap();
-    drop(bed.dst_container(&format!("{id}-d")));
-    ms
+/// TCP throughput between the hosts, in MB/s (10^6), for `bytes`.
+fn raw_link_mbps(bed: &Testbed, bytes: u64) -> f64 {
+    let addr: SocketAddr = format!("{}:{}", bed.hosts.dst_ip, port()).parse().unwrap();
+    let listener = listen_in(&bed.hosts.dst, addr);
+    let reading = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got += n as u64;
+        }
+    });
+    let mut conn: TcpStream = connect_from(&bed.hosts.src, addr).unwrap();
+    let buf = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        conn.write_all(&buf).unwrap();
+        sent += buf.len() as u64;
+    }
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(reading.join().unwrap(), sent);
+    sent as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
-/// ctmigrate's stop-copy frozen time against the floor, for 64 and 512 MiB
-/// of incompressible memory, interleaved, three times each.
-/// `cargo test --release --test bench -- --ignored bench_stop_copy_against_floor --nocapture`
+fn ratio(a: u64, b: u64) -> f64 {
+    (a as f64 / b.max(1) as f64 * 1000.0).round() / 1000.0
+}
+
+/// Frozen time (fixture heartbeat gap, median) against memory size, one
+/// line per method.
+fn plot(path: &Path, series: &[(String, Vec<(u64, u64)>)]) {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").expect("DejaVu Sans (install.sh installs fonts-dejavu-core)");
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let max_y = series.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.1)).max().unwrap_or(1) as f64 / 1000.0 * 1.1;
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Frozen time as the workload saw it (median)", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..1100f64, 0f64..max_y)
+        .unwrap();
+    chart.configure_mesh().x_desc("container memory (MiB)").y_desc("frozen (s)").label_style(("sans-serif", 15)).draw().unwrap();
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let data: Vec<(f64, f64)> = pts.iter().map(|(x, y)| (*x as f64, *y as f64 / 1000.0)).collect();
+        chart
+            .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+            .unwrap()
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(data.into_iter().map(|p| Circle::new(p, 4, color.filled()))).unwrap();
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 15)).draw().unwrap();
+    root.present().unwrap();
+}
+
+/// The whole harness. Sizes and repetitions can be narrowed with
+/// CTMIGRATE_BENCH_SIZES (e.g. `64,512`) and CTMIGRATE_BENCH_RUNS.
+/// `cargo test --release --test bench -- --ignored bench_migration --nocapture`
 #[test]
 #[ignore = "benchmark: run by hand, see docs/performance.md"]
-fn bench_stop_copy_against_floor() {
-    let bed = testbed("flo").expect("root prerequisites");
-    let mut out = serde_json::Map::new();
-    for mib in [64u64, 512] {
-        let (mut floor, mut ours) = (Vec::new(), Vec::new());
-        for n in 0..3 {
-            floor.push(floor_ms(&bed, mib, n));
-            ours.push(ctmigrate_ms(&bed, mib, n, port()));
+fn bench_migration() {
+    let bed = testbed("bm").expect("root prerequisites");
+    let sizes: Vec<u64> = std::env::var("CTMIGRATE_BENCH_SIZES")
+        .map(|s| s.split(',').map(|v| v.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![64, 512, 1024]);
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(3);
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+
+    // Every size: incompressible memory, dirtied slowly, all methods (and
+    // at the variant size also ctmigrate without compression). The
+    // variant size (the largest up to 512 MiB) also: dirtied fast, and
+    // compressible.
+    let all = [Method::Ctmigrate, Method::ByHand, Method::PageServer, Method::Floor];
+    let variant_mib = *sizes.iter().filter(|&&m| m <= 512).max().unwrap_or(&sizes[0]);
+    let mut cases: Vec<(Fixture, Vec<Method>)> = sizes
+        .iter()
+        .map(|&mib| {
+            let mut methods = all.to_vec();
+            if mib == variant_mib {
+                methods.push(Method::CtmigrateNoCompression);
+            }
+            (Fixture { mib, dirty_kib_per_s: 256, compressible: false }, methods)
+        })
+        .collect();
+    cases.push((Fixture { mib: variant_mib, dirty_kib_per_s: 16 * 1024, compressible: false }, vec![Method::Ctmigrate, Method::Floor]));
+    cases.push((
+        Fixture { mib: variant_mib, dirty_kib_per_s: 256, compressible: true },
+        vec![Method::Ctmigrate, Method::CtmigrateNoCompression, Method::ByHand, Method::Floor],
+    ));
+
+    let mut results = serde_json::Map::new();
+    let mut table = Vec::new();
+    let mut series: std::collections::BTreeMap<&str, Vec<(u64, u64)>> = Default::default();
+    for (fixture, methods) in &cases {
+        let mut samples: std::collections::BTreeMap<&str, Vec<Sample>> = Default::default();
+        // Interleaved: run n of every method before run n+1 of any.
+        for n in 0..runs {
+            for &m in methods {
+                let s = run_method(&bed, *fixture, m);
+                eprintln!("{} {} run {n}: frozen {} ms, gap {} ms", fixture.name(), m.name(), s.frozen_ms, s.heartbeat_gap_ms);
+                samples.entry(m.name()).or_default().push(s);
+            }
         }
-        let median = |v: &mut Vec<u64>| {
-            v.sort();
-            v[v.len() / 2]
-        };
-        let (f, o) = (median(&mut floor.clone()), median(&mut ours.clone()));
-        out.insert(
-            format!("{mib}MiB"),
-            serde_json::json!({"floor_ms": floor, "ctmigrate_frozen_ms": ours, "median_ratio_to_floor": (o as f64 / f as f64 * 1000.0).round() / 1000.0}),
-        );
+        let med = |name: &str, f: fn(&Sample) -> u64| samples.get(name).map(|v| median(v.iter().map(f).collect()));
+        let floor = med("floor", |s| s.frozen_ms);
+        let floor_gap = med("floor", |s| s.heartbeat_gap_ms);
+        let mut entry = serde_json::Map::new();
+        for (name, v) in &samples {
+            let frozen = median(v.iter().map(|s| s.frozen_ms).collect());
+            let gap = median(v.iter().map(|s| s.heartbeat_gap_ms).collect());
+            let mut summary = serde_json::json!({
+                "median_frozen_ms": frozen,
+                "median_heartbeat_gap_ms": gap,
+                "median_total_ms": median(v.iter().map(|s| s.total_ms).collect()),
+                "median_wire_bytes": median(v.iter().map(|s| s.wire_bytes).collect()),
+                "median_image_bytes": median(v.iter().map(|s| s.image_bytes).collect()),
+                "samples": v,
+            });
+            if let (Some(f), Some(fg)) = (floor, floor_gap) {
+                summary["frozen_ratio_to_floor"] = ratio(frozen, f).into();
+                summary["gap_ratio_to_floor"] = ratio(gap, fg).into();
+            }
+            table.push(format!(
+                "{:<34} {:<26} frozen {:>6} ms  gap {:>6} ms  wire {:>6} MB  floor x{}",
+                fixture.name(),
+                name,
+                frozen,
+                gap,
+                median(v.iter().map(|s| s.wire_bytes).collect()) / 1_000_000,
+                floor.map(|f| ratio(frozen, f).to_string()).unwrap_or_else(|| "-".into())
+            ));
+            if fixture.dirty_kib_per_s == 256 && !fixture.compressible && all.iter().any(|m| m.name() == *name) {
+                series.entry(name).or_default().push((fixture.mib, gap));
+            }
+            entry.insert(name.to_string(), summary);
+        }
+        if let (Some(ours), Some(ps), Some(hand)) = (med("ctmigrate", |s| s.heartbeat_gap_ms), med("page-server", |s| s.heartbeat_gap_ms), med("by-hand", |s| s.heartbeat_gap_ms)) {
+            entry.insert("ctmigrate_gap_ratio_to_page_server".into(), ratio(ours, ps).into());
+            entry.insert("ctmigrate_gap_ratio_to_by_hand".into(), ratio(ours, hand).into());
+        }
+        results.insert(fixture.name(), entry.into());
     }
-    println!("BENCH {}", serde_json::Value::Object(out));
+
+    let link: Vec<u64> = (0..runs).map(|_| (raw_link_mbps(&bed, 1 << 30) * 10.0) as u64).collect();
+    let link_mbps = median(link) as f64 / 10.0;
+    results.insert("raw_link_MBps".into(), link_mbps.into());
+    table.push(format!("raw link (TCP, 1 GiB, median of {runs}): {link_mbps} MB/s"));
+
+    let json_path = out_dir.join("migration-bench.json");
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&serde_json::Value::Object(results.clone())).unwrap()).unwrap();
+    let series: Vec<(String, Vec<(u64, u64)>)> = series.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let png = out_dir.join("frozen-time.png");
+    plot(&png, &series);
+    println!("{}", table.join("\n"));
+    println!("written: {} and {}", json_path.display(), png.display());
+    println!("BENCH {}", serde_json::Value::Object(results));
 }

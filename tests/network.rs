@@ -119,6 +119,26 @@ fn start_echo(bed: &Testbed, net: &ContainerNetwork, id: &str) -> FixtureContain
     FixtureContainer::start(bed.src_runc.clone(), id, &bundle).expect("starting the echo container")
 }
 
+/// A testbed with the three-namespace network and an echo container in
+/// the source's named namespace. Fields drop in order: the container
+/// before the network, the network before the hosts.
+struct EchoBed {
+    _src: FixtureContainer,
+    id: String,
+    net: ContainerNetwork,
+    bed: Testbed,
+}
+
+fn echo_bed(prefix: &str) -> Option<EchoBed> {
+    let bed = common::testbed(prefix)?;
+    let net = ContainerNetwork::create(&bed).expect("creating the network");
+    // Ids are unique per test: runc puts a container without a cgroups
+    // path in the cgroup named by its id.
+    let id = format!("echo-{}", bed.tag);
+    let src = start_echo(&bed, &net, &id);
+    Some(EchoBed { _src: src, id, net, bed })
+}
+
 fn assert_no_network_leftovers(net: &ContainerNetwork, dest_id: &str, source_netns: bool, context: &str) {
     let left = net.leftovers(dest_id, source_netns);
     assert!(left.is_empty(), "{context}: left behind: {left:#?}");
@@ -126,13 +146,8 @@ fn assert_no_network_leftovers(net: &ContainerNetwork, dest_id: &str, source_net
 
 #[test]
 fn tcp_connection_survives_migration_with_the_network() {
-    let Some(bed) = common::testbed("nt") else { return };
-    let net = ContainerNetwork::create(&bed).expect("creating the network");
-    // Ids are unique per test: runc puts a container without a cgroups
-    // path in the cgroup named by its id.
-    let id = format!("echo-{}", bed.tag);
-    let id = id.as_str();
-    let _src = start_echo(&bed, &net, id);
+    let Some(e) = echo_bed("nt") else { return };
+    let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
     let client = EchoClient::connect(&net);
     client.assert_flowing(2_000, Duration::from_secs(20), "before migrating");
 
@@ -171,11 +186,8 @@ fn tcp_connection_survives_migration_with_the_network() {
 
 #[test]
 fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
-    let Some(bed) = common::testbed("nf") else { return };
-    let net = ContainerNetwork::create(&bed).expect("creating the network");
-    let id = format!("echo-{}", bed.tag);
-    let id = id.as_str();
-    let _src = start_echo(&bed, &net, id);
+    let Some(e) = echo_bed("nf") else { return };
+    let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
     let client = EchoClient::connect(&net);
     client.assert_flowing(1_000, Duration::from_secs(20), "before migrating");
 
@@ -211,11 +223,8 @@ fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
 
 #[test]
 fn a_missing_bridge_is_refused_before_the_source_is_frozen() {
-    let Some(bed) = common::testbed("nb") else { return };
-    let net = ContainerNetwork::create(&bed).expect("creating the network");
-    let id = format!("echo-{}", bed.tag);
-    let id = id.as_str();
-    let _src = start_echo(&bed, &net, id);
+    let Some(e) = echo_bed("nb") else { return };
+    let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
 
     // A receiver told of a bridge that does not exist does not start.
     let out = bed.receive_command(common::port(), &["--once", "--bridge", "br-none"]).output().unwrap();
@@ -327,4 +336,108 @@ fn documented_hooks_wire_plain_runc_and_the_container_migrates() {
     // Deleting the migrated container removes its namespace and host end.
     drop(bed.dst_container(id));
     assert_no_network_leftovers(&net, id, true, "after the hooked container was deleted");
+}
+
+#[test]
+fn killed_sides_leave_the_network_as_it_was() {
+    let Some(e) = echo_bed("nk") else { return };
+    let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
+    let client = EchoClient::connect(&net);
+    client.assert_flowing(1_000, Duration::from_secs(20), "before migrating");
+    let kill = |pid: u32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let frozen = || common::wait_for(Duration::from_secs(20), || (common::frozen_state(&bed, id) == "FROZEN").then_some(()));
+
+    // The sender is killed while the source is frozen and its network
+    // locked: the guard thaws the source and unlocks its network.
+    let port = common::port();
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[]).unwrap();
+    let mut cmd = bed.send_command(id, port, &["--tcp-established"]);
+    cmd.env("CTMIGRATE_FAILPOINTS", "sender-after-freeze=sleep:60000");
+    let mut sender = migration_engine::testbed::ChildProcess::spawn(cmd).unwrap();
+    frozen().expect("the sender never froze the source");
+    assert!(container_network::lock::is_locked(&container_network::Netns::Path(net.container_netns_path())).unwrap(), "frozen but not locked");
+    kill(sender.child.id());
+    let _ = sender.wait(Duration::from_secs(5));
+    common::wait_for(Duration::from_secs(20), || (common::frozen_state(&bed, id) == "THAWED").then_some(())).expect("the guard did not thaw");
+    receiver.wait(Duration::from_secs(60));
+    client.assert_flowing(1_000, Duration::from_secs(60), "after the sender was killed");
+    assert_no_network_leftovers(&net, id, true, "after the sender was killed");
+    common::assert_clean(&bed, id);
+
+    // The receiver is killed mid-transfer: the source resumes; what the
+    // receiver built stays until the next receiver starts, which sweeps it.
+    let port = common::port();
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[("CTMIGRATE_FAILPOINTS", "receiver-during-images=sleep:60000")]).unwrap();
+    let mut sender = migration_engine::testbed::ChildProcess::spawn(bed.send_command(id, port, &["--tcp-established"])).unwrap();
+    frozen().expect("the sender never froze the source");
+    kill(receiver.child.id());
+    let _ = receiver.wait(Duration::from_secs(5));
+    assert_eq!(sender.wait(Duration::from_secs(60)), Some(4), "{}", sender.stderr());
+    client.assert_flowing(1_000, Duration::from_secs(60), "after the receiver was killed");
+    let left = net.leftovers(id, true);
+    assert!(left.iter().any(|l| l.contains(&format!("ctmigrate-{id}"))), "expected the killed receiver's namespace: {left:?}");
+    let mut next = bed.spawn_receiver(common::port(), &["--bridge", &net.bridge], &[]).unwrap();
+    assert_no_network_leftovers(&net, id, true, "after the next receiver started");
+    kill(next.child.id());
+    let _ = next.wait(Duration::from_secs(5));
+    common::assert_clean(&bed, id);
+    client.finish();
+}
+
+#[test]
+fn activation_announces_the_moved_address() {
+    let Some(bed) = common::testbed("na") else { return };
+    let net = ContainerNetwork::create(&bed).expect("creating the network");
+    let o = net.container_ip.octets();
+    let address = std::net::Ipv4Addr::new(o[0], o[1], o[2], 30);
+    let mac = "02:c7:00:00:aa:1e".to_string();
+    let dst_host = format!("/run/netns/{}", net.dst);
+    let bridge = net.bridge.clone();
+    let id = format!("arp-{}", bed.tag);
+    // Runs in a thread inside the destination host's namespace: the `ip`
+    // commands the library spawns inherit it.
+    let outcome = std::thread::spawn(move || -> Result<(), String> {
+        let ns = std::fs::File::open(&dst_host).map_err(|e| e.to_string())?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        // An uplink, so the bridge keeps its carrier while the new host
+        // end is down (a bridge without carrier flushes its neighbours).
+        let uplink = format!("{id}u").replace("arp-", "");
+        let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        let uplink_peer = format!("{uplink}p");
+        ip(&["link", "add", &uplink, "type", "veth", "peer", "name", &uplink_peer]);
+        ip(&["link", "set", &uplink_peer, "up"]);
+        ip(&["link", "set", &uplink, "master", &bridge, "up"]);
+        let neighbour = || {
+            let out = std::process::Command::new("ip").args(["neigh", "show", &address.to_string(), "dev", &bridge]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let record = container_network::NetworkRecord {
+            interfaces: vec![container_network::InterfaceRecord { name: "eth0".into(), mac: mac.clone(), mtu: 1500, addresses: vec![format!("{address}/24")] }],
+            routes: vec![],
+        };
+        let built = container_network::DestinationNetwork::build(&record, &id, Some(&bridge)).map_err(|e| e.to_string())?;
+        // The host believes the address is elsewhere (where it was). (Set
+        // after the build: a bridge's first port changes its MAC, which
+        // flushes its neighbours.)
+        let stale = std::process::Command::new("ip")
+            .args(["neigh", "replace", &address.to_string(), "lladdr", "02:00:00:00:00:01", "dev", &bridge, "nud", "stale"])
+            .status()
+            .unwrap();
+        assert!(stale.success());
+        // Updates within a second of the last are not overrides.
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = neighbour();
+        let result = built.activate().map_err(|e| e.to_string()).and_then(|()| {
+            common::wait_for(Duration::from_secs(5), || neighbour().contains(&mac).then_some(()))
+                .ok_or_else(|| format!("the neighbour entry was not updated: {}", neighbour()))
+        });
+        built.remove();
+        ip(&["link", "del", &uplink]);
+        assert!(before.contains("02:00:00:00:00:01"), "built but not yet active, and already announced: {before}");
+        result
+    })
+    .join()
+    .unwrap();
+    outcome.unwrap();
+    assert_no_network_leftovers(&net, &format!("arp-{}", bed.tag), true, "after remove");
 }

@@ -119,13 +119,25 @@ impl DestinationNetwork {
     /// by name: for the receiver's poststop hook, and for sweeping up after
     /// a receiver that died.
     pub fn remove_for(id: &str) -> Result<(), NetworkError> {
+        let netns = Netns::Named(Self::netns_name(id));
+        if netns.exists() {
+            // From inside: the hook may run in another namespace than the
+            // host ends, and the namespace itself may outlive its last
+            // process (orphaned sockets), keeping its links alive.
+            for link in ip_json(Some(&netns), &["link", "show"])? {
+                let name = link["ifname"].as_str().unwrap_or("lo");
+                if name != "lo" {
+                    ip(Some(&netns), &["link", "del", name])?;
+                }
+            }
+        }
         for index in 0..crate::record::MAX_INTERFACES {
             let h = crate::host_ifname("ctm", id, index);
             if link_exists(&h) {
                 ip(None, &["link", "del", &h])?;
             }
         }
-        Netns::Named(Self::netns_name(id)).remove()
+        netns.remove()
     }
 
     pub fn netns_path(&self) -> PathBuf {

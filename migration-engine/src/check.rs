@@ -152,26 +152,17 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
         },
     ));
 
-    let nft = which(Path::new("nft"));
-    checks.push(item(
-        "network-lock",
-        true,
-        if nft.starts_with('/') {
-            Ok(format!("nft at {nft} (the container's network is locked with nftables while it is dumped)"))
-        } else {
-            Err("nft not found: ctmigrate locks a container's network with nftables during the dump; install nftables".into())
-        },
-    ));
-    let ip = which(Path::new("ip"));
-    checks.push(item(
-        "iproute2",
-        true,
-        if ip.starts_with('/') {
-            Ok(format!("ip at {ip} (records and rebuilds containers' interfaces)"))
-        } else {
-            Err("ip not found: install iproute2".into())
-        },
-    ));
+    for (name, tool, use_, fix) in [
+        ("network-lock", "nft", "the container's network is locked with nftables while it is dumped", "install nftables"),
+        ("iproute2", "ip", "records and rebuilds containers' interfaces", "install iproute2"),
+    ] {
+        let path = which(Path::new(tool));
+        checks.push(item(
+            name,
+            true,
+            if path.starts_with('/') { Ok(format!("{tool} at {path} ({use_})")) } else { Err(format!("{tool} not found: {fix}")) },
+        ));
+    }
 
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     if thp.contains("[always]") {

@@ -79,6 +79,52 @@ pub struct ResultEvent {
     pub source_state: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// Where the frozen time went (sender).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_phases: Option<FrozenPhases>,
+    /// CPU and memory this process used, measured as the result is sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ResourceUsage>,
+}
+
+/// The frozen window, phase by phase, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FrozenPhases {
+    /// Rootfs changes since the initial sync.
+    pub rootfs_delta_ms: u64,
+    /// CRIU's final dump with its pages streamed, until every image is sent.
+    pub dump_and_transfer_ms: u64,
+    /// From the last image sent to Restored.
+    pub restore_wait_ms: u64,
+    /// The destination's own measure of `runc restore`.
+    pub restore_ms: u64,
+}
+
+/// CPU time and peak resident memory of this process, and of the child
+/// processes it has waited for (CRIU, runc, ssh).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResourceUsage {
+    pub cpu_ms: u64,
+    pub peak_rss_kib: u64,
+    pub children_cpu_ms: u64,
+    pub children_peak_rss_kib: u64,
+}
+
+impl ResourceUsage {
+    pub fn measure() -> Self {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let cpu = |u: &nix::sys::resource::Usage| {
+            let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1000 + t.tv_usec() as u64 / 1000;
+            ms(u.user_time()) + ms(u.system_time())
+        };
+        let (me, children) = (getrusage(UsageWho::RUSAGE_SELF).ok(), getrusage(UsageWho::RUSAGE_CHILDREN).ok());
+        ResourceUsage {
+            cpu_ms: me.as_ref().map(cpu).unwrap_or(0),
+            peak_rss_kib: me.as_ref().map(|u| u.max_rss() as u64).unwrap_or(0),
+            children_cpu_ms: children.as_ref().map(cpu).unwrap_or(0),
+            children_peak_rss_kib: children.as_ref().map(|u| u.max_rss() as u64).unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -96,6 +96,7 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
                 result.error = Some(e.to_string());
                 result.exit_code = Some(Outcome::NothingTouched.exit_code());
                 let _ = crate::audit::record(&opts.audit_log, &format!("unauthenticated:{peer}"), &result);
+                result.usage = Some(crate::events::ResourceUsage::measure());
                 rep.emit(Event::Result(result));
                 Err((e, Outcome::NothingTouched))
             }
@@ -189,6 +190,7 @@ fn serve_as(
     if let Err(e) = crate::audit::record(&opts.audit_log, &identity, &result) {
         rep.warn(format!("cannot write the audit log {}: {e}", opts.audit_log.display()));
     }
+    result.usage = Some(crate::events::ResourceUsage::measure());
     rep.emit(Event::Result(result));
     outcome
 }

@@ -227,6 +227,7 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
     if let Err(e) = crate::audit::record(&opts.audit_log, &peer, &result) {
         rep.warn(format!("cannot write the audit log {}: {e}", opts.audit_log.display()));
     }
+    result.usage = Some(crate::events::ResourceUsage::measure());
     rep.emit(Event::Result(result.clone()));
     outcome.map(|()| result)
 }
@@ -639,20 +640,28 @@ impl<'a> Migration<'a> {
     /// Rootfs delta, dump and transfer, restore on the destination.
     fn frozen_phase(&mut self, snapshot: &rootfs::Snapshot, result: &mut ResultEvent) -> Result<(), MigrationError> {
         failpoints::hit("sender-after-freeze")?;
+        let phase_started = Instant::now();
         self.rep.phase(Phase::RootfsDelta);
         rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(snapshot), &mut |_| {})
             .map_err(|e| self.explain_send_error(e))?;
+        let mut phases = crate::events::FrozenPhases { rootfs_delta_ms: phase_started.elapsed().as_millis() as u64, ..Default::default() };
 
+        let phase_started = Instant::now();
         self.rep.phase(Phase::Dump);
         let final_round = result.rounds.len() as u32 + 1;
         let sizes = self.criu_round(RoundKind::Final, final_round).map_err(|e| self.explain_send_error(e))?;
         result.final_bytes = Some(sizes.pages);
         result.image_bytes += sizes.images;
         self.p.peer.flush().map_err(|e| self.explain_send_error(e))?;
+        phases.dump_and_transfer_ms = phase_started.elapsed().as_millis() as u64;
 
+        let phase_started = Instant::now();
         self.rep.phase(Phase::Restore);
         let frame = self.p.peer.read_with_timeout(self.opts.restore_timeout)?;
-        let _: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
+        let restored: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
+        phases.restore_wait_ms = phase_started.elapsed().as_millis() as u64;
+        phases.restore_ms = restored.restore_ms;
+        result.frozen_phases = Some(phases);
         Ok(())
     }
 

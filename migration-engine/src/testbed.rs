@@ -98,6 +98,8 @@ pub enum Workload {
     /// re-verified continuously, `dirty_kib_per_s` rewritten per second;
     /// status in /status.
     Pattern { mib: u64, dirty_kib_per_s: u64 },
+    /// The same, with only one word in eight random (the rest zero).
+    CompressiblePattern { mib: u64, dirty_kib_per_s: u64 },
     /// A TCP echo server on `port` (busybox nc, one `cat` per connection).
     Echo { port: u16 },
 }
@@ -131,12 +133,16 @@ pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Resu
     }
     let args: Vec<String> = match workload {
         Workload::Counter => vec!["/bin/sh".into(), "-c".into(), COUNTER_SCRIPT.into()],
-        Workload::Pattern { mib, dirty_kib_per_s } => {
+        Workload::Pattern { mib, dirty_kib_per_s } | Workload::CompressiblePattern { mib, dirty_kib_per_s } => {
             let src = fixture_dir().join("pattern-fixture");
             std::fs::copy(&src, rootfs.join("bin/pattern-fixture")).map_err(|e| {
                 MigrationError::Preflight(format!("{}: {e}; run ./install.sh, which builds the fixtures", src.display()))
             })?;
-            vec!["/bin/pattern-fixture".into(), mib.to_string(), dirty_kib_per_s.to_string(), "/status".into()]
+            let mut args = vec!["/bin/pattern-fixture".into(), mib.to_string(), dirty_kib_per_s.to_string(), "/status".into()];
+            if matches!(workload, Workload::CompressiblePattern { .. }) {
+                args.push("compressible".into());
+            }
+            args
         }
         Workload::Echo { port } => vec!["/bin/nc".into(), "-ll".into(), "-p".into(), port.to_string(), "-e".into(), "/bin/cat".into()],
     };
@@ -375,6 +381,8 @@ pub struct PatternStatus {
     pub token: String,
     pub passes: u64,
     pub ok: bool,
+    /// Longest heartbeat gap the fixture saw, in microseconds.
+    pub max_gap_us: u64,
     pub line: String,
 }
 
@@ -384,7 +392,8 @@ pub fn read_pattern_status(rootfs: &Path) -> Option<PatternStatus> {
     let token = parts.next()?.to_string();
     let passes = parts.next()?.strip_prefix("pass=")?.parse().ok()?;
     let ok = parts.next()? == "ok";
-    Some(PatternStatus { token, passes, ok, line })
+    let max_gap_us = parts.next().and_then(|p| p.strip_prefix("maxgap_us=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Some(PatternStatus { token, passes, ok, max_gap_us, line })
 }
 
 /// Polls `f` every 20 ms until it returns Some or `timeout` passes.
