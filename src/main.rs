@@ -43,6 +43,26 @@ impl From<Compress> for CompressionMode {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum StageImages {
+    /// In memory (a tmpfs of the migration's own) when the images fit in
+    /// half of the available memory, else on disk.
+    Auto,
+    Memory,
+    /// In the work directory's file system.
+    Disk,
+}
+
+impl From<StageImages> for migration_engine::scratch::StageMode {
+    fn from(s: StageImages) -> Self {
+        match s {
+            StageImages::Auto => Self::Auto,
+            StageImages::Memory => Self::Memory,
+            StageImages::Disk => Self::Disk,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// Pre-copy where the kernel tracks dirty memory, else stop-copy.
     Auto,
@@ -172,6 +192,10 @@ enum Command {
         /// repair); the peers see a pause, not a reset.
         #[arg(long)]
         tcp_established: bool,
+        /// Where CRIU's images wait to be sent (sent pages are released at
+        /// once either way).
+        #[arg(long, value_enum, default_value = "auto")]
+        stage_images: StageImages,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
@@ -217,6 +241,9 @@ enum Command {
         /// container keeps its addresses and MAC).
         #[arg(long)]
         bridge: Option<String>,
+        /// Where received images wait for the restore.
+        #[arg(long, value_enum, default_value = "auto")]
+        stage_images: StageImages,
         #[command(flatten)]
         security: SecurityArgs,
         /// Where to append one JSON line per migration.
@@ -293,6 +320,7 @@ fn main() -> ExitCode {
             ssh_opt,
             remote_command,
             tcp_established,
+            stage_images,
             json,
         } => {
             let bwlimit = match bwlimit.as_deref().map(migration_engine::transport::parse_rate).transpose() {
@@ -329,6 +357,7 @@ fn main() -> ExitCode {
                 ssh_options: ssh_opt,
                 remote_command,
                 tcp_established,
+                stage_images: stage_images.into(),
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {
@@ -355,6 +384,7 @@ fn main() -> ExitCode {
             allow_bind_source,
             strip_setuid,
             bridge,
+            stage_images,
             security,
             audit_log,
             json,
@@ -381,6 +411,7 @@ fn main() -> ExitCode {
                 allowed_bind_sources: allow_bind_source,
                 unpack: migration_engine::rootfs::UnpackPolicy { strip_setuid },
                 bridge,
+                stage_images: stage_images.into(),
             };
             if stdio {
                 // stdout carries the migration stream.

@@ -107,7 +107,9 @@ fn destination_disk_full_is_refused_and_source_resumes() {
     let _unmount = Unmount(bed.dst_work());
 
     let port = port();
-    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    // On disk, where the operator put the work directory (by default the
+    // images would wait in a tmpfs of their own).
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--stage-images", "disk"], &[]).unwrap();
     let sent = bed.run_sender(&id, port, &[], &[]).unwrap();
     assert_eq!(sent.code, Some(4), "{}", sent.stderr);
     assert!(sent.stderr.contains("No space left"), "the receiver's reason should reach the sender: {}", sent.stderr);
@@ -175,4 +177,35 @@ fn receiver_dying_before_commit_ack_is_reported_uncertain_and_swept() {
     next.child.kill().unwrap();
     let _ = next.child.wait();
     assert_clean(&bed, &id);
+}
+
+/// The tmpfs mounts under `dir` (from /proc/self/mountinfo).
+fn tmpfs_mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter(|l| l.contains(" - tmpfs "))
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&*dir.to_string_lossy()))
+        .collect()
+}
+
+#[test]
+fn images_wait_in_memory_on_both_sides_and_the_mounts_go() {
+    let Some(bed) = testbed("stg") else { return };
+    let (src, id, token) = counter(&bed, "st");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-restore=sleep:1500")]).unwrap();
+    let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--dest-id", &format!("{id}-d")])).unwrap();
+    let seen = wait_for(Duration::from_secs(30), || {
+        let (s, d) = (tmpfs_mounts_under(&bed.src_work()), tmpfs_mounts_under(&bed.dst_work()));
+        (!s.is_empty() && !d.is_empty()).then_some((s, d))
+    });
+    assert_eq!(sender.wait(Duration::from_secs(60)), Some(0), "{}", sender.stderr());
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0));
+    let (s, d) = seen.expect("no tmpfs for the images on both sides while the migration ran");
+    assert!(s[0].ends_with("/images") && d[0].ends_with("/images"), "{s:?} {d:?}");
+    assert!(tmpfs_mounts_under(&bed.src_work()).is_empty() && tmpfs_mounts_under(&bed.dst_work()).is_empty(), "an images tmpfs outlived the migration");
+    let dst = bed.dst_container(&format!("{id}-d"));
+    assert_counting_on(&dst.rootfs(), &token, 0);
+    drop(src);
 }

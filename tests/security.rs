@@ -143,6 +143,7 @@ impl Hostile {
             max_rounds: 0,
             tcp_established: false,
             network: None,
+            memory_bytes: 0,
             source_host: "hostile".into(),
         };
         self.writer.write_json(MessageKind::Manifest, &m).unwrap();

@@ -147,7 +147,7 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
         }
     }
     // CRIU has exited: its images and logs are no one's now.
-    let _ = std::fs::remove_dir_all(&work_dir);
+    crate::scratch::remove_work_dir(&work_dir);
     thawed?;
     Ok(())
 }

@@ -129,7 +129,8 @@ impl ImageStreamer {
         name: &str,
     ) -> Result<u64, MigrationError> {
         let path = self.dir.join(name);
-        let f = File::open(&path).map_err(MigrationError::io(format!("opening {}", path.display())))?;
+        let f = OpenOptions::new().read(true).write(true).open(&path).map_err(MigrationError::io(format!("opening {}", path.display())))?;
+        let release = is_append_only(name);
         let state = self.sent.entry(name.to_string()).or_default();
         let mut total = 0;
         loop {
@@ -151,6 +152,18 @@ impl ImageStreamer {
                 comp.write(out, MessageKind::ImageData, &self.frame)?;
             }
             state.crc = crc32c::crc32c_append(state.crc, data);
+            if release {
+                // Sent pages are not needed here again: free their page
+                // cache now, so CRIU's next writes reuse warm memory and a
+                // migration does not hold the container's memory twice.
+                use std::os::fd::AsRawFd;
+                let _ = nix::fcntl::fallocate(
+                    f.as_raw_fd(),
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    state.offset as i64,
+                    n as i64,
+                );
+            }
             state.offset += n as u64;
             total += n as u64;
         }
@@ -323,10 +336,13 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert_eq!(
-            std::fs::read(dst.path().join("pages-1.img")).unwrap(),
-            std::fs::read(src.path().join("pages-1.img")).unwrap()
-        );
+        let mut pages = vec![1u8; 3 * CHUNK / 2];
+        pages.extend_from_slice(&[2u8; 100]);
+        assert_eq!(std::fs::read(dst.path().join("pages-1.img")).unwrap(), pages);
+        // The sender's copy of sent pages is released (a hole), its size kept.
+        let left = std::fs::read(src.path().join("pages-1.img")).unwrap();
+        assert_eq!(left.len(), pages.len());
+        assert!(left.iter().all(|b| *b == 0), "sent pages were not released");
         assert_eq!(std::fs::read(dst.path().join("inventory.img")).unwrap(), b"inv");
         assert!(dst.path().join("empty.img").exists());
     }

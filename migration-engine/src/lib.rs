@@ -16,6 +16,7 @@ pub mod interrupt;
 pub mod precopy;
 pub mod receiver;
 pub mod rootfs;
+pub mod scratch;
 pub mod sender;
 pub mod testbed;
 pub mod tls;

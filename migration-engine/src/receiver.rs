@@ -50,6 +50,8 @@ pub struct ReceiveOptions {
     /// Bridge that the host ends of migrated containers' interfaces join
     /// (`--bridge`).
     pub bridge: Option<String>,
+    /// Where received images wait for the restore (`--stage-images`).
+    pub stage_images: crate::scratch::StageMode,
 }
 
 /// Marker in a bundle that is not committed yet: holds the receiver's pid.
@@ -262,6 +264,9 @@ impl<'a> Session<'a> {
         });
         let (spec, criu_config) = self.check_manifest(&manifest)?;
         let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
+            crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
+        }
         if let Some(record) = &manifest.network {
             // Built now, before the source freezes; the host ends stay down
             // until the container is restored.
@@ -541,7 +546,7 @@ impl Staging {
     fn commit(mut self) {
         self.committed = true;
         let _ = std::fs::remove_file(self.bundle.join(INCOMPLETE_MARKER));
-        let _ = std::fs::remove_dir_all(&self.work_dir);
+        crate::scratch::remove_work_dir(&self.work_dir);
     }
 }
 
@@ -557,7 +562,7 @@ impl Drop for Staging {
             net.remove();
         }
         let _ = std::fs::remove_dir_all(&self.bundle);
-        let _ = std::fs::remove_dir_all(&self.work_dir);
+        crate::scratch::remove_work_dir(&self.work_dir);
     }
 }
 
@@ -599,7 +604,7 @@ pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
             let Some(rest) = name.strip_prefix("recv-") else { continue };
             let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
             if pid != std::process::id() && !pid_is_live_receiver(pid) {
-                let _ = std::fs::remove_dir_all(e.path());
+                crate::scratch::remove_work_dir(&e.path());
             }
         }
     }

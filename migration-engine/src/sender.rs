@@ -63,6 +63,8 @@ pub struct SendOptions {
     pub remote_command: String,
     /// Dump and restore established TCP connections (`--tcp-established`).
     pub tcp_established: bool,
+    /// Where CRIU's images wait before they are sent (`--stage-images`).
+    pub stage_images: crate::scratch::StageMode,
 }
 
 /// The source container's network namespace, when ctmigrate moves it
@@ -343,6 +345,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         max_rounds: if mode == Mode::Precopy { opts.max_iterations } else { 0 },
         tcp_established: opts.tcp_established,
         network: network.as_ref().map(|n| n.record.clone()),
+        memory_bytes: container_memory_bytes(&plan),
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     peer.writer.write_json(MessageKind::Manifest, &manifest)?;
@@ -355,6 +358,21 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(e) => return Err(e),
     }
     Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network })
+}
+
+/// Resident memory of the container's processes: what its images will
+/// roughly hold.
+fn container_memory_bytes(plan: &DumpPlan) -> u64 {
+    let procs = std::fs::read_to_string(plan.freezer.path.join("cgroup.procs")).unwrap_or_default();
+    procs
+        .lines()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok())
+        .filter_map(|status| {
+            let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .sum::<u64>()
+        * 1024
 }
 
 /// Decides who moves the container's network namespace. A namespace named
@@ -446,7 +464,7 @@ impl<'a> Migration<'a> {
         result.bytes_raw = self.p.peer.writer.raw_bytes;
         // Images and logs go, success or failure: what an operator needs
         // from CRIU's log is in the error message.
-        let _ = std::fs::remove_dir_all(&self.work_dir);
+        crate::scratch::remove_work_dir(&self.work_dir);
         outcome
     }
 
@@ -552,6 +570,9 @@ impl<'a> Migration<'a> {
             .mode(0o700)
             .create(&images)
             .map_err(MigrationError::io(format!("creating {}", images.display())))?;
+        if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, container_memory_bytes(&self.p.plan)) {
+            crate::scratch::mount_tmpfs(&images, size)?;
+        }
         Ok(())
     }
 

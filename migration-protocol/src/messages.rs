@@ -47,6 +47,11 @@ pub struct Manifest {
     /// every field) and restores the container into the new namespace.
     #[serde(default)]
     pub network: Option<container_network::NetworkRecord>,
+    /// Resident memory of the container's processes, for the receiver to
+    /// decide where to stage the images (an estimate, never trusted as a
+    /// limit).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// The receiver accepts the manifest; the sender may now freeze.

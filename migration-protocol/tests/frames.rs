@@ -27,6 +27,7 @@ fn control_messages_round_trip() {
         max_rounds: 0,
         tcp_established: false,
         network: None,
+            memory_bytes: 0,
         source_host: "a".into(),
     };
     let mut w = FrameWriter::new(Vec::new());
