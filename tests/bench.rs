@@ -345,6 +345,25 @@ fn raw_link_mbps(bed: &Testbed, bytes: u64) -> f64 {
     sent as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
+/// Milliseconds to touch each successive GiB of fresh anonymous memory,
+/// `gib` GiB held at once: what a restore or an images tmpfs pays per GiB
+/// on this machine. (Under a hypervisor that backs guest memory lazily,
+/// the GiBs beyond what it has already backed cost several times more.)
+fn fresh_memory_ms(gib: usize) -> Vec<u64> {
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..gib {
+        let started = Instant::now();
+        let mut v: Vec<u8> = vec![0u8; 1 << 30];
+        for i in (0..v.len()).step_by(4096) {
+            v[i] = 1;
+        }
+        out.push(started.elapsed().as_millis() as u64);
+        held.push(v);
+    }
+    out
+}
+
 fn ratio(a: u64, b: u64) -> f64 {
     (a as f64 / b.max(1) as f64 * 1000.0).round() / 1000.0
 }
@@ -483,6 +502,10 @@ fn bench_migration() {
     let link_mbps = median(link) as f64 / 10.0;
     results.insert("raw_link_MBps".into(), link_mbps.into());
     table.push(format!("raw link (TCP, 1 GiB, median of {runs}): {link_mbps} MB/s"));
+
+    let fresh = fresh_memory_ms(4);
+    table.push(format!("fresh memory, ms per successive GiB held at once: {fresh:?}"));
+    results.insert("fresh_memory_ms_per_gib".into(), serde_json::json!(fresh));
 
     let json_path = out_dir.join("migration-bench.json");
     std::fs::write(&json_path, serde_json::to_vec_pretty(&serde_json::Value::Object(results.clone())).unwrap()).unwrap();

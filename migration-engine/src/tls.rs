@@ -103,7 +103,9 @@ pub enum Security {
 
 enum Inner {
     Plain(TcpStream),
-    Tls { conn: rustls::Connection, sock: TcpStream },
+    /// `incoming` reads the same socket through a buffer: rustls asks for
+    /// 4 KiB at a time, which would be a system call per 4 KiB.
+    Tls { conn: rustls::Connection, sock: TcpStream, incoming: std::io::BufReader<TcpStream> },
     /// A pipe pair: an `ssh` child's stdio, or our own with `--stdio`.
     Pipes { read: std::fs::File, write: Option<std::fs::File>, read_timeout: Option<std::time::Duration> },
 }
@@ -192,7 +194,8 @@ impl Conn {
         while conn.is_handshaking() {
             conn.complete_io(&mut sock).map_err(|e| MigrationError::Refused(format!("TLS handshake failed: {e}")))?;
         }
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls { conn, sock })), socket: Some(clone) })
+        let incoming = std::io::BufReader::with_capacity(256 * 1024, sock.try_clone().map_err(MigrationError::io("socket"))?);
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls { conn, sock, incoming })), socket: Some(clone) })
     }
 
     /// Another handle on the same connection.
@@ -234,7 +237,7 @@ impl Read for Conn {
                 }
                 read.read(buf)
             }
-            Inner::Tls { conn, sock } => loop {
+            Inner::Tls { conn, sock, incoming } => loop {
                 match conn.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -248,7 +251,7 @@ impl Read for Conn {
                         break;
                     }
                 }
-                if conn.read_tls(sock)? == 0 {
+                if conn.read_tls(incoming)? == 0 {
                     return Ok(0);
                 }
                 conn.process_new_packets().map_err(std::io::Error::other)?;
@@ -265,7 +268,7 @@ impl Write for Conn {
                 Some(w) => w.write(buf),
                 None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed")),
             },
-            Inner::Tls { conn, sock } => {
+            Inner::Tls { conn, sock, .. } => {
                 let n = conn.writer().write(buf)?;
                 while conn.wants_write() {
                     conn.write_tls(sock)?;
@@ -279,7 +282,7 @@ impl Write for Conn {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
             Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),
-            Inner::Tls { conn, sock } => {
+            Inner::Tls { conn, sock, .. } => {
                 while conn.wants_write() {
                     conn.write_tls(sock)?;
                 }
