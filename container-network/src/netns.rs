@@ -30,9 +30,18 @@ impl Netns {
     /// What `ip link ... netns X` accepts (a name or a pid), if any.
     pub(crate) fn ip_target(&self) -> Option<String> {
         match self {
-            Netns::Named(n) => Some(n.clone()),
             Netns::Process(pid) => Some(pid.to_string()),
+            named => named.name(),
+        }
+    }
+
+    /// The name under /run/netns, for a named namespace (by name or by
+    /// its path there).
+    pub fn name(&self) -> Option<String> {
+        match self {
+            Netns::Named(n) => Some(n.clone()),
             Netns::Path(p) => named_from_path(p),
+            Netns::Process(_) => None,
         }
     }
 
@@ -58,11 +67,7 @@ impl Netns {
     /// itself, with the veth ends inside, goes when no process holds it.
     /// Other kinds are not ours to remove.
     pub fn remove(&self) -> Result<(), NetworkError> {
-        let Some(name) = (match self {
-            Netns::Named(n) => Some(n.clone()),
-            Netns::Path(p) => named_from_path(p),
-            Netns::Process(_) => None,
-        }) else {
+        let Some(name) = self.name() else {
             return Ok(());
         };
         if !Path::new(NAMED_NETNS_DIR).join(&name).exists() {

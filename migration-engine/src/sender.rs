@@ -181,6 +181,8 @@ struct Prepared {
     mode: Mode,
     mode_reason: Option<String>,
     network: Option<SourceNetwork>,
+    /// Resident memory of the container at preflight.
+    memory_bytes: u64,
 }
 
 /// Migrates one container. On failure, the [`Failure`] says what became of
@@ -243,6 +245,8 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     let internal: RuncInternalState = runc.internal_state(&opts.container)?;
     let mut plan = DumpPlan::for_container(&internal)?;
     let network = source_network(&mut plan, &internal)?;
+    // Sent as the receiver's staging hint, and used for our own staging.
+    let memory_bytes = container_memory_bytes(&plan);
     match plan.freezer.state()? {
         FreezerState::Thawed => {}
         other => {
@@ -345,7 +349,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         max_rounds: if mode == Mode::Precopy { opts.max_iterations } else { 0 },
         tcp_established: opts.tcp_established,
         network: network.as_ref().map(|n| n.record.clone()),
-        memory_bytes: container_memory_bytes(&plan),
+        memory_bytes,
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     peer.writer.write_json(MessageKind::Manifest, &manifest)?;
@@ -357,7 +361,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e),
     }
-    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network })
+    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, memory_bytes })
 }
 
 /// Resident memory of the container's processes: what its images will
@@ -397,7 +401,7 @@ fn source_network(plan: &mut DumpPlan, internal: &RuncInternalState) -> Result<O
         plan.external_namespaces.push(format!("net[{}]:extRootNetNS", netns.inode().map_err(|e| MigrationError::Preflight(e.to_string()))?));
     }
     record.validate().map_err(|e| MigrationError::Preflight(format!("the container's network cannot be moved: {e}")))?;
-    let remove_after_migration = matches!(&netns, Netns::Path(p) if p.parent().is_some_and(|d| d == Path::new(container_network::netns::NAMED_NETNS_DIR) || d == Path::new("/var/run/netns")));
+    let remove_after_migration = matches!(&netns, Netns::Path(_)) && netns.name().is_some();
     Ok(Some(SourceNetwork { netns, record, remove_after_migration, locked: false }))
 }
 
@@ -570,7 +574,7 @@ impl<'a> Migration<'a> {
             .mode(0o700)
             .create(&images)
             .map_err(MigrationError::io(format!("creating {}", images.display())))?;
-        if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, container_memory_bytes(&self.p.plan)) {
+        if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, self.p.memory_bytes) {
             crate::scratch::mount_tmpfs(&images, size)?;
         }
         Ok(())
