@@ -122,7 +122,7 @@ fn precopy_suite_in_soft_dirty_guest() {
         command.push(' ');
         command.push_str(t);
     }
-    let run = vm::run_in_guest(&command, 3072, Duration::from_secs(1200));
+    let run = vm::run_in_guest(&command, 3072, Duration::from_secs(600));
     eprintln!("--- guest output ({:.0} s) ---\n{}", run.elapsed.as_secs_f64(), run.output);
     let console_tail: String = run.console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     assert_eq!(run.exit_code, Some(0), "guest tests failed; console:\n{console_tail}");
@@ -217,7 +217,9 @@ fn guest_destination_killed_between_rounds_leaves_the_source_running() {
 fn bench_precopy_vs_stop_copy_in_guest() {
     assert!(vm::missing().is_none(), "{:?}", vm::missing());
     let exe = std::env::current_exe().unwrap();
-    let command = format!("{} --include-ignored --exact --nocapture guest_bench_frozen_time", exe.display());
+    // CTMIGRATE_BENCH_RUNS reaches the guest (for quick looks).
+    let runs = std::env::var("CTMIGRATE_BENCH_RUNS").ok().and_then(|r| r.parse::<u32>().ok()).unwrap_or(3);
+    let command = format!("CTMIGRATE_BENCH_RUNS={runs} {} --include-ignored --exact --nocapture guest_bench_frozen_time", exe.display());
     let run = vm::run_in_guest(&command, 3072, Duration::from_secs(1800));
     let line = run.output.lines().find(|l| l.starts_with("BENCH ")).unwrap_or_else(|| panic!("no figures:\n{}", run.output));
     println!("{line}");
@@ -257,6 +259,7 @@ fn guest_bench_frozen_time() {
                     "transfer_rest": at("transfer").map(|t| t - freeze),
                     "restore": at("restore").map(|t| t - freeze),
                     "restored_at": r["frozen_ms"],
+                    "frozen_phases": r["frozen_phases"],
                 }),
             );
             if mode == "precopy" {

@@ -206,7 +206,9 @@ impl Runc {
     /// `runc restore -d` from `images`, CRIU's log going to `work`.
     pub fn restore(&self, id: &str, bundle: &Path, images: &Path, work: &Path, tcp_established: bool) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.args(["restore", "-d"]);
+        // --auto-dedup: CRIU punches each page out of the images as it
+        // restores it, so the restored process reuses the staging memory.
+        cmd.args(["restore", "-d", "--auto-dedup"]);
         if tcp_established {
             cmd.arg("--tcp-established");
         }

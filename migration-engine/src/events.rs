@@ -94,6 +94,8 @@ pub struct FrozenPhases {
     pub rootfs_delta_ms: u64,
     /// CRIU's final dump with its pages streamed, until every image is sent.
     pub dump_and_transfer_ms: u64,
+    /// Of that, how long CRIU's dump ran; the rest is the transfer's tail.
+    pub criu_dump_ms: u64,
     /// From the last image sent to Restored.
     pub restore_wait_ms: u64,
     /// The destination's own measure of `runc restore`.

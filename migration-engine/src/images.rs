@@ -19,6 +19,10 @@ use migration_protocol::{Compressor, FrameWriter, ImageData, ImageFileSummary, I
 use crate::{failpoints, MigrationError};
 
 const CHUNK: usize = 1 << 20;
+/// Room for the longest ImageData prefix: name length, name, offset.
+const FRAME_ROOM: usize = 2 + migration_protocol::MAX_IMAGE_NAME + 8;
+/// Sent page data is punched out of the sender's files this much at a time.
+const PUNCH_BATCH: u64 = 8 << 20;
 
 /// Files CRIU only appends to, safe to stream while it writes.
 pub fn is_append_only(name: &str) -> bool {
@@ -41,6 +45,8 @@ pub struct RoundBytes {
     pub images: u64,
     /// Memory pages (`pages-*.img`).
     pub pages: u64,
+    /// How long CRIU itself ran, in milliseconds.
+    pub criu_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -53,7 +59,6 @@ struct Sent {
 pub struct ImageStreamer {
     dir: PathBuf,
     sent: BTreeMap<String, Sent>,
-    buf: Vec<u8>,
     frame: Vec<u8>,
     corrupt_next: bool,
 }
@@ -63,8 +68,7 @@ impl ImageStreamer {
         Self {
             dir: dir.to_path_buf(),
             sent: BTreeMap::new(),
-            buf: vec![0u8; CHUNK],
-            frame: Vec::with_capacity(CHUNK + 300),
+            frame: vec![0u8; FRAME_ROOM + CHUNK],
             corrupt_next: failpoints::should_corrupt("sender-corrupt-image"),
         }
     }
@@ -117,6 +121,7 @@ impl ImageStreamer {
         let bytes = RoundBytes {
             images: files.iter().map(|f| f.size).sum(),
             pages: files.iter().filter(|f| is_append_only(&f.name)).map(|f| f.size).sum(),
+            criu_ms: dump_ms,
         };
         out.write_json(MessageKind::ImagesDone, &ImagesDone { files, dump_ms })?;
         Ok(bytes)
@@ -133,39 +138,55 @@ impl ImageStreamer {
         let release = is_append_only(name);
         let state = self.sent.entry(name.to_string()).or_default();
         let mut total = 0;
+        // Punching takes the file's lock, which CRIU holds while it
+        // writes: punch in batches, not chunk by chunk.
+        let mut unpunched = state.offset;
+        // The data is read straight into place after the frame's prefix,
+        // which ends at FRAME_ROOM whatever the name's length; only the
+        // offset (the prefix's last 8 bytes) changes between chunks. The
+        // buffer is never cleared or resized: this runs on every poll.
+        if name.len() > migration_protocol::MAX_IMAGE_NAME {
+            return Err(MigrationError::Other(format!("image file name too long to send: {name}")));
+        }
+        let mut prefix = Vec::with_capacity(FRAME_ROOM);
+        ImageData::encode_prefix(name, state.offset, &mut prefix);
+        let prefix_len = prefix.len();
+        let start = FRAME_ROOM - prefix_len;
+        self.frame[start..FRAME_ROOM].copy_from_slice(&prefix);
         loop {
-            let n = f.read_at(&mut self.buf, state.offset).map_err(MigrationError::io(format!("reading {}", path.display())))?;
+            self.frame[FRAME_ROOM - 8..FRAME_ROOM].copy_from_slice(&state.offset.to_le_bytes());
+            let n = f
+                .read_at(&mut self.frame[FRAME_ROOM..], state.offset)
+                .map_err(MigrationError::io(format!("reading {}", path.display())))?;
             if n == 0 {
                 break;
             }
-            let data = &self.buf[..n];
-            ImageData { name, offset: state.offset, data }.encode(&mut self.frame);
+            let frame = &mut self.frame[start..FRAME_ROOM + n];
+            state.crc = crc32c::crc32c_append(state.crc, &frame[prefix_len..]);
             if std::mem::take(&mut self.corrupt_next) {
                 // Fault injection: the frame's checksum is for the intact
                 // bytes, then one byte flips, as a bad link would do.
-                let header = encode_header(MessageKind::ImageData, &self.frame, self.frame.len() as u32, false);
-                let last = self.frame.len() - 1;
-                self.frame[last] ^= 0xff;
+                let header = encode_header(MessageKind::ImageData, frame, frame.len() as u32, false);
+                let last = frame.len() - 1;
+                frame[last] ^= 0xff;
                 out.get_mut().write_all(&header).map_err(MigrationError::io("sending images"))?;
-                out.get_mut().write_all(&self.frame).map_err(MigrationError::io("sending images"))?;
+                out.get_mut().write_all(frame).map_err(MigrationError::io("sending images"))?;
+                frame[last] ^= 0xff;
             } else {
-                comp.write(out, MessageKind::ImageData, &self.frame)?;
-            }
-            state.crc = crc32c::crc32c_append(state.crc, data);
-            if release {
-                // Sent pages are not needed here again: free their page
-                // cache now, so CRIU's next writes reuse warm memory and a
-                // migration does not hold the container's memory twice.
-                use std::os::fd::AsRawFd;
-                let _ = nix::fcntl::fallocate(
-                    f.as_raw_fd(),
-                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                    state.offset as i64,
-                    n as i64,
-                );
+                comp.write(out, MessageKind::ImageData, frame)?;
             }
             state.offset += n as u64;
             total += n as u64;
+            if release && state.offset - unpunched >= PUNCH_BATCH {
+                // Sent pages are not needed here again: free their memory
+                // now, so CRIU's next writes reuse warm memory and a
+                // migration does not hold the container's memory twice.
+                crate::scratch::free_range(&f, unpunched, state.offset - unpunched);
+                unpunched = state.offset;
+            }
+        }
+        if release && state.offset > unpunched {
+            crate::scratch::free_range(&f, unpunched, state.offset - unpunched);
         }
         Ok(total)
     }
@@ -315,7 +336,7 @@ mod tests {
         std::fs::write(src.path().join("inventory.img"), b"inv").unwrap();
         std::fs::write(src.path().join("empty.img"), b"").unwrap();
         let bytes = s.finish(&mut w, &mut c, 5).unwrap();
-        assert_eq!(bytes, RoundBytes { images: (3 * CHUNK / 2 + 100 + 3) as u64, pages: (3 * CHUNK / 2 + 100) as u64 });
+        assert_eq!(bytes, RoundBytes { images: (3 * CHUNK / 2 + 100 + 3) as u64, pages: (3 * CHUNK / 2 + 100) as u64, criu_ms: 5 });
 
         let bytes = w.get_ref().clone();
         let mut r = FrameReader::new(&bytes[..]);

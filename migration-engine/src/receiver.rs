@@ -266,6 +266,10 @@ impl<'a> Session<'a> {
         let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
+            staging.reserve = Some(
+                crate::scratch::Reserve::create(&staging.images, manifest.memory_bytes)
+                    .map_err(|e| refused(e.to_string()))?,
+            );
         }
         if let Some(record) = &manifest.network {
             // Built now, before the source freezes; the host ends stay down
@@ -297,6 +301,8 @@ impl<'a> Session<'a> {
         let restore_started = Instant::now();
         let st = self.staging.as_mut().expect("staging exists");
         st.restore_attempted = true;
+        // What the images did not use goes back before the restore needs it.
+        st.reserve = None;
         self.runc
             .restore(&manifest.dest_id, &st.bundle, &st.images.join(round_dir(RoundKind::Final, 0)), &st.work, manifest.tcp_established)
             .map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
@@ -448,6 +454,9 @@ impl<'a> Session<'a> {
                         return Err(MigrationError::Other("image data outside a round".into()));
                     };
                     let chunk = ImageData::decode(&frame.payload)?;
+                    if let Some(reserve) = self.staging.as_mut().and_then(|st| st.reserve.as_mut()) {
+                        reserve.release(chunk.data.len() as u64);
+                    }
                     sink.write(&chunk)?;
                     self.sink_bytes += chunk.data.len() as u64;
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
@@ -500,6 +509,8 @@ struct Staging {
     restore_attempted: bool,
     committed: bool,
     network: Option<DestinationNetwork>,
+    /// Staging memory set aside before the freeze (memory staging only).
+    reserve: Option<crate::scratch::Reserve>,
 }
 
 impl Staging {
@@ -515,6 +526,7 @@ impl Staging {
             work_dir,
             restore_attempted: false,
             committed: false,
+            reserve: None,
             network: None,
         };
         std::fs::DirBuilder::new()

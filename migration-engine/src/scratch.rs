@@ -4,7 +4,10 @@
 //! Otherwise (`disk`, or too little memory) the images stay in the work
 //! directory's file system.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use crate::MigrationError;
 
@@ -50,6 +53,93 @@ pub fn mount_tmpfs(dir: &Path, size: u64) -> Result<(), MigrationError> {
         .map_err(|e| MigrationError::Other(format!("mounting a tmpfs for the images on {}: {e}", dir.display())))
 }
 
+/// Frees `len` bytes of `file` from `offset` (a hole; the size stays), so
+/// that their memory or blocks go back at once. Best effort: a file system
+/// that cannot punch holes just keeps them until the file goes.
+pub(crate) fn free_range(file: &File, offset: u64, len: u64) {
+    let _ = nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    );
+}
+
+/// Memory set aside in an images tmpfs before the source freezes and given
+/// back as images arrive.
+///
+/// Two reasons. A migration whose images would not fit fails before the
+/// container stops, not halfway through the frozen window. And the memory
+/// is touched now: on hosts that back memory lazily and take freed memory
+/// back (virtual machines with free page reporting), touching fresh memory
+/// costs several times more than reusing memory just freed, so each image
+/// chunk is written into pages the reserve has just let go of.
+pub struct Reserve {
+    file: File,
+    path: PathBuf,
+    /// Bytes still held, from the start of the file.
+    held: u64,
+}
+
+impl Reserve {
+    /// Writes `bytes` (rounded up to MiB) into `dir/reserve`.
+    pub fn create(dir: &Path, bytes: u64) -> Result<Self, MigrationError> {
+        const STEP: usize = 1 << 20;
+        let wanted = bytes.div_ceil(STEP as u64) * STEP as u64;
+        let cannot = |why: String| {
+            MigrationError::Other(format!(
+                "cannot set aside {} MiB of memory for the images ({why}): free memory on this host or use --stage-images disk",
+                wanted >> 20
+            ))
+        };
+        // Checked first: a size claimed by the peer must not push this
+        // host into swapping or the OOM killer.
+        let available = available_memory();
+        if wanted > available / 4 * 3 {
+            return Err(cannot(format!("{} MiB available", available >> 20)));
+        }
+        let path = dir.join("reserve");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(MigrationError::io(format!("creating {}", path.display())))?;
+        let mut reserve = Reserve { file, path, held: 0 };
+        // Written, not fallocated: tmpfs allocates on fallocate but
+        // touches the memory only when it is written.
+        let zeros = vec![0u8; STEP];
+        while reserve.held < wanted {
+            reserve.file.write_all_at(&zeros, reserve.held).map_err(|e| cannot(e.to_string()))?;
+            reserve.held += STEP as u64;
+        }
+        Ok(reserve)
+    }
+
+    /// Gives back `bytes` (or what is left), just before that much image
+    /// data is written.
+    pub fn release(&mut self, bytes: u64) {
+        let n = bytes.min(self.held);
+        if n == 0 {
+            return;
+        }
+        self.held -= n;
+        free_range(&self.file, self.held, n);
+    }
+
+    /// Bytes still held.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+}
+
+impl Drop for Reserve {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Removes a work directory, unmounting its images tmpfs first if it has
 /// one (lazily: a CRIU that still holds a file there lets go later).
 pub fn remove_work_dir(work_dir: &Path) {
@@ -79,5 +169,49 @@ mod tests {
         assert_eq!(memory_stage_size(StageMode::Auto, u64::MAX / 4), None, "images larger than memory go to disk");
         assert!(available_memory() > 0);
         assert!(memory_stage_size(StageMode::Auto, 1 << 20).is_some());
+    }
+
+    #[test]
+    fn reserve_holds_memory_until_released() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        let mut r = Reserve::create(dir.path(), 3 * (1 << 20) + 1).unwrap();
+        let path = dir.path().join("reserve");
+        assert_eq!(r.held(), 4 << 20, "rounded up to whole MiB");
+        assert!(allocated(&path) >= 4 << 20, "the reserve's bytes are really allocated");
+        r.release(1 << 20);
+        assert_eq!(r.held(), 3 << 20);
+        assert!(allocated(&path) <= 3 << 20, "a release frees that much: {}", allocated(&path));
+        r.release(u64::MAX);
+        assert_eq!(r.held(), 0);
+        assert_eq!(allocated(&path), 0);
+        drop(r);
+        assert!(!path.exists(), "the reserve goes with its owner");
+    }
+
+    #[test]
+    fn reserve_larger_than_memory_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Reserve::create(dir.path(), available_memory()).err().expect("all of memory cannot be set aside");
+        assert!(err.to_string().contains("available"), "{err}");
+        assert!(!dir.path().join("reserve").exists(), "nothing was written");
+    }
+
+    #[test]
+    fn reserve_that_does_not_fit_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let limited = dir.path().join("small");
+        std::fs::create_dir(&limited).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CTMIGRATE_REQUIRE_ROOT_TESTS").is_none(), "this test needs root");
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        }
+        mount_tmpfs(&limited, 2 << 20).unwrap();
+        let err = Reserve::create(&limited, 8 << 20).err().expect("8 MiB cannot fit in 2 MiB");
+        let _ = nix::mount::umount2(&limited, nix::mount::MntFlags::MNT_DETACH);
+        let msg = err.to_string();
+        assert!(msg.contains("cannot set aside 8 MiB") && msg.contains("--stage-images disk"), "{msg}");
     }
 }

@@ -445,12 +445,14 @@ struct Migration<'a> {
     work_dir: PathBuf,
     frozen: bool,
     guard: Option<FreezeGuard>,
+    /// Staging memory set aside before the freeze, given to CRIU's first dump.
+    reserve: Option<crate::scratch::Reserve>,
 }
 
 impl<'a> Migration<'a> {
     fn new(opts: &'a SendOptions, p: Prepared, rep: &'a Reporter) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
-        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None }
+        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None }
     }
 
     fn run(mut self, result: &mut ResultEvent) -> Result<(), Failure> {
@@ -566,7 +568,7 @@ impl<'a> Migration<'a> {
         Ok(())
     }
 
-    fn prepare_work_dir(&self) -> Result<(), MigrationError> {
+    fn prepare_work_dir(&mut self) -> Result<(), MigrationError> {
         use std::os::unix::fs::DirBuilderExt;
         let images = self.work_dir.join("images");
         std::fs::DirBuilder::new()
@@ -576,6 +578,7 @@ impl<'a> Migration<'a> {
             .map_err(MigrationError::io(format!("creating {}", images.display())))?;
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, self.p.memory_bytes) {
             crate::scratch::mount_tmpfs(&images, size)?;
+            self.reserve = Some(crate::scratch::Reserve::create(&images, self.p.memory_bytes)?);
         }
         Ok(())
     }
@@ -627,6 +630,9 @@ impl<'a> Migration<'a> {
         let dir = images.join(round_dir(kind, round));
         std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
         let parent = (round > 1).then(|| format!("../{}", round_dir(RoundKind::PreDump, round - 1)));
+        // CRIU's writes reuse the memory the reserve held (sent pages are
+        // punched out after that, so later writes reuse those).
+        self.reserve = None;
         self.p.peer.writer.write_json(MessageKind::RoundBegin, &RoundBegin { round, kind })?;
         let plan = &self.p.plan;
         let mut dump = DumpOptions {
@@ -679,6 +685,7 @@ impl<'a> Migration<'a> {
         result.image_bytes += sizes.images;
         self.p.peer.flush().map_err(|e| self.explain_send_error(e))?;
         phases.dump_and_transfer_ms = phase_started.elapsed().as_millis() as u64;
+        phases.criu_dump_ms = sizes.criu_ms;
 
         let phase_started = Instant::now();
         self.rep.phase(Phase::Restore);

@@ -121,11 +121,17 @@ pub const MAX_IMAGE_NAME: usize = 255;
 impl<'a> ImageData<'a> {
     /// `name_len: u16 LE | name | offset: u64 LE | data`
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.clear();
-        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
+        Self::encode_prefix(self.name, self.offset, out);
         out.extend_from_slice(self.data);
+    }
+
+    /// Everything before the data, so that a sender can read the data
+    /// straight into the frame after it.
+    pub fn encode_prefix(name: &str, offset: u64, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
     }
 
     pub fn decode(payload: &'a [u8]) -> Result<Self, ProtocolError> {

@@ -21,6 +21,9 @@ const MODULES: &[&str] = &[
 
 pub struct GuestRun {
     pub exit_code: Option<i32>,
+    /// The guest kernel's soft-lockup watchdog fired (it then panics and
+    /// the guest stops: see `KERNEL_ARGS`).
+    pub kernel_lockup: bool,
     pub output: String,
     pub console: String,
     pub elapsed: Duration,
@@ -40,9 +43,34 @@ pub fn missing() -> Option<String> {
     None
 }
 
+/// The guest kernel's command line. A CPU stuck in the kernel for a minute
+/// panics the guest at once (with every CPU's backtrace on the console)
+/// rather than hanging until the timeout: under software emulation the
+/// guest kernel has been seen, rarely, to lock up both CPUs while runc
+/// started the first container, before ctmigrate ran at all.
+const KERNEL_ARGS: &str = "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=5 \
+    watchdog_thresh=30 softlockup_panic=1 softlockup_all_cpu_backtrace=1";
+
 /// Boots the guest, runs `command` (a shell line) in it as root, returns
 /// its output once the guest powers off (or `timeout` passes).
+///
+/// If the guest kernel locked up (see `KERNEL_ARGS`), the console is
+/// printed and the guest is booted once more: a kernel lockup is the
+/// emulator's or the guest kernel's failure, and a second one fails the run.
 pub fn run_in_guest(command: &str, memory_mib: u32, timeout: Duration) -> GuestRun {
+    let first = boot_and_run(command, memory_mib, timeout);
+    if !first.kernel_lockup {
+        return first;
+    }
+    eprintln!(
+        "--- the guest kernel locked up after {:.0} s; booting it once more. Its console: ---\n{}\n--- end of console ---",
+        first.elapsed.as_secs_f64(),
+        first.console
+    );
+    boot_and_run(command, memory_mib, timeout)
+}
+
+fn boot_and_run(command: &str, memory_mib: u32, timeout: Duration) -> GuestRun {
     let kver = std::fs::read_to_string(Path::new(GUEST_DIR).join("ready")).unwrap().trim().to_string();
     let kroot = Path::new(GUEST_DIR).join("root");
     let work = tempdir();
@@ -68,7 +96,7 @@ pub fn run_in_guest(command: &str, memory_mib: u32, timeout: Duration) -> GuestR
         .arg(kroot.join("boot").join(format!("vmlinuz-{kver}")))
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=3"])
+        .args(["-append", KERNEL_ARGS])
         .arg("-virtfs")
         .arg(share(Path::new("/"), "hostroot", true))
         .arg("-virtfs")
@@ -91,10 +119,12 @@ pub fn run_in_guest(command: &str, memory_mib: u32, timeout: Duration) -> GuestR
         std::thread::sleep(Duration::from_millis(200));
     }
     let _ = child.wait();
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
     let run = GuestRun {
         exit_code: std::fs::read_to_string(results.join("rc")).ok().and_then(|s| s.trim().parse().ok()),
+        kernel_lockup: console.contains("soft lockup") && console.contains("Kernel panic"),
         output: std::fs::read_to_string(results.join("out.txt")).unwrap_or_default(),
-        console: std::fs::read_to_string(&console).unwrap_or_default(),
+        console,
         elapsed: started.elapsed(),
     };
     let _ = std::fs::remove_dir_all(&work);

@@ -20,7 +20,10 @@ for m in nf_tables nft_compat nf_conntrack xt_conntrack xt_mark x_tables veth tu
 done
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root CTMIGRATE_REQUIRE_ROOT_TESTS=1 CTMIGRATE_IN_GUEST=1
-. /results/command >/results/out.txt 2>&1
+{
+    echo "guest: kernel $(uname -r), soft-lockup watchdog $(cat /proc/sys/kernel/watchdog_thresh) s, panics on lockup: $(cat /proc/sys/kernel/softlockup_panic)"
+    . /results/command
+} >/results/out.txt 2>&1
 echo $? >/results/rc
 sync
 echo o >/proc/sysrq-trigger
