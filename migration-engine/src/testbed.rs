@@ -530,7 +530,10 @@ impl Testbed {
         let mut cmd = self.receive_command(port, extra);
         cmd.envs(envs.iter().copied());
         let mut child = ChildProcess::spawn(cmd)?;
-        child.wait_for_event("listening", std::time::Duration::from_secs(10))?;
+        // Generous: a receiver first sweeps what dead receivers left (runc,
+        // netns, mounts), which in the emulated pre-copy guest has taken
+        // over 10 s.
+        child.wait_for_event("listening", std::time::Duration::from_secs(60))?;
         Ok(child)
     }
 
