@@ -260,6 +260,7 @@ fn guest_bench_frozen_time() {
                     "restore": at("restore").map(|t| t - freeze),
                     "restored_at": r["frozen_ms"],
                     "frozen_phases": r["frozen_phases"],
+                    "rounds": r["rounds"],
                 }),
             );
             if mode == "precopy" {

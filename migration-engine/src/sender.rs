@@ -608,7 +608,7 @@ impl<'a> Migration<'a> {
                     done.round, done.bytes
                 )));
             }
-            let report = RoundReport::new(round, "pre-dump", bytes, started.elapsed(), rounds.last());
+            let report = RoundReport::new(round, "pre-dump", bytes, started.elapsed(), &rounds);
             self.rep.emit(Event::Round(report.clone()));
             rounds.push(report);
             failpoints::hit("sender-after-round")?;
