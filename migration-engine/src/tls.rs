@@ -39,8 +39,7 @@ fn tls_err(dir: &Path, what: impl std::fmt::Display) -> MigrationError {
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     // ring's default suite order (AES-256-GCM first). Preferring AES-128
-    // made no difference on this project's hosts and made the emulated
-    // pre-copy guest's stop-copy dump twice as slow (docs/performance.md).
+    // made no measurable difference on this project's hosts.
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
