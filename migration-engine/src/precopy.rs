@@ -57,7 +57,7 @@ impl RoundReport {
         let estimated_downtime_ms = earlier.last().map(|prev| {
             let dirty_per_s = bytes as f64 / (prev.duration_ms.max(1) as f64 / 1000.0);
             let final_bytes = dirty_per_s * secs;
-            (final_bytes / page_throughput(&earlier[0], bytes, secs) * 1000.0).round() as u64
+            (final_bytes / page_throughput(&earlier[0], bytes, secs, bytes_per_s) * 1000.0).round() as u64
         });
         Self {
             round,
@@ -72,10 +72,9 @@ impl RoundReport {
 }
 
 /// Bytes per second that more pages cost: the slope from round 1 to a
-/// later round of `bytes` in `secs`. Never below that round's own average
-/// (a slope under it would mean a negative fixed cost: noise).
-fn page_throughput(first: &RoundReport, bytes: u64, secs: f64) -> f64 {
-    let average = (bytes as f64 / secs).max(1.0);
+/// later round of `bytes` in `secs`. Never below that round's own
+/// `average` (a slope under it would mean a negative fixed cost: noise).
+fn page_throughput(first: &RoundReport, bytes: u64, secs: f64, average: f64) -> f64 {
     let more_bytes = first.bytes as f64 - bytes as f64;
     let more_secs = first.duration_ms as f64 / 1000.0 - secs;
     if more_bytes <= 0.0 || more_secs <= 0.0 {

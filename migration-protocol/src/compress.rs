@@ -93,6 +93,23 @@ impl Compressor {
     }
 }
 
+pub(crate) fn decompress(kind: MessageKind, wire: &[u8], raw_len: u32) -> Result<Vec<u8>, ProtocolError> {
+    // The header's raw_len (already bounded by MAX_PAYLOAD) caps the output,
+    // so a small frame cannot expand into unbounded memory.
+    let out = zstd::bulk::decompress(wire, raw_len as usize).map_err(|e| ProtocolError::Decompress {
+        kind,
+        reason: e.to_string(),
+    })?;
+    if out.len() != raw_len as usize {
+        return Err(ProtocolError::SizeMismatch {
+            kind,
+            expected: raw_len,
+            actual: out.len(),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,21 +155,4 @@ mod tests {
         }
         assert_eq!(c.trials(), at + 10);
     }
-}
-
-pub(crate) fn decompress(kind: MessageKind, wire: &[u8], raw_len: u32) -> Result<Vec<u8>, ProtocolError> {
-    // The header's raw_len (already bounded by MAX_PAYLOAD) caps the output,
-    // so a small frame cannot expand into unbounded memory.
-    let out = zstd::bulk::decompress(wire, raw_len as usize).map_err(|e| ProtocolError::Decompress {
-        kind,
-        reason: e.to_string(),
-    })?;
-    if out.len() != raw_len as usize {
-        return Err(ProtocolError::SizeMismatch {
-            kind,
-            expected: raw_len,
-            actual: out.len(),
-        });
-    }
-    Ok(out)
 }
