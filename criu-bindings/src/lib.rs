@@ -10,6 +10,7 @@
 //! `rpc.proto` of the installed CRIU (see `build.rs`).
 
 mod options;
+pub mod pagemap;
 mod session;
 mod sys;
 

@@ -161,6 +161,16 @@ pub enum Event {
     },
     /// A pre-dump round finished.
     Round(crate::precopy::RoundReport),
+    /// Destination: a verified pre-dump round's pages were copied into
+    /// round 1's (`folded_bytes`), so the restore reads one image, not a
+    /// chain; or the round stays a layer of its own (`kept_because`).
+    RoundFold {
+        round: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        folded_bytes: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kept_because: Option<String>,
+    },
     /// Pre-copy ends; the final dump follows.
     PrecopyStop {
         rounds: u32,
@@ -316,6 +326,12 @@ fn human_line(event: &Event) -> Option<String> {
             r.mb_per_s,
             r.estimated_downtime_ms.map(|e| format!(", estimated frozen time {e} ms")).unwrap_or_default()
         ),
+        Event::RoundFold { round, folded_bytes: Some(bytes), .. } => {
+            format!("round {round} folded into round 1 ({:.1} MB)", *bytes as f64 / 1e6)
+        }
+        Event::RoundFold { round, kept_because, .. } => {
+            format!("round {round} kept as its own image layer: {}", kept_because.as_deref().unwrap_or("-"))
+        }
         Event::PrecopyStop { rounds, detail, .. } => format!("pre-copy stops after {rounds} rounds: {detail}"),
         Event::Result(r) => {
             if r.ok {

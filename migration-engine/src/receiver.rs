@@ -417,6 +417,10 @@ impl<'a> Session<'a> {
         let (rootfs_dir, images_dir) = (st.bundle.join("rootfs"), st.images.clone());
         let mut round: Option<(RoundBegin, ImageSink)> = None;
         let mut last_round = 0u32;
+        // The round the next one restores against: round 1 for as long as
+        // each later pre-dump round folds into it.
+        let mut parent_round = 1u32;
+        let mut folding = true;
         let mut first_image = true;
         let since = Instant::now();
         loop {
@@ -442,7 +446,7 @@ impl<'a> Session<'a> {
                     // The parent link is ours to make: CRIU follows it to
                     // the previous round's pages.
                     if begin.round > 1 {
-                        let parent = format!("../{}", round_dir(RoundKind::PreDump, begin.round - 1));
+                        let parent = format!("../{}", round_dir(RoundKind::PreDump, parent_round));
                         std::os::unix::fs::symlink(parent, dir.join("parent"))
                             .map_err(MigrationError::io("linking the parent images"))?;
                     }
@@ -478,12 +482,43 @@ impl<'a> Session<'a> {
                     failpoints::hit("receiver-after-round")?;
                     self.writer.write_json(MessageKind::RoundDone, &RoundDone { round: begin.round, bytes })?;
                     self.writer.flush()?;
+                    // While the sender's next round runs.
+                    parent_round = begin.round;
+                    if begin.round > 1 && folding {
+                        folding = self.fold_round(&images_dir, begin.round);
+                        if folding {
+                            parent_round = 1;
+                        }
+                    }
                 }
                 other => {
                     return Err(ProtocolError::UnexpectedMessage { expected: "rootfs or image data", got: other }.into())
                 }
             }
         }
+    }
+}
+
+impl<'a> Session<'a> {
+    /// Folds pre-dump round `round` into round 1 and removes it; false (and
+    /// nothing changed for the restore) if it cannot be folded.
+    fn fold_round(&mut self, images_dir: &Path, round: u32) -> bool {
+        let later = images_dir.join(round_dir(RoundKind::PreDump, round));
+        let outcome = criu_bindings::pagemap::fold_into_base(&images_dir.join(round_dir(RoundKind::PreDump, 1)), &later);
+        let (folded_bytes, kept_because) = match outcome {
+            Ok(criu_bindings::pagemap::Fold::Folded { bytes }) => (Some(bytes), None),
+            Ok(criu_bindings::pagemap::Fold::NotFoldable(why)) => (None, Some(why)),
+            // The chain is still whole (round 1 only ever receives newer
+            // copies of its own pages): CRIU will read it as it is.
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let folded = folded_bytes.is_some();
+        self.rep.emit(Event::RoundFold { round, folded_bytes, kept_because });
+        if folded {
+            // Only memory if it stays: nothing links to it any more.
+            let _ = std::fs::remove_dir_all(&later);
+        }
+        folded
     }
 }
 
