@@ -497,9 +497,7 @@ impl<'a> Session<'a> {
             }
         }
     }
-}
 
-impl<'a> Session<'a> {
     /// Folds pre-dump round `round` into round 1 and removes it; false (and
     /// nothing changed for the restore) if it cannot be folded.
     fn fold_round(&mut self, images_dir: &Path, round: u32) -> bool {
