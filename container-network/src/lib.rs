@@ -17,6 +17,7 @@ pub mod arp;
 pub mod destination;
 pub mod lock;
 pub mod netns;
+pub mod pristine;
 pub mod record;
 mod sys;
 

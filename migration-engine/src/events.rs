@@ -55,6 +55,10 @@ pub struct ResultEvent {
     pub mode: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode_reason: Option<String>,
+    /// Who moves the container's network namespace (ctmigrate or CRIU)
+    /// and why; absent when the container uses the host's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// Source frozen until the destination reported it running.
     pub frozen_ms: Option<u64>,
     pub total_ms: u64,

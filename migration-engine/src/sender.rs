@@ -181,6 +181,8 @@ struct Prepared {
     mode: Mode,
     mode_reason: Option<String>,
     network: Option<SourceNetwork>,
+    /// Who moves the network namespace, and why (for the result).
+    network_handling: Option<String>,
     /// Resident memory of the container at preflight.
     memory_bytes: u64,
 }
@@ -204,6 +206,7 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
         Ok(prepared) => {
             result.mode = prepared.mode.name().into();
             result.mode_reason = prepared.mode_reason.clone();
+            result.network = prepared.network_handling.clone();
             peer = prepared.peer.identity.clone();
             Migration::new(opts, prepared, rep).run(&mut result)
         }
@@ -244,7 +247,12 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     let state = runc.running(&opts.container)?;
     let internal: RuncInternalState = runc.internal_state(&opts.container)?;
     let mut plan = DumpPlan::for_container(&internal)?;
-    let network = source_network(&mut plan, &internal)?;
+    let (network, network_handling) = source_network(&mut plan, &internal)?;
+    if let Some(lost) = network_handling.as_deref().and_then(|h| h.split_once("not carried: ")).map(|(_, l)| l) {
+        rep.warn(format!(
+            "the container's network namespace differs from a new one in {lost}: the destination's is made anew, without that; set it up again there (or from a runc hook)"
+        ));
+    }
     // Sent as the receiver's staging hint, and used for our own staging.
     let memory_bytes = container_memory_bytes(&plan);
     match plan.freezer.state()? {
@@ -361,16 +369,15 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e),
     }
-    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, memory_bytes })
+    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes })
 }
 
 /// Resident memory of the container's processes: what its images will
 /// roughly hold.
 fn container_memory_bytes(plan: &DumpPlan) -> u64 {
-    let procs = std::fs::read_to_string(plan.freezer.path.join("cgroup.procs")).unwrap_or_default();
-    procs
-        .lines()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok())
+    container_pids(plan)
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .filter_map(|status| {
             let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
             kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
@@ -379,30 +386,59 @@ fn container_memory_bytes(plan: &DumpPlan) -> u64 {
         * 1024
 }
 
-/// Decides who moves the container's network namespace. A namespace named
-/// by a path is external to the dump (runc's way); so is one of the
-/// container's own that holds interfaces besides loopback, which CRIU
-/// could not recreate on another host's bridge. Either is recorded for the
-/// receiver to rebuild. A namespace of its own with only loopback is left
-/// to CRIU, which dumps and locks it itself.
-fn source_network(plan: &mut DumpPlan, internal: &RuncInternalState) -> Result<Option<SourceNetwork>, MigrationError> {
+/// Decides who moves the container's network namespace: nobody for the
+/// host's; otherwise ctmigrate, as an external namespace of the dump that
+/// the receiver rebuilds from a record. CRIU is never left to do it: runc
+/// restores with CRIU's `empty_ns` for the network, which would bring the
+/// container back in a bare namespace with loopback down and nothing of
+/// what CRIU saved. A loopback-only namespace of the container's own is
+/// made anew (loopback up); what it held beyond a new one's (an address, a
+/// route, a firewall rule, a sysctl) is not carried, and the second value,
+/// the handling shown in the result, names it.
+fn source_network(plan: &mut DumpPlan, internal: &RuncInternalState) -> Result<(Option<SourceNetwork>, Option<String>), MigrationError> {
     use container_network::Netns;
     let netns = match &plan.netns_path {
         Some(path) => Netns::Path(path.clone()),
         None if internal.config.namespaces.iter().any(|n| n.kind == "NEWNET") => Netns::Process(plan.pid),
-        None => return Ok(None), // the host's namespace: nothing moves
+        None => return Ok((None, None)), // the host's namespace: nothing moves
     };
     let record = container_network::record::record(&netns)
         .map_err(|e| MigrationError::Preflight(format!("cannot read the container's network: {e}")))?;
-    if plan.netns_path.is_none() {
-        if record.is_empty() {
-            return Ok(None);
+    record.validate().map_err(|e| MigrationError::Preflight(format!("the container's network cannot be moved: {e}")))?;
+    let handling = if !record.is_empty() {
+        format!("rebuilt by ctmigrate: {} interface(s)", record.interfaces.len())
+    } else if plan.netns_path.is_none() {
+        match not_carried_of_loopback_namespace(&netns) {
+            None => "made anew by ctmigrate: loopback only, as new".to_string(),
+            Some(lost) => format!("made anew by ctmigrate: loopback only; not carried: {lost}"),
         }
+    } else {
+        "rebuilt by ctmigrate: loopback only".to_string()
+    };
+    if plan.netns_path.is_none() {
         plan.external_namespaces.push(format!("net[{}]:extRootNetNS", netns.inode().map_err(|e| MigrationError::Preflight(e.to_string()))?));
     }
-    record.validate().map_err(|e| MigrationError::Preflight(format!("the container's network cannot be moved: {e}")))?;
     let remove_after_migration = matches!(&netns, Netns::Path(_)) && netns.name().is_some();
-    Ok(Some(SourceNetwork { netns, record, remove_after_migration, locked: false }))
+    Ok((Some(SourceNetwork { netns, record, remove_after_migration, locked: false }), Some(handling)))
+}
+
+/// What a container's loopback-only namespace holds that a new one does
+/// not (so the destination's will lack it), or `None` when it is as new.
+fn not_carried_of_loopback_namespace(netns: &container_network::Netns) -> Option<String> {
+    use container_network::pristine::NetnsSnapshot;
+    match (NetnsSnapshot::of(netns), NetnsSnapshot::of_new_namespace()) {
+        (Ok(container), Ok(new)) => {
+            let differ = container.differences(&new);
+            (!differ.is_empty()).then(|| differ.join(", "))
+        }
+        (Err(e), _) | (_, Err(e)) => Some(format!("unknown (cannot compare it with a new namespace: {e})")),
+    }
+}
+
+/// The processes of the container (its cgroup's), as now.
+fn container_pids(plan: &DumpPlan) -> Vec<i32> {
+    let procs = std::fs::read_to_string(plan.freezer.path.join("cgroup.procs")).unwrap_or_default();
+    procs.lines().filter_map(|pid| pid.trim().parse().ok()).collect()
 }
 
 /// Largest `--max-iterations` accepted (the receiver refuses more rounds).
