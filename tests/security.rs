@@ -131,6 +131,10 @@ impl Hostile {
 
     /// Sends a manifest; returns the receiver's answer frame.
     fn manifest(&mut self, id: &str, config: serde_json::Value) -> Frame {
+        self.manifest_with_tmpfs(id, config, Vec::new())
+    }
+
+    fn manifest_with_tmpfs(&mut self, id: &str, config: serde_json::Value, empty_tmpfs: Vec<container_runtime::EmptyTmpfs>) -> Frame {
         let m = Manifest {
             container_id: id.into(),
             dest_id: id.into(),
@@ -144,6 +148,7 @@ impl Hostile {
             tcp_established: false,
             network: None,
             memory_bytes: 0,
+            empty_tmpfs,
             source_host: "hostile".into(),
         };
         self.writer.write_json(MessageKind::Manifest, &m).unwrap();
@@ -282,6 +287,19 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     assert_eq!(f.kind, MessageKind::Error);
     assert!(f.json::<ErrorMessage>().unwrap().message.contains("/etc"));
     assert!(refusal(&mut receiver, "bind").contains("/etc"));
+    // A tmpfs to mount anew outside the container, or with options of the
+    // sender's choosing.
+    for (mountpoint, option, complaint) in
+        [("/../../etc", "size=64k", "not a plain absolute path"), ("/dev/shm", "size=64k,context=x", "not one ctmigrate carries")]
+    {
+        let tmpfs = container_runtime::EmptyTmpfs { mountpoint: mountpoint.into(), options: vec![option.into()], read_only: false, device: None };
+        let mut h = Hostile::connect(&bed, port);
+        h.hello();
+        let f = h.manifest_with_tmpfs("tmpfs", config.clone(), vec![tmpfs]);
+        assert_eq!(f.kind, MessageKind::Error);
+        assert!(f.json::<ErrorMessage>().unwrap().message.contains(complaint));
+        assert!(refusal(&mut receiver, "tmpfs").contains(complaint));
+    }
 
     // Nothing escaped, nothing stayed, and a real migration still works.
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "a hostile write landed outside the rootfs");

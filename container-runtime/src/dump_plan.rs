@@ -22,6 +22,9 @@ pub struct DumpPlan {
     pub descriptors_json: Vec<u8>,
     /// Whether the container has a network namespace path in its config.
     pub netns_path: Option<PathBuf>,
+    /// tmpfs mounts empty at preflight, which the destination may mount
+    /// anew (each checked again once frozen).
+    pub empty_tmpfs: Vec<crate::EmptyTmpfs>,
 }
 
 impl DumpPlan {
@@ -83,6 +86,8 @@ impl DumpPlan {
             external_namespaces.push(format!("{name}[{ino}]:{key}"));
         }
 
+        // Without a mount namespace of its own the table would be the host's.
+        let empty_tmpfs = if cfg.namespaces.iter().any(|n| n.kind == "NEWNS") { crate::tmpfs::empty_tmpfs_mounts(pid) } else { Vec::new() };
         let descriptors_json = serde_json::to_vec(&state.external_descriptors)
             .map_err(|e| RuntimeError::Config(e.to_string()))?;
         Ok(Self {
@@ -93,6 +98,7 @@ impl DumpPlan {
             freezer: Freezer::for_container(state)?,
             descriptors_json,
             netns_path,
+            empty_tmpfs,
         })
     }
 }

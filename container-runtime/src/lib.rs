@@ -6,12 +6,14 @@ pub mod bundle;
 pub mod cgroup;
 pub mod dump_plan;
 pub mod runc;
+pub mod tmpfs;
 
 pub use bundle::{validate_container_id, BundlePolicy};
 pub use oci_spec::runtime::Spec;
 pub use cgroup::{cgroup_version, Freezer, FreezerState};
 pub use dump_plan::DumpPlan;
 pub use runc::{ContainerStatus, Runc, RuncInternalState, RuncState};
+pub use tmpfs::EmptyTmpfs;
 
 use std::path::PathBuf;
 

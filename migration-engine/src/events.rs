@@ -73,6 +73,10 @@ pub struct ResultEvent {
     pub rounds: Vec<crate::precopy::RoundReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<crate::precopy::StopReason>,
+    /// tmpfs mounts empty at the freeze, which the destination mounted anew
+    /// instead of CRIU archiving them (sender).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs_made_anew: Vec<String>,
     /// Page bytes of the final (frozen) dump.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_bytes: Option<u64>,

@@ -12,7 +12,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use container_runtime::{validate_container_id, BundlePolicy, Runc};
+use container_runtime::{validate_container_id, BundlePolicy, EmptyTmpfs, Runc};
 use migration_protocol::{
     negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImageData, ImagesDone,
     Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored, RoundBegin, RoundDone, RoundKind,
@@ -278,6 +278,11 @@ impl<'a> Session<'a> {
                 .map_err(|e| refused(format!("cannot rebuild the container's network: {e}")))?;
             staging.network = Some(built);
         }
+        let mut criu_config = criu_config;
+        for (index, tmpfs) in manifest.empty_tmpfs.iter().enumerate() {
+            let dir = staging.mount_empty_tmpfs(index, tmpfs).map_err(nothing)?;
+            criu_config.push_str(&format!("external mnt[{}]:{}\n", EmptyTmpfs::external_key(index), dir.display()));
+        }
         let config_path = staging.bundle.join("config.json");
         spec.save(&config_path)
             .map_err(|e| nothing(MigrationError::Other(format!("writing {}: {e}", config_path.display()))))?;
@@ -395,6 +400,15 @@ impl<'a> Session<'a> {
             // When the container is deleted, runc runs this and the
             // namespace built for it goes too.
             policy.poststop_hook = Some((exe, vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()]));
+        }
+        if m.empty_tmpfs.len() > container_runtime::tmpfs::MAX_EMPTY_TMPFS {
+            return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));
+        }
+        for (i, tmpfs) in m.empty_tmpfs.iter().enumerate() {
+            tmpfs.validate().map_err(refused)?;
+            if m.empty_tmpfs[..i].iter().any(|t| t.mountpoint == tmpfs.mountpoint) {
+                return Err(refused(format!("the manifest lists the tmpfs at {} twice", tmpfs.mountpoint)));
+            }
         }
         let (spec, criu_config) =
             policy.destination_config(&m.oci_config, &m.dest_id, &bundle).map_err(|e| refused(e.to_string()))?;
@@ -586,6 +600,27 @@ impl Staging {
                 .map_err(MigrationError::io(format!("creating {}", d.display())))?;
         }
         Ok(st)
+    }
+
+    /// A new tmpfs like the container's empty one, for CRIU to bind-mount
+    /// in its place (the images name it external). Under the work
+    /// directory, so that removing that unmounts it.
+    fn mount_empty_tmpfs(&self, index: usize, tmpfs: &EmptyTmpfs) -> Result<PathBuf, MigrationError> {
+        use nix::mount::MsFlags;
+        let dir = self.work_dir.join(crate::scratch::EMPTY_TMPFS_DIR).join(index.to_string());
+        // CRIU's configuration file splits its lines at blanks.
+        if dir.to_string_lossy().chars().any(char::is_whitespace) {
+            return Err(MigrationError::Usage(format!("--work-dir {} holds a blank, which CRIU's configuration cannot name: choose another", dir.display())));
+        }
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        if tmpfs.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let options = tmpfs.options.join(",");
+        nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), flags, Some(options.as_str()))
+            .map_err(|e| MigrationError::Other(format!("mounting a tmpfs ({options}) for the container's {}: {e}", tmpfs.mountpoint)))?;
+        Ok(dir)
     }
 
     fn commit(mut self) {

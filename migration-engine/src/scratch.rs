@@ -140,12 +140,23 @@ impl Drop for Reserve {
     }
 }
 
+/// Where, in a receiver's work directory, the new tmpfs mounts for a
+/// container's empty ones are made.
+pub const EMPTY_TMPFS_DIR: &str = "empty-tmpfs";
+
 /// Removes a work directory, unmounting its images tmpfs first if it has
 /// one (lazily: a CRIU that still holds a file there lets go later).
 pub fn remove_work_dir(work_dir: &Path) {
     let images = work_dir.join("images");
     if is_mount_point(&images) {
         let _ = nix::mount::umount2(&images, nix::mount::MntFlags::MNT_DETACH);
+    }
+    // The receiver's empty tmpfs mounts: a restored container holds its
+    // own bind of each, which stays.
+    for entry in std::fs::read_dir(work_dir.join(EMPTY_TMPFS_DIR)).into_iter().flatten().flatten() {
+        if is_mount_point(&entry.path()) {
+            let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
     }
     let _ = std::fs::remove_dir_all(work_dir);
 }

@@ -17,8 +17,8 @@ use crate::tls::{Conn, Security};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use container_runtime::{validate_container_id, DumpPlan, FreezerState, Runc, RuncInternalState, RuncState};
-use criu_bindings::{CriuSession, DumpOptions, NotifyAction};
+use container_runtime::{validate_container_id, DumpPlan, EmptyTmpfs, FreezerState, Runc, RuncInternalState, RuncState};
+use criu_bindings::{CriuSession, DumpOptions, ExternalMount, NotifyAction};
 use migration_protocol::{
     CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
     MessageKind, Restored, RoundBegin, RoundDone, RoundKind, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
@@ -358,6 +358,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         tcp_established: opts.tcp_established,
         network: network.as_ref().map(|n| n.record.clone()),
         memory_bytes,
+        empty_tmpfs: plan.empty_tmpfs.clone(),
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     peer.writer.write_json(MessageKind::Manifest, &manifest)?;
@@ -483,12 +484,14 @@ struct Migration<'a> {
     guard: Option<FreezeGuard>,
     /// Staging memory set aside before the freeze, given to CRIU's first dump.
     reserve: Option<crate::scratch::Reserve>,
+    /// Mount points of the empty tmpfs left out of the final dump.
+    tmpfs_made_anew: Vec<String>,
 }
 
 impl<'a> Migration<'a> {
     fn new(opts: &'a SendOptions, p: Prepared, rep: &'a Reporter) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
-        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None }
+        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None, tmpfs_made_anew: Vec::new() }
     }
 
     fn run(mut self, result: &mut ResultEvent) -> Result<(), Failure> {
@@ -692,6 +695,14 @@ impl<'a> Migration<'a> {
                 // Mounts, stdio and connections matter only to the dump
                 // that is restored.
                 dump.ext_mounts = plan.ext_mounts.clone();
+                // Empty now, with every task frozen: the receiver's new
+                // tmpfs is the same thing, and CRIU runs no tar for it.
+                for (index, tmpfs) in plan.empty_tmpfs.iter().enumerate() {
+                    if tmpfs.still_empty(plan.pid) {
+                        dump.ext_mounts.push(ExternalMount { key: tmpfs.mountpoint.clone(), val: EmptyTmpfs::external_key(index) });
+                        self.tmpfs_made_anew.push(tmpfs.mountpoint.clone());
+                    }
+                }
                 dump.tcp_established = self.opts.tcp_established;
                 // nftables: CRIU keeps its lock in one table of its own and
                 // deletes it whole; the iptables method leaves empty
@@ -717,6 +728,7 @@ impl<'a> Migration<'a> {
         self.rep.phase(Phase::Dump);
         let final_round = result.rounds.len() as u32 + 1;
         let sizes = self.criu_round(RoundKind::Final, final_round).map_err(|e| self.explain_send_error(e))?;
+        result.tmpfs_made_anew = self.tmpfs_made_anew.clone();
         result.final_bytes = Some(sizes.pages);
         result.image_bytes += sizes.images;
         self.p.peer.flush().map_err(|e| self.explain_send_error(e))?;

@@ -52,6 +52,14 @@ pub struct Manifest {
     /// limit).
     #[serde(default)]
     pub memory_bytes: u64,
+    /// tmpfs mounts of the container that were empty at preflight. Those
+    /// still empty once frozen are external to the final dump under
+    /// [`EmptyTmpfs::external_key`] of their index here, and the receiver
+    /// provides a new tmpfs with the same options for each (validated).
+    ///
+    /// [`EmptyTmpfs::external_key`]: container_runtime::EmptyTmpfs::external_key
+    #[serde(default)]
+    pub empty_tmpfs: Vec<container_runtime::EmptyTmpfs>,
 }
 
 /// The receiver accepts the manifest; the sender may now freeze.

@@ -28,6 +28,7 @@ fn control_messages_round_trip() {
         tcp_established: false,
         network: None,
             memory_bytes: 0,
+            empty_tmpfs: Vec::new(),
         source_host: "a".into(),
     };
     let mut w = FrameWriter::new(Vec::new());
