@@ -244,6 +244,8 @@ fn guest_bench_frozen_time() {
     // the freeze to the start of each later phase.
     let mut phases: std::collections::BTreeMap<&str, serde_json::Value> = Default::default();
     let mut finals: Vec<u64> = Vec::new();
+    // Each run's frozen time and its phases, in run order.
+    let mut by_run: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
     for run in 0..runs {
         for mode in ["stop-copy", "precopy"] {
             let id = format!("bench-{mode}-{run}-{}", bed.tag);
@@ -258,6 +260,7 @@ fn guest_bench_frozen_time() {
             assert_eq!(receiver.wait(Duration::from_secs(120)), Some(0));
             let r = sent.result().unwrap();
             frozen.entry(mode).or_default().push(r["frozen_ms"].as_u64().unwrap());
+            by_run.entry(mode).or_default().push(serde_json::json!({"frozen_ms": r["frozen_ms"], "phases": r["frozen_phases"], "rounds": r["rounds"].as_array().map_or(0, |a| a.len())}));
             let at = |p: &str| sent.events.iter().find(|e| e["phase"] == p).and_then(|e| e["elapsed_ms"].as_u64());
             let freeze = at("freeze").unwrap();
             phases.insert(
@@ -289,6 +292,7 @@ fn guest_bench_frozen_time() {
         "fixture": "pattern 256 MiB, 1 MiB/s dirtied",
         "runs": runs,
         "ms_after_freeze_last_run": phases,
+        "by_run": by_run,
         "frozen_ms": frozen,
         "median_frozen_ms": {"stop-copy": stop, "precopy": pre},
         "precopy_final_dump_bytes": finals,

@@ -49,6 +49,10 @@ impl RuncState {
 pub struct RuncInternalState {
     pub id: String,
     pub init_process_pid: i32,
+    /// Start time of the init process (clock ticks after boot, field 22 of
+    /// /proc/PID/stat), which tells it from a later process of the same pid.
+    #[serde(default)]
+    pub init_process_start: u64,
     pub config: InternalConfig,
     #[serde(default)]
     pub cgroup_paths: std::collections::BTreeMap<String, PathBuf>,
@@ -161,6 +165,26 @@ impl Runc {
             });
         }
         Ok(s)
+    }
+
+    /// The pid of a container's init process if it is alive, read from
+    /// runc's state file and /proc without running runc (which costs a
+    /// program start inside the frozen window). `runc state` would also
+    /// say "paused" for a frozen cgroup: callers that care check that.
+    pub fn live_init_pid(&self, id: &str) -> Result<i32, RuntimeError> {
+        let state = self.internal_state(id)?;
+        let pid = state.init_process_pid;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command name (in parentheses, maybe with blanks): state
+        // is the first field, start time the twentieth.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let alive = matches!(fields.first(), Some(s) if !["Z", "X", "x"].contains(s));
+        let same = fields.get(19).and_then(|t| t.parse::<u64>().ok()) == Some(state.init_process_start);
+        if alive && same {
+            Ok(pid)
+        } else {
+            Err(RuntimeError::NotRunning { id: id.to_string(), status: "stopped".into() })
+        }
     }
 
     pub fn internal_state(&self, id: &str) -> Result<RuncInternalState, RuntimeError> {
@@ -313,4 +337,35 @@ pub fn criu_log_errors(log: &Path) -> Option<String> {
     }
     let start = errs.len().saturating_sub(3);
     Some(errs[start..].join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runc root holding a state file for this test process as init.
+    fn root_with_state(start: u64) -> (tempfile::TempDir, Runc) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("c1")).unwrap();
+        let state = serde_json::json!({
+            "id": "c1",
+            "init_process_pid": std::process::id(),
+            "init_process_start": start,
+            "config": {"rootfs": "/"},
+        });
+        std::fs::write(dir.path().join("c1/state.json"), state.to_string()).unwrap();
+        let runc = Runc::new(Path::new("/nonexistent/runc"), dir.path());
+        (dir, runc)
+    }
+
+    #[test]
+    fn a_live_init_is_found_without_running_runc_and_a_reused_pid_is_not() {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let start: u64 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().parse().unwrap();
+        let (_dir, runc) = root_with_state(start);
+        assert_eq!(runc.live_init_pid("c1").unwrap(), std::process::id() as i32);
+        // Same pid, another start time: a different process now.
+        let (_dir, runc) = root_with_state(start + 1);
+        assert!(matches!(runc.live_init_pid("c1"), Err(RuntimeError::NotRunning { .. })));
+    }
 }

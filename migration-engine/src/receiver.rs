@@ -311,9 +311,9 @@ impl<'a> Session<'a> {
         self.runc
             .restore(&manifest.dest_id, &st.bundle, &st.images.join(round_dir(RoundKind::Final, 0)), &st.work, manifest.tcp_established)
             .map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
-        let state = self
+        let pid = self
             .runc
-            .running(&manifest.dest_id)
+            .live_init_pid(&manifest.dest_id)
             .map_err(|e| resumed(MigrationError::Remote(format!("the restored container is not running: {e}"))))?;
         if let Some(net) = &st.network {
             net.activate()
@@ -321,7 +321,7 @@ impl<'a> Session<'a> {
         }
         let restore_ms = restore_started.elapsed().as_millis() as u64;
         self.writer
-            .write_json(MessageKind::Restored, &Restored { pid: state.pid, restore_ms })
+            .write_json(MessageKind::Restored, &Restored { pid, restore_ms })
             .map_err(|e| resumed(e.into()))?;
         self.writer.flush().map_err(|e| resumed(e.into()))?;
 
