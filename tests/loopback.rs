@@ -54,11 +54,7 @@ fn a_loopback_namespace_as_new_is_made_anew_on_the_destination() {
     let Some(bed) = testbed("lbn") else { return };
     let (src, id, token) = counter(&bed, "lbnew");
     let dest_id = format!("{id}-d");
-    let port = port();
-    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
-    let sent = bed.run_sender(&id, port, &["--dest-id", &dest_id], &[]).unwrap();
-    assert_eq!(sent.code, Some(0), "send failed: {}", sent.stderr);
-    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
+    let sent = migrate_ok(&bed, &id, &dest_id);
     let result = sent.result().unwrap();
     assert_eq!(result["network"], "made anew by ctmigrate: loopback only, as new", "{result}");
 
@@ -88,11 +84,7 @@ fn what_a_loopback_namespace_held_beyond_a_new_one_is_reported_not_carried() {
     in_netns_of(pid, "ip", &["addr", "add", "127.0.0.7/8", "dev", "lo"]);
 
     let dest_id = format!("{id}-d");
-    let port = port();
-    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
-    let sent = bed.run_sender(&id, port, &["--dest-id", &dest_id], &[]).unwrap();
-    assert_eq!(sent.code, Some(0), "send failed: {}", sent.stderr);
-    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
+    let sent = migrate_ok(&bed, &id, &dest_id);
     let result = sent.result().unwrap();
     assert_eq!(result["network"], "made anew by ctmigrate: loopback only; not carried: addresses, routes-ipv4", "{result}");
     let warned = sent.events.iter().any(|e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("differs from a new one in addresses"));

@@ -21,15 +21,6 @@ fn mount_row(pid: i32, mountpoint: &str) -> Option<(String, String, String)> {
     })
 }
 
-fn migrate(bed: &Testbed, id: &str, dest_id: &str) -> serde_json::Value {
-    let port = port();
-    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
-    let sent = bed.run_sender(id, port, &["--dest-id", dest_id], &[]).unwrap();
-    assert_eq!(sent.code, Some(0), "send failed: {}", sent.stderr);
-    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
-    sent.result().unwrap().clone()
-}
-
 fn made_anew(result: &serde_json::Value) -> Vec<String> {
     result["tmpfs_made_anew"].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect()).unwrap_or_default()
 }
@@ -51,7 +42,7 @@ fn empty_tmpfs_are_mounted_anew_and_a_used_one_is_carried_by_criu() {
     let src_pid = bed.src_runc.state(&id).unwrap().pid;
     let before: Vec<_> = ["/dev/shm", "/proc/acpi", "/sys/firmware"].iter().map(|m| mount_row(src_pid, m)).collect();
     let dest_id = format!("{id}-d");
-    let result = migrate(&bed, &id, &dest_id);
+    let result = migrate_ok(&bed, &id, &dest_id).result().unwrap().clone();
     let anew = made_anew(&result);
     for m in ["/dev/shm", "/proc/acpi", "/sys/firmware"] {
         assert!(anew.iter().any(|a| a == m), "{m} not made anew: {result}");
@@ -77,7 +68,7 @@ fn empty_tmpfs_are_mounted_anew_and_a_used_one_is_carried_by_criu() {
     let src_pid = bed.src_runc.state(&id).unwrap().pid;
     std::fs::write(format!("/proc/{src_pid}/root/dev/shm/segment"), b"shared memory contents").unwrap();
     let dest_id = format!("{id}-d");
-    let result = migrate(&bed, &id, &dest_id);
+    let result = migrate_ok(&bed, &id, &dest_id).result().unwrap().clone();
     let anew = made_anew(&result);
     assert!(!anew.iter().any(|a| a == "/dev/shm"), "a used /dev/shm was made anew: {result}");
     assert!(anew.iter().any(|a| a == "/proc/acpi"), "{result}");

@@ -88,3 +88,14 @@ pub fn frozen_state(bed: &Testbed, id: &str) -> String {
     }
     .to_string()
 }
+
+/// Migrates container `id` to `dest_id` (stop-copy, defaults) and asserts
+/// that both sides succeeded; returns the sender's output.
+pub fn migrate_ok(bed: &Testbed, id: &str, dest_id: &str) -> migration_engine::testbed::CommandResult {
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let sent = bed.run_sender(id, port, &["--dest-id", dest_id], &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "send failed: {}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
+    sent
+}
