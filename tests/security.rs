@@ -124,9 +124,16 @@ impl Hostile {
     }
 
     fn hello(&mut self) {
-        self.writer.write_json(MessageKind::Hello, &Hello { min_version: 1, max_version: 1, software: "hostile".into() }).unwrap();
+        self.hello_at(migration_protocol::PROTOCOL_VERSION_MAX);
+    }
+
+    /// Offers only `version`; asserts the receiver takes it.
+    fn hello_at(&mut self, version: u32) {
+        self.writer.write_json(MessageKind::Hello, &Hello { min_version: version, max_version: version, software: "hostile".into() }).unwrap();
         self.writer.flush().unwrap();
-        assert_eq!(self.reader.read_frame().unwrap().kind, MessageKind::HelloAck);
+        let ack = self.reader.read_frame().unwrap();
+        assert_eq!(ack.kind, MessageKind::HelloAck);
+        assert_eq!(ack.json::<migration_protocol::HelloAck>().unwrap().version, version);
     }
 
     /// Sends a manifest; returns the receiver's answer frame.
@@ -288,13 +295,15 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     assert!(f.json::<ErrorMessage>().unwrap().message.contains("/etc"));
     assert!(refusal(&mut receiver, "bind").contains("/etc"));
     // A tmpfs to mount anew outside the container, or with options of the
-    // sender's choosing.
-    for (mountpoint, option, complaint) in
-        [("/../../etc", "size=64k", "not a plain absolute path"), ("/dev/shm", "size=64k,context=x", "not one ctmigrate carries")]
-    {
+    // sender's choosing, or in a protocol version without them.
+    for (version, mountpoint, option, complaint) in [
+        (2, "/../../etc", "size=64k", "not a plain absolute path"),
+        (2, "/dev/shm", "size=64k,context=x", "not one ctmigrate carries"),
+        (1, "/dev/shm", "size=64k", "protocol version 1 does not have"),
+    ] {
         let tmpfs = container_runtime::EmptyTmpfs { mountpoint: mountpoint.into(), options: vec![option.into()], read_only: false, device: None };
         let mut h = Hostile::connect(&bed, port);
-        h.hello();
+        h.hello_at(version);
         let f = h.manifest_with_tmpfs("tmpfs", config.clone(), vec![tmpfs]);
         assert_eq!(f.kind, MessageKind::Error);
         assert!(f.json::<ErrorMessage>().unwrap().message.contains(complaint));

@@ -254,6 +254,11 @@ impl<'a> Session<'a> {
             self.read().and_then(|f| Ok(f.expect(MessageKind::Manifest, "Manifest")?.json()?)).map_err(nothing)?;
         result.container = manifest.container_id.clone();
         result.dest_id = manifest.dest_id.clone();
+        if version < migration_protocol::VERSION_EMPTY_TMPFS && !manifest.empty_tmpfs.is_empty() {
+            return Err(nothing(MigrationError::Refused(format!(
+                "the manifest lists empty tmpfs mounts, which protocol version {version} does not have"
+            ))));
+        }
         self.rep.emit(Event::Start {
             role: "receiver",
             container: manifest.container_id.clone(),

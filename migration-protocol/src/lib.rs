@@ -17,7 +17,12 @@ pub use messages::*;
 /// Protocol versions this build speaks; the handshake picks the highest
 /// version both peers share.
 pub const PROTOCOL_VERSION_MIN: u32 = 1;
-pub const PROTOCOL_VERSION_MAX: u32 = 1;
+pub const PROTOCOL_VERSION_MAX: u32 = 2;
+
+/// The first version whose manifest may list `empty_tmpfs` (tmpfs mounts
+/// the receiver makes anew, named external in the final dump's images).
+/// With version 1 the sender leaves them to CRIU.
+pub const VERSION_EMPTY_TMPFS: u32 = 2;
 
 /// Errors reading or writing the stream.
 #[derive(Debug, thiserror::Error)]
