@@ -85,6 +85,12 @@ impl Freezer {
         })
     }
 
+    /// The processes in the cgroup now (none if it cannot be read).
+    pub fn pids(&self) -> Vec<i32> {
+        let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+        procs.lines().filter_map(|pid| pid.trim().parse().ok()).collect()
+    }
+
     pub fn state(&self) -> Result<FreezerState, RuntimeError> {
         match self.version {
             CgroupVersion::V1 => match self.read("freezer.state")?.trim() {

@@ -56,7 +56,8 @@ impl DumpPlan {
         }
         for p in cfg.mask_paths.iter().flatten() {
             // Masked files are /dev/null bind mounts; masked directories are
-            // read-only tmpfs, which CRIU dumps itself.
+            // read-only tmpfs, made anew on the destination when empty
+            // (`empty_tmpfs`), else dumped by CRIU.
             let inside = Path::new("/proc").join(pid.to_string()).join("root").join(p.trim_start_matches('/'));
             if inside.is_file() || inside.metadata().map(|m| !m.is_dir()).unwrap_or(false) {
                 push(p, "/dev/null");

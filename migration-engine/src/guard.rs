@@ -133,8 +133,7 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
     }
     if committed {
         // A frozen task dies of SIGKILL as soon as it thaws.
-        let procs = std::fs::read_to_string(freezer.path.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        for pid in freezer.pids() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
         }
     }

@@ -254,11 +254,6 @@ impl<'a> Session<'a> {
             self.read().and_then(|f| Ok(f.expect(MessageKind::Manifest, "Manifest")?.json()?)).map_err(nothing)?;
         result.container = manifest.container_id.clone();
         result.dest_id = manifest.dest_id.clone();
-        if version < migration_protocol::VERSION_EMPTY_TMPFS && !manifest.empty_tmpfs.is_empty() {
-            return Err(nothing(MigrationError::Refused(format!(
-                "the manifest lists empty tmpfs mounts, which protocol version {version} does not have"
-            ))));
-        }
         self.rep.emit(Event::Start {
             role: "receiver",
             container: manifest.container_id.clone(),
@@ -267,7 +262,7 @@ impl<'a> Session<'a> {
             mode: manifest.mode.clone(),
             mode_reason: None,
         });
-        let (spec, criu_config) = self.check_manifest(&manifest)?;
+        let (spec, criu_config) = self.check_manifest(&manifest, version)?;
         let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
@@ -348,7 +343,7 @@ impl<'a> Session<'a> {
     }
 
     /// Everything is checked before the sender freezes anything.
-    fn check_manifest(&self, m: &Manifest) -> Result<(container_runtime::Spec, String), (MigrationError, Outcome)> {
+    fn check_manifest(&self, m: &Manifest, version: u32) -> Result<(container_runtime::Spec, String), (MigrationError, Outcome)> {
         validate_container_id(&m.dest_id).map_err(|e| refused(e.to_string()))?;
         if m.arch != std::env::consts::ARCH {
             return Err(refused(format!(
@@ -405,6 +400,9 @@ impl<'a> Session<'a> {
             // When the container is deleted, runc runs this and the
             // namespace built for it goes too.
             policy.poststop_hook = Some((exe, vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()]));
+        }
+        if version < migration_protocol::VERSION_EMPTY_TMPFS && !m.empty_tmpfs.is_empty() {
+            return Err(refused(format!("the manifest lists empty tmpfs mounts, which protocol version {version} does not have")));
         }
         if m.empty_tmpfs.len() > container_runtime::tmpfs::MAX_EMPTY_TMPFS {
             return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));
@@ -611,20 +609,14 @@ impl Staging {
     /// in its place (the images name it external). Under the work
     /// directory, so that removing that unmounts it.
     fn mount_empty_tmpfs(&self, index: usize, tmpfs: &EmptyTmpfs) -> Result<PathBuf, MigrationError> {
-        use nix::mount::MsFlags;
         let dir = self.work_dir.join(crate::scratch::EMPTY_TMPFS_DIR).join(index.to_string());
         // CRIU's configuration file splits its lines at blanks.
         if dir.to_string_lossy().chars().any(char::is_whitespace) {
             return Err(MigrationError::Usage(format!("--work-dir {} holds a blank, which CRIU's configuration cannot name: choose another", dir.display())));
         }
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
-        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        if tmpfs.read_only {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        let options = tmpfs.options.join(",");
-        nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), flags, Some(options.as_str()))
-            .map_err(|e| MigrationError::Other(format!("mounting a tmpfs ({options}) for the container's {}: {e}", tmpfs.mountpoint)))?;
+        let what = format!("the container's {}", tmpfs.mountpoint);
+        crate::scratch::mount_tmpfs_with(&dir, &tmpfs.options.join(","), tmpfs.read_only, &what)?;
         Ok(dir)
     }
 

@@ -47,10 +47,19 @@ pub fn memory_stage_size(mode: StageMode, expected: u64) -> Option<u64> {
 
 /// Mounts a private tmpfs of at most `size` bytes on the (empty) `dir`.
 pub fn mount_tmpfs(dir: &Path, size: u64) -> Result<(), MigrationError> {
+    mount_tmpfs_with(dir, &format!("size={size},mode=0700"), false, "the images")
+}
+
+/// Mounts a tmpfs with `options` on `dir`, never honouring set-uid bits,
+/// device nodes or executables there; `what` says what it is for.
+pub fn mount_tmpfs_with(dir: &Path, options: &str, read_only: bool, what: &str) -> Result<(), MigrationError> {
     use nix::mount::{mount, MsFlags};
-    let options = format!("size={size},mode=0700");
-    mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some(options.as_str()))
-        .map_err(|e| MigrationError::Other(format!("mounting a tmpfs for the images on {}: {e}", dir.display())))
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some(options))
+        .map_err(|e| MigrationError::Other(format!("mounting a tmpfs ({options}) for {what} on {}: {e}", dir.display())))
 }
 
 /// Frees `len` bytes of `file` from `offset` (a hole; the size stays), so

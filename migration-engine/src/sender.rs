@@ -247,12 +247,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     let state = runc.running(&opts.container)?;
     let internal: RuncInternalState = runc.internal_state(&opts.container)?;
     let mut plan = DumpPlan::for_container(&internal)?;
-    let (network, network_handling) = source_network(&mut plan, &internal)?;
-    if let Some(lost) = network_handling.as_deref().and_then(|h| h.split_once("not carried: ")).map(|(_, l)| l) {
-        rep.warn(format!(
-            "the container's network namespace differs from a new one in {lost}: the destination's is made anew, without that; set it up again there (or from a runc hook)"
-        ));
-    }
+    let (network, network_handling) = source_network(&mut plan, &internal, rep)?;
     // Sent as the receiver's staging hint, and used for our own staging.
     let memory_bytes = container_memory_bytes(&plan);
     match plan.freezer.state()? {
@@ -380,7 +375,8 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
 /// Resident memory of the container's processes: what its images will
 /// roughly hold.
 fn container_memory_bytes(plan: &DumpPlan) -> u64 {
-    container_pids(plan)
+    plan.freezer
+        .pids()
         .iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .filter_map(|status| {
@@ -400,7 +396,11 @@ fn container_memory_bytes(plan: &DumpPlan) -> u64 {
 /// made anew (loopback up); what it held beyond a new one's (an address, a
 /// route, a firewall rule, a sysctl) is not carried, and the second value,
 /// the handling shown in the result, names it.
-fn source_network(plan: &mut DumpPlan, internal: &RuncInternalState) -> Result<(Option<SourceNetwork>, Option<String>), MigrationError> {
+fn source_network(
+    plan: &mut DumpPlan,
+    internal: &RuncInternalState,
+    rep: &Reporter,
+) -> Result<(Option<SourceNetwork>, Option<String>), MigrationError> {
     use container_network::Netns;
     let netns = match &plan.netns_path {
         Some(path) => Netns::Path(path.clone()),
@@ -415,7 +415,12 @@ fn source_network(plan: &mut DumpPlan, internal: &RuncInternalState) -> Result<(
     } else if plan.netns_path.is_none() {
         match not_carried_of_loopback_namespace(&netns) {
             None => "made anew by ctmigrate: loopback only, as new".to_string(),
-            Some(lost) => format!("made anew by ctmigrate: loopback only; not carried: {lost}"),
+            Some(lost) => {
+                rep.warn(format!(
+                    "the container's network namespace differs from a new one in {lost}: the destination's is made anew, without that; set it up again there (or from a runc hook)"
+                ));
+                format!("made anew by ctmigrate: loopback only; not carried: {lost}")
+            }
         }
     } else {
         "rebuilt by ctmigrate: loopback only".to_string()
@@ -438,12 +443,6 @@ fn not_carried_of_loopback_namespace(netns: &container_network::Netns) -> Option
         }
         (Err(e), _) | (_, Err(e)) => Some(format!("unknown (cannot compare it with a new namespace: {e})")),
     }
-}
-
-/// The processes of the container (its cgroup's), as now.
-fn container_pids(plan: &DumpPlan) -> Vec<i32> {
-    let procs = std::fs::read_to_string(plan.freezer.path.join("cgroup.procs")).unwrap_or_default();
-    procs.lines().filter_map(|pid| pid.trim().parse().ok()).collect()
 }
 
 /// Largest `--max-iterations` accepted (the receiver refuses more rounds).
@@ -898,8 +897,8 @@ impl<'a> Migration<'a> {
         self.p.peer.control.shutdown();
     }
 
-    /// Drops all traffic of a namespace ctmigrate moves (CRIU locks the
-    /// namespaces it dumps itself).
+    /// Drops all traffic of the container's namespace, which ctmigrate
+    /// moves (it is always external to CRIU's dump).
     fn lock_network(&mut self) -> Result<(), MigrationError> {
         let Some(net) = self.p.network.as_mut() else { return Ok(()) };
         container_network::lock::lock(&net.netns).map_err(|e| MigrationError::Other(format!("cannot lock the container's network: {e}")))?;

@@ -573,10 +573,17 @@ impl Testbed {
         if let Ok(rd) = std::fs::read_dir(self.dst_bundles()) {
             out.extend(rd.flatten().map(|e| format!("destination bundle {}", e.path().display())));
         }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for w in [self.src_work(), self.dst_work()] {
             if let Ok(rd) = std::fs::read_dir(&w) {
                 out.extend(rd.flatten().map(|e| format!("work directory {}", e.path().display())));
             }
+            // A mount left under a work directory (an images tmpfs, a tmpfs
+            // made for a restore).
+            let under = format!("{}/", w.display());
+            out.extend(
+                mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&under)).map(|m| format!("mount {m}")),
+            );
         }
         let cg = format!("{}/{dest_id}", self.cgroup_parent.trim_start_matches('/'));
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
