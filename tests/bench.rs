@@ -535,3 +535,152 @@ fn bench_migration() {
     println!("written: {} and {}", json_path.display(), png.display());
     println!("BENCH {}", serde_json::Value::Object(results));
 }
+
+/// CPU time of the calling thread, in ms.
+fn thread_cpu_ms() -> u64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD).unwrap();
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1000 + t.tv_usec() as u64 / 1000;
+    ms(u.user_time()) + ms(u.system_time())
+}
+
+/// One pass of the image pipeline alone: `pages-1.img` in `src` sent by the
+/// sender's streamer over loopback TCP (TLS unless `tls_dir` is None) into
+/// the receiver's sink in `dst`, with the receiver's staging reserve as in
+/// a migration. Returns (MB/s, sender CPU ms, receiver CPU ms).
+fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> (f64, u64, u64) {
+    use migration_engine::images::{ImageSink, ImageStreamer};
+    use migration_engine::tls::Conn;
+    use migration_protocol::{CompressionMode, Compressor, FrameReader, FrameWriter, ImageData, ImagesDone, MessageKind};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_cfg = tls_dir.map(|d| migration_engine::tls::server_config(d).unwrap());
+    let dst = dst.to_path_buf();
+    let receiving = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let conn = match server_cfg {
+            Some(cfg) => Conn::server(sock, cfg).unwrap(),
+            None => Conn::plain(sock).unwrap(),
+        };
+        let cpu = thread_cpu_ms();
+        let reserve = migration_engine::scratch::Reserve::create(&dst, bytes).unwrap();
+        let cpu_reserve = thread_cpu_ms() - cpu;
+        let mut reader = FrameReader::new(conn);
+        let mut sink = ImageSink::new(&dst, 100, 1 << 40).with_reserve(Some(reserve));
+        loop {
+            let f = reader.read_frame().unwrap();
+            match f.kind {
+                MessageKind::ImageData => {
+                    let chunk = ImageData::decode(&f.payload).unwrap();
+                    sink.write(&chunk).unwrap();
+                }
+                MessageKind::ImagesDone => {
+                    sink.verify(&f.json::<ImagesDone>().unwrap()).unwrap();
+                    return thread_cpu_ms() - cpu - cpu_reserve;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+    let sock = TcpStream::connect(addr).unwrap();
+    let conn = match tls_dir {
+        Some(d) => Conn::client(sock, migration_engine::tls::client_config(d).unwrap(), "127.0.0.1").unwrap(),
+        None => Conn::plain(sock).unwrap(),
+    };
+    let mut writer = FrameWriter::new(conn);
+    let mut comp = Compressor::new(CompressionMode::Auto);
+    let cpu = thread_cpu_ms();
+    let started = Instant::now();
+    let mut streamer = ImageStreamer::new(src, false);
+    streamer.finish(&mut writer, &mut comp, 0).unwrap();
+    writer.flush().unwrap();
+    let sender_cpu = thread_cpu_ms() - cpu;
+    let receiver_cpu = receiving.join().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    (bytes as f64 / secs / 1e6, sender_cpu, receiver_cpu)
+}
+
+/// The image pipeline against the raw link, same command, same sockets
+/// (loopback TCP): how much of the link the pipeline uses, and its CPU cost
+/// per GB on each side. CTMIGRATE_BENCH_PIPELINE_MIB sets the image size.
+/// `cargo test --release --test bench -- --ignored bench_image_pipeline --nocapture`
+#[test]
+#[ignore = "benchmark: run by hand, see docs/performance.md"]
+fn bench_image_pipeline() {
+    let mib: u64 = std::env::var("CTMIGRATE_BENCH_PIPELINE_MIB").map(|v| v.parse().unwrap()).unwrap_or(512);
+    let bytes = mib << 20;
+    let base = tempfile::Builder::new().prefix("ctmigrate-pipeline").tempdir_in("/dev/shm").unwrap();
+    let certs = base.path().join("certs");
+    let tls_dir = migration_engine::tls::init_certs(&certs, &["127.0.0.1".to_string()]).unwrap().remove(0);
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(3);
+    let mut results: std::collections::BTreeMap<&str, Vec<(f64, u64, u64)>> = Default::default();
+    for run in 0..runs {
+        // Incompressible pages, as CRIU would have written them.
+        let src = base.path().join(format!("src-{run}"));
+        std::fs::create_dir(&src).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ run as u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut f = std::fs::File::create(src.join("pages-1.img")).unwrap();
+        for _ in 0..mib {
+            for w in chunk.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&chunk).unwrap();
+        }
+        drop(f);
+        let started = Instant::now();
+        {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let reading = std::thread::spawn(move || {
+                let (mut c, _) = listener.accept().unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                while c.read(&mut buf).unwrap() > 0 {}
+            });
+            let mut c = TcpStream::connect(addr).unwrap();
+            let mut sent = 0;
+            while sent < bytes {
+                c.write_all(&chunk).unwrap();
+                sent += chunk.len() as u64;
+            }
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            reading.join().unwrap();
+        }
+        results.entry("raw-link").or_default().push((bytes as f64 / started.elapsed().as_secs_f64() / 1e6, 0, 0));
+        for (name, tls) in [("pipeline-insecure", None), ("pipeline-tls", Some(tls_dir.as_path()))] {
+            // The sender punches what it sent: a fresh copy each pass.
+            let copy = base.path().join(format!("copy-{run}"));
+            std::fs::create_dir(&copy).unwrap();
+            std::fs::copy(src.join("pages-1.img"), copy.join("pages-1.img")).unwrap();
+            let dst = base.path().join(format!("dst-{run}-{name}"));
+            std::fs::create_dir(&dst).unwrap();
+            let r = pipeline_pass(&copy, &dst, tls, bytes);
+            eprintln!("run {run} {name}: {:.0} MB/s, sender {} ms CPU, receiver {} ms CPU", r.0, r.1, r.2);
+            results.entry(name).or_default().push(r);
+            std::fs::remove_dir_all(&copy).unwrap();
+            std::fs::remove_dir_all(&dst).unwrap();
+        }
+        std::fs::remove_dir_all(&src).unwrap();
+    }
+    let med = |v: &[(f64, u64, u64)], f: fn(&(f64, u64, u64)) -> u64| median(v.iter().map(f).collect());
+    let link = med(&results["raw-link"], |r| r.0 as u64);
+    let gb = bytes as f64 / 1e9;
+    let mut json = serde_json::Map::new();
+    for (name, v) in &results {
+        let mbps = med(v, |r| r.0 as u64);
+        let (s, r) = (med(v, |r| r.1), med(v, |r| r.2));
+        eprintln!(
+            "{name:<18} {mbps:>5} MB/s  x{:.2} of the raw link  CPU per GB: sender {:.0} ms, receiver {:.0} ms",
+            mbps as f64 / link as f64,
+            s as f64 / gb,
+            r as f64 / gb
+        );
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"median_MBps": mbps, "ratio_to_raw_link": ratio(mbps, link), "sender_cpu_ms_per_GB": (s as f64 / gb).round(), "receiver_cpu_ms_per_GB": (r as f64 / gb).round()}),
+        );
+    }
+    println!("PIPELINE {}", serde_json::Value::Object(json));
+}

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use migration_protocol::frame::encode_header;
 use migration_protocol::{Compressor, FrameWriter, ImageData, ImageFileSummary, ImagesDone, MessageKind};
 
+use crate::scratch::Reserve;
 use crate::{failpoints, MigrationError};
 
 const CHUNK: usize = 1 << 20;
@@ -58,15 +59,23 @@ struct Sent {
 /// Sender side: follows the images directory and sends what is new.
 pub struct ImageStreamer {
     dir: PathBuf,
+    /// Punch sent pages out of the sender's files (see [`ImageStreamer::new`]).
+    release_sent: bool,
     sent: BTreeMap<String, Sent>,
     frame: Vec<u8>,
     corrupt_next: bool,
 }
 
 impl ImageStreamer {
-    pub fn new(dir: &Path) -> Self {
+    /// Follows `dir`. With `release_sent`, page data is punched out of the
+    /// files once sent, so that a pre-dump round of a running container
+    /// does not hold its memory twice; the final dump keeps it (the staging
+    /// reserve set that much aside already) because punching competes with
+    /// CRIU for the file's lock and costs CPU in the frozen window.
+    pub fn new(dir: &Path, release_sent: bool) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            release_sent,
             sent: BTreeMap::new(),
             frame: vec![0u8; FRAME_ROOM + CHUNK],
             corrupt_next: failpoints::should_corrupt("sender-corrupt-image"),
@@ -135,7 +144,7 @@ impl ImageStreamer {
     ) -> Result<u64, MigrationError> {
         let path = self.dir.join(name);
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(MigrationError::io(format!("opening {}", path.display())))?;
-        let release = is_append_only(name);
+        let release = self.release_sent && is_append_only(name);
         let state = self.sent.entry(name.to_string()).or_default();
         let mut total = 0;
         // Punching takes the file's lock, which CRIU holds while it
@@ -192,12 +201,21 @@ impl ImageStreamer {
     }
 }
 
+/// A page image this long takes over the staging reserve (see
+/// [`ImageSink::with_reserve`]): long enough to pass over a small init
+/// process's pages, short enough that copying what arrived before costs
+/// nothing.
+const ADOPT_RESERVE_AT: u64 = 4 << 20;
+
 #[derive(Debug)]
 struct Received {
     file: File,
     size: u64,
     /// Running CRC while chunks arrive in order; None once one did not.
     crc: Option<u32>,
+    /// The file is the former staging reserve, longer than `size` until
+    /// verified.
+    adopted: bool,
 }
 
 /// Receiver side: writes image chunks into a directory and verifies them.
@@ -206,12 +224,28 @@ pub struct ImageSink {
     files: BTreeMap<String, Received>,
     max_files: usize,
     max_file_size: u64,
+    reserve: Option<Reserve>,
     pub bytes: u64,
 }
 
 impl ImageSink {
     pub fn new(dir: &Path, max_files: usize, max_file_size: u64) -> Self {
-        Self { dir: dir.to_path_buf(), files: BTreeMap::new(), max_files, max_file_size, bytes: 0 }
+        Self { dir: dir.to_path_buf(), files: BTreeMap::new(), max_files, max_file_size, reserve: None, bytes: 0 }
+    }
+
+    /// Staging memory set aside before the freeze. Each chunk gives back
+    /// as much of it as the chunk brings, just before it is written; the
+    /// first page image to reach ADOPT_RESERVE_AT bytes takes over the
+    /// reserve's file instead, so that the bulk of the pages is written
+    /// over memory already touched.
+    pub fn with_reserve(mut self, reserve: Option<Reserve>) -> Self {
+        self.reserve = reserve;
+        self
+    }
+
+    /// The reserve, if no image took it over (for the next round).
+    pub fn take_reserve(&mut self) -> Option<Reserve> {
+        self.reserve.take()
     }
 
     pub fn write(&mut self, chunk: &ImageData<'_>) -> Result<(), MigrationError> {
@@ -238,9 +272,14 @@ impl ImageSink {
                 .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-            self.files.insert(chunk.name.to_string(), Received { file, size: 0, crc: Some(0) });
+            self.files.insert(chunk.name.to_string(), Received { file, size: 0, crc: Some(0), adopted: false });
         }
         let r = self.files.get_mut(chunk.name).expect("inserted above");
+        if !r.adopted {
+            if let Some(reserve) = self.reserve.as_mut() {
+                reserve.release(chunk.data.len() as u64);
+            }
+        }
         r.file
             .write_all_at(chunk.data, chunk.offset)
             .map_err(MigrationError::io(format!("writing image {}", chunk.name)))?;
@@ -250,6 +289,12 @@ impl ImageSink {
         };
         r.size = r.size.max(end);
         self.bytes += chunk.data.len() as u64;
+        if is_append_only(chunk.name) && r.size >= ADOPT_RESERVE_AT && !r.adopted {
+            if let Some(reserve) = self.reserve.take() {
+                r.file = reserve.adopt_as(&self.dir.join(chunk.name), &r.file, r.size)?;
+                r.adopted = true;
+            }
+        }
         Ok(())
     }
 
@@ -279,6 +324,12 @@ impl ImageSink {
                 }
                 None => return Err(MigrationError::Other(format!("image {} listed but never received", f.name))),
                 Some(r) => {
+                    if r.adopted {
+                        // The reserve's length goes; what lies past the
+                        // image's end was never written.
+                        r.file.set_len(r.size).map_err(MigrationError::io(format!("truncating image {}", f.name)))?;
+                        r.adopted = false;
+                    }
                     if r.size != f.size {
                         return Err(MigrationError::Other(format!(
                             "image {} is {} bytes, the sender's is {}",
@@ -328,7 +379,7 @@ mod tests {
         std::fs::write(src.path().join("pages-1.img"), vec![1u8; 3 * CHUNK / 2]).unwrap();
         let mut w = FrameWriter::new(Vec::new());
         let mut c = Compressor::new(CompressionMode::Auto);
-        let mut s = ImageStreamer::new(src.path());
+        let mut s = ImageStreamer::new(src.path(), true);
         s.pump(&mut w, &mut c).unwrap();
         // CRIU appends more pages and writes its metadata.
         let mut f = OpenOptions::new().append(true).open(src.path().join("pages-1.img")).unwrap();
@@ -366,6 +417,78 @@ mod tests {
         assert!(left.iter().all(|b| *b == 0), "sent pages were not released");
         assert_eq!(std::fs::read(dst.path().join("inventory.img")).unwrap(), b"inv");
         assert!(dst.path().join("empty.img").exists());
+    }
+
+    #[test]
+    fn the_final_round_keeps_what_it_sent() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("pages-1.img"), vec![7u8; 3 * CHUNK]).unwrap();
+        let mut w = FrameWriter::new(Vec::new());
+        let mut s = ImageStreamer::new(src.path(), false);
+        s.finish(&mut w, &mut Compressor::new(CompressionMode::Never), 0).unwrap();
+        assert!(std::fs::read(src.path().join("pages-1.img")).unwrap().iter().all(|b| *b == 7), "pages were punched");
+    }
+
+    /// Sends `files` (name, bytes) through a sink in `images/round`, with a
+    /// reserve of `reserve` bytes in `images`; returns the reserve's inode
+    /// and what the sink handed back.
+    fn receive_with_reserve(images: &Path, files: &[(&str, Vec<u8>)], reserve: u64) -> (u64, Option<Reserve>) {
+        use std::os::unix::fs::MetadataExt;
+        let src = images.join("src");
+        let round = images.join("round");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::create_dir(&round).unwrap();
+        for (name, data) in files {
+            std::fs::write(src.join(name), data).unwrap();
+        }
+        let res = Reserve::create(images, reserve).unwrap();
+        let inode = std::fs::metadata(images.join("reserve")).unwrap().ino();
+        let mut w = FrameWriter::new(Vec::new());
+        ImageStreamer::new(&src, false).finish(&mut w, &mut Compressor::new(CompressionMode::Never), 0).unwrap();
+        let bytes = w.get_ref().clone();
+        let mut r = FrameReader::new(&bytes[..]);
+        let mut sink = ImageSink::new(&round, 100, 1 << 30).with_reserve(Some(res));
+        loop {
+            let f = r.read_frame().unwrap();
+            match f.kind {
+                MessageKind::ImageData => sink.write(&ImageData::decode(&f.payload).unwrap()).unwrap(),
+                MessageKind::ImagesDone => {
+                    sink.verify(&f.json().unwrap()).unwrap();
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for (name, data) in files {
+            assert!(std::fs::read(round.join(name)).unwrap() == *data, "{name} differs");
+        }
+        (inode, sink.take_reserve())
+    }
+
+    #[test]
+    fn a_large_page_image_takes_over_the_reserve() {
+        use std::os::unix::fs::MetadataExt;
+        let images = tempfile::tempdir().unwrap();
+        let small: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let large: Vec<u8> = (0..(ADOPT_RESERVE_AT as u32 + 3 * CHUNK as u32 + 5)).map(|i| (i % 253) as u8).collect();
+        let files = [("inventory.img", b"inv".to_vec()), ("pages-1.img", small), ("pages-2.img", large)];
+        let (inode, left) = receive_with_reserve(images.path(), &files, 16 << 20);
+        // The large image is the reserve's file, cut to the image's size.
+        assert_eq!(std::fs::metadata(images.path().join("round/pages-2.img")).unwrap().ino(), inode);
+        assert_ne!(std::fs::metadata(images.path().join("round/pages-1.img")).unwrap().ino(), inode);
+        assert!(left.is_none(), "an adopted reserve is not handed back");
+        assert!(!images.path().join("reserve").exists());
+    }
+
+    #[test]
+    fn small_page_images_leave_the_reserve_to_the_next_round() {
+        let images = tempfile::tempdir().unwrap();
+        let files = [("pages-1.img", vec![3u8; 2 * CHUNK])];
+        let (_, left) = receive_with_reserve(images.path(), &files, 16 << 20);
+        let left = left.expect("the reserve comes back");
+        // Given back as the chunks came.
+        assert_eq!(left.held(), (16 << 20) - 2 * CHUNK as u64);
+        assert!(images.path().join("reserve").exists());
     }
 
     #[test]

@@ -267,7 +267,7 @@ impl<'a> Session<'a> {
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
             staging.reserve = Some(
-                crate::scratch::Reserve::create(&staging.images, manifest.memory_bytes)
+                crate::scratch::Reserve::create(&staging.images, crate::scratch::receiver_reserve_bytes(manifest.memory_bytes))
                     .map_err(|e| refused(e.to_string()))?,
             );
         }
@@ -467,7 +467,8 @@ impl<'a> Session<'a> {
                         std::os::unix::fs::symlink(parent, dir.join("parent"))
                             .map_err(MigrationError::io("linking the parent images"))?;
                     }
-                    let sink = ImageSink::new(&dir, self.opts.max_image_files, self.opts.max_image_file);
+                    let reserve = self.staging.as_mut().and_then(|st| st.reserve.take());
+                    let sink = ImageSink::new(&dir, self.opts.max_image_files, self.opts.max_image_file).with_reserve(reserve);
                     round = Some((begin, sink));
                 }
                 MessageKind::ImageData => {
@@ -475,9 +476,6 @@ impl<'a> Session<'a> {
                         return Err(MigrationError::Other("image data outside a round".into()));
                     };
                     let chunk = ImageData::decode(&frame.payload)?;
-                    if let Some(reserve) = self.staging.as_mut().and_then(|st| st.reserve.as_mut()) {
-                        reserve.release(chunk.data.len() as u64);
-                    }
                     sink.write(&chunk)?;
                     self.sink_bytes += chunk.data.len() as u64;
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
@@ -491,6 +489,9 @@ impl<'a> Session<'a> {
                     };
                     let done: ImagesDone = frame.json()?;
                     sink.verify(&done)?;
+                    if let Some(st) = self.staging.as_mut() {
+                        st.reserve = sink.take_reserve();
+                    }
                     last_round = begin.round;
                     if begin.kind == RoundKind::Final {
                         return Ok(done);

@@ -45,6 +45,19 @@ pub fn memory_stage_size(mode: StageMode, expected: u64) -> Option<u64> {
     }
 }
 
+/// CRIU's restorer reads page images in blocks of this size when it
+/// punches them as it goes (`--auto-dedup`, its AUTO_DEDUP_OVERHEAD_BYTES):
+/// the restore needs that much memory on top of the images at once.
+const RESTORE_READ_BLOCK: u64 = 128 << 20;
+
+/// What the receiver sets aside for a container of `memory` bytes: its
+/// images and, given back just before the restore, the restore's first
+/// read block, so that the restored memory starts in pages touched before
+/// the freeze.
+pub fn receiver_reserve_bytes(memory: u64) -> u64 {
+    memory + memory.min(RESTORE_READ_BLOCK)
+}
+
 /// Mounts a private tmpfs of at most `size` bytes on the (empty) `dir`.
 pub fn mount_tmpfs(dir: &Path, size: u64) -> Result<(), MigrationError> {
     mount_tmpfs_with(dir, &format!("size={size},mode=0700"), false, "the images")
@@ -85,7 +98,8 @@ pub(crate) fn free_range(file: &File, offset: u64, len: u64) {
 /// chunk is written into pages the reserve has just let go of.
 pub struct Reserve {
     file: File,
-    path: PathBuf,
+    /// None once adopted as an image file (then nothing is removed on drop).
+    path: Option<PathBuf>,
     /// Bytes still held, from the start of the file.
     held: u64,
 }
@@ -115,7 +129,7 @@ impl Reserve {
             .mode(0o600)
             .open(&path)
             .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-        let mut reserve = Reserve { file, path, held: 0 };
+        let mut reserve = Reserve { file, path: Some(path), held: 0 };
         // Written, not fallocated: tmpfs allocates on fallocate but
         // touches the memory only when it is written.
         let zeros = vec![0u8; STEP];
@@ -141,11 +155,38 @@ impl Reserve {
     pub fn held(&self) -> u64 {
         self.held
     }
+
+    /// Becomes the image file at `path`, of which `current` holds the
+    /// first `written` bytes (copied over first). The image's later chunks
+    /// then land in memory touched before the freeze, with nothing to
+    /// punch and no page to allocate for them. Returns the file, open for
+    /// reading and writing, still as long as the reserve was: the caller
+    /// truncates it to the image's size once that is known.
+    pub fn adopt_as(mut self, path: &Path, current: &File, written: u64) -> Result<File, MigrationError> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0;
+        while offset < written {
+            let want = buf.len().min((written - offset) as usize);
+            current
+                .read_exact_at(&mut buf[..want], offset)
+                .map_err(MigrationError::io(format!("reading back {}", path.display())))?;
+            self.file.write_all_at(&buf[..want], offset).map_err(MigrationError::io("writing into the staging reserve"))?;
+            offset += want as u64;
+        }
+        let from = self.path.take().expect("a reserve is adopted once");
+        if let Err(e) = std::fs::rename(&from, path) {
+            self.path = Some(from);
+            return Err(MigrationError::Io { context: format!("renaming the staging reserve to {}", path.display()), source: e });
+        }
+        self.file.try_clone().map_err(MigrationError::io("staging reserve"))
+    }
 }
 
 impl Drop for Reserve {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -181,6 +222,12 @@ fn is_mount_point(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_receiver_sets_aside_the_restores_first_read_block() {
+        assert_eq!(receiver_reserve_bytes(64 << 20), 128 << 20);
+        assert_eq!(receiver_reserve_bytes(1 << 30), (1 << 30) + RESTORE_READ_BLOCK);
+    }
 
     #[test]
     fn stage_choice() {

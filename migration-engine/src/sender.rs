@@ -760,15 +760,18 @@ impl<'a> Migration<'a> {
         if let (Some(g), Some(pid)) = (self.guard.as_mut(), session.pid()) {
             g.watch_criu(pid);
         }
-        let worker = std::thread::spawn(move || -> Result<(), criu_bindings::CriuError> {
+        // CRIU's own time is taken in its thread: this one may be busy
+        // sending a backlog when CRIU returns.
+        let worker = std::thread::spawn(move || -> Result<u64, criu_bindings::CriuError> {
             session.dump(&dump, &mut |_| NotifyAction::Continue)?;
             if dump.pre_dump {
-                session.finish_after_pre_dump()
+                session.finish_after_pre_dump()?;
             } else {
-                session.finish()
+                session.finish()?;
             }
+            Ok(started.elapsed().as_millis() as u64)
         });
-        let mut streamer = images::ImageStreamer::new(&images);
+        let mut streamer = images::ImageStreamer::new(&images, pre_dump);
         let mut streamed = 0u64;
         let transfer_start = Instant::now();
         let mut stream_error = None;
@@ -788,11 +791,13 @@ impl<'a> Migration<'a> {
             }
         }
         let dumped = worker.join().map_err(|_| MigrationError::Other("the CRIU thread panicked".into()))?;
-        let dump_ms = started.elapsed().as_millis() as u64;
-        if let Err(e) = dumped {
-            let detail = container_runtime::runc::criu_log_errors(&log).map(|d| format!(": {d}")).unwrap_or_default();
-            return Err(MigrationError::Other(format!("CRIU {what} failed ({e}){detail}")));
-        }
+        let dump_ms = match dumped {
+            Ok(ms) => ms,
+            Err(e) => {
+                let detail = container_runtime::runc::criu_log_errors(&log).map(|d| format!(": {d}")).unwrap_or_default();
+                return Err(MigrationError::Other(format!("CRIU {what} failed ({e}){detail}")));
+            }
+        };
         if let Some(e) = stream_error {
             return Err(e);
         }
