@@ -557,6 +557,8 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
     let dst = dst.to_path_buf();
     let receiving = std::thread::spawn(move || {
         let (sock, _) = listener.accept().unwrap();
+        // As the receiver and sender set their sockets.
+        sock.set_nodelay(true).unwrap();
         let conn = match server_cfg {
             Some(cfg) => Conn::server(sock, cfg).unwrap(),
             None => Conn::plain(sock).unwrap(),
@@ -571,7 +573,7 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
             match f.kind {
                 MessageKind::ImageData => {
                     let chunk = ImageData::decode(&f.payload).unwrap();
-                    sink.write(&chunk).unwrap();
+                    sink.write(&chunk, f.payload_crc.map(|c| chunk.data_crc(&f.payload, c))).unwrap();
                 }
                 MessageKind::ImagesDone => {
                     sink.verify(&f.json::<ImagesDone>().unwrap()).unwrap();
@@ -582,6 +584,7 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
         }
     });
     let sock = TcpStream::connect(addr).unwrap();
+    sock.set_nodelay(true).unwrap();
     let conn = match tls_dir {
         Some(d) => Conn::client(sock, migration_engine::tls::client_config(d).unwrap(), "127.0.0.1").unwrap(),
         None => Conn::plain(sock).unwrap(),
@@ -590,7 +593,7 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
     let mut comp = Compressor::new(CompressionMode::Auto);
     let cpu = thread_cpu_ms();
     let started = Instant::now();
-    let mut streamer = ImageStreamer::new(src, false);
+    let mut streamer = ImageStreamer::new(src);
     streamer.finish(&mut writer, &mut comp, 0).unwrap();
     writer.flush().unwrap();
     let sender_cpu = thread_cpu_ms() - cpu;

@@ -59,23 +59,15 @@ struct Sent {
 /// Sender side: follows the images directory and sends what is new.
 pub struct ImageStreamer {
     dir: PathBuf,
-    /// Punch sent pages out of the sender's files (see [`ImageStreamer::new`]).
-    release_sent: bool,
     sent: BTreeMap<String, Sent>,
     frame: Vec<u8>,
     corrupt_next: bool,
 }
 
 impl ImageStreamer {
-    /// Follows `dir`. With `release_sent`, page data is punched out of the
-    /// files once sent, so that a pre-dump round of a running container
-    /// does not hold its memory twice; the final dump keeps it (the staging
-    /// reserve set that much aside already) because punching competes with
-    /// CRIU for the file's lock and costs CPU in the frozen window.
-    pub fn new(dir: &Path, release_sent: bool) -> Self {
+    pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            release_sent,
             sent: BTreeMap::new(),
             frame: vec![0u8; FRAME_ROOM + CHUNK],
             corrupt_next: failpoints::should_corrupt("sender-corrupt-image"),
@@ -144,7 +136,7 @@ impl ImageStreamer {
     ) -> Result<u64, MigrationError> {
         let path = self.dir.join(name);
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(MigrationError::io(format!("opening {}", path.display())))?;
-        let release = self.release_sent && is_append_only(name);
+        let release = is_append_only(name);
         let state = self.sent.entry(name.to_string()).or_default();
         let mut total = 0;
         // Punching takes the file's lock, which CRIU holds while it
@@ -171,7 +163,9 @@ impl ImageStreamer {
                 break;
             }
             let frame = &mut self.frame[start..FRAME_ROOM + n];
-            state.crc = crc32c::crc32c_append(state.crc, &frame[prefix_len..]);
+            // One pass over the data serves the image's CRC and the frame's.
+            let data_crc = crc32c::crc32c(&frame[prefix_len..]);
+            state.crc = migration_protocol::crc::combine(state.crc, data_crc, n);
             if std::mem::take(&mut self.corrupt_next) {
                 // Fault injection: the frame's checksum is for the intact
                 // bytes, then one byte flips, as a bad link would do.
@@ -182,7 +176,8 @@ impl ImageStreamer {
                 out.get_mut().write_all(frame).map_err(MigrationError::io("sending images"))?;
                 frame[last] ^= 0xff;
             } else {
-                comp.write(out, MessageKind::ImageData, frame)?;
+                let payload_crc = migration_protocol::crc::combine(crc32c::crc32c(&frame[..prefix_len]), data_crc, n);
+                comp.write_with_crc(out, MessageKind::ImageData, frame, payload_crc)?;
             }
             state.offset += n as u64;
             total += n as u64;
@@ -190,6 +185,8 @@ impl ImageStreamer {
                 // Sent pages are not needed here again: free their memory
                 // now, so CRIU's next writes reuse warm memory and a
                 // migration does not hold the container's memory twice.
+                // (Measured: a final dump that kept them, CRIU writing into
+                // other free memory, was slower and far less steady.)
                 crate::scratch::free_range(&f, unpunched, state.offset - unpunched);
                 unpunched = state.offset;
             }
@@ -248,7 +245,9 @@ impl ImageSink {
         self.reserve.take()
     }
 
-    pub fn write(&mut self, chunk: &ImageData<'_>) -> Result<(), MigrationError> {
+    /// Writes one chunk; `data_crc` is the CRC-32C of its data when the
+    /// caller has it (from the frame check), else it is computed here.
+    pub fn write(&mut self, chunk: &ImageData<'_>, data_crc: Option<u32>) -> Result<(), MigrationError> {
         if !valid_image_name(chunk.name) {
             return Err(MigrationError::Other(format!("refusing image file name {:?}", chunk.name)));
         }
@@ -284,7 +283,10 @@ impl ImageSink {
             .write_all_at(chunk.data, chunk.offset)
             .map_err(MigrationError::io(format!("writing image {}", chunk.name)))?;
         r.crc = match r.crc {
-            Some(c) if chunk.offset == r.size => Some(crc32c::crc32c_append(c, chunk.data)),
+            Some(c) if chunk.offset == r.size => Some(match data_crc {
+                Some(d) => migration_protocol::crc::combine(c, d, chunk.data.len()),
+                None => crc32c::crc32c_append(c, chunk.data),
+            }),
             _ => None,
         };
         r.size = r.size.max(end);
@@ -379,7 +381,7 @@ mod tests {
         std::fs::write(src.path().join("pages-1.img"), vec![1u8; 3 * CHUNK / 2]).unwrap();
         let mut w = FrameWriter::new(Vec::new());
         let mut c = Compressor::new(CompressionMode::Auto);
-        let mut s = ImageStreamer::new(src.path(), true);
+        let mut s = ImageStreamer::new(src.path());
         s.pump(&mut w, &mut c).unwrap();
         // CRIU appends more pages and writes its metadata.
         let mut f = OpenOptions::new().append(true).open(src.path().join("pages-1.img")).unwrap();
@@ -395,7 +397,10 @@ mod tests {
         loop {
             let f = r.read_frame().unwrap();
             match f.kind {
-                MessageKind::ImageData => sink.write(&ImageData::decode(&f.payload).unwrap()).unwrap(),
+                MessageKind::ImageData => {
+                    let chunk = ImageData::decode(&f.payload).unwrap();
+                    sink.write(&chunk, f.payload_crc.map(|c| chunk.data_crc(&f.payload, c))).unwrap()
+                }
                 MessageKind::ImagesDone => {
                     let done: ImagesDone = f.json().unwrap();
                     sink.verify(&done).unwrap();
@@ -419,16 +424,6 @@ mod tests {
         assert!(dst.path().join("empty.img").exists());
     }
 
-    #[test]
-    fn the_final_round_keeps_what_it_sent() {
-        let src = tempfile::tempdir().unwrap();
-        std::fs::write(src.path().join("pages-1.img"), vec![7u8; 3 * CHUNK]).unwrap();
-        let mut w = FrameWriter::new(Vec::new());
-        let mut s = ImageStreamer::new(src.path(), false);
-        s.finish(&mut w, &mut Compressor::new(CompressionMode::Never), 0).unwrap();
-        assert!(std::fs::read(src.path().join("pages-1.img")).unwrap().iter().all(|b| *b == 7), "pages were punched");
-    }
-
     /// Sends `files` (name, bytes) through a sink in `images/round`, with a
     /// reserve of `reserve` bytes in `images`; returns the reserve's inode
     /// and what the sink handed back.
@@ -444,14 +439,17 @@ mod tests {
         let res = Reserve::create(images, reserve).unwrap();
         let inode = std::fs::metadata(images.join("reserve")).unwrap().ino();
         let mut w = FrameWriter::new(Vec::new());
-        ImageStreamer::new(&src, false).finish(&mut w, &mut Compressor::new(CompressionMode::Never), 0).unwrap();
+        ImageStreamer::new(&src).finish(&mut w, &mut Compressor::new(CompressionMode::Never), 0).unwrap();
         let bytes = w.get_ref().clone();
         let mut r = FrameReader::new(&bytes[..]);
         let mut sink = ImageSink::new(&round, 100, 1 << 30).with_reserve(Some(res));
         loop {
             let f = r.read_frame().unwrap();
             match f.kind {
-                MessageKind::ImageData => sink.write(&ImageData::decode(&f.payload).unwrap()).unwrap(),
+                MessageKind::ImageData => {
+                    let chunk = ImageData::decode(&f.payload).unwrap();
+                    sink.write(&chunk, f.payload_crc.map(|c| chunk.data_crc(&f.payload, c))).unwrap()
+                }
                 MessageKind::ImagesDone => {
                     sink.verify(&f.json().unwrap()).unwrap();
                     break;
@@ -496,12 +494,12 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         let mut sink = ImageSink::new(dst.path(), 2, 1000);
         for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
-            assert!(sink.write(&ImageData { name, offset: 0, data: b"x" }).is_err(), "{name:?}");
+            assert!(sink.write(&ImageData { name, offset: 0, data: b"x" }, None).is_err(), "{name:?}");
         }
-        assert!(sink.write(&ImageData { name: "big.img", offset: 999, data: b"xy" }).is_err());
-        assert!(sink.write(&ImageData { name: "wrap.img", offset: u64::MAX, data: b"xy" }).is_err());
-        sink.write(&ImageData { name: "a.img", offset: 0, data: b"x" }).unwrap();
-        sink.write(&ImageData { name: "b.img", offset: 0, data: b"x" }).unwrap();
-        assert!(sink.write(&ImageData { name: "c.img", offset: 0, data: b"x" }).is_err(), "file count limit");
+        assert!(sink.write(&ImageData { name: "big.img", offset: 999, data: b"xy" }, None).is_err());
+        assert!(sink.write(&ImageData { name: "wrap.img", offset: u64::MAX, data: b"xy" }, None).is_err());
+        sink.write(&ImageData { name: "a.img", offset: 0, data: b"x" }, None).unwrap();
+        sink.write(&ImageData { name: "b.img", offset: 0, data: b"x" }, None).unwrap();
+        assert!(sink.write(&ImageData { name: "c.img", offset: 0, data: b"x" }, None).is_err(), "file count limit");
     }
 }

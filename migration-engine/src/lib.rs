@@ -15,6 +15,7 @@ pub mod images;
 pub mod interrupt;
 pub mod precopy;
 pub mod receiver;
+pub mod record;
 pub mod rootfs;
 pub mod scratch;
 pub mod sender;

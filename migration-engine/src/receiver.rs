@@ -476,7 +476,7 @@ impl<'a> Session<'a> {
                         return Err(MigrationError::Other("image data outside a round".into()));
                     };
                     let chunk = ImageData::decode(&frame.payload)?;
-                    sink.write(&chunk)?;
+                    sink.write(&chunk, frame.payload_crc.map(|c| chunk.data_crc(&frame.payload, c)))?;
                     self.sink_bytes += chunk.data.len() as u64;
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
                     if std::mem::take(&mut first_image) {

@@ -771,7 +771,7 @@ impl<'a> Migration<'a> {
             }
             Ok(started.elapsed().as_millis() as u64)
         });
-        let mut streamer = images::ImageStreamer::new(&images, pre_dump);
+        let mut streamer = images::ImageStreamer::new(&images);
         let mut streamed = 0u64;
         let transfer_start = Instant::now();
         let mut stream_error = None;

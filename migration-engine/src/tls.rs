@@ -23,6 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::record::{RecordReader, RecordWriter};
 use crate::MigrationError;
 
 pub const CA_FILE: &str = "ca.pem";
@@ -72,12 +73,16 @@ fn roots(dir: &Path) -> Result<RootCertStore, MigrationError> {
 
 /// The sender's side.
 pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, MigrationError> {
-    let cfg = ClientConfig::builder_with_provider(provider())
+    let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_err(dir, e))?
         .with_root_certificates(roots(dir)?)
         .with_client_auth_cert(read_certs(dir, CERT_FILE)?, read_key(dir)?)
         .map_err(|e| tls_err(dir, e))?;
+    // The records after the handshake are crate::record's; nothing may
+    // follow the handshake on rustls's side (no tickets, no resumption).
+    cfg.enable_secret_extraction = true;
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 
@@ -86,12 +91,14 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, MigrationError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(dir)?), provider())
         .build()
         .map_err(|e| tls_err(dir, e))?;
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_err(dir, e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(read_certs(dir, CERT_FILE)?, read_key(dir)?)
         .map_err(|e| tls_err(dir, e))?;
+    cfg.enable_secret_extraction = true;
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -105,9 +112,9 @@ pub enum Security {
 
 enum Inner {
     Plain(TcpStream),
-    /// `incoming` reads the same socket through a buffer: rustls asks for
-    /// 4 KiB at a time, which would be a system call per 4 KiB.
-    Tls { conn: rustls::Connection, sock: TcpStream, incoming: std::io::BufReader<TcpStream> },
+    /// After rustls's handshake: records sealed and opened by crate::record
+    /// with the keys it agreed.
+    Tls { sock: TcpStream, reader: RecordReader<TcpStream>, writer: RecordWriter, suite: Option<rustls::CipherSuite>, peer_name: Option<String> },
     /// A pipe pair: an `ssh` child's stdio, or our own with `--stdio`.
     Pipes { read: std::fs::File, write: Option<std::fs::File>, read_timeout: Option<std::time::Duration> },
 }
@@ -156,7 +163,10 @@ impl Conn {
     /// Tells the peer we send nothing more (it reads end of stream).
     pub fn shutdown_write(&self) {
         match (&self.socket, &mut *self.inner.borrow_mut()) {
-            (Some(s), _) => {
+            (Some(s), inner) => {
+                if let Inner::Tls { sock, writer, .. } = inner {
+                    let _ = writer.close_notify(sock);
+                }
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
             (None, Inner::Pipes { write, .. }) => drop(write.take()),
@@ -193,11 +203,36 @@ impl Conn {
 
     fn tls(mut sock: TcpStream, mut conn: rustls::Connection) -> Result<Self, MigrationError> {
         let clone = sock.try_clone().map_err(MigrationError::io("socket"))?;
+        let failed = |e: std::io::Error| MigrationError::Refused(format!("TLS handshake failed: {e}"));
+        // rustls gets the peer's records one at a time, so that it reads
+        // nothing past the handshake's last: what follows is ours.
+        let mut records = OneRecordAtATime { sock: sock.try_clone().map_err(MigrationError::io("socket"))?, left: 0 };
         while conn.is_handshaking() {
-            conn.complete_io(&mut sock).map_err(|e| MigrationError::Refused(format!("TLS handshake failed: {e}")))?;
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).map_err(failed)?;
+            }
+            if conn.read_tls(&mut records).map_err(failed)? == 0 {
+                return Err(failed(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection")));
+            }
+            if let Err(e) = conn.process_new_packets() {
+                // Tell the peer why (the alert rustls queued), then fail.
+                let _ = conn.write_tls(&mut sock);
+                return Err(failed(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+            }
         }
-        let incoming = std::io::BufReader::with_capacity(256 * 1024, sock.try_clone().map_err(MigrationError::io("socket"))?);
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls { conn, sock, incoming })), socket: Some(clone) })
+        while conn.wants_write() {
+            conn.write_tls(&mut sock).map_err(failed)?;
+        }
+        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
+        let peer_name = conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(|e| MigrationError::Other(format!("taking over the TLS session's keys: {e}")))?;
+        let reader = RecordReader::new(sock.try_clone().map_err(MigrationError::io("socket"))?, secrets.rx.0, secrets.rx.1)
+            .map_err(MigrationError::io("TLS session"))?;
+        let writer = RecordWriter::new(secrets.tx.0, secrets.tx.1).map_err(MigrationError::io("TLS session"))?;
+        let inner = Inner::Tls { sock, reader, writer, suite, peer_name };
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(inner)), socket: Some(clone) })
     }
 
     /// Another handle on the same connection.
@@ -212,7 +247,7 @@ impl Conn {
     /// The TLS cipher suite in use (None without TLS).
     pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
         match &*self.inner.borrow() {
-            Inner::Tls { conn, .. } => conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Inner::Tls { suite, .. } => *suite,
             _ => None,
         }
     }
@@ -223,10 +258,7 @@ impl Conn {
         match &*self.inner.borrow() {
             Inner::Pipes { .. } => "pipe".into(),
             Inner::Plain(_) => format!("insecure:{addr}"),
-            Inner::Tls { conn, .. } => {
-                let name = conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
-                format!("tls:{}@{addr}", name.unwrap_or_else(|| "?".into()))
-            }
+            Inner::Tls { peer_name, .. } => format!("tls:{}@{addr}", peer_name.as_deref().unwrap_or("?")),
         }
     }
 }
@@ -247,25 +279,7 @@ impl Read for Conn {
                 }
                 read.read(buf)
             }
-            Inner::Tls { conn, sock, incoming } => loop {
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                // Pending writes go first if they can, but a failed write
-                // must not stop us reading what the peer said before it
-                // hung up (its error report).
-                while conn.wants_write() {
-                    if conn.write_tls(sock).is_err() {
-                        break;
-                    }
-                }
-                if conn.read_tls(incoming)? == 0 {
-                    return Ok(0);
-                }
-                conn.process_new_packets().map_err(std::io::Error::other)?;
-            },
+            Inner::Tls { reader, .. } => reader.read(buf),
         }
     }
 }
@@ -278,12 +292,9 @@ impl Write for Conn {
                 Some(w) => w.write(buf),
                 None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed")),
             },
-            Inner::Tls { conn, sock, .. } => {
-                let n = conn.writer().write(buf)?;
-                while conn.wants_write() {
-                    conn.write_tls(sock)?;
-                }
-                Ok(n)
+            Inner::Tls { sock, writer, .. } => {
+                writer.write_all_to(sock, buf)?;
+                Ok(buf.len())
             }
         }
     }
@@ -292,13 +303,44 @@ impl Write for Conn {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
             Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),
-            Inner::Tls { conn, sock, .. } => {
-                while conn.wants_write() {
-                    conn.write_tls(sock)?;
-                }
-                sock.flush()
-            }
+            Inner::Tls { sock, .. } => sock.flush(),
         }
+    }
+}
+
+/// Hands rustls the socket's bytes one TLS record at a time (a header,
+/// then at most that record's body), so that a read during the handshake
+/// never takes in the first record after it.
+struct OneRecordAtATime {
+    sock: TcpStream,
+    /// Bytes of the current record's body not yet handed over.
+    left: usize,
+}
+
+impl Read for OneRecordAtATime {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        const HEADER: usize = 5;
+        if self.left == 0 {
+            let mut header = [0u8; HEADER];
+            let mut got = 0;
+            while got < HEADER {
+                match self.sock.read(&mut header[got..])? {
+                    0 if got == 0 => return Ok(0),
+                    0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection ended inside a TLS record header")),
+                    n => got += n,
+                }
+            }
+            if buf.len() < HEADER {
+                return Err(std::io::Error::other("TLS read buffer smaller than a record header"));
+            }
+            buf[..HEADER].copy_from_slice(&header);
+            self.left = u16::from_be_bytes([header[3], header[4]]) as usize;
+            return Ok(HEADER);
+        }
+        let want = buf.len().min(self.left);
+        let n = self.sock.read(&mut buf[..want])?;
+        self.left -= n;
+        Ok(n)
     }
 }
 
@@ -405,5 +447,64 @@ mod tests {
         assert!(client.cipher_suite().is_some_and(|s| format!("{s:?}").starts_with("TLS13_")), "{:?}", client.cipher_suite());
         assert_eq!(suite, client.cipher_suite());
         assert!(got == sent, "the bytes arrive intact");
+    }
+
+    /// Both ends: what one writes right after the handshake (before the
+    /// other has read anything) arrives, in both directions.
+    fn exchange(client: impl FnOnce(TcpStream) -> Box<dyn ReadWrite>, server: impl FnOnce(TcpStream) -> Box<dyn ReadWrite> + Send + 'static) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let to_server: Vec<u8> = (0..(1u32 << 20) + 7).map(|i| (i % 241) as u8).collect();
+        let to_client: Vec<u8> = (0..(1u32 << 20) + 3).map(|i| (i % 239) as u8).collect();
+        let (expect, reply) = (to_server.clone(), to_client.clone());
+        let serving = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let mut conn = server(sock);
+            let mut got = vec![0u8; expect.len()];
+            conn.read_exact(&mut got).unwrap();
+            assert!(got == expect, "client to server");
+            conn.write_all(&reply).unwrap();
+            conn.flush().unwrap();
+            // Held open until the client has read the reply.
+            let _ = conn.read(&mut [0u8; 1]);
+        });
+        let mut conn = client(TcpStream::connect(addr).unwrap());
+        conn.write_all(&to_server).unwrap();
+        conn.flush().unwrap();
+        let mut got = vec![0u8; to_client.len()];
+        conn.read_exact(&mut got).unwrap();
+        assert!(got == to_client, "server to client");
+        drop(conn);
+        serving.join().unwrap();
+    }
+
+    trait ReadWrite: Read + Write {}
+    impl<T: Read + Write> ReadWrite for T {}
+
+    #[test]
+    fn our_records_and_rustls_records_interoperate() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = init_certs(dir.path(), &["127.0.0.1".to_string()]).unwrap().remove(0);
+        let (c, s) = (client_config(&host).unwrap(), server_config(&host).unwrap());
+        // Ours against ours.
+        let (c1, s1) = (c.clone(), s.clone());
+        exchange(
+            move |sock| Box::new(Conn::client(sock, c1, "127.0.0.1").unwrap()),
+            move |sock| Box::new(Conn::server(sock, s1).unwrap()),
+        );
+        // Ours as the client, rustls's own record layer as the server.
+        let (c2, s2) = (c.clone(), s.clone());
+        exchange(
+            move |sock| Box::new(Conn::client(sock, c2, "127.0.0.1").unwrap()),
+            move |sock| Box::new(rustls::StreamOwned::new(rustls::ServerConnection::new(s2).unwrap(), sock)),
+        );
+        // rustls as the client, ours as the server.
+        exchange(
+            move |sock| {
+                let name = ServerName::try_from("127.0.0.1").unwrap();
+                Box::new(rustls::StreamOwned::new(rustls::ClientConnection::new(c, name).unwrap(), sock))
+            },
+            move |sock| Box::new(Conn::server(sock, s).unwrap()),
+        );
     }
 }

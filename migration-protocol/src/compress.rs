@@ -61,12 +61,38 @@ impl Compressor {
         kind: MessageKind,
         data: &[u8],
     ) -> Result<(), ProtocolError> {
+        self.write_inner(out, kind, data, None)
+    }
+
+    /// Like [`write`](Self::write), given `data_crc`, the CRC-32C of `data`,
+    /// used for the frame's checksum if `data` goes out raw.
+    pub fn write_with_crc<W: std::io::Write>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        kind: MessageKind,
+        data: &[u8],
+        data_crc: u32,
+    ) -> Result<(), ProtocolError> {
+        self.write_inner(out, kind, data, Some(data_crc))
+    }
+
+    fn write_inner<W: std::io::Write>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        kind: MessageKind,
+        data: &[u8],
+        data_crc: Option<u32>,
+    ) -> Result<(), ProtocolError> {
+        let raw = |out: &mut FrameWriter<W>| match data_crc {
+            Some(crc) => out.write_encoded_with_crc(kind, data, data.len(), false, crc),
+            None => out.write_encoded(kind, data, data.len(), false),
+        };
         if self.mode == CompressionMode::Never || data.len() < 512 {
-            return out.write_encoded(kind, data, data.len(), false);
+            return raw(out);
         }
         if self.mode == CompressionMode::Auto && self.skip > 0 {
             self.skip -= 1;
-            return out.write_encoded(kind, data, data.len(), false);
+            return raw(out);
         }
         let c = self.compressor.get_or_insert_with(|| {
             zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd compressor at level 1")
@@ -88,7 +114,7 @@ impl Compressor {
                 self.backoff = BACKOFF_CHUNKS;
                 self.skip = self.backoff;
             }
-            out.write_encoded(kind, data, data.len(), false)
+            raw(out)
         }
     }
 }

@@ -78,6 +78,9 @@ impl MessageKind {
 pub struct Frame {
     pub kind: MessageKind,
     pub payload: Vec<u8>,
+    /// CRC-32C of `payload` when it travelled uncompressed: a by-product of
+    /// the frame check that spares the image sink a second pass.
+    pub payload_crc: Option<u32>,
 }
 
 /// Writes frames, compressing payloads when told to.
@@ -115,13 +118,26 @@ impl<W: Write> FrameWriter<W> {
         raw_len: usize,
         compressed: bool,
     ) -> Result<(), ProtocolError> {
+        self.write_encoded_with_crc(kind, wire, raw_len, compressed, crc32c::crc32c(wire))
+    }
+
+    /// Like [`write_encoded`](Self::write_encoded), given `wire_crc`, the
+    /// CRC-32C of `wire` (computed by a caller that had it anyway).
+    pub fn write_encoded_with_crc(
+        &mut self,
+        kind: MessageKind,
+        wire: &[u8],
+        raw_len: usize,
+        compressed: bool,
+        wire_crc: u32,
+    ) -> Result<(), ProtocolError> {
         if wire.len() > MAX_PAYLOAD as usize || raw_len > MAX_PAYLOAD as usize {
             return Err(ProtocolError::FrameTooLarge {
                 len: wire.len().max(raw_len) as u64,
                 max: MAX_PAYLOAD as u64,
             });
         }
-        let header = encode_header(kind, wire, raw_len as u32, compressed);
+        let header = encode_header_with_crc(kind, wire.len() as u32, raw_len as u32, compressed, wire_crc);
         self.inner.write_all(&header)?;
         self.inner.write_all(wire)?;
         self.raw_bytes += raw_len as u64;
@@ -161,21 +177,34 @@ pub fn encode_header(
     raw_len: u32,
     compressed: bool,
 ) -> [u8; FRAME_HEADER_LEN] {
+    encode_header_with_crc(kind, wire.len() as u32, raw_len, compressed, crc32c::crc32c(wire))
+}
+
+/// The header for a payload of `wire_len` bytes whose CRC-32C is `wire_crc`.
+fn encode_header_with_crc(
+    kind: MessageKind,
+    wire_len: u32,
+    raw_len: u32,
+    compressed: bool,
+    wire_crc: u32,
+) -> [u8; FRAME_HEADER_LEN] {
     let mut h = [0u8; FRAME_HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
     h[4..6].copy_from_slice(&FRAME_FORMAT_VERSION.to_le_bytes());
     h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     let flags = if compressed { FLAG_COMPRESSED } else { 0 };
     h[8..12].copy_from_slice(&flags.to_le_bytes());
-    h[12..16].copy_from_slice(&(wire.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&wire_len.to_le_bytes());
     h[16..20].copy_from_slice(&raw_len.to_le_bytes());
-    let crc = frame_crc(&h[0..20], wire);
+    let crc = frame_crc(&h[0..20], wire_crc, wire_len as usize);
     h[20..24].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-fn frame_crc(header: &[u8], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(header), payload)
+/// The frame's CRC-32C (header bytes 0..20, then the payload), from the
+/// payload's own CRC: one pass over the payload serves both.
+fn frame_crc(header: &[u8], payload_crc: u32, payload_len: usize) -> u32 {
+    crate::crc::combine(crc32c::crc32c(header), payload_crc, payload_len)
 }
 
 /// Reads and verifies frames.
@@ -255,7 +284,8 @@ impl<R: Read> FrameReader<R> {
             return Err(ProtocolError::Truncated("inside a frame payload"));
         }
         self.wire_bytes += (FRAME_HEADER_LEN + wire.len()) as u64;
-        let actual_crc = frame_crc(&h[0..20], &wire);
+        let wire_crc = crc32c::crc32c(&wire);
+        let actual_crc = frame_crc(&h[0..20], wire_crc, wire.len());
         if actual_crc != expected_crc {
             return Err(ProtocolError::ChecksumMismatch {
                 kind,
@@ -263,7 +293,8 @@ impl<R: Read> FrameReader<R> {
                 actual: actual_crc,
             });
         }
-        let payload = if flags & FLAG_COMPRESSED != 0 {
+        let compressed = flags & FLAG_COMPRESSED != 0;
+        let payload = if compressed {
             crate::compress::decompress(kind, &wire, raw_len)?
         } else {
             if raw_len != wire_len {
@@ -276,7 +307,7 @@ impl<R: Read> FrameReader<R> {
             wire
         };
         self.raw_bytes += payload.len() as u64;
-        Ok(Frame { kind, payload })
+        Ok(Frame { kind, payload, payload_crc: (!compressed).then_some(wire_crc) })
     }
 }
 

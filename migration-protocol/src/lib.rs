@@ -7,6 +7,7 @@
 //! binary. docs/protocol.md describes the format and the message sequence.
 
 pub mod compress;
+pub mod crc;
 pub mod frame;
 pub mod messages;
 

@@ -142,6 +142,14 @@ impl<'a> ImageData<'a> {
         out.extend_from_slice(&offset.to_le_bytes());
     }
 
+    /// The CRC-32C of `data`, given the CRC-32C of the whole `payload` it
+    /// was decoded from: CRC-32C is linear, so the prefix's share comes
+    /// out without reading the data again.
+    pub fn data_crc(&self, payload: &[u8], payload_crc: u32) -> u32 {
+        let prefix = &payload[..payload.len() - self.data.len()];
+        crate::crc::strip_prefix(payload_crc, crc32c::crc32c(prefix), self.data.len())
+    }
+
     pub fn decode(payload: &'a [u8]) -> Result<Self, ProtocolError> {
         let bad = |reason: &str| ProtocolError::Malformed {
             kind: MessageKind::ImageData,
@@ -215,4 +223,19 @@ pub enum ErrorCode {
 pub struct ErrorMessage {
     pub code: ErrorCode,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_data_crc_comes_from_the_payload_crc() {
+        let data: Vec<u8> = (0..100_003u32).map(|i| (i * 13 + 5) as u8).collect();
+        let mut payload = Vec::new();
+        ImageData { name: "pages-12.img", offset: 1 << 33, data: &data }.encode(&mut payload);
+        let chunk = ImageData::decode(&payload).unwrap();
+        assert_eq!(chunk.data_crc(&payload, crc32c::crc32c(&payload)), crc32c::crc32c(&data));
+        assert_ne!(chunk.data_crc(&payload, crc32c::crc32c(&payload) ^ 1), crc32c::crc32c(&data));
+    }
 }
