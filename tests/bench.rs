@@ -6,7 +6,8 @@
 //! Methods, each timed from the start of its freeze/dump to the end of its
 //! restore (its own clock), and by the fixture (the longest gap in a
 //! heartbeat it keeps every 2 ms):
-//! - `ctmigrate`: a stop-copy migration over TLS (`frozen_ms`);
+//! - `ctmigrate`: a stop-copy migration over TLS (`frozen_ms`); at the
+//!   variant size also with `--compress never` and with `--insecure`;
 //! - `by-hand`: `runc checkpoint` to a directory, `tar | zstd` over a TCP
 //!   connection between the hosts, unpack, `runc restore`;
 //! - `page-server`: `runc checkpoint --page-server` to `criu page-server`
@@ -15,6 +16,9 @@
 //!   host, no network.
 //!
 //! And the raw link: TCP throughput between the hosts.
+//!
+//! `bench_image_pipeline` measures the image pipeline alone (streamer,
+//! TLS or plain TCP, sink) against the raw link over loopback.
 
 mod common;
 
@@ -54,6 +58,9 @@ enum Method {
     Ctmigrate,
     /// ctmigrate with `--compress never`.
     CtmigrateNoCompression,
+    /// ctmigrate over plain TCP (`--insecure` on both sides): what TLS
+    /// costs in the frozen window. Run at the variant size only.
+    CtmigrateInsecure,
     ByHand,
     PageServer,
     Floor,
@@ -64,6 +71,7 @@ impl Method {
         match self {
             Method::Ctmigrate => "ctmigrate",
             Method::CtmigrateNoCompression => "ctmigrate-compress-never",
+            Method::CtmigrateInsecure => "ctmigrate-insecure",
             Method::ByHand => "by-hand",
             Method::PageServer => "page-server",
             Method::Floor => "floor",
@@ -238,19 +246,23 @@ fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
     // this VM fresh memory costs several times more than memory just freed
     // (see fresh_memory_ms_per_gib), so without this the floor would not be
     // a floor.
-    if !matches!(method, Method::Ctmigrate | Method::CtmigrateNoCompression) {
+    if !matches!(method, Method::Ctmigrate | Method::CtmigrateNoCompression | Method::CtmigrateInsecure) {
         // The same reserve ctmigrate uses, written and dropped at once.
         drop(migration_engine::scratch::Reserve::create(&scratch_dir(bed), fixture.mib << 20).unwrap());
     }
     let mut sample = Sample::default();
     let started = Instant::now();
     let restored_rootfs = match method {
-        Method::Ctmigrate | Method::CtmigrateNoCompression => {
+        Method::Ctmigrate | Method::CtmigrateNoCompression | Method::CtmigrateInsecure => {
             let port = port();
-            let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+            let insecure = method == Method::CtmigrateInsecure;
+            let mut receiver = bed.spawn_receiver(port, if insecure { &["--once", "--insecure"] } else { &["--once"] }, &[]).unwrap();
             let mut extra = vec!["--mode", "stop-copy", "--dest-id", &restored_id];
             if method == Method::CtmigrateNoCompression {
                 extra.extend(["--compress", "never"]);
+            }
+            if insecure {
+                extra.push("--insecure");
             }
             let sent = bed.run_sender(&p.id, port, &extra, &[]).unwrap();
             assert_eq!(sent.code, Some(0), "{}", sent.stderr);
@@ -443,7 +455,7 @@ fn bench_migration() {
         .map(|&mib| {
             let mut methods = all.to_vec();
             if mib == variant_mib {
-                methods.push(Method::CtmigrateNoCompression);
+                methods.extend([Method::CtmigrateNoCompression, Method::CtmigrateInsecure]);
             }
             (Fixture { mib, dirty_kib_per_s: 256, compressible: false }, methods)
         })
@@ -550,7 +562,7 @@ fn thread_cpu_ms() -> u64 {
 fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> (f64, u64, u64) {
     use migration_engine::images::{ImageSink, ImageStreamer};
     use migration_engine::tls::Conn;
-    use migration_protocol::{CompressionMode, Compressor, FrameReader, FrameWriter, ImageData, ImagesDone, MessageKind};
+    use migration_protocol::{CompressionMode, Compressor, FrameReader, FrameWriter, ImagesDone, MessageKind};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server_cfg = tls_dir.map(|d| migration_engine::tls::server_config(d).unwrap());
@@ -572,8 +584,7 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
             let f = reader.read_frame().unwrap();
             match f.kind {
                 MessageKind::ImageData => {
-                    let chunk = ImageData::decode(&f.payload).unwrap();
-                    sink.write(&chunk, f.payload_crc.map(|c| chunk.data_crc(&f.payload, c))).unwrap();
+                    sink.write_frame(&f).unwrap();
                 }
                 MessageKind::ImagesDone => {
                     sink.verify(&f.json::<ImagesDone>().unwrap()).unwrap();

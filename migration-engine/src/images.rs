@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use migration_protocol::frame::encode_header;
-use migration_protocol::{Compressor, FrameWriter, ImageData, ImageFileSummary, ImagesDone, MessageKind};
+use migration_protocol::{Compressor, Frame, FrameWriter, ImageData, ImageFileSummary, ImagesDone, MessageKind};
 
 use crate::scratch::Reserve;
 use crate::{failpoints, MigrationError};
@@ -300,6 +300,15 @@ impl ImageSink {
         Ok(())
     }
 
+    /// Decodes an ImageData frame and writes its chunk, with the chunk's
+    /// CRC taken from the frame check when the frame had one. Returns the
+    /// chunk's data length.
+    pub fn write_frame(&mut self, frame: &Frame) -> Result<usize, MigrationError> {
+        let chunk = ImageData::decode(&frame.payload)?;
+        self.write(&chunk, frame.payload_crc.map(|c| chunk.data_crc(&frame.payload, c)))?;
+        Ok(chunk.data.len())
+    }
+
     /// Checks every file against the sender's list: same set, sizes, CRCs.
     pub fn verify(&mut self, done: &ImagesDone) -> Result<(), MigrationError> {
         let listed: BTreeMap<&str, &ImageFileSummary> = done.files.iter().map(|f| (f.name.as_str(), f)).collect();
@@ -374,6 +383,21 @@ mod tests {
     use super::*;
     use migration_protocol::{CompressionMode, FrameReader};
 
+    /// Feeds a sender's stream to `sink`; returns its ImagesDone.
+    fn deliver(stream: &[u8], sink: &mut ImageSink) -> ImagesDone {
+        let mut r = FrameReader::new(stream);
+        loop {
+            let f = r.read_frame().unwrap();
+            match f.kind {
+                MessageKind::ImageData => {
+                    sink.write_frame(&f).unwrap();
+                }
+                MessageKind::ImagesDone => return f.json().unwrap(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn streamed_images_arrive_intact_and_are_verified() {
         let src = tempfile::tempdir().unwrap();
@@ -391,28 +415,13 @@ mod tests {
         let bytes = s.finish(&mut w, &mut c, 5).unwrap();
         assert_eq!(bytes, RoundBytes { images: (3 * CHUNK / 2 + 100 + 3) as u64, pages: (3 * CHUNK / 2 + 100) as u64, criu_ms: 5 });
 
-        let bytes = w.get_ref().clone();
-        let mut r = FrameReader::new(&bytes[..]);
         let mut sink = ImageSink::new(dst.path(), 100, 1 << 30);
-        loop {
-            let f = r.read_frame().unwrap();
-            match f.kind {
-                MessageKind::ImageData => {
-                    let chunk = ImageData::decode(&f.payload).unwrap();
-                    sink.write(&chunk, f.payload_crc.map(|c| chunk.data_crc(&f.payload, c))).unwrap()
-                }
-                MessageKind::ImagesDone => {
-                    let done: ImagesDone = f.json().unwrap();
-                    sink.verify(&done).unwrap();
-                    // A tampered list is caught.
-                    let mut bad = done.clone();
-                    bad.files[0].crc32c ^= 1;
-                    assert!(sink.verify(&bad).is_err());
-                    break;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let done = deliver(w.get_ref(), &mut sink);
+        sink.verify(&done).unwrap();
+        // A tampered list is caught.
+        let mut bad = done.clone();
+        bad.files[0].crc32c ^= 1;
+        assert!(sink.verify(&bad).is_err());
         let mut pages = vec![1u8; 3 * CHUNK / 2];
         pages.extend_from_slice(&[2u8; 100]);
         assert_eq!(std::fs::read(dst.path().join("pages-1.img")).unwrap(), pages);
@@ -440,23 +449,9 @@ mod tests {
         let inode = std::fs::metadata(images.join("reserve")).unwrap().ino();
         let mut w = FrameWriter::new(Vec::new());
         ImageStreamer::new(&src).finish(&mut w, &mut Compressor::new(CompressionMode::Never), 0).unwrap();
-        let bytes = w.get_ref().clone();
-        let mut r = FrameReader::new(&bytes[..]);
         let mut sink = ImageSink::new(&round, 100, 1 << 30).with_reserve(Some(res));
-        loop {
-            let f = r.read_frame().unwrap();
-            match f.kind {
-                MessageKind::ImageData => {
-                    let chunk = ImageData::decode(&f.payload).unwrap();
-                    sink.write(&chunk, f.payload_crc.map(|c| chunk.data_crc(&f.payload, c))).unwrap()
-                }
-                MessageKind::ImagesDone => {
-                    sink.verify(&f.json().unwrap()).unwrap();
-                    break;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let done = deliver(w.get_ref(), &mut sink);
+        sink.verify(&done).unwrap();
         for (name, data) in files {
             assert!(std::fs::read(round.join(name)).unwrap() == *data, "{name} differs");
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use container_runtime::{validate_container_id, BundlePolicy, EmptyTmpfs, Runc};
 use migration_protocol::{
-    negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImageData, ImagesDone,
+    negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImagesDone,
     Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored, RoundBegin, RoundDone, RoundKind,
 };
 
@@ -475,9 +475,7 @@ impl<'a> Session<'a> {
                     let Some((_, sink)) = round.as_mut() else {
                         return Err(MigrationError::Other("image data outside a round".into()));
                     };
-                    let chunk = ImageData::decode(&frame.payload)?;
-                    sink.write(&chunk, frame.payload_crc.map(|c| chunk.data_crc(&frame.payload, c)))?;
-                    self.sink_bytes += chunk.data.len() as u64;
+                    self.sink_bytes += sink.write_frame(&frame)? as u64;
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
                     if std::mem::take(&mut first_image) {
                         failpoints::hit("receiver-during-images")?;
