@@ -119,6 +119,27 @@ fn receiver_killed_mid_transfer_leaves_source_running_and_destination_clean() {
 }
 
 #[test]
+fn a_byte_flipped_on_the_wire_is_refused_and_source_resumes() {
+    let Some(bed) = testbed("wir") else { return };
+    let id = format!("wire-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
+    let (token, _) = counter_at_least(&src.rootfs(), 5);
+
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    let sent = bed.run_sender(&id, port, &[], &[("CTMIGRATE_FAILPOINTS", "sender-corrupt-wire=corrupt")]).unwrap();
+    assert_eq!(sent.code, Some(4), "expected rollback, got: {}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+    let rr = receiver.result().expect("receiver result");
+    assert!(rr["error"].as_str().unwrap().contains("failed authentication"), "{rr}");
+
+    assert_eq!(frozen_state(&bed, &id), "THAWED");
+    let (_, now) = read_counter(&src.rootfs()).unwrap();
+    assert_counting_on(&src.rootfs(), &token, now);
+    assert_clean(&bed, &id);
+}
+
+#[test]
 fn corrupted_chunk_is_refused_and_source_resumes() {
     let Some(bed) = testbed("cor") else { return };
     let id = format!("corrupt-{}", bed.tag);

@@ -10,6 +10,7 @@
 //! | `sender-after-freeze` | sender, right after the cgroup froze |
 //! | `sender-before-commit` | sender, after the destination restored, before Commit |
 //! | `sender-corrupt-image` | sender, one image chunk altered after its checksum |
+//! | `sender-corrupt-wire` | sender, one byte of the first TLS record sent after the freeze flipped |
 //! | `sender-after-dump` | sender, CRIU done, before the last images go out |
 //! | `receiver-after-manifest` | receiver, after accepting the manifest |
 //! | `receiver-during-images` | receiver, after the first image chunk |

@@ -76,12 +76,20 @@ pub struct RecordWriter {
     dir: Direction,
     /// Sealed records waiting to be written; reused.
     out: Vec<u8>,
+    /// Fault injection: damage the next record after sealing it.
+    corrupt_next: bool,
 }
 
 impl RecordWriter {
     /// `seq` and `secrets` are the transmit half of rustls's extracted secrets.
     pub fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> io::Result<Self> {
-        Ok(Self { dir: Direction::new(seq, secrets)?, out: Vec::new() })
+        Ok(Self { dir: Direction::new(seq, secrets)?, out: Vec::new(), corrupt_next: false })
+    }
+
+    /// Fault injection for tests: one byte of the next record sealed is
+    /// flipped on its way out, as a bad link would do.
+    pub fn corrupt_next_record(&mut self) {
+        self.corrupt_next = true;
     }
 
     /// Appends `data` to `out` as application data records.
@@ -103,6 +111,9 @@ impl RecordWriter {
                 .seal_in_place_separate_tag(nonce, Aad::from(head), &mut self.out[start + HEADER_LEN..])
                 .map_err(|_| io::Error::other("sealing a TLS record failed"))?;
             self.out.extend_from_slice(tag.as_ref());
+            if std::mem::take(&mut self.corrupt_next) {
+                self.out[start + HEADER_LEN] ^= 0x01;
+            }
         }
         Ok(())
     }
@@ -303,6 +314,19 @@ mod tests {
         let mut handshake = wire.clone();
         handshake[0] = HANDSHAKE;
         assert!(read_all(&handshake).is_err());
+    }
+
+    #[test]
+    fn injected_corruption_damages_one_record() {
+        let mut w = RecordWriter::new(7, secrets(1)).unwrap();
+        let mut wire = Vec::new();
+        w.write_all_to(&mut wire, b"intact").unwrap();
+        w.corrupt_next_record();
+        w.write_all_to(&mut wire, b"damaged").unwrap();
+        let mut r = RecordReader::new(&wire[..], 7, secrets(1)).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(r.read(&mut buf).unwrap(), 6);
+        assert!(r.read(&mut buf).unwrap_err().to_string().contains("failed authentication"));
     }
 
     #[test]

@@ -721,6 +721,9 @@ impl<'a> Migration<'a> {
     /// Rootfs delta, dump and transfer, restore on the destination.
     fn frozen_phase(&mut self, snapshot: &rootfs::Snapshot, result: &mut ResultEvent) -> Result<(), MigrationError> {
         failpoints::hit("sender-after-freeze")?;
+        if failpoints::should_corrupt("sender-corrupt-wire") {
+            self.p.peer.control.corrupt_next_record();
+        }
         let phase_started = Instant::now();
         self.rep.phase(Phase::RootfsDelta);
         rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(snapshot), &mut |_| {})

@@ -244,6 +244,14 @@ impl Conn {
         Ok(Conn { inner: self.inner.clone(), socket })
     }
 
+    /// Fault injection (failpoint `sender-corrupt-wire`): the next TLS
+    /// record sent has one byte flipped. Nothing without TLS.
+    pub fn corrupt_next_record(&self) {
+        if let Inner::Tls { writer, .. } = &mut *self.inner.borrow_mut() {
+            writer.corrupt_next_record();
+        }
+    }
+
     /// The TLS cipher suite in use (None without TLS).
     pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
         match &*self.inner.borrow() {
