@@ -92,7 +92,7 @@ impl RecordWriter {
         self.corrupt_next = true;
     }
 
-    /// Appends `data` to `out` as application data records.
+    /// Appends `content` to `out` as records of `content_type`.
     fn seal(&mut self, content: &[u8], content_type: u8) -> io::Result<()> {
         let mut pieces = content.chunks(MAX_PLAINTEXT).peekable();
         if pieces.peek().is_none() {
