@@ -350,6 +350,12 @@ fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
 fn raw_link_mbps(bed: &Testbed, bytes: u64) -> f64 {
     let addr: SocketAddr = format!("{}:{}", bed.hosts.dst_ip, port()).parse().unwrap();
     let listener = listen_in(&bed.hosts.dst, addr);
+    tcp_throughput_mbps(listener, connect_from(&bed.hosts.src, addr).unwrap(), bytes)
+}
+
+/// Writes `bytes` on `conn` (connected to `listener`) as fast as a reader
+/// on the other end takes them; MB/s (10^6).
+fn tcp_throughput_mbps(listener: TcpListener, mut conn: TcpStream, bytes: u64) -> f64 {
     let reading = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 1 << 20];
@@ -362,7 +368,6 @@ fn raw_link_mbps(bed: &Testbed, bytes: u64) -> f64 {
             got += n as u64;
         }
     });
-    let mut conn: TcpStream = connect_from(&bed.hosts.src, addr).unwrap();
     let buf = vec![0x5au8; 1 << 20];
     let started = Instant::now();
     let mut sent = 0;
@@ -644,25 +649,9 @@ fn bench_image_pipeline() {
             f.write_all(&chunk).unwrap();
         }
         drop(f);
-        let started = Instant::now();
-        {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let reading = std::thread::spawn(move || {
-                let (mut c, _) = listener.accept().unwrap();
-                let mut buf = vec![0u8; 1 << 20];
-                while c.read(&mut buf).unwrap() > 0 {}
-            });
-            let mut c = TcpStream::connect(addr).unwrap();
-            let mut sent = 0;
-            while sent < bytes {
-                c.write_all(&chunk).unwrap();
-                sent += chunk.len() as u64;
-            }
-            c.shutdown(std::net::Shutdown::Write).unwrap();
-            reading.join().unwrap();
-        }
-        results.entry("raw-link").or_default().push((bytes as f64 / started.elapsed().as_secs_f64() / 1e6, 0, 0));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        results.entry("raw-link").or_default().push((tcp_throughput_mbps(listener, conn, bytes), 0, 0));
         for (name, tls) in [("pipeline-insecure", None), ("pipeline-tls", Some(tls_dir.as_path()))] {
             // The sender punches what it sent: a fresh copy each pass.
             let copy = base.path().join(format!("copy-{run}"));
