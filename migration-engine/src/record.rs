@@ -244,6 +244,47 @@ impl<R: Read> Read for RecordReader<R> {
     }
 }
 
+/// Hands rustls the peer's bytes one TLS record at a time (a header, then
+/// at most that record's body), so that a read during the handshake never
+/// takes in the first record after it: those are a [`RecordReader`]'s.
+pub struct OneRecordAtATime<R: Read> {
+    inner: R,
+    /// Bytes of the current record's body not yet handed over.
+    left: usize,
+}
+
+impl<R: Read> OneRecordAtATime<R> {
+    pub fn new(inner: R) -> Self {
+        Self { inner, left: 0 }
+    }
+}
+
+impl<R: Read> Read for OneRecordAtATime<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            let mut head = [0u8; HEADER_LEN];
+            let mut got = 0;
+            while got < HEADER_LEN {
+                match self.inner.read(&mut head[got..])? {
+                    0 if got == 0 => return Ok(0),
+                    0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection ended inside a TLS record header")),
+                    n => got += n,
+                }
+            }
+            if buf.len() < HEADER_LEN {
+                return Err(io::Error::other("TLS read buffer smaller than a record header"));
+            }
+            buf[..HEADER_LEN].copy_from_slice(&head);
+            self.left = u16::from_be_bytes([head[3], head[4]]) as usize;
+            return Ok(HEADER_LEN);
+        }
+        let want = buf.len().min(self.left);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::record::{RecordReader, RecordWriter};
+use crate::record::{OneRecordAtATime, RecordReader, RecordWriter};
 use crate::MigrationError;
 
 pub const CA_FILE: &str = "ca.pem";
@@ -210,7 +210,7 @@ impl Conn {
         let failed = |e: std::io::Error| MigrationError::Refused(format!("TLS handshake failed: {e}"));
         // rustls gets the peer's records one at a time, so that it reads
         // nothing past the handshake's last: what follows is ours.
-        let mut records = OneRecordAtATime { sock: sock.try_clone().map_err(MigrationError::io("socket"))?, left: 0 };
+        let mut records = OneRecordAtATime::new(sock.try_clone().map_err(MigrationError::io("socket"))?);
         while conn.is_handshaking() {
             while conn.wants_write() {
                 conn.write_tls(&mut sock).map_err(failed)?;
@@ -317,42 +317,6 @@ impl Write for Conn {
             Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),
             Inner::Tls { sock, .. } => sock.flush(),
         }
-    }
-}
-
-/// Hands rustls the socket's bytes one TLS record at a time (a header,
-/// then at most that record's body), so that a read during the handshake
-/// never takes in the first record after it.
-struct OneRecordAtATime {
-    sock: TcpStream,
-    /// Bytes of the current record's body not yet handed over.
-    left: usize,
-}
-
-impl Read for OneRecordAtATime {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        const HEADER: usize = 5;
-        if self.left == 0 {
-            let mut header = [0u8; HEADER];
-            let mut got = 0;
-            while got < HEADER {
-                match self.sock.read(&mut header[got..])? {
-                    0 if got == 0 => return Ok(0),
-                    0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection ended inside a TLS record header")),
-                    n => got += n,
-                }
-            }
-            if buf.len() < HEADER {
-                return Err(std::io::Error::other("TLS read buffer smaller than a record header"));
-            }
-            buf[..HEADER].copy_from_slice(&header);
-            self.left = u16::from_be_bytes([header[3], header[4]]) as usize;
-            return Ok(HEADER);
-        }
-        let want = buf.len().min(self.left);
-        let n = self.sock.read(&mut buf[..want])?;
-        self.left -= n;
-        Ok(n)
     }
 }
 
