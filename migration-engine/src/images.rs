@@ -247,7 +247,7 @@ impl ImageSink {
 
     /// Writes one chunk; `data_crc` is the CRC-32C of its data when the
     /// caller has it (from the frame check), else it is computed here.
-    pub fn write(&mut self, chunk: &ImageData<'_>, data_crc: Option<u32>) -> Result<(), MigrationError> {
+    fn write(&mut self, chunk: &ImageData<'_>, data_crc: Option<u32>) -> Result<(), MigrationError> {
         if !valid_image_name(chunk.name) {
             return Err(MigrationError::Other(format!("refusing image file name {:?}", chunk.name)));
         }
