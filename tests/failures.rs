@@ -141,6 +141,22 @@ fn restore_failure_on_destination_rolls_back() {
 }
 
 #[test]
+fn relay_failing_mid_dump_stops_criu_and_source_resumes() {
+    let Some(bed) = testbed("rly") else { return };
+    let (src, id, token) = counter(&bed, "rl");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+    // The relay stops after CRIU's first run of pages, CRIU still sending:
+    // unless its socket is shut, CRIU waits on it for ever.
+    let sent = bed.run_sender(&id, port, &[], &[("CTMIGRATE_FAILPOINTS", "sender-during-relay=error")]).unwrap();
+    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
+    assert!(sent.stderr.contains("sender-during-relay"), "the relay's failure is the one reported: {}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+    assert_source_runs(&bed, &src, &token);
+    assert_clean(&bed, &id);
+}
+
+#[test]
 fn abort_after_restore_removes_the_destination_copy() {
     let Some(bed) = testbed("abr") else { return };
     let (src, id, token) = counter(&bed, "ab");

@@ -68,6 +68,11 @@ fn pattern_fixture_of_256_mib_arrives_intact() {
         result["image_bytes"].as_u64().unwrap() >= 256 << 20,
         "images smaller than the fixture's memory: {result}"
     );
+    // Stop-copy: CRIU handed every page over its page-server socket; none
+    // was written to the source host's images directory and read back.
+    let final_bytes = result["final_bytes"].as_u64().unwrap();
+    assert!(final_bytes >= 256 << 20, "{result}");
+    assert_eq!(result["final_relayed_bytes"].as_u64(), Some(final_bytes), "pages staged on the source: {result}");
 
     let dst = bed.dst_container(&id);
     let after = wait_for(Duration::from_secs(30), || {

@@ -10,11 +10,13 @@
 //! `rpc.proto` of the installed CRIU (see `build.rs`).
 
 mod options;
+pub mod page_server;
 pub mod pagemap;
 mod session;
 mod sys;
 
 pub use options::{DumpOptions, ExternalMount, NetworkLock, RestoreOptions};
+pub use sys::page_server_socketpair;
 pub use session::{default_binary, feature_check, version, CriuSession, Notification, NotifyAction};
 
 /// Messages generated from CRIU's `rpc.proto`.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::rpc::{CgroupRoot, CriuCgMode, CriuNetworkLockMethod, CriuOpts, ExtMountMap, InheritFd};
+use crate::rpc::{CgroupRoot, CriuPageServerInfo, CriuCgMode, CriuNetworkLockMethod, CriuOpts, ExtMountMap, InheritFd};
 
 /// A mount CRIU must treat as external: `key` names it in the images (the
 /// mount point inside the container), `val` is what it maps to (at dump the
@@ -40,6 +40,10 @@ pub struct DumpOptions {
     pub ext_mounts: Vec<ExternalMount>,
     pub network_lock: Option<NetworkLock>,
     pub display_stats: bool,
+    /// CRIU's descriptor of a connected stream socket to send the pages to
+    /// with the page-server protocol instead of writing page images (see
+    /// [`crate::page_server`]; `criu swrk` only).
+    pub page_server_fd: Option<i32>,
 }
 
 /// How CRIU blocks the container's network while it is dumped.
@@ -82,6 +86,7 @@ impl DumpOptions {
         o.parent_img = self.parent_images.clone();
         o.network_lock = self.network_lock.map(|m| m.to_rpc() as i32);
         o.display_stats = Some(self.display_stats);
+        o.ps = self.page_server_fd.map(|fd| CriuPageServerInfo { fd: Some(fd), ..Default::default() });
         o
     }
 }

@@ -59,6 +59,55 @@ struct PagemapEntry {
     nr_pages: Option<u64>,
 }
 
+/// A pagemap image built in memory, for pages that never touch a local
+/// file (the page-server relay): the two magics, a head naming the pages
+/// file, then one entry per run in the order the pages file holds them.
+#[derive(Debug)]
+pub struct PagemapImageBuilder {
+    bytes: Vec<u8>,
+    /// Where the next run may start: entries must be in address order.
+    next_vaddr: u64,
+}
+
+impl PagemapImageBuilder {
+    pub fn new(pages_id: u32) -> Self {
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
+        let mut b = Self { bytes, next_vaddr: 0 };
+        b.push_message(&PagemapHead { pages_id });
+        b
+    }
+
+    /// Adds a run of `pages` pages at `vaddr` with CRIU's `flags`; refuses
+    /// a run that is unaligned, overflows or goes back in the address space.
+    pub fn push(&mut self, vaddr: u64, pages: u64, flags: u32) -> Result<(), String> {
+        let end = pages.checked_mul(PAGE_SIZE).and_then(|len| vaddr.checked_add(len));
+        let Some(end) = end.filter(|_| vaddr % PAGE_SIZE == 0 && pages > 0) else {
+            return Err(format!("pagemap run of {pages} pages at {vaddr:#x} is empty, unaligned or past the address space"));
+        };
+        if vaddr < self.next_vaddr {
+            return Err(format!("pagemap run at {vaddr:#x} goes back below {:#x}", self.next_vaddr));
+        }
+        self.next_vaddr = end;
+        self.push_message(&PagemapEntry { vaddr, compat_nr_pages: 0, in_parent: None, flags: Some(flags), nr_pages: Some(pages) });
+        Ok(())
+    }
+
+    fn push_message<M: prost::Message>(&mut self, m: &M) {
+        self.bytes.extend_from_slice(&(m.encoded_len() as u32).to_le_bytes());
+        m.encode(&mut self.bytes).expect("a Vec grows as needed");
+    }
+
+    /// The image file's bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// `pagemap_entry.flags` bit: the run's bytes follow in the pages file.
+pub const FLAG_PRESENT: u32 = PE_PRESENT;
+
 /// A run of pages whose bytes are in the pages file, at `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PresentRun {
@@ -219,25 +268,18 @@ mod tests {
     /// Writes a pagemap image (entries: vaddr page, pages, flags) and its
     /// pages file, each present page filled with `fill(vaddr)`.
     fn write_round(dir: &Path, pid: u32, pages_id: u32, entries: &[(u64, u64, u32)], fill: impl Fn(u64) -> u8) {
-        let mut img = Vec::new();
-        img.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        img.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
-        let mut push = |m: Vec<u8>| {
-            img.extend_from_slice(&(m.len() as u32).to_le_bytes());
-            img.extend_from_slice(&m);
-        };
-        push(PagemapHead { pages_id }.encode_to_vec());
+        let mut img = PagemapImageBuilder::new(pages_id);
         let mut pages = Vec::new();
         for &(page, n, flags) in entries {
             let vaddr = page * PAGE_SIZE;
-            push(PagemapEntry { vaddr, compat_nr_pages: n as u32, in_parent: None, flags: Some(flags), nr_pages: Some(n) }.encode_to_vec());
+            img.push(vaddr, n, flags).unwrap();
             if flags & PE_PRESENT != 0 {
                 for p in 0..n {
                     pages.extend(std::iter::repeat_n(fill(vaddr + p * PAGE_SIZE), PAGE_SIZE as usize));
                 }
             }
         }
-        std::fs::write(dir.join(format!("pagemap-{pid}.img")), img).unwrap();
+        std::fs::write(dir.join(format!("pagemap-{pid}.img")), img.into_bytes()).unwrap();
         std::fs::write(dir.join(format!("pages-{pages_id}.img")), pages).unwrap();
     }
 
@@ -326,8 +368,12 @@ mod tests {
         std::fs::write(&path, &img).unwrap();
         assert!(matches!(Pagemap::read(&path), Err(PagemapError::Malformed { why, .. }) if why.contains("truncated")));
         // Entries out of address order.
-        let base = tempfile::tempdir().unwrap();
-        write_round(base.path(), 1, 1, &[(16, 1, PE_PRESENT), (8, 1, PE_PRESENT)], |_| 0);
-        assert!(matches!(Pagemap::read(&base.path().join("pagemap-1.img")), Err(PagemapError::Malformed { why, .. }) if why.contains("out of order")));
+        let mut builder = PagemapImageBuilder::new(1);
+        builder.push(16 * PAGE_SIZE, 1, PE_PRESENT).unwrap();
+        assert!(builder.push(8 * PAGE_SIZE, 1, PE_PRESENT).is_err(), "the builder keeps address order");
+        builder.next_vaddr = 0;
+        builder.push(8 * PAGE_SIZE, 1, PE_PRESENT).unwrap();
+        std::fs::write(&path, builder.into_bytes()).unwrap();
+        assert!(matches!(Pagemap::read(&path), Err(PagemapError::Malformed { why, .. }) if why.contains("out of order")));
     }
 }

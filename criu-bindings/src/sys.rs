@@ -20,6 +20,20 @@ pub fn seqpacket_pair() -> nix::Result<(OwnedFd, OwnedFd)> {
     )
 }
 
+/// A close-on-exec stream socketpair for CRIU's page-server protocol:
+/// (our end, CRIU's end). CRIU's send buffer is raised to `send_buffer`
+/// bytes (as root, past the system's default limit) so that it can splice
+/// a few page pipes ahead of our reads instead of waiting on each.
+pub fn page_server_socketpair(send_buffer: usize) -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
+    if setsockopt(&theirs, sockopt::SndBufForce, &send_buffer).is_err() {
+        // Not root: the default limit, still correct, just more wake-ups.
+        let _ = setsockopt(&theirs, sockopt::SndBuf, &send_buffer);
+    }
+    Ok((ours, theirs))
+}
+
 /// Arranges for `fds[i].1` to be open at descriptor `fds[i].0` in the child
 /// (and for nothing else of ours to leak into it, since every descriptor we
 /// create is close-on-exec).

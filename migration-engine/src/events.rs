@@ -80,6 +80,10 @@ pub struct ResultEvent {
     /// Page bytes of the final (frozen) dump.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_bytes: Option<u64>,
+    /// Of `final_bytes`, those relayed from CRIU's page-server socket
+    /// without being staged on the source host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_relayed_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// `running`, `migrated`, `untouched`, `not-resumed`, `uncertain`.

@@ -11,6 +11,7 @@
 //! | `sender-before-commit` | sender, after the destination restored, before Commit |
 //! | `sender-corrupt-image` | sender, one image chunk altered after its checksum |
 //! | `sender-corrupt-wire` | sender, one byte of the first TLS record sent after the freeze flipped |
+//! | `sender-during-relay` | sender, after the first run of pages CRIU handed over its page-server socket |
 //! | `sender-after-dump` | sender, CRIU done, before the last images go out |
 //! | `receiver-after-manifest` | receiver, after accepting the manifest |
 //! | `receiver-during-images` | receiver, after the first image chunk |

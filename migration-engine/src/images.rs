@@ -7,9 +7,9 @@
 //! ImagesDone then lists every file with its size and CRC-32C, and the
 //! receiver checks its copy against that list before restoring.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,14 @@ pub fn valid_image_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// Why relaying pages stopped: the source (CRIU's socket) failed, or
+/// sending them on did.
+#[derive(Debug)]
+pub enum RelayError {
+    Source(std::io::Error),
+    Send(MigrationError),
+}
+
 /// Sizes of one round of images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RoundBytes {
@@ -46,6 +54,9 @@ pub struct RoundBytes {
     pub images: u64,
     /// Memory pages (`pages-*.img`).
     pub pages: u64,
+    /// Of `pages`, those CRIU handed over its page-server socket: never
+    /// staged on the sending host.
+    pub relayed_pages: u64,
     /// How long CRIU itself ran, in milliseconds.
     pub criu_ms: u64,
 }
@@ -60,6 +71,8 @@ struct Sent {
 pub struct ImageStreamer {
     dir: PathBuf,
     sent: BTreeMap<String, Sent>,
+    /// Images that come from CRIU's page-server socket, not from files.
+    relayed: BTreeSet<String>,
     frame: Vec<u8>,
     corrupt_next: bool,
 }
@@ -69,6 +82,7 @@ impl ImageStreamer {
         Self {
             dir: dir.to_path_buf(),
             sent: BTreeMap::new(),
+            relayed: BTreeSet::new(),
             frame: vec![0u8; FRAME_ROOM + CHUNK],
             corrupt_next: failpoints::should_corrupt("sender-corrupt-image"),
         }
@@ -119,9 +133,18 @@ impl ImageStreamer {
             }
             files.push(ImageFileSummary { name: name.clone(), size, crc32c: s.crc });
         }
+        for name in &self.relayed {
+            if files.iter().any(|f| &f.name == name) {
+                return Err(MigrationError::Other(format!("CRIU wrote image {name} and relayed it too")));
+            }
+            let s = &self.sent[name];
+            files.push(ImageFileSummary { name: name.clone(), size: s.offset, crc32c: s.crc });
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
         let bytes = RoundBytes {
             images: files.iter().map(|f| f.size).sum(),
             pages: files.iter().filter(|f| is_append_only(&f.name)).map(|f| f.size).sum(),
+            relayed_pages: files.iter().filter(|f| is_append_only(&f.name) && self.relayed.contains(&f.name)).map(|f| f.size).sum(),
             criu_ms: dump_ms,
         };
         out.write_json(MessageKind::ImagesDone, &ImagesDone { files, dump_ms })?;
@@ -137,64 +160,130 @@ impl ImageStreamer {
         let path = self.dir.join(name);
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(MigrationError::io(format!("opening {}", path.display())))?;
         let release = is_append_only(name);
-        let state = self.sent.entry(name.to_string()).or_default();
+        let prefix_len = self.start_file_frames(name)?;
+        let mut offset = self.sent[name].offset;
         let mut total = 0;
         // Punching takes the file's lock, which CRIU holds while it
         // writes: punch in batches, not chunk by chunk.
-        let mut unpunched = state.offset;
-        // The data is read straight into place after the frame's prefix,
-        // which ends at FRAME_ROOM whatever the name's length; only the
-        // offset (the prefix's last 8 bytes) changes between chunks. The
-        // buffer is never cleared or resized: this runs on every poll.
-        if name.len() > migration_protocol::MAX_IMAGE_NAME {
-            return Err(MigrationError::Other(format!("image file name too long to send: {name}")));
-        }
-        let mut prefix = Vec::with_capacity(FRAME_ROOM);
-        ImageData::encode_prefix(name, state.offset, &mut prefix);
-        let prefix_len = prefix.len();
-        let start = FRAME_ROOM - prefix_len;
-        self.frame[start..FRAME_ROOM].copy_from_slice(&prefix);
+        let mut unpunched = offset;
         loop {
-            self.frame[FRAME_ROOM - 8..FRAME_ROOM].copy_from_slice(&state.offset.to_le_bytes());
-            let n = f
-                .read_at(&mut self.frame[FRAME_ROOM..], state.offset)
-                .map_err(MigrationError::io(format!("reading {}", path.display())))?;
+            let n = f.read_at(&mut self.frame[FRAME_ROOM..], offset).map_err(MigrationError::io(format!("reading {}", path.display())))?;
             if n == 0 {
                 break;
             }
-            let frame = &mut self.frame[start..FRAME_ROOM + n];
-            // One pass over the data serves the image's CRC and the frame's.
-            let data_crc = crc32c::crc32c(&frame[prefix_len..]);
-            state.crc = migration_protocol::crc::combine(state.crc, data_crc, n);
-            if std::mem::take(&mut self.corrupt_next) {
-                // Fault injection: the frame's checksum is for the intact
-                // bytes, then one byte flips, as a bad link would do.
-                let header = encode_header(MessageKind::ImageData, frame, frame.len() as u32, false);
-                let last = frame.len() - 1;
-                frame[last] ^= 0xff;
-                out.get_mut().write_all(&header).map_err(MigrationError::io("sending images"))?;
-                out.get_mut().write_all(frame).map_err(MigrationError::io("sending images"))?;
-                frame[last] ^= 0xff;
-            } else {
-                let payload_crc = migration_protocol::crc::combine(crc32c::crc32c(&frame[..prefix_len]), data_crc, n);
-                comp.write_with_crc(out, MessageKind::ImageData, frame, payload_crc)?;
-            }
-            state.offset += n as u64;
+            self.send_chunk(out, comp, name, prefix_len, n)?;
+            offset += n as u64;
             total += n as u64;
-            if release && state.offset - unpunched >= PUNCH_BATCH {
+            if release && offset - unpunched >= PUNCH_BATCH {
                 // Sent pages are not needed here again: free their memory
                 // now, so CRIU's next writes reuse warm memory and a
                 // migration does not hold the container's memory twice.
                 // (Measured: a final dump that kept them, CRIU writing into
                 // other free memory, was slower and far less steady.)
-                crate::scratch::free_range(&f, unpunched, state.offset - unpunched);
-                unpunched = state.offset;
+                crate::scratch::free_range(&f, unpunched, offset - unpunched);
+                unpunched = offset;
             }
         }
-        if release && state.offset > unpunched {
-            crate::scratch::free_range(&f, unpunched, state.offset - unpunched);
+        if release && offset > unpunched {
+            crate::scratch::free_range(&f, unpunched, offset - unpunched);
         }
         Ok(total)
+    }
+
+    /// Declares `name` an image this side never stores: its bytes come
+    /// through [`relay`](Self::relay) or [`send_relayed_file`](Self::send_relayed_file),
+    /// and it is listed in ImagesDone (empty if nothing came).
+    pub fn add_relayed(&mut self, name: &str) -> Result<(), MigrationError> {
+        if !valid_image_name(name) || self.sent.contains_key(name) {
+            return Err(MigrationError::Other(format!("CRIU named image {name:?} twice or unusably")));
+        }
+        self.sent.insert(name.to_string(), Sent::default());
+        self.relayed.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Sends the next `len` bytes of the relayed image `name`, read from
+    /// `source` (CRIU's page-server socket) straight into the frame buffer.
+    pub fn relay<W: Write, R: Read>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        comp: &mut Compressor,
+        name: &str,
+        source: &mut R,
+        len: u64,
+    ) -> Result<(), RelayError> {
+        let prefix_len = self.start_file_frames(name).map_err(RelayError::Send)?;
+        let mut left = len;
+        while left > 0 {
+            let n = (CHUNK as u64).min(left) as usize;
+            source.read_exact(&mut self.frame[FRAME_ROOM..FRAME_ROOM + n]).map_err(RelayError::Source)?;
+            self.send_chunk(out, comp, name, prefix_len, n).map_err(RelayError::Send)?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sends the whole of the relayed image `name`, made in memory.
+    pub fn send_relayed_file<W: Write>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        comp: &mut Compressor,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), MigrationError> {
+        self.relay(out, comp, name, &mut &bytes[..], bytes.len() as u64).map_err(|e| match e {
+            RelayError::Send(e) => e,
+            RelayError::Source(e) => MigrationError::Io { context: format!("reading {name} from memory"), source: e },
+        })
+    }
+
+    /// Writes `name`'s frame prefix into the frame buffer so that it ends
+    /// at FRAME_ROOM, where the data goes whatever the name's length; only
+    /// the offset (the prefix's last 8 bytes) changes between chunks.
+    /// Returns the prefix's length.
+    fn start_file_frames(&mut self, name: &str) -> Result<usize, MigrationError> {
+        if name.len() > migration_protocol::MAX_IMAGE_NAME {
+            return Err(MigrationError::Other(format!("image file name too long to send: {name}")));
+        }
+        let state = self.sent.entry(name.to_string()).or_default();
+        let mut prefix = Vec::with_capacity(FRAME_ROOM);
+        ImageData::encode_prefix(name, state.offset, &mut prefix);
+        self.frame[FRAME_ROOM - prefix.len()..FRAME_ROOM].copy_from_slice(&prefix);
+        Ok(prefix.len())
+    }
+
+    /// Sends the `n` bytes at FRAME_ROOM in the frame buffer as `name`'s
+    /// next chunk. The buffer is never cleared or resized: this runs for
+    /// every MiB sent.
+    fn send_chunk<W: Write>(
+        &mut self,
+        out: &mut FrameWriter<W>,
+        comp: &mut Compressor,
+        name: &str,
+        prefix_len: usize,
+        n: usize,
+    ) -> Result<(), MigrationError> {
+        let state = self.sent.get_mut(name).expect("start_file_frames registered the file");
+        self.frame[FRAME_ROOM - 8..FRAME_ROOM].copy_from_slice(&state.offset.to_le_bytes());
+        let frame = &mut self.frame[FRAME_ROOM - prefix_len..FRAME_ROOM + n];
+        // One pass over the data serves the image's CRC and the frame's.
+        let data_crc = crc32c::crc32c(&frame[prefix_len..]);
+        state.crc = migration_protocol::crc::combine(state.crc, data_crc, n);
+        state.offset += n as u64;
+        if std::mem::take(&mut self.corrupt_next) {
+            // Fault injection: the frame's checksum is for the intact
+            // bytes, then one byte flips, as a bad link would do.
+            let header = encode_header(MessageKind::ImageData, frame, frame.len() as u32, false);
+            let last = frame.len() - 1;
+            frame[last] ^= 0xff;
+            out.get_mut().write_all(&header).map_err(MigrationError::io("sending images"))?;
+            out.get_mut().write_all(frame).map_err(MigrationError::io("sending images"))?;
+            frame[last] ^= 0xff;
+        } else {
+            let payload_crc = migration_protocol::crc::combine(crc32c::crc32c(&frame[..prefix_len]), data_crc, n);
+            comp.write_with_crc(out, MessageKind::ImageData, frame, payload_crc)?;
+        }
+        Ok(())
     }
 }
 
@@ -413,7 +502,7 @@ mod tests {
         std::fs::write(src.path().join("inventory.img"), b"inv").unwrap();
         std::fs::write(src.path().join("empty.img"), b"").unwrap();
         let bytes = s.finish(&mut w, &mut c, 5).unwrap();
-        assert_eq!(bytes, RoundBytes { images: (3 * CHUNK / 2 + 100 + 3) as u64, pages: (3 * CHUNK / 2 + 100) as u64, criu_ms: 5 });
+        assert_eq!(bytes, RoundBytes { images: (3 * CHUNK / 2 + 100 + 3) as u64, pages: (3 * CHUNK / 2 + 100) as u64, relayed_pages: 0, criu_ms: 5 });
 
         let mut sink = ImageSink::new(dst.path(), 100, 1 << 30);
         let done = deliver(w.get_ref(), &mut sink);
