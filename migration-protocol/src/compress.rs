@@ -7,8 +7,10 @@ use crate::ProtocolError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionMode {
-    /// Compress while it saves at least [`MIN_SAVING`]; stop trying for a
-    /// while after a run of chunks that did not compress.
+    /// Compress while it pays: it saves at least [`MIN_SAVING`] of the
+    /// bytes, and compressing a chunk takes less time than sending the
+    /// bytes it saves would (on a link faster than zstd, it does not). Stop
+    /// trying for a while after a run of chunks for which it did not pay.
     #[default]
     Auto,
     Always,
@@ -26,6 +28,10 @@ const BACKOFF_CHUNKS: u32 = 64;
 const MAX_BACKOFF_CHUNKS: u32 = 1024;
 const ZSTD_LEVEL: i32 = 1;
 
+/// Weight the send-time average keeps of its past at each frame: about
+/// the last 16 MiB of 1 MiB chunks count.
+const SEND_COST_DECAY: f64 = 15.0 / 16.0;
+
 /// Decides, chunk by chunk, whether compression pays.
 pub struct Compressor {
     mode: CompressionMode,
@@ -34,6 +40,12 @@ pub struct Compressor {
     /// The current wait between trials; 0 while compression pays.
     backoff: u32,
     trials: u64,
+    compressed: u64,
+    /// Decaying sums of the time frames took to write (sealing, socket,
+    /// link, and a throttle's waits) and of their bytes on the wire: the
+    /// cost of sending a byte, as this connection shows it.
+    send_ns: f64,
+    send_bytes: f64,
     compressor: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -45,6 +57,9 @@ impl Compressor {
             skip: 0,
             backoff: 0,
             trials: 0,
+            compressed: 0,
+            send_ns: 0.0,
+            send_bytes: 0.0,
             compressor: None,
         }
     }
@@ -52,6 +67,28 @@ impl Compressor {
     /// Chunks compressed so far, whether or not that paid.
     pub fn trials(&self) -> u64 {
         self.trials
+    }
+
+    /// Frames sent compressed so far.
+    pub fn compressed_frames(&self) -> u64 {
+        self.compressed
+    }
+
+    /// Nanoseconds a byte takes to send, once a frame has been timed.
+    fn send_ns_per_byte(&self) -> Option<f64> {
+        (self.send_bytes > 0.0).then(|| self.send_ns / self.send_bytes)
+    }
+
+    /// Writes one frame with `write`, timing it into the send cost.
+    fn timed<W: std::io::Write, F>(&mut self, out: &mut FrameWriter<W>, wire_len: usize, write: F) -> Result<(), ProtocolError>
+    where
+        F: FnOnce(&mut FrameWriter<W>) -> Result<(), ProtocolError>,
+    {
+        let started = std::time::Instant::now();
+        write(out)?;
+        self.send_ns = self.send_ns * SEND_COST_DECAY + started.elapsed().as_nanos() as f64;
+        self.send_bytes = self.send_bytes * SEND_COST_DECAY + wire_len as f64;
+        Ok(())
     }
 
     /// Sends `data` as one frame of `kind`, compressed if that pays.
@@ -83,38 +120,51 @@ impl Compressor {
         data: &[u8],
         data_crc: Option<u32>,
     ) -> Result<(), ProtocolError> {
-        let raw = |out: &mut FrameWriter<W>| match data_crc {
-            Some(crc) => out.write_encoded_with_crc(kind, data, data.len(), false, crc),
-            None => out.write_encoded(kind, data, data.len(), false),
+        let raw = |this: &mut Self, out: &mut FrameWriter<W>| {
+            this.timed(out, data.len(), |out| match data_crc {
+                Some(crc) => out.write_encoded_with_crc(kind, data, data.len(), false, crc),
+                None => out.write_encoded(kind, data, data.len(), false),
+            })
         };
         if self.mode == CompressionMode::Never || data.len() < 512 {
-            return raw(out);
+            return raw(self, out);
         }
         if self.mode == CompressionMode::Auto && self.skip > 0 {
             self.skip -= 1;
-            return raw(out);
+            return raw(self, out);
         }
         let c = self.compressor.get_or_insert_with(|| {
             zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd compressor at level 1")
         });
         self.trials += 1;
+        let started = std::time::Instant::now();
         let packed = c.compress(data)?;
-        let pays = (packed.len() as f64) <= (data.len() as f64) * (1.0 - MIN_SAVING);
-        if pays || self.mode == CompressionMode::Always {
+        let compress_ns = started.elapsed().as_nanos() as f64;
+        let saved = data.len().saturating_sub(packed.len());
+        let smaller = (packed.len() as f64) <= (data.len() as f64) * (1.0 - MIN_SAVING);
+        // Until a frame has been timed, saving bytes is taken to pay.
+        let faster = self.send_ns_per_byte().is_none_or(|per_byte| compress_ns <= per_byte * saved as f64);
+        if (smaller && faster) || self.mode == CompressionMode::Always {
             self.misses = 0;
             self.backoff = 0;
-            out.write_encoded(kind, &packed, data.len(), true)
+            self.compressed += 1;
+            return self.timed(out, packed.len(), |out| out.write_encoded(kind, &packed, data.len(), true));
+        }
+        self.misses += 1;
+        if self.backoff > 0 {
+            // A trial after a wait failed: wait longer.
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF_CHUNKS);
+            self.skip = self.backoff;
+        } else if self.misses >= GIVE_UP_AFTER {
+            self.backoff = BACKOFF_CHUNKS;
+            self.skip = self.backoff;
+        }
+        if smaller {
+            // Already compressed: sending the smaller frame is cheaper now.
+            self.compressed += 1;
+            self.timed(out, packed.len(), |out| out.write_encoded(kind, &packed, data.len(), true))
         } else {
-            self.misses += 1;
-            if self.backoff > 0 {
-                // A trial after a wait failed: wait longer.
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF_CHUNKS);
-                self.skip = self.backoff;
-            } else if self.misses >= GIVE_UP_AFTER {
-                self.backoff = BACKOFF_CHUNKS;
-                self.skip = self.backoff;
-            }
-            raw(out)
+            raw(self, out)
         }
     }
 }
@@ -152,9 +202,43 @@ mod tests {
             .collect()
     }
 
+    /// A link of `ns_per_byte`: each write waits as long as its bytes
+    /// would take to cross it.
+    struct Link {
+        ns_per_byte: u64,
+    }
+    impl std::io::Write for Link {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_nanos(self.ns_per_byte * buf.len() as u64));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Text-like data: compresses to well under half, at zstd's usual
+    /// speed (not the speed of a run of zeros).
+    fn text(len: usize, seed: u64) -> Vec<u8> {
+        const WORDS: [&str; 8] = ["page ", "frozen ", "restore ", "memory ", "image ", "socket ", "cgroup ", "dump "];
+        let noise = noise(len, seed);
+        let mut out = Vec::with_capacity(len + 8);
+        let mut i = 0;
+        while out.len() < len {
+            out.extend_from_slice(WORDS[(noise[i % len] % 8) as usize].as_bytes());
+            if noise[(i + 1) % len] % 4 == 0 {
+                out.push(b'0' + noise[(i + 2) % len] % 10);
+            }
+            i += 3;
+        }
+        out.truncate(len);
+        out
+    }
+
     #[test]
     fn incompressible_data_is_tried_rarely_and_compressible_data_wins_it_back() {
-        let mut w = FrameWriter::new(std::io::sink());
+        // 50 MB/s: compressing saves time wherever it saves bytes.
+        let mut w = FrameWriter::new(Link { ns_per_byte: 20 });
         let mut c = Compressor::new(CompressionMode::Auto);
         let random = noise(4096, 7);
         for _ in 0..2048 {
@@ -175,10 +259,41 @@ mod tests {
             sent += 1;
             assert!(sent <= MAX_BACKOFF_CHUNKS + 1, "compressible data never tried again");
         }
-        let at = c.trials();
+        let at = c.compressed_frames();
         for _ in 0..10 {
             c.write(&mut w, MessageKind::ImageData, &zeros).unwrap();
         }
-        assert_eq!(c.trials(), at + 10);
+        assert_eq!(c.compressed_frames(), at + 10);
+    }
+
+    #[test]
+    fn compression_pays_over_a_slow_link() {
+        let mut w = FrameWriter::new(Link { ns_per_byte: 20 });
+        let mut c = Compressor::new(CompressionMode::Auto);
+        let chunk = text(256 << 10, 3);
+        for _ in 0..32 {
+            c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
+        }
+        assert_eq!(c.compressed_frames(), 32, "at 50 MB/s every chunk of text is worth compressing");
+    }
+
+    #[test]
+    fn compression_stays_off_over_a_link_faster_than_zstd() {
+        // Writes cost nothing but the frame's checksum: zstd, at well under
+        // the speed of a memory copy, costs more than the bytes it saves.
+        let mut w = FrameWriter::new(std::io::sink());
+        let mut c = Compressor::new(CompressionMode::Auto);
+        let chunk = text(256 << 10, 5);
+        assert!(zstd::bulk::compress(&chunk, ZSTD_LEVEL).unwrap().len() < chunk.len() / 2, "the data compresses");
+        for _ in 0..512 {
+            c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
+        }
+        assert!(c.trials() <= 12, "{} trials for chunks not worth compressing", c.trials());
+        // `always` is not second-guessed.
+        let mut always = Compressor::new(CompressionMode::Always);
+        for _ in 0..4 {
+            always.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
+        }
+        assert_eq!(always.compressed_frames(), 4);
     }
 }
