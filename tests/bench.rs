@@ -93,6 +93,37 @@ struct Sample {
     frozen_phases: Option<serde_json::Value>,
 }
 
+/// The source host's end of the test link limited to `mbit` by a token
+/// bucket (`tc qdisc ... tbf`), until dropped.
+struct ShapedLink {
+    netns: String,
+    dev: String,
+}
+
+impl ShapedLink {
+    fn new(bed: &Testbed, mbit: u64) -> Self {
+        let shaped = ShapedLink { netns: bed.hosts.src.clone(), dev: format!("{}s", bed.tag) };
+        run_ok(
+            Command::new("ip").args(["netns", "exec", &shaped.netns, "tc", "qdisc", "add", "dev", &shaped.dev, "root", "tbf"]).args([
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "256kb",
+                "latency",
+                "20ms",
+            ]),
+            "tc qdisc add tbf",
+        );
+        shaped
+    }
+}
+
+impl Drop for ShapedLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "exec", &self.netns, "tc", "qdisc", "del", "dev", &self.dev, "root"]).status();
+    }
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -531,6 +562,56 @@ fn bench_migration() {
             entry.insert("ctmigrate_gap_ratio_to_by_hand".into(), ratio(ours, hand).into());
         }
         results.insert(fixture.name(), entry.into());
+    }
+
+    // A link that is the bottleneck (tc's token bucket on the source
+    // host's end): ctmigrate's transfer rate against the raw link's, both
+    // through the same shaping. Skipped when CTMIGRATE_BENCH_METHODS does
+    // not name `bottleneck`.
+    let want_bottleneck = std::env::var("CTMIGRATE_BENCH_METHODS").map(|m| m.split(',').any(|x| x == "bottleneck")).unwrap_or(true);
+    if want_bottleneck {
+        let mbit: u64 = std::env::var("CTMIGRATE_BENCH_LINK_MBIT").map(|v| v.parse().unwrap()).unwrap_or(1000);
+        let fixture = Fixture { mib: 256, dirty_kib_per_s: 256, compressible: false };
+        let _shaped = ShapedLink::new(&bed, mbit);
+        let mut raw = Vec::new();
+        let mut ours = Vec::new();
+        for n in 0..runs {
+            raw.push((raw_link_mbps(&bed, fixture.mib << 20) * 10.0) as u64);
+            let s = run_method(&bed, fixture, Method::Ctmigrate);
+            let transfer_ms = s.frozen_phases.as_ref().and_then(|p| p["dump_and_transfer_ms"].as_u64()).expect("ctmigrate reports its phases");
+            // Payload rate, as the raw link's: image bytes while CRIU dumps
+            // and the stream carries them.
+            ours.push(s.image_bytes * 10_000 / 1_000_000 / transfer_ms.max(1));
+            eprintln!("bottleneck {mbit} Mbit/s run {n}: raw {} MB/s, ctmigrate {} MB/s", raw[n] as f64 / 10.0, ours[n] as f64 / 10.0);
+        }
+        let (raw_mbps, ours_mbps) = (median(raw) as f64 / 10.0, median(ours) as f64 / 10.0);
+        let link_ratio = (ours_mbps / raw_mbps * 1000.0).round() / 1000.0;
+        table.push(format!("bottleneck link {mbit} Mbit/s, {} MiB: raw {raw_mbps} MB/s, ctmigrate {ours_mbps} MB/s, ratio {link_ratio}", fixture.mib));
+        // Where the link is slow, compression must pay on memory that
+        // compresses (over the fast link it stays off: see the table).
+        let compressible = Fixture { compressible: true, ..fixture };
+        let mut frozen: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+        for n in 0..runs {
+            for m in [Method::Ctmigrate, Method::CtmigrateNoCompression] {
+                let s = run_method(&bed, compressible, m);
+                eprintln!("bottleneck {mbit} Mbit/s {} {} run {n}: frozen {} ms, wire {} MB", compressible.name(), m.name(), s.frozen_ms, s.wire_bytes / 1_000_000);
+                frozen.entry(m.name()).or_default().push(s.frozen_ms);
+            }
+        }
+        let auto_ms = median(frozen.remove("ctmigrate").unwrap());
+        let never_ms = median(frozen.remove("ctmigrate-compress-never").unwrap());
+        table.push(format!(
+            "bottleneck link {mbit} Mbit/s, {}: frozen {auto_ms} ms with auto compression, {never_ms} ms without (x{})",
+            compressible.name(),
+            ratio(auto_ms, never_ms)
+        ));
+        results.insert(
+            "bottleneck_link".into(),
+            serde_json::json!({
+                "shaped_mbit": mbit, "fixture_mib": fixture.mib, "raw_MBps": raw_mbps, "ctmigrate_MBps": ours_mbps, "ratio_to_raw_link": link_ratio,
+                "compressible_frozen_ms_auto": auto_ms, "compressible_frozen_ms_never": never_ms,
+            }),
+        );
     }
 
     let link: Vec<u64> = (0..runs).map(|_| (raw_link_mbps(&bed, 1 << 30) * 10.0) as u64).collect();

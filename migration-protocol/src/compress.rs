@@ -28,9 +28,19 @@ const BACKOFF_CHUNKS: u32 = 64;
 const MAX_BACKOFF_CHUNKS: u32 = 1024;
 const ZSTD_LEVEL: i32 = 1;
 
-/// Weight the send-time average keeps of its past at each frame: about
-/// the last 16 MiB of 1 MiB chunks count.
-const SEND_COST_DECAY: f64 = 15.0 / 16.0;
+/// Weight of each frame in the send cost averages: the last 8 or so
+/// frames count, raw or compressed alike (averaged per frame, not per
+/// byte, so that after a switch the small compressed frames are not
+/// outweighed by the large raw ones before them).
+const SEND_WEIGHT: f64 = 0.125;
+/// A frame whose write took this many times the CPU time it used waited
+/// for the link (or the peer): its time per byte is the link's.
+const BLOCKED_FACTOR: f64 = 2.0;
+/// Weight of each new trial in the compression cost and ratio averages.
+const TRIAL_WEIGHT: f64 = 0.25;
+/// While compression compresses but costs more than it saves, one chunk
+/// in this many is compressed anyway, to keep its cost and ratio current.
+const COST_RECHECK_CHUNKS: u32 = 32;
 
 /// Decides, chunk by chunk, whether compression pays.
 pub struct Compressor {
@@ -41,11 +51,17 @@ pub struct Compressor {
     backoff: u32,
     trials: u64,
     compressed: u64,
-    /// Decaying sums of the time frames took to write (sealing, socket,
-    /// link, and a throttle's waits) and of their bytes on the wire: the
-    /// cost of sending a byte, as this connection shows it.
-    send_ns: f64,
-    send_bytes: f64,
+    /// Averages over recent frames, per byte on the wire: the CPU time
+    /// a write takes (sealing, copies, the socket), and the wall time of
+    /// writes that had to wait (the link, the peer or a throttle: what the
+    /// link allows). No waits seen: the link keeps up with this process.
+    cpu_cost: Option<f64>,
+    link_cost: Option<f64>,
+    /// Averages over recent trials: zstd's time per input byte, and the
+    /// compressed size over the raw size.
+    trial_costs: Option<TrialCosts>,
+    /// Chunks sent raw on cost since the last trial.
+    raw_on_cost: u32,
     compressor: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -58,8 +74,10 @@ impl Compressor {
             backoff: 0,
             trials: 0,
             compressed: 0,
-            send_ns: 0.0,
-            send_bytes: 0.0,
+            cpu_cost: None,
+            link_cost: None,
+            trial_costs: None,
+            raw_on_cost: 0,
             compressor: None,
         }
     }
@@ -74,20 +92,21 @@ impl Compressor {
         self.compressed
     }
 
-    /// Nanoseconds a byte takes to send, once a frame has been timed.
-    fn send_ns_per_byte(&self) -> Option<f64> {
-        (self.send_bytes > 0.0).then(|| self.send_ns / self.send_bytes)
-    }
 
-    /// Writes one frame with `write`, timing it into the send cost.
+    /// Writes one frame with `write`, timing it into the send costs.
     fn timed<W: std::io::Write, F>(&mut self, out: &mut FrameWriter<W>, wire_len: usize, write: F) -> Result<(), ProtocolError>
     where
         F: FnOnce(&mut FrameWriter<W>) -> Result<(), ProtocolError>,
     {
-        let started = std::time::Instant::now();
+        let (wall_started, cpu_started) = (std::time::Instant::now(), thread_cpu_ns());
         write(out)?;
-        self.send_ns = self.send_ns * SEND_COST_DECAY + started.elapsed().as_nanos() as f64;
-        self.send_bytes = self.send_bytes * SEND_COST_DECAY + wire_len as f64;
+        let (wall, cpu) = (wall_started.elapsed().as_nanos() as f64, thread_cpu_ns() - cpu_started);
+        let bytes = wire_len.max(1) as f64;
+        let average = |avg: Option<f64>, sample: f64| Some(avg.map_or(sample, |a| a + (sample - a) * SEND_WEIGHT));
+        self.cpu_cost = average(self.cpu_cost, cpu / bytes);
+        if wall > cpu * BLOCKED_FACTOR {
+            self.link_cost = average(self.link_cost, wall / bytes);
+        }
         Ok(())
     }
 
@@ -129,27 +148,39 @@ impl Compressor {
         if self.mode == CompressionMode::Never || data.len() < 512 {
             return raw(self, out);
         }
-        if self.mode == CompressionMode::Auto && self.skip > 0 {
-            self.skip -= 1;
-            return raw(self, out);
+        if self.mode == CompressionMode::Auto {
+            if self.skip > 0 {
+                self.skip -= 1;
+                return raw(self, out);
+            }
+            if !self.compression_pays() && self.raw_on_cost < COST_RECHECK_CHUNKS {
+                self.raw_on_cost += 1;
+                return raw(self, out);
+            }
         }
+        self.raw_on_cost = 0;
         let c = self.compressor.get_or_insert_with(|| {
             zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd compressor at level 1")
         });
         self.trials += 1;
         let started = std::time::Instant::now();
         let packed = c.compress(data)?;
-        let compress_ns = started.elapsed().as_nanos() as f64;
-        let saved = data.len().saturating_sub(packed.len());
-        let smaller = (packed.len() as f64) <= (data.len() as f64) * (1.0 - MIN_SAVING);
-        // Until a frame has been timed, saving bytes is taken to pay.
-        let faster = self.send_ns_per_byte().is_none_or(|per_byte| compress_ns <= per_byte * saved as f64);
-        if (smaller && faster) || self.mode == CompressionMode::Always {
+        let ns_per_byte = started.elapsed().as_nanos() as f64 / data.len() as f64;
+        let ratio = packed.len() as f64 / data.len() as f64;
+        self.trial_costs = Some(match self.trial_costs {
+            Some(avg) => TrialCosts {
+                compress_ns_per_byte: avg.compress_ns_per_byte + (ns_per_byte - avg.compress_ns_per_byte) * TRIAL_WEIGHT,
+                packed_ratio: avg.packed_ratio + (ratio - avg.packed_ratio) * TRIAL_WEIGHT,
+            },
+            None => TrialCosts { compress_ns_per_byte: ns_per_byte, packed_ratio: ratio },
+        });
+        if ratio <= 1.0 - MIN_SAVING || self.mode == CompressionMode::Always {
             self.misses = 0;
             self.backoff = 0;
             self.compressed += 1;
             return self.timed(out, packed.len(), |out| out.write_encoded(kind, &packed, data.len(), true));
         }
+        // Memory that does not compress: try again less and less often.
         self.misses += 1;
         if self.backoff > 0 {
             // A trial after a wait failed: wait longer.
@@ -159,14 +190,35 @@ impl Compressor {
             self.backoff = BACKOFF_CHUNKS;
             self.skip = self.backoff;
         }
-        if smaller {
-            // Already compressed: sending the smaller frame is cheaper now.
-            self.compressed += 1;
-            self.timed(out, packed.len(), |out| out.write_encoded(kind, &packed, data.len(), true))
-        } else {
-            raw(self, out)
-        }
+        raw(self, out)
     }
+
+    /// Whether compressing saves time, by the averages. Per input byte,
+    /// sending raw takes the longer of the CPU cost and the link's;
+    /// compressed, the longer of zstd's time plus the CPU cost of what is
+    /// left, and the link's cost of what is left. Until a frame has been
+    /// timed and a chunk compressed, it is taken to pay.
+    fn compression_pays(&self) -> bool {
+        let (Some(cpu), Some(t)) = (self.cpu_cost, self.trial_costs) else {
+            return true;
+        };
+        let link = self.link_cost.unwrap_or(0.0);
+        let raw = cpu.max(link);
+        let packed = (t.compress_ns_per_byte + cpu * t.packed_ratio).max(link * t.packed_ratio);
+        packed < raw
+    }
+}
+
+/// CPU time this thread has used, in ns.
+fn thread_cpu_ns() -> f64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(0.0, |t| t.tv_sec() as f64 * 1e9 + t.tv_nsec() as f64)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TrialCosts {
+    compress_ns_per_byte: f64,
+    packed_ratio: f64,
 }
 
 pub(crate) fn decompress(kind: MessageKind, wire: &[u8], raw_len: u32) -> Result<Vec<u8>, ProtocolError> {
@@ -237,8 +289,8 @@ mod tests {
 
     #[test]
     fn incompressible_data_is_tried_rarely_and_compressible_data_wins_it_back() {
-        // 50 MB/s: compressing saves time wherever it saves bytes.
-        let mut w = FrameWriter::new(Link { ns_per_byte: 20 });
+        // 10 MB/s: compressing saves time wherever it saves bytes.
+        let mut w = FrameWriter::new(Link { ns_per_byte: 100 });
         let mut c = Compressor::new(CompressionMode::Auto);
         let random = noise(4096, 7);
         for _ in 0..2048 {
@@ -268,13 +320,36 @@ mod tests {
 
     #[test]
     fn compression_pays_over_a_slow_link() {
-        let mut w = FrameWriter::new(Link { ns_per_byte: 20 });
+        let mut w = FrameWriter::new(Link { ns_per_byte: 100 });
         let mut c = Compressor::new(CompressionMode::Auto);
         let chunk = text(256 << 10, 3);
         for _ in 0..32 {
             c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
         }
-        assert_eq!(c.compressed_frames(), 32, "at 50 MB/s every chunk of text is worth compressing");
+        assert_eq!(c.compressed_frames(), 32, "at 10 MB/s every chunk of text is worth compressing");
+    }
+
+    #[test]
+    fn compression_follows_the_link_when_it_slows_down() {
+        let mut w = FrameWriter::new(Link { ns_per_byte: 0 });
+        let mut c = Compressor::new(CompressionMode::Auto);
+        let chunk = text(256 << 10, 9);
+        for _ in 0..64 {
+            c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
+        }
+        let on_fast_link = c.compressed_frames();
+        assert!(on_fast_link <= 4, "{on_fast_link} of 64 chunks compressed over a link faster than zstd");
+        // The link drops to 10 MB/s: within a few chunks every chunk is
+        // compressed (the send cost is an average over recent frames).
+        w.get_mut().ns_per_byte = 100;
+        for _ in 0..8 {
+            c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
+        }
+        let before = c.compressed_frames();
+        for _ in 0..16 {
+            c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
+        }
+        assert_eq!(c.compressed_frames(), before + 16, "compression did not come back on a slow link: {:?} {:?} {:?}", c.trial_costs, c.cpu_cost, c.link_cost);
     }
 
     #[test]
@@ -288,7 +363,8 @@ mod tests {
         for _ in 0..512 {
             c.write(&mut w, MessageKind::ImageData, &chunk).unwrap();
         }
-        assert!(c.trials() <= 12, "{} trials for chunks not worth compressing", c.trials());
+        // The first, then one in 33 to see whether that changed.
+        assert!(c.trials() <= 2 + 512 / (COST_RECHECK_CHUNKS as u64 + 1), "{} trials for chunks not worth compressing", c.trials());
         // `always` is not second-guessed.
         let mut always = Compressor::new(CompressionMode::Always);
         for _ in 0..4 {
