@@ -476,7 +476,7 @@ fn bench_migration() {
     let sizes: Vec<u64> = std::env::var("CTMIGRATE_BENCH_SIZES")
         .map(|s| s.split(',').map(|v| v.trim().parse().unwrap()).collect())
         .unwrap_or_else(|_| vec![64, 512, 1024]);
-    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(3);
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(5);
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
 
@@ -711,7 +711,7 @@ fn bench_image_pipeline() {
     let base = tempfile::Builder::new().prefix("ctmigrate-pipeline").tempdir_in("/dev/shm").unwrap();
     let certs = base.path().join("certs");
     let tls_dir = migration_engine::tls::init_certs(&certs, &["127.0.0.1".to_string()]).unwrap().remove(0);
-    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(3);
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(5);
     let mut results: std::collections::BTreeMap<&str, Vec<(f64, u64, u64)>> = Default::default();
     for run in 0..runs {
         // Incompressible pages, as CRIU would have written them.
