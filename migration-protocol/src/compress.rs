@@ -54,9 +54,12 @@ pub struct Compressor {
     /// Averages over recent frames, per byte on the wire: the CPU time
     /// a write takes (sealing, copies, the socket), and the wall time of
     /// writes that had to wait (the link, the peer or a throttle: what the
-    /// link allows). No waits seen: the link keeps up with this process.
+    /// link allows; two in a row, so that one preempted write does not
+    /// count). No waits seen: the link keeps up with this process.
     cpu_cost: Option<f64>,
     link_cost: Option<f64>,
+    /// Whether the last timed write waited.
+    last_write_waited: bool,
     /// Averages over recent trials: zstd's time per input byte, and the
     /// compressed size over the raw size.
     trial_costs: Option<TrialCosts>,
@@ -76,6 +79,9 @@ impl Compressor {
             compressed: 0,
             cpu_cost: None,
             link_cost: None,
+            // The first write that waits is believed: no slow link is
+            // noticed late for want of a second.
+            last_write_waited: true,
             trial_costs: None,
             raw_on_cost: 0,
             compressor: None,
@@ -92,21 +98,27 @@ impl Compressor {
         self.compressed
     }
 
-
-    /// Writes one frame with `write`, timing it into the send costs.
+    /// Writes one frame with `write`, timing it into the send costs (in
+    /// auto mode: only its decisions read them).
     fn timed<W: std::io::Write, F>(&mut self, out: &mut FrameWriter<W>, wire_len: usize, write: F) -> Result<(), ProtocolError>
     where
         F: FnOnce(&mut FrameWriter<W>) -> Result<(), ProtocolError>,
     {
+        if self.mode != CompressionMode::Auto {
+            return write(out);
+        }
         let (wall_started, cpu_started) = (std::time::Instant::now(), thread_cpu_ns());
         write(out)?;
         let (wall, cpu) = (wall_started.elapsed().as_nanos() as f64, thread_cpu_ns() - cpu_started);
         let bytes = wire_len.max(1) as f64;
-        let average = |avg: Option<f64>, sample: f64| Some(avg.map_or(sample, |a| a + (sample - a) * SEND_WEIGHT));
-        self.cpu_cost = average(self.cpu_cost, cpu / bytes);
-        if wall > cpu * BLOCKED_FACTOR {
-            self.link_cost = average(self.link_cost, wall / bytes);
+        self.cpu_cost = Some(moving_average(self.cpu_cost, cpu / bytes, SEND_WEIGHT));
+        let waited = wall > cpu * BLOCKED_FACTOR;
+        // A link holds every write back; a lone write that waited was this
+        // thread being descheduled, and must not stand for the link.
+        if waited && self.last_write_waited {
+            self.link_cost = Some(moving_average(self.link_cost, wall / bytes, SEND_WEIGHT));
         }
+        self.last_write_waited = waited;
         Ok(())
     }
 
@@ -167,12 +179,10 @@ impl Compressor {
         let packed = c.compress(data)?;
         let ns_per_byte = started.elapsed().as_nanos() as f64 / data.len() as f64;
         let ratio = packed.len() as f64 / data.len() as f64;
-        self.trial_costs = Some(match self.trial_costs {
-            Some(avg) => TrialCosts {
-                compress_ns_per_byte: avg.compress_ns_per_byte + (ns_per_byte - avg.compress_ns_per_byte) * TRIAL_WEIGHT,
-                packed_ratio: avg.packed_ratio + (ratio - avg.packed_ratio) * TRIAL_WEIGHT,
-            },
-            None => TrialCosts { compress_ns_per_byte: ns_per_byte, packed_ratio: ratio },
+        let before = self.trial_costs;
+        self.trial_costs = Some(TrialCosts {
+            compress_ns_per_byte: moving_average(before.map(|t| t.compress_ns_per_byte), ns_per_byte, TRIAL_WEIGHT),
+            packed_ratio: moving_average(before.map(|t| t.packed_ratio), ratio, TRIAL_WEIGHT),
         });
         if ratio <= 1.0 - MIN_SAVING || self.mode == CompressionMode::Always {
             self.misses = 0;
@@ -207,6 +217,12 @@ impl Compressor {
         let packed = (t.compress_ns_per_byte + cpu * t.packed_ratio).max(link * t.packed_ratio);
         packed < raw
     }
+}
+
+/// `average` moved towards `sample` by `weight`; the sample alone if
+/// there is no average yet.
+fn moving_average(average: Option<f64>, sample: f64, weight: f64) -> f64 {
+    average.map_or(sample, |a| a + (sample - a) * weight)
 }
 
 /// CPU time this thread has used, in ns.
