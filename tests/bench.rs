@@ -358,7 +358,13 @@ fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
         }
         Method::Floor => {
             run_ok(runc_in(bed, None, &bed.src_runc.root).args(["checkpoint", "--image-path"]).arg(&images_dst).arg(&p.id), "runc checkpoint");
+            let checkpoint_ms = started.elapsed().as_millis() as u64;
             restore(bed);
+            // The floor's two halves, to set against ctmigrate's phases.
+            sample.frozen_phases = Some(serde_json::json!({
+                "checkpoint_ms": checkpoint_ms,
+                "restore_ms": started.elapsed().as_millis() as u64 - checkpoint_ms,
+            }));
             sample.frozen_ms = started.elapsed().as_millis() as u64;
             sample.image_bytes = dir_bytes(&images_dst);
             p.copy.join("rootfs")
@@ -653,7 +659,12 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
     let addr = listener.local_addr().unwrap();
     let server_cfg = tls_dir.map(|d| migration_engine::tls::server_config(d).unwrap());
     let dst = dst.to_path_buf();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
     let receiving = std::thread::spawn(move || {
+        // Set aside before the sender connects, as a receiver does before
+        // the source freezes: out of the throughput and the CPU figures.
+        let reserve = migration_engine::scratch::Reserve::create(&dst, bytes).unwrap();
+        ready_tx.send(()).unwrap();
         let (sock, _) = listener.accept().unwrap();
         // As the receiver and sender set their sockets.
         sock.set_nodelay(true).unwrap();
@@ -662,8 +673,6 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
             None => Conn::plain(sock).unwrap(),
         };
         let cpu = thread_cpu_ms();
-        let reserve = migration_engine::scratch::Reserve::create(&dst, bytes).unwrap();
-        let cpu_reserve = thread_cpu_ms() - cpu;
         let mut reader = FrameReader::new(conn);
         let mut sink = ImageSink::new(&dst, 100, 1 << 40).with_reserve(Some(reserve));
         loop {
@@ -671,15 +680,17 @@ fn pipeline_pass(src: &Path, dst: &Path, tls_dir: Option<&Path>, bytes: u64) -> 
             match f.kind {
                 MessageKind::ImageData => {
                     sink.write_frame(&f).unwrap();
+                    reader.recycle(f);
                 }
                 MessageKind::ImagesDone => {
                     sink.verify(&f.json::<ImagesDone>().unwrap()).unwrap();
-                    return thread_cpu_ms() - cpu - cpu_reserve;
+                    return thread_cpu_ms() - cpu;
                 }
                 other => panic!("unexpected {other:?}"),
             }
         }
     });
+    ready.recv().unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_nodelay(true).unwrap();
     let conn = match tls_dir {

@@ -476,6 +476,7 @@ impl<'a> Session<'a> {
                         return Err(MigrationError::Other("image data outside a round".into()));
                     };
                     self.sink_bytes += sink.write_frame(&frame)? as u64;
+                    self.reader.recycle(frame);
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
                     if std::mem::take(&mut first_image) {
                         failpoints::hit("receiver-during-images")?;

@@ -216,6 +216,10 @@ pub struct FrameReader<R: Read> {
     pub raw_bytes: u64,
     /// Most payload bytes (after decompression) this reader accepts in all.
     limit: u64,
+    /// A payload buffer handed back with [`recycle`](Self::recycle): the
+    /// next frame is read into it, with no allocation and no zeroing when
+    /// it is as large (image chunks are all about the same size).
+    spare: Vec<u8>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -225,6 +229,14 @@ impl<R: Read> FrameReader<R> {
             wire_bytes: 0,
             raw_bytes: 0,
             limit: u64::MAX,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands a frame's payload buffer back for the next frame to use.
+    pub fn recycle(&mut self, frame: Frame) {
+        if frame.payload.capacity() > self.spare.capacity() {
+            self.spare = frame.payload;
         }
     }
 
@@ -279,7 +291,10 @@ impl<R: Read> FrameReader<R> {
         if self.raw_bytes + raw_len as u64 > self.limit {
             return Err(ProtocolError::StreamTooLarge { limit: self.limit });
         }
-        let mut wire = vec![0u8; wire_len as usize];
+        let mut wire = std::mem::take(&mut self.spare);
+        // Only bytes beyond the buffer's previous length are zeroed; those
+        // within it are overwritten by the read below.
+        wire.resize(wire_len as usize, 0);
         if read_full(&mut self.inner, &mut wire)? < wire.len() {
             return Err(ProtocolError::Truncated("inside a frame payload"));
         }

@@ -73,6 +73,28 @@ fn compressed_and_raw_chunks_round_trip() {
 }
 
 #[test]
+fn recycled_payload_buffers_carry_each_frame_exactly() {
+    // Larger, smaller, equal and larger again than the buffer handed back,
+    // each filled with a byte of its own: nothing of a frame may show
+    // through in the next.
+    let sizes = [1 << 20, 100, 0, 100, 70_000, 1 << 20, (1 << 20) + 9];
+    let mut w = FrameWriter::new(Vec::new());
+    for (i, len) in sizes.iter().enumerate() {
+        w.write_frame(MessageKind::ImageData, &vec![i as u8 + 1; *len]).unwrap();
+    }
+    let bytes = w.get_ref().clone();
+    let mut r = FrameReader::new(&bytes[..]);
+    for (i, len) in sizes.iter().enumerate() {
+        let f = r.read_frame().unwrap();
+        assert_eq!(f.payload.len(), *len, "frame {i}");
+        assert!(f.payload.iter().all(|b| *b == i as u8 + 1), "frame {i} has bytes of another");
+        assert_eq!(f.payload_crc, Some(crc32c::crc32c(&f.payload)), "frame {i}");
+        r.recycle(f);
+    }
+    assert!(matches!(r.read_frame(), Err(ProtocolError::Closed)));
+}
+
+#[test]
 fn image_data_round_trip_and_bounds() {
     let d = ImageData { name: "pages-1.img", offset: 1 << 33, data: b"abc" };
     let mut buf = Vec::new();
