@@ -227,8 +227,18 @@ impl Runc {
         Ok(())
     }
 
-    /// `runc restore -d` from `images`, CRIU's log going to `work`.
-    pub fn restore(&self, id: &str, bundle: &Path, images: &Path, work: &Path, tcp_established: bool) -> Result<(), RuntimeError> {
+    /// `runc restore -d` from `images`, CRIU's log going to `work`;
+    /// `started` gets runc's pid once it runs (CRIU and the restored tasks
+    /// are its descendants until it returns).
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        images: &Path,
+        work: &Path,
+        tcp_established: bool,
+        started: impl FnOnce(u32),
+    ) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
         // --auto-dedup: CRIU punches each page out of the images as it
         // restores it, so the restored process reuses the staging memory.
@@ -243,7 +253,7 @@ impl Runc {
             .arg("--bundle")
             .arg(bundle)
             .arg(id);
-        self.run_leaving_tasks("restore", cmd, work, Some(&work.join("restore.log")))
+        self.run_leaving_tasks("restore", cmd, work, Some(&work.join("restore.log")), started)
     }
 
     /// Runs a runc command that leaves container tasks behind. stdout is
@@ -256,14 +266,18 @@ impl Runc {
         mut cmd: Command,
         err_dir: &Path,
         criu_log: Option<&Path>,
-
+        started: impl FnOnce(u32),
     ) -> Result<(), RuntimeError> {
         let err_path = err_dir.join(format!("runc-{action}-{}.stderr", std::process::id()));
         let err_file = File::create(&err_path).map_err(io_err(&err_path))?;
         let status = cmd
             .stdout(Stdio::null())
             .stderr(err_file)
-            .status()
+            .spawn()
+            .and_then(|mut child| {
+                started(child.id());
+                child.wait()
+            })
             .map_err(|source| RuntimeError::Spawn { binary: self.binary.clone(), source });
         let stderr = std::fs::read(&err_path).unwrap_or_default();
         let _ = std::fs::remove_file(&err_path);

@@ -266,9 +266,15 @@ impl<'a> Session<'a> {
         let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
-            staging.reserve = Some(
-                crate::scratch::Reserve::create(&staging.images, crate::scratch::receiver_reserve_bytes(manifest.memory_bytes))
-                    .map_err(|e| refused(e.to_string()))?,
+            staging.reserve =
+                Some(crate::scratch::Reserve::create(&staging.images, manifest.memory_bytes).map_err(|e| refused(e.to_string()))?);
+            staging.restore_block = Some(
+                crate::scratch::Reserve::create_named(
+                    &staging.images,
+                    "restore-block",
+                    crate::scratch::restore_block_bytes(manifest.memory_bytes),
+                )
+                .map_err(|e| refused(e.to_string()))?,
             );
         }
         if let Some(record) = &manifest.network {
@@ -308,9 +314,23 @@ impl<'a> Session<'a> {
         st.restore_attempted = true;
         // What the images did not use goes back before the restore needs it.
         st.reserve = None;
-        self.runc
-            .restore(&manifest.dest_id, &st.bundle, &st.images.join(round_dir(RoundKind::Final, 0)), &st.work, manifest.tcp_established)
-            .map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
+        // The restore's first read block is handed over as CRIU takes it,
+        // on the CPU CRIU's restorer runs on.
+        let block = st.restore_block.take();
+        let mut handover = None;
+        let restored = self.runc.restore(
+            &manifest.dest_id,
+            &st.bundle,
+            &st.images.join(round_dir(RoundKind::Final, 0)),
+            &st.work,
+            manifest.tcp_established,
+            |runc_pid| {
+                let mut restorer = crate::scratch::BusiestTaskCpu::new(runc_pid);
+                handover = block.map(|b| b.hand_over(move || restorer.cpu()));
+            },
+        );
+        drop(handover);
+        restored.map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
         let pid = self
             .runc
             .live_init_pid(&manifest.dest_id)
@@ -561,6 +581,8 @@ struct Staging {
     network: Option<DestinationNetwork>,
     /// Staging memory set aside before the freeze (memory staging only).
     reserve: Option<crate::scratch::Reserve>,
+    /// Memory for the restore's first read block, set aside with `reserve`.
+    restore_block: Option<crate::scratch::Reserve>,
 }
 
 impl Staging {
@@ -577,6 +599,7 @@ impl Staging {
             restore_attempted: false,
             committed: false,
             reserve: None,
+            restore_block: None,
             network: None,
         };
         std::fs::DirBuilder::new()

@@ -50,12 +50,17 @@ pub fn memory_stage_size(mode: StageMode, expected: u64) -> Option<u64> {
 /// the restore needs that much memory on top of the images at once.
 const RESTORE_READ_BLOCK: u64 = 128 << 20;
 
-/// What the receiver sets aside for a container of `memory` bytes: its
-/// images and, given back just before the restore, the restore's first
-/// read block, so that the restored memory starts in pages touched before
-/// the freeze.
-pub fn receiver_reserve_bytes(memory: u64) -> u64 {
-    memory + memory.min(RESTORE_READ_BLOCK)
+/// What the receiver sets aside, beside its images' reserve, for the
+/// restore of a container of `memory` bytes: the restore's first read
+/// block, handed over while the restore allocates it (see
+/// [`Reserve::hand_over`]).
+pub fn restore_block_bytes(memory: u64) -> u64 {
+    memory.min(RESTORE_READ_BLOCK)
+}
+
+/// Free memory on this host (MemFree), or 0 if it cannot be read.
+pub fn free_memory() -> u64 {
+    nix::sys::sysinfo::sysinfo().map(|i| i.ram_unused()).unwrap_or(0)
 }
 
 /// Mounts a private tmpfs of at most `size` bytes on the (empty) `dir`.
@@ -107,6 +112,11 @@ pub struct Reserve {
 impl Reserve {
     /// Writes `bytes` (rounded up to MiB) into `dir/reserve`.
     pub fn create(dir: &Path, bytes: u64) -> Result<Self, MigrationError> {
+        Self::create_named(dir, "reserve", bytes)
+    }
+
+    /// Writes `bytes` (rounded up to MiB) into `dir/name`.
+    pub fn create_named(dir: &Path, name: &str, bytes: u64) -> Result<Self, MigrationError> {
         const STEP: usize = 1 << 20;
         let wanted = bytes.div_ceil(STEP as u64) * STEP as u64;
         let cannot = |why: String| {
@@ -121,7 +131,7 @@ impl Reserve {
         if wanted > available / 4 * 3 {
             return Err(cannot(format!("{} MiB available", available >> 20)));
         }
-        let path = dir.join("reserve");
+        let path = dir.join(name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -182,6 +192,167 @@ impl Reserve {
     }
 }
 
+/// How much a [`HandOver`] gives back at a time, and keeps given back
+/// ahead of what the host has taken.
+const HANDOVER_STEP: u64 = 8 << 20;
+/// How often a [`HandOver`] looks at free memory: CRIU's restore takes
+/// about 1.3 MB a millisecond on this project's hosts, well inside a step.
+const HANDOVER_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Reserve {
+    /// Gives the reserve back in step with what the host allocates, a step
+    /// ahead of it, from a thread that frees each step on the CPU `cpu_of`
+    /// names (when it names one), until the returned guard is dropped (the
+    /// rest goes then).
+    ///
+    /// Why: CRIU's restore allocates the container's first 128 MiB block
+    /// with nothing freed before it on its CPU, and the kernel may then
+    /// hand out pages the hypervisor has taken back (free page reporting):
+    /// that block took 0.46-0.69 s to read in 3 of 12 migrations instead of
+    /// 0.08-0.13 s. Pages freed on a CPU are handed out again on that CPU
+    /// first (its per-CPU lists hold hundreds of MiB here), so each step is
+    /// freed on the restorer's CPU just before the restorer needs it. See
+    /// docs/performance.md, session 8.
+    pub fn hand_over(self, cpu_of: impl FnMut() -> Option<usize> + Send + 'static) -> HandOver {
+        self.hand_over_following(free_memory, cpu_of)
+    }
+
+    /// [`hand_over`](Self::hand_over), reading free memory with `free`.
+    pub fn hand_over_following(
+        mut self,
+        free: impl Fn() -> u64 + Send + 'static,
+        mut cpu_of: impl FnMut() -> Option<usize> + Send + 'static,
+    ) -> HandOver {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let given = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop_flag, given_count) = (stop.clone(), given.clone());
+        let thread = std::thread::spawn(move || {
+            use std::sync::atomic::Ordering;
+            let everywhere = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+            let base = free();
+            let mut released = 0u64;
+            while !stop_flag.load(Ordering::Relaxed) && self.held() > 0 {
+                // What others took since the start: free memory fell by it
+                // on top of what was given back.
+                let taken = (base + released).saturating_sub(free());
+                if released < taken + HANDOVER_STEP {
+                    // Freed on the restorer's CPU, then off it at once: a
+                    // thread that stays there makes the scheduler move the
+                    // restorer to another CPU (tried: first blocks were
+                    // slower than with no hand-over at all).
+                    let cpu = cpu_of();
+                    if let Some(c) = cpu {
+                        let mut set = nix::sched::CpuSet::new();
+                        if set.set(c).is_ok() {
+                            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+                        }
+                    }
+                    while released < taken + HANDOVER_STEP && self.held() > 0 {
+                        let step = HANDOVER_STEP.min(self.held());
+                        self.release(step);
+                        released += step;
+                    }
+                    if let (Some(_), Some(all)) = (cpu, everywhere.as_ref()) {
+                        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), all);
+                    }
+                }
+                given_count.store(released, Ordering::Relaxed);
+                std::thread::sleep(HANDOVER_POLL);
+            }
+        });
+        HandOver { stop, given, thread: Some(thread) }
+    }
+}
+
+/// The CPU a process tree's busiest task last ran on: the running task
+/// with the most resident memory among `root` and its descendants (during
+/// a restore, the task whose memory CRIU is filling). The task found is
+/// looked at again on each call and searched for anew every 32 calls (a
+/// Go runtime's many threads make the search cost a few dozen reads).
+pub struct BusiestTaskCpu {
+    root: u32,
+    task: Option<u32>,
+    calls: u32,
+}
+
+impl BusiestTaskCpu {
+    pub fn new(root: u32) -> Self {
+        Self { root, task: None, calls: 0 }
+    }
+
+    pub fn cpu(&mut self) -> Option<usize> {
+        self.calls += 1;
+        if self.task.is_none() || self.calls % 32 == 0 {
+            self.task = descendants(self.root)
+                .into_iter()
+                .filter_map(|pid| task_stat(pid).map(|st| (pid, st)))
+                .filter(|(_, st)| st.running)
+                .max_by_key(|(_, st)| st.rss_pages)
+                .map(|(pid, _)| pid);
+        }
+        let stat = task_stat(self.task?);
+        if stat.is_none() {
+            self.task = None;
+        }
+        stat.map(|st| st.cpu)
+    }
+}
+
+struct TaskStat {
+    running: bool,
+    rss_pages: u64,
+    cpu: usize,
+}
+
+/// A process's state, resident pages and last CPU, from /proc/PID/stat.
+fn task_stat(pid: u32) -> Option<TaskStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses:
+    // state is field 3, rss field 24, processor field 39.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(TaskStat { running: *fields.first()? == "R", rss_pages: fields.get(21)?.parse().ok()?, cpu: fields.get(36)?.parse().ok()? })
+}
+
+/// `root` and every process below it, through each thread's children.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut found = vec![root];
+    let mut next = 0;
+    while next < found.len() {
+        let pid = found[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            found.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    found
+}
+
+/// A reserve being given back as memory is taken; dropping it gives back
+/// the rest. See [`Reserve::hand_over`].
+pub struct HandOver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    given: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HandOver {
+    /// Bytes given back so far.
+    pub fn given(&self) -> u64 {
+        self.given.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for HandOver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for Reserve {
     fn drop(&mut self) {
         if let Some(path) = &self.path {
@@ -225,8 +396,78 @@ mod tests {
 
     #[test]
     fn the_receiver_sets_aside_the_restores_first_read_block() {
-        assert_eq!(receiver_reserve_bytes(64 << 20), 128 << 20);
-        assert_eq!(receiver_reserve_bytes(1 << 30), (1 << 30) + RESTORE_READ_BLOCK);
+        assert_eq!(restore_block_bytes(64 << 20), 64 << 20);
+        assert_eq!(restore_block_bytes(1 << 30), RESTORE_READ_BLOCK);
+    }
+
+    #[test]
+    fn a_reserve_is_handed_over_as_memory_is_taken() {
+        use std::os::unix::fs::MetadataExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("block");
+        let total: u64 = 64 << 20;
+        let reserve = Reserve::create_named(dir.path(), "block", total).unwrap();
+        let held = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+        // A simulated host of 1 GiB: what the reserve gives back is free,
+        // what the test takes is not.
+        let taken = Arc::new(AtomicU64::new(0));
+        let (host_taken, host_path) = (taken.clone(), path.clone());
+        let free = move || (1u64 << 30) - held(&host_path).min(total) - host_taken.load(Ordering::Relaxed);
+        let handover = reserve.hand_over_following(free, || None);
+        let settle = || std::thread::sleep(std::time::Duration::from_millis(50));
+        settle();
+        // One step ahead, nothing more while nobody allocates.
+        assert_eq!(handover.given(), HANDOVER_STEP);
+        assert!(held(&path) <= total - HANDOVER_STEP, "{}", held(&path));
+        assert!(held(&path) >= total - 2 * HANDOVER_STEP, "{}", held(&path));
+        // Someone takes 20 MiB: a step stays given back beyond that.
+        taken.fetch_add(20 << 20, Ordering::Relaxed);
+        settle();
+        assert_eq!(handover.given(), 32 << 20, "20 MiB taken, rounded up to steps, plus one step ahead");
+        // More than the reserve is taken: all of it goes.
+        taken.fetch_add(200 << 20, Ordering::Relaxed);
+        settle();
+        assert_eq!(handover.given(), total);
+        assert_eq!(held(&path), 0);
+        drop(handover);
+        assert!(!path.exists(), "the reserve's file goes with the hand-over");
+    }
+
+    #[test]
+    fn dropping_a_hand_over_gives_back_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let handover = Reserve::create_named(dir.path(), "block", 32 << 20).unwrap().hand_over_following(|| 1 << 30, || None);
+        assert!(dir.path().join("block").exists());
+        drop(handover);
+        assert!(!dir.path().join("block").exists());
+    }
+
+    #[test]
+    fn the_busiest_task_of_a_tree_is_found_on_its_cpu() {
+        let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        let last = (0..nix::sched::CpuSet::count()).filter(|c| cpus.is_set(*c).unwrap_or(false)).last().unwrap();
+        // A shell that waits for a busy grandchild pinned to `last`: the
+        // shell sleeps, so the busy one is found, below it.
+        let mut tree = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("taskset -c {last} sh -c 'while :; do :; done'; :"))
+            .spawn()
+            .unwrap();
+        let mut finder = BusiestTaskCpu::new(tree.id());
+        let found = (0..200).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            finder.cpu().filter(|c| *c == last)
+        });
+        let busy = descendants(tree.id());
+        for pid in busy.iter().skip(1) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = tree.kill();
+        let _ = tree.wait();
+        assert_eq!(found, Some(last), "the busy grandchild on CPU {last} was not found (tree {busy:?})");
+        assert_eq!(BusiestTaskCpu::new(u32::MAX - 1).cpu(), None, "no such process");
     }
 
     #[test]
