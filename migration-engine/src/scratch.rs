@@ -208,8 +208,8 @@ impl Reserve {
     /// Why: CRIU's restore allocates the container's first 128 MiB block
     /// with nothing freed before it on its CPU, and the kernel may then
     /// hand out pages the hypervisor has taken back (free page reporting):
-    /// that block took 0.46-0.69 s to read in 3 of 12 migrations instead of
-    /// 0.08-0.13 s. Pages freed on a CPU are handed out again on that CPU
+    /// that block took 0.34-0.69 s to read in up to 5 of 12 migrations
+    /// instead of 0.08-0.13 s. Pages freed on a CPU are handed out again on that CPU
     /// first (its per-CPU lists hold hundreds of MiB here), so each step is
     /// freed on the restorer's CPU just before the restorer needs it. See
     /// docs/performance.md, session 8.
