@@ -325,8 +325,8 @@ impl<'a> Session<'a> {
             &st.work,
             manifest.tcp_established,
             |runc_pid| {
-                let mut restorer = crate::scratch::BusiestTaskCpu::new(runc_pid);
-                handover = block.map(|b| b.hand_over(move || restorer.cpu()));
+                let mut restorer = crate::scratch::BusiestTask::new(runc_pid);
+                handover = block.map(|b| b.hand_over(move || restorer.seen()));
             },
         );
         drop(handover);

@@ -58,10 +58,6 @@ pub fn restore_block_bytes(memory: u64) -> u64 {
     memory.min(RESTORE_READ_BLOCK)
 }
 
-/// Free memory on this host (MemFree), or 0 if it cannot be read.
-pub fn free_memory() -> u64 {
-    nix::sys::sysinfo::sysinfo().map(|i| i.ram_unused()).unwrap_or(0)
-}
 
 /// Mounts a private tmpfs of at most `size` bytes on the (empty) `dir`.
 pub fn mount_tmpfs(dir: &Path, size: u64) -> Result<(), MigrationError> {
@@ -107,6 +103,8 @@ pub struct Reserve {
     path: Option<PathBuf>,
     /// Bytes still held, from the start of the file.
     held: u64,
+    /// Bytes written when it was made.
+    created: u64,
 }
 
 impl Reserve {
@@ -139,7 +137,7 @@ impl Reserve {
             .mode(0o600)
             .open(&path)
             .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-        let mut reserve = Reserve { file, path: Some(path), held: 0 };
+        let mut reserve = Reserve { file, path: Some(path), held: 0, created: 0 };
         // Written, not fallocated: tmpfs allocates on fallocate but
         // touches the memory only when it is written.
         let zeros = vec![0u8; STEP];
@@ -147,6 +145,7 @@ impl Reserve {
             reserve.file.write_all_at(&zeros, reserve.held).map_err(|e| cannot(e.to_string()))?;
             reserve.held += STEP as u64;
         }
+        reserve.created = reserve.held;
         Ok(reserve)
     }
 
@@ -193,94 +192,110 @@ impl Reserve {
 }
 
 /// How much a [`HandOver`] gives back at a time, and keeps given back
-/// ahead of what the host has taken.
+/// ahead of what the task it follows has taken.
 const HANDOVER_STEP: u64 = 8 << 20;
-/// How often a [`HandOver`] looks at free memory: CRIU's restore takes
-/// about 1.3 MB a millisecond on this project's hosts, well inside a step.
+/// How often a [`HandOver`] looks at the task: CRIU's restore takes about
+/// 1.3 MB a millisecond on this project's hosts, well inside a step.
 const HANDOVER_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+/// A hand-over that sees no task this long gives everything back at once
+/// (as before hand-overs): the memory must not be kept from the restore.
+const HANDOVER_BLIND_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A task a [`HandOver`] follows: which it is, the CPU it last ran on and
+/// the bytes it has resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskSeen {
+    pub pid: u32,
+    pub cpu: usize,
+    pub resident: u64,
+}
 
 impl Reserve {
-    /// Gives the reserve back in step with what the host allocates, a step
-    /// ahead of it, from a thread that frees each step on the CPU `cpu_of`
-    /// names (when it names one), until the returned guard is dropped (the
-    /// rest goes then).
+    /// Gives the reserve back as the task `observe` reports takes memory,
+    /// a step ahead of it, each step freed on the task's CPU, from a thread,
+    /// until the returned guard is dropped (the rest goes then).
     ///
     /// Why: CRIU's restore allocates the container's first 128 MiB block
     /// with nothing freed before it on its CPU, and the kernel may then
     /// hand out pages the hypervisor has taken back (free page reporting):
     /// that block took 0.34-0.69 s to read in up to 5 of 12 migrations
-    /// instead of 0.08-0.13 s. Pages freed on a CPU are handed out again on that CPU
-    /// first (its per-CPU lists hold hundreds of MiB here), so each step is
-    /// freed on the restorer's CPU just before the restorer needs it. See
+    /// instead of 0.08-0.13 s. Pages freed on a CPU are handed out again on
+    /// that CPU first (its per-CPU lists hold hundreds of MiB here), so each
+    /// step is freed on the restorer's CPU just before it needs it. The
+    /// task's own resident memory says what it took: free memory cannot,
+    /// since pages on a CPU's lists are not counted free. See
     /// docs/performance.md, session 8.
-    pub fn hand_over(self, cpu_of: impl FnMut() -> Option<usize> + Send + 'static) -> HandOver {
-        self.hand_over_following(free_memory, cpu_of)
-    }
-
-    /// [`hand_over`](Self::hand_over), reading free memory with `free`.
-    pub fn hand_over_following(
-        mut self,
-        free: impl Fn() -> u64 + Send + 'static,
-        mut cpu_of: impl FnMut() -> Option<usize> + Send + 'static,
-    ) -> HandOver {
+    pub fn hand_over(mut self, mut observe: impl FnMut() -> Option<TaskSeen> + Send + 'static) -> HandOver {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let given = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (stop_flag, given_count) = (stop.clone(), given.clone());
         let thread = std::thread::spawn(move || {
             use std::sync::atomic::Ordering;
             let everywhere = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
-            let base = free();
-            let mut released = 0u64;
+            let started = std::time::Instant::now();
+            // The task followed, its resident bytes when first seen, and
+            // what was given back since.
+            let mut following: Option<(u32, u64)> = None;
+            let mut given_to_task = 0u64;
             while !stop_flag.load(Ordering::Relaxed) && self.held() > 0 {
-                // What others took since the start: free memory fell by it
-                // on top of what was given back.
-                let taken = (base + released).saturating_sub(free());
-                if released < taken + HANDOVER_STEP {
-                    // Freed on the restorer's CPU, then off it at once: a
-                    // thread that stays there makes the scheduler move the
-                    // restorer to another CPU (tried: first blocks were
-                    // slower than with no hand-over at all).
-                    let cpu = cpu_of();
-                    if let Some(c) = cpu {
-                        let mut set = nix::sched::CpuSet::new();
-                        if set.set(c).is_ok() {
-                            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+                match observe() {
+                    Some(seen) => {
+                        if following.map(|(pid, _)| pid) != Some(seen.pid) {
+                            following = Some((seen.pid, seen.resident));
+                            given_to_task = 0;
+                        }
+                        let taken = seen.resident.saturating_sub(following.map_or(0, |(_, base)| base));
+                        if given_to_task < taken + HANDOVER_STEP {
+                            // Freed on the task's CPU, then off it at once:
+                            // a thread that stays there makes the scheduler
+                            // move the restorer to another CPU (tried).
+                            let mut set = nix::sched::CpuSet::new();
+                            let pinned = set.set(seen.cpu).is_ok()
+                                && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_ok();
+                            while given_to_task < taken + HANDOVER_STEP && self.held() > 0 {
+                                let step = HANDOVER_STEP.min(self.held());
+                                self.release(step);
+                                given_to_task += step;
+                            }
+                            if let (true, Some(all)) = (pinned, everywhere.as_ref()) {
+                                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), all);
+                            }
                         }
                     }
-                    while released < taken + HANDOVER_STEP && self.held() > 0 {
-                        let step = HANDOVER_STEP.min(self.held());
-                        self.release(step);
-                        released += step;
-                    }
-                    if let (Some(_), Some(all)) = (cpu, everywhere.as_ref()) {
-                        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), all);
-                    }
+                    None if following.is_none() && started.elapsed() > HANDOVER_BLIND_LIMIT => self.release(u64::MAX),
+                    None => {}
                 }
-                given_count.store(released, Ordering::Relaxed);
+                given_count.store(self.given(), Ordering::Relaxed);
                 std::thread::sleep(HANDOVER_POLL);
             }
+            given_count.store(self.given(), Ordering::Relaxed);
         });
         HandOver { stop, given, thread: Some(thread) }
     }
+
+    /// Bytes given back so far.
+    fn given(&self) -> u64 {
+        self.created - self.held
+    }
 }
 
-/// The CPU a process tree's busiest task last ran on: the running task
-/// with the most resident memory among `root` and its descendants (during
-/// a restore, the task whose memory CRIU is filling). The task found is
-/// looked at again on each call and searched for anew every 32 calls (a
-/// Go runtime's many threads make the search cost a few dozen reads).
-pub struct BusiestTaskCpu {
+/// The busiest task of a process tree: the running task with the most
+/// resident memory among `root` and its descendants (during a restore, the
+/// task whose memory CRIU is filling). The task found is looked at again on
+/// each call and searched for anew every 32 calls (a Go runtime's many
+/// threads make the search cost a few dozen reads).
+pub struct BusiestTask {
     root: u32,
     task: Option<u32>,
     calls: u32,
 }
 
-impl BusiestTaskCpu {
+impl BusiestTask {
     pub fn new(root: u32) -> Self {
         Self { root, task: None, calls: 0 }
     }
 
-    pub fn cpu(&mut self) -> Option<usize> {
+    pub fn seen(&mut self) -> Option<TaskSeen> {
         self.calls += 1;
         if self.task.is_none() || self.calls % 32 == 0 {
             self.task = descendants(self.root)
@@ -290,11 +305,13 @@ impl BusiestTaskCpu {
                 .max_by_key(|(_, st)| st.rss_pages)
                 .map(|(pid, _)| pid);
         }
-        let stat = task_stat(self.task?);
-        if stat.is_none() {
+        let pid = self.task?;
+        let Some(stat) = task_stat(pid) else {
             self.task = None;
-        }
-        stat.map(|st| st.cpu)
+            return None;
+        };
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
+        Some(TaskSeen { pid, cpu: stat.cpu, resident: stat.rss_pages * page })
     }
 }
 
@@ -401,33 +418,31 @@ mod tests {
     }
 
     #[test]
-    fn a_reserve_is_handed_over_as_memory_is_taken() {
+    fn a_reserve_is_handed_over_as_the_task_takes_memory() {
         use std::os::unix::fs::MetadataExt;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
+        use std::sync::{Arc, Mutex};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("block");
         let total: u64 = 64 << 20;
-        let reserve = Reserve::create_named(dir.path(), "block", total).unwrap();
         let held = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
-        // A simulated host of 1 GiB: what the reserve gives back is free,
-        // what the test takes is not.
-        let taken = Arc::new(AtomicU64::new(0));
-        let (host_taken, host_path) = (taken.clone(), path.clone());
-        let free = move || (1u64 << 30) - held(&host_path).min(total) - host_taken.load(Ordering::Relaxed);
-        let handover = reserve.hand_over_following(free, || None);
+        // A simulated restorer: the test says what it holds.
+        let task = Arc::new(Mutex::new(None::<TaskSeen>));
+        let watched = task.clone();
+        let handover = Reserve::create_named(dir.path(), "block", total).unwrap().hand_over(move || *watched.lock().unwrap());
         let settle = || std::thread::sleep(std::time::Duration::from_millis(50));
         settle();
-        // One step ahead, nothing more while nobody allocates.
+        assert_eq!(handover.given(), 0, "nothing given back before the task is seen");
+        // Seen holding 5 MiB (its own, not taken from us): one step ahead.
+        *task.lock().unwrap() = Some(TaskSeen { pid: 7, cpu: 0, resident: 5 << 20 });
+        settle();
         assert_eq!(handover.given(), HANDOVER_STEP);
         assert!(held(&path) <= total - HANDOVER_STEP, "{}", held(&path));
-        assert!(held(&path) >= total - 2 * HANDOVER_STEP, "{}", held(&path));
-        // Someone takes 20 MiB: a step stays given back beyond that.
-        taken.fetch_add(20 << 20, Ordering::Relaxed);
+        // It takes 20 MiB: a step stays given back beyond that.
+        *task.lock().unwrap() = Some(TaskSeen { pid: 7, cpu: 0, resident: 25 << 20 });
         settle();
         assert_eq!(handover.given(), 32 << 20, "20 MiB taken, rounded up to steps, plus one step ahead");
-        // More than the reserve is taken: all of it goes.
-        taken.fetch_add(200 << 20, Ordering::Relaxed);
+        // More than the reserve: all of it goes.
+        *task.lock().unwrap() = Some(TaskSeen { pid: 7, cpu: 0, resident: 500 << 20 });
         settle();
         assert_eq!(handover.given(), total);
         assert_eq!(held(&path), 0);
@@ -436,9 +451,17 @@ mod tests {
     }
 
     #[test]
+    fn a_hand_over_that_sees_no_task_gives_everything_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let handover = Reserve::create_named(dir.path(), "block", 16 << 20).unwrap().hand_over(|| None);
+        std::thread::sleep(HANDOVER_BLIND_LIMIT + std::time::Duration::from_millis(200));
+        assert_eq!(handover.given(), 16 << 20);
+    }
+
+    #[test]
     fn dropping_a_hand_over_gives_back_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let handover = Reserve::create_named(dir.path(), "block", 32 << 20).unwrap().hand_over_following(|| 1 << 30, || None);
+        let handover = Reserve::create_named(dir.path(), "block", 32 << 20).unwrap().hand_over(|| None);
         assert!(dir.path().join("block").exists());
         drop(handover);
         assert!(!dir.path().join("block").exists());
@@ -455,10 +478,11 @@ mod tests {
             .arg(format!("taskset -c {last} sh -c 'while :; do :; done'; :"))
             .spawn()
             .unwrap();
-        let mut finder = BusiestTaskCpu::new(tree.id());
+        let mut finder = BusiestTask::new(tree.id());
         let found = (0..200).find_map(|_| {
             std::thread::sleep(std::time::Duration::from_millis(10));
-            finder.cpu().filter(|c| *c == last)
+            // (Resident 0 is the moment of taskset's exec.)
+            finder.seen().filter(|t| t.cpu == last && t.pid != tree.id() && t.resident > 0)
         });
         let busy = descendants(tree.id());
         for pid in busy.iter().skip(1) {
@@ -466,8 +490,8 @@ mod tests {
         }
         let _ = tree.kill();
         let _ = tree.wait();
-        assert_eq!(found, Some(last), "the busy grandchild on CPU {last} was not found (tree {busy:?})");
-        assert_eq!(BusiestTaskCpu::new(u32::MAX - 1).cpu(), None, "no such process");
+        assert!(found.is_some(), "the busy grandchild on CPU {last} was not found (tree {busy:?})");
+        assert_eq!(BusiestTask::new(u32::MAX - 1).seen(), None, "no such process");
     }
 
     #[test]
