@@ -58,7 +58,6 @@ pub fn restore_block_bytes(memory: u64) -> u64 {
     memory.min(RESTORE_READ_BLOCK)
 }
 
-
 /// Mounts a private tmpfs of at most `size` bytes on the (empty) `dir`.
 pub fn mount_tmpfs(dir: &Path, size: u64) -> Result<(), MigrationError> {
     mount_tmpfs_with(dir, &format!("size={size},mode=0700"), false, "the images")
@@ -103,8 +102,6 @@ pub struct Reserve {
     path: Option<PathBuf>,
     /// Bytes still held, from the start of the file.
     held: u64,
-    /// Bytes written when it was made.
-    created: u64,
 }
 
 impl Reserve {
@@ -137,7 +134,7 @@ impl Reserve {
             .mode(0o600)
             .open(&path)
             .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-        let mut reserve = Reserve { file, path: Some(path), held: 0, created: 0 };
+        let mut reserve = Reserve { file, path: Some(path), held: 0 };
         // Written, not fallocated: tmpfs allocates on fallocate but
         // touches the memory only when it is written.
         let zeros = vec![0u8; STEP];
@@ -145,7 +142,6 @@ impl Reserve {
             reserve.file.write_all_at(&zeros, reserve.held).map_err(|e| cannot(e.to_string()))?;
             reserve.held += STEP as u64;
         }
-        reserve.created = reserve.held;
         Ok(reserve)
     }
 
@@ -233,6 +229,7 @@ impl Reserve {
             use std::sync::atomic::Ordering;
             let everywhere = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
             let started = std::time::Instant::now();
+            let created = self.held();
             // The task followed, its resident bytes when first seen, and
             // what was given back since.
             let mut following: Option<(u32, u64)> = None;
@@ -265,17 +262,12 @@ impl Reserve {
                     None if following.is_none() && started.elapsed() > HANDOVER_BLIND_LIMIT => self.release(u64::MAX),
                     None => {}
                 }
-                given_count.store(self.given(), Ordering::Relaxed);
+                given_count.store(created - self.held(), Ordering::Relaxed);
                 std::thread::sleep(HANDOVER_POLL);
             }
-            given_count.store(self.given(), Ordering::Relaxed);
+            given_count.store(created - self.held(), Ordering::Relaxed);
         });
         HandOver { stop, given, thread: Some(thread) }
-    }
-
-    /// Bytes given back so far.
-    fn given(&self) -> u64 {
-        self.created - self.held
     }
 }
 
@@ -288,11 +280,13 @@ pub struct BusiestTask {
     root: u32,
     task: Option<u32>,
     calls: u32,
+    page_size: u64,
 }
 
 impl BusiestTask {
     pub fn new(root: u32) -> Self {
-        Self { root, task: None, calls: 0 }
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
+        Self { root, task: None, calls: 0, page_size }
     }
 
     pub fn seen(&mut self) -> Option<TaskSeen> {
@@ -310,8 +304,7 @@ impl BusiestTask {
             self.task = None;
             return None;
         };
-        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
-        Some(TaskSeen { pid, cpu: stat.cpu, resident: stat.rss_pages * page })
+        Some(TaskSeen { pid, cpu: stat.cpu, resident: stat.rss_pages * self.page_size })
     }
 }
 
