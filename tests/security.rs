@@ -187,30 +187,17 @@ fn frame(kind: MessageKind, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// A tar stream of raw entries: (path bytes, type, link target, data).
-fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (path, kind, link, data) in entries {
-        let mut h = tar::Header::new_old();
-        h.as_old_mut().name[..path.len()].copy_from_slice(path);
-        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-        h.set_entry_type(*kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        out.extend_from_slice(h.as_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
+/// Rootfs entry frames, as a hostile sender would write them.
+fn entry_frames(entries: &[rootfs::EntryRecord]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for e in entries {
+        v.extend(frame(MessageKind::RootfsEntry, &prost::Message::encode_to_vec(e)));
     }
-    out.resize(out.len() + 1024, 0);
-    out
+    v
 }
 
-fn rootfs_frames(tar: &[u8]) -> Vec<u8> {
-    let mut v = frame(MessageKind::RootfsData, tar);
-    let end = serde_json::to_vec(&RootfsEnd { phase: RootfsPhase::Initial, entries: 1, deleted: vec![] }).unwrap();
-    v.extend(frame(MessageKind::RootfsEnd, &end));
-    v
+fn entry(path: &[u8], kind: rootfs::EntryKind, target: &[u8]) -> rootfs::EntryRecord {
+    rootfs::EntryRecord { path: path.to_vec(), kind: kind as u32, mode: 0o644, target: target.to_vec(), ..Default::default() }
 }
 
 #[test]
@@ -234,27 +221,24 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     let mut h = Hostile::connect(&bed, port);
     h.hello();
     accepted(&mut h, "trav");
-    h.send(&rootfs_frames(&raw_tar(&[(b"../../../outside/pwned", tar::EntryType::Regular, b"", b"x")])));
+    h.send(&entry_frames(&[entry(b"../../../outside/pwned", rootfs::EntryKind::Fifo, b"")]));
     let why = refusal(&mut receiver, "traversal");
-    assert!(why.contains("refusing rootfs path"), "{why}");
+    assert!(why.contains("rootfs path ../../../outside/pwned"), "{why}");
 
     // 2. A symlink out of the rootfs, then a file written through it.
     let mut h = Hostile::connect(&bed, port);
     h.hello();
     accepted(&mut h, "link");
     let target = outside.to_str().unwrap().as_bytes();
-    h.send(&rootfs_frames(&raw_tar(&[
-        (b"esc", tar::EntryType::Symlink, target, b""),
-        (b"esc/pwned", tar::EntryType::Regular, b"", b"x"),
-    ])));
+    h.send(&entry_frames(&[entry(b"esc", rootfs::EntryKind::Symlink, target), entry(b"esc/pwned", rootfs::EntryKind::Fifo, b"")]));
     let why = refusal(&mut receiver, "symlink");
-    assert!(why.contains("escapes the rootfs") || why.contains("unpacking"), "{why}");
+    assert!(why.contains("not a directory inside the rootfs"), "{why}");
 
     // 3. An oversized frame (a header claiming 4 GiB).
     let mut h = Hostile::connect(&bed, port);
     h.hello();
     accepted(&mut h, "big");
-    let mut header = encode_header(MessageKind::RootfsData, b"", 0, false);
+    let mut header = encode_header(MessageKind::RootfsFileData, b"", 0, false);
     header[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
     header[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
     h.send(&header);
@@ -266,11 +250,13 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     let mut h = Hostile::connect(&bed, port);
     h.hello();
     accepted(&mut h, "bomb");
-    let zeros = vec![0u8; 4 << 20];
-    let packed = zstd::bulk::compress(&zeros, 3).unwrap();
-    let mut bomb = Vec::new();
-    for _ in 0..4 {
-        bomb.extend_from_slice(&encode_header(MessageKind::RootfsData, &packed, zeros.len() as u32, true));
+    let zeros = vec![0u8; (4 << 20) - 8];
+    let mut bomb = entry_frames(&[entry(b"bomb", rootfs::EntryKind::File, b"")]);
+    for i in 0..4u64 {
+        let mut data = (i * zeros.len() as u64).to_le_bytes().to_vec();
+        data.extend_from_slice(&zeros);
+        let packed = zstd::bulk::compress(&data, 3).unwrap();
+        bomb.extend_from_slice(&encode_header(MessageKind::RootfsFileData, &packed, data.len() as u32, true));
         bomb.extend_from_slice(&packed);
     }
     h.send(&bomb);
@@ -295,15 +281,14 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     assert!(f.json::<ErrorMessage>().unwrap().message.contains("/etc"));
     assert!(refusal(&mut receiver, "bind").contains("/etc"));
     // A tmpfs to mount anew outside the container, or with options of the
-    // sender's choosing, or in a protocol version without them.
-    for (version, mountpoint, option, complaint) in [
-        (2, "/../../etc", "size=64k", "not a plain absolute path"),
-        (2, "/dev/shm", "size=64k,context=x", "not one ctmigrate carries"),
-        (1, "/dev/shm", "size=64k", "protocol version 1 does not have"),
+    // sender's choosing.
+    for (mountpoint, option, complaint) in [
+        ("/../../etc", "size=64k", "not a plain absolute path"),
+        ("/dev/shm", "size=64k,context=x", "not one ctmigrate carries"),
     ] {
         let tmpfs = container_runtime::EmptyTmpfs { mountpoint: mountpoint.into(), options: vec![option.into()], read_only: false, device: None };
         let mut h = Hostile::connect(&bed, port);
-        h.hello_at(version);
+        h.hello();
         let f = h.manifest_with_tmpfs("tmpfs", config.clone(), vec![tmpfs]);
         assert_eq!(f.kind, MessageKind::Error);
         assert!(f.json::<ErrorMessage>().unwrap().message.contains(complaint));

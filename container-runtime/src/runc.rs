@@ -242,7 +242,9 @@ impl Runc {
         let mut cmd = self.command();
         // --auto-dedup: CRIU punches each page out of the images as it
         // restores it, so the restored process reuses the staging memory.
-        cmd.args(["restore", "-d", "--auto-dedup"]);
+        // --file-locks: the dump carries fcntl, flock and OFD locks (the
+        // sender asks CRIU for them); the restore must take them again.
+        cmd.args(["restore", "-d", "--auto-dedup", "--file-locks"]);
         if tcp_established {
             cmd.arg("--tcp-established");
         }

@@ -29,6 +29,8 @@ pub fn record(path: &Path, peer: &str, result: &ResultEvent) -> Result<(), std::
         "total_ms": result.total_ms,
         "source_state": result.source_state,
         "error": result.error,
+        "rootfs_verified": result.rootfs_verified,
+        "rootfs_digest": result.rootfs.as_ref().map(|r| r.digest.as_str()).filter(|d| !d.is_empty()),
     });
     let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
     // One write per line: concurrent appenders never interleave.

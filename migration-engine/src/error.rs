@@ -59,6 +59,9 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// The destination's rootfs is not the source's: refused before restore.
+    #[error("{0}")]
+    RootfsMismatch(String),
     #[error("injected failure at `{0}`")]
     Injected(String),
     #[error("{0}")]

@@ -94,9 +94,38 @@ pub struct ResultEvent {
     /// Where the frozen time went (sender).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_phases: Option<FrozenPhases>,
+    /// The destination proved, before restoring, that its rootfs equals
+    /// the source's frozen rootfs (both sides report it).
+    pub rootfs_verified: bool,
+    /// The rootfs copy: passes, the tree digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsReport>,
     /// CPU and memory this process used, measured as the result is sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<ResourceUsage>,
+}
+
+/// What the rootfs copy did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RootfsReport {
+    /// SHA-256 of the frozen tree (see docs/protocol.md), hex.
+    pub digest: String,
+    /// Entries in the frozen tree.
+    pub entries: u64,
+    /// Sender: entries and file bytes of the initial pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_entries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_file_bytes: Option<u64>,
+    /// Sender: entries sent and deleted while frozen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_entries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_deleted: Option<u64>,
+    /// Sender: how the frozen pass found changes (`inotify`, or why it
+    /// compared every entry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_tracking: Option<String>,
 }
 
 /// The frozen window, phase by phase, in milliseconds.

@@ -17,6 +17,8 @@
 //! | `receiver-during-images` | receiver, after the first image chunk |
 //! | `receiver-before-restore` | receiver, with all images received |
 //! | `receiver-before-commit-ack` | receiver, restored, before acknowledging Commit |
+//! | `sender-rootfs-mid-file` | sender, initial rootfs pass, after the first chunk of the first file larger than a chunk |
+//! | `sender-rootfs-unsent-change` | sender, frozen rootfs pass: the tree digest covers a change no record carried (`corrupt`) |
 //! | `sender-after-round` | sender, after a pre-copy round was acknowledged |
 //! | `receiver-after-round` | receiver, after verifying a pre-copy round, before RoundDone |
 

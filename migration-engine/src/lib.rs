@@ -10,6 +10,7 @@ pub mod check;
 pub mod error;
 pub mod events;
 pub mod failpoints;
+pub mod failure_logs;
 pub mod guard;
 pub mod images;
 pub mod interrupt;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use container_runtime::{validate_container_id, BundlePolicy, EmptyTmpfs, Runc};
 use migration_protocol::{
+    RootfsPhase,
     negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImagesDone,
     Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored, RoundBegin, RoundDone, RoundKind,
 };
@@ -169,20 +170,29 @@ fn serve_as(
     match &outcome {
         Ok(()) => result.ok = true,
         Err((e, o)) => {
-            result.error = Some(e.to_string());
+            // CRIU's and runc's logs outlive the staging directory.
+            let kept = session.staging.as_ref().and_then(|st| {
+                crate::failure_logs::keep(&st.work_dir, &crate::failure_logs::dir_for(&opts.audit_log), "receiver", &st.dest_id)
+                    .map(|kept| (st.work_dir.clone(), kept))
+            });
+            let explain = |m: String| match &kept {
+                Some((work, kept)) => crate::failure_logs::point_at_kept(&m, work, kept),
+                None => m,
+            };
+            result.error = Some(explain(e.to_string()));
             result.exit_code = Some(o.exit_code());
             // Tell the sender why, if it still listens.
             let code = match e {
                 MigrationError::Protocol(ProtocolError::NoCommonVersion { .. }) => ErrorCode::IncompatibleVersion,
                 MigrationError::Refused(_) => ErrorCode::Refused,
-                MigrationError::Protocol(_) => ErrorCode::BadStream,
+                MigrationError::Protocol(_) | MigrationError::RootfsMismatch(_) => ErrorCode::BadStream,
                 MigrationError::Remote(_) => ErrorCode::RestoreFailed,
                 _ => ErrorCode::Internal,
             };
-            let message = match e {
+            let message = explain(match e {
                 MigrationError::Refused(m) | MigrationError::Remote(m) => m.clone(),
                 other => other.to_string(),
-            };
+            });
             let _ = session.writer.write_json(MessageKind::Error, &ErrorMessage { code, message });
             let _ = session.writer.flush();
         }
@@ -304,8 +314,15 @@ impl<'a> Session<'a> {
 
         // Rootfs passes and images, in whatever order the sender sends them.
         self.rep.phase(Phase::Transfer);
-        let done = self.receive_state(manifest.max_rounds).map_err(resumed)?;
+        let (done, rootfs_check) = self.receive_state(manifest.max_rounds).map_err(resumed)?;
         result.image_bytes = done.files.iter().map(|f| f.size).sum();
+        // Nothing runs from a rootfs that is not the source's.
+        let verified = rootfs_check
+            .join()
+            .map_err(|_| resumed(MigrationError::Other("the rootfs verification thread panicked".into())))?
+            .map_err(resumed)?;
+        result.rootfs_verified = true;
+        result.rootfs = Some(crate::events::RootfsReport { digest: verified.digest, entries: verified.entries, ..Default::default() });
         failpoints::hit("receiver-before-restore").map_err(resumed)?;
 
         self.rep.phase(Phase::Restore);
@@ -449,9 +466,12 @@ impl<'a> Session<'a> {
     /// Reads rootfs passes and rounds of images until the final round's
     /// ImagesDone, verified. Pre-dump rounds are acknowledged one by one.
     /// Returns the final round's file list.
-    fn receive_state(&mut self, max_rounds: u32) -> Result<ImagesDone, MigrationError> {
+    fn receive_state(&mut self, max_rounds: u32) -> Result<(ImagesDone, RootfsCheck), MigrationError> {
         let st = self.staging.as_ref().expect("staging exists");
         let (rootfs_dir, images_dir) = (st.bundle.join("rootfs"), st.images.clone());
+        let mut tree = rootfs::Applier::new(&rootfs_dir, self.opts.unpack.clone())?;
+        // The frozen pass's verification, run while the images arrive.
+        let mut check: Option<RootfsCheck> = None;
         let mut round: Option<(RoundBegin, ImageSink)> = None;
         let mut last_round = 0u32;
         // The round the next one restores against: round 1 for as long as
@@ -463,9 +483,20 @@ impl<'a> Session<'a> {
         loop {
             let frame = self.read()?;
             match frame.kind {
-                MessageKind::RootfsData | MessageKind::RootfsEnd => {
-                    let (_end, bytes) = rootfs::receive_pass(&mut self.reader, frame, &rootfs_dir, &self.opts.unpack)?;
+                MessageKind::RootfsEntry
+                | MessageKind::RootfsFileData
+                | MessageKind::RootfsFileEnd
+                | MessageKind::RootfsDelete
+                | MessageKind::RootfsEnd => {
+                    if check.is_some() {
+                        return Err(MigrationError::Other("rootfs records after the frozen pass".into()));
+                    }
+                    let (end, bytes) = tree.receive_pass(&mut self.reader, frame)?;
                     self.sink_bytes += bytes;
+                    if end.phase == RootfsPhase::Frozen {
+                        let expected = rootfs::Expected::take(&mut tree, end);
+                        check = Some(std::thread::spawn(move || expected.verify()));
+                    }
                 }
                 MessageKind::RoundBegin => {
                     let begin: RoundBegin = frame.json()?;
@@ -513,7 +544,8 @@ impl<'a> Session<'a> {
                     }
                     last_round = begin.round;
                     if begin.kind == RoundKind::Final {
-                        return Ok(done);
+                        let check = check.ok_or_else(|| MigrationError::Other("the final images came before the frozen rootfs pass".into()))?;
+                        return Ok((done, check));
                     }
                     let bytes = done.files.iter().map(|f| f.size).sum();
                     failpoints::hit("receiver-after-round")?;
@@ -556,6 +588,9 @@ impl<'a> Session<'a> {
         folded
     }
 }
+
+/// The frozen rootfs pass's verification, running.
+type RootfsCheck = std::thread::JoinHandle<Result<rootfs::Verified, MigrationError>>;
 
 /// The first hierarchy in which the cgroup `path` already exists.
 fn existing_cgroup(path: &Path) -> Option<PathBuf> {

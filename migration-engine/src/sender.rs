@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use container_runtime::{validate_container_id, DumpPlan, EmptyTmpfs, FreezerState, Runc, RuncInternalState, RuncState};
 use criu_bindings::{CriuSession, DumpOptions, ExternalMount, NotifyAction};
 use migration_protocol::{
-    CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
+    RootfsPhase, CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
     MessageKind, Restored, RoundBegin, RoundDone, RoundKind, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
@@ -190,6 +190,9 @@ struct Prepared {
     network_handling: Option<String>,
     /// Resident memory of the container at preflight.
     memory_bytes: u64,
+    /// The container's mount points: what they cover in the rootfs
+    /// directory is hidden from it, and not sent.
+    hidden_mounts: std::collections::BTreeSet<PathBuf>,
 }
 
 /// Migrates one container. On failure, the [`Failure`] says what became of
@@ -271,6 +274,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     .map_err(|e| MigrationError::Preflight(format!("{}: {e}", config_path.display())))?;
     let criu_version = criu_bindings::version(&opts.criu_binary)?;
     let (mode, mode_reason) = resolve_mode(opts)?;
+    let hidden_mounts = rootfs::scan::hidden_mount_points(state.pid as i32)?;
     if let Some(reason) = &mode_reason {
         rep.warn(reason.clone());
     }
@@ -374,7 +378,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e),
     }
-    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes })
+    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
 }
 
 /// Resident memory of the container's processes: what its images will
@@ -494,12 +498,15 @@ struct Migration<'a> {
     reserve: Option<crate::scratch::Reserve>,
     /// Mount points of the empty tmpfs left out of the final dump.
     tmpfs_made_anew: Vec<String>,
+    /// The rootfs as sent so far, and what changed since.
+    tree: rootfs::TreeSender,
 }
 
 impl<'a> Migration<'a> {
     fn new(opts: &'a SendOptions, p: Prepared, rep: &'a Reporter) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
-        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None, tmpfs_made_anew: Vec::new() }
+        let tree = rootfs::TreeSender::new(&p.state.rootfs, p.hidden_mounts.clone());
+        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None, tmpfs_made_anew: Vec::new(), tree }
     }
 
     fn run(mut self, result: &mut ResultEvent) -> Result<(), Failure> {
@@ -515,8 +522,13 @@ impl<'a> Migration<'a> {
         }
         result.bytes_sent = self.p.peer.writer.wire_bytes + self.p.peer.reader.wire_bytes;
         result.bytes_raw = self.p.peer.writer.raw_bytes;
-        // Images and logs go, success or failure: what an operator needs
-        // from CRIU's log is in the error message.
+        // Images go, success or failure; a failure's logs are kept.
+        if let Err(f) = &mut outcome {
+            let failed = crate::failure_logs::dir_for(&self.opts.audit_log);
+            if let Some(kept) = crate::failure_logs::keep(&self.work_dir, &failed, "sender", &self.opts.container) {
+                f.error = MigrationError::Other(crate::failure_logs::point_at_kept(&f.error.to_string(), &self.work_dir, &kept));
+            }
+        }
         crate::scratch::remove_work_dir(&self.work_dir);
         outcome
     }
@@ -528,29 +540,35 @@ impl<'a> Migration<'a> {
         let since = Instant::now();
         let mut sent = 0u64;
         let rep = self.rep;
-        let snapshot = rootfs::send_pass(
-            &mut self.p.peer.writer,
-            &mut self.compressor,
-            &self.p.state.rootfs,
-            None,
-            &mut |n| {
+        let initial = self
+            .tree
+            .initial_pass(&mut self.p.peer.writer, &mut self.compressor, &mut |n| {
                 sent += n;
                 rep.progress(Phase::RootfsSync, sent, since);
-            },
-        )
-        .map_err(|e| self.explain_send_error(e))
-        .map_err(not_touched)?;
+            })
+            .map_err(|e| self.explain_send_error(e))
+            .map_err(not_touched)?;
+        result.rootfs = Some(crate::events::RootfsReport {
+            initial_entries: Some(initial.entries),
+            initial_file_bytes: Some(initial.file_bytes),
+            ..Default::default()
+        });
 
         self.prepare_work_dir().map_err(not_touched)?;
 
         // Pre-copy rounds, container running: a failure here leaves the
         // source as it was (it was never frozen by us).
-        let snapshot = if self.p.mode == Mode::Precopy {
-            let still_running = |error| Failure { error, outcome: Outcome::SourceResumed };
-            self.precopy(snapshot, result).map_err(|e| self.explain_send_error(e)).map_err(still_running)?
-        } else {
-            snapshot
-        };
+        let still_running = |error| Failure { error, outcome: Outcome::SourceResumed };
+        if self.p.mode == Mode::Precopy {
+            self.precopy(result).map_err(|e| self.explain_send_error(e)).map_err(still_running)?;
+        }
+        // What changed during the initial pass goes now, so that little is
+        // left for the frozen one.
+        self.rep.phase(Phase::RootfsDelta);
+        self.tree
+            .delta_pass(&mut self.p.peer.writer, &mut self.compressor, RootfsPhase::Delta)
+            .map_err(|e| self.explain_send_error(e))
+            .map_err(still_running)?;
 
         // Freeze: from here on, every failure thaws, and the guard thaws
         // if this process dies.
@@ -569,7 +587,7 @@ impl<'a> Migration<'a> {
         self.frozen = true;
         let frozen_at = Instant::now();
 
-        if let Err(e) = self.frozen_phase(&snapshot, result) {
+        if let Err(e) = self.frozen_phase(result) {
             return Err(self.rollback(e));
         }
         result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
@@ -634,9 +652,9 @@ impl<'a> Migration<'a> {
         Ok(())
     }
 
-    /// Pre-dump rounds until the convergence rule says stop. Returns the
-    /// rootfs snapshot after the last round's delta.
-    fn precopy(&mut self, mut snapshot: rootfs::Snapshot, result: &mut ResultEvent) -> Result<rootfs::Snapshot, MigrationError> {
+    /// Pre-dump rounds until the convergence rule says stop, each followed
+    /// by the rootfs's changes.
+    fn precopy(&mut self, result: &mut ResultEvent) -> Result<(), MigrationError> {
         self.rep.phase(Phase::Precopy);
         let rule = Convergence {
             downtime_target_ms: self.opts.downtime_target.as_millis() as u64,
@@ -649,8 +667,7 @@ impl<'a> Migration<'a> {
             result.image_bytes += sizes.images;
             let bytes = sizes.pages;
             // Keep the destination's rootfs close, so the frozen delta is small.
-            rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(&snapshot), &mut |_| {})
-                .map(|s| snapshot = s)?;
+            self.tree.delta_pass(&mut self.p.peer.writer, &mut self.compressor, RootfsPhase::Delta)?;
             self.p.peer.flush()?;
             let done: RoundDone = self.p.peer.read_with_timeout(self.opts.io_timeout)?.expect(MessageKind::RoundDone, "RoundDone")?.json()?;
             if done.round != round || done.bytes < bytes {
@@ -670,7 +687,7 @@ impl<'a> Migration<'a> {
             }
         }
         result.rounds = rounds;
-        Ok(snapshot)
+        Ok(())
     }
 
     /// One CRIU run (a pre-dump round, or the final dump) into its own
@@ -733,15 +750,24 @@ impl<'a> Migration<'a> {
     }
 
     /// Rootfs delta, dump and transfer, restore on the destination.
-    fn frozen_phase(&mut self, snapshot: &rootfs::Snapshot, result: &mut ResultEvent) -> Result<(), MigrationError> {
+    fn frozen_phase(&mut self, result: &mut ResultEvent) -> Result<(), MigrationError> {
         failpoints::hit("sender-after-freeze")?;
         if failpoints::should_corrupt("sender-corrupt-wire") {
             self.p.peer.control.corrupt_next_record();
         }
         let phase_started = Instant::now();
         self.rep.phase(Phase::RootfsDelta);
-        rootfs::send_pass(&mut self.p.peer.writer, &mut self.compressor, &self.p.state.rootfs, Some(snapshot), &mut |_| {})
+        let frozen = self
+            .tree
+            .delta_pass(&mut self.p.peer.writer, &mut self.compressor, RootfsPhase::Frozen)
             .map_err(|e| self.explain_send_error(e))?;
+        if let Some(r) = result.rootfs.as_mut() {
+            r.digest = frozen.tree_digest.clone().unwrap_or_default();
+            r.entries = frozen.tree_entries;
+            r.frozen_entries = Some(frozen.entries);
+            r.frozen_deleted = Some(frozen.deleted);
+            r.frozen_tracking = Some(frozen.full_walk.clone().map(|why| format!("full walk: {why}")).unwrap_or_else(|| "inotify".into()));
+        }
         let mut phases = crate::events::FrozenPhases { rootfs_delta_ms: phase_started.elapsed().as_millis() as u64, ..Default::default() };
 
         let phase_started = Instant::now();
@@ -760,6 +786,9 @@ impl<'a> Migration<'a> {
         self.rep.phase(Phase::Restore);
         let frame = self.p.peer.read_with_timeout(self.opts.restore_timeout)?;
         let restored: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
+        // The receiver restores only after proving its rootfs equal to
+        // the digest sent with the frozen pass.
+        result.rootfs_verified = true;
         phases.restore_wait_ms = phase_started.elapsed().as_millis() as u64;
         phases.restore_ms = restored.restore_ms;
         result.frozen_phases = Some(phases);

@@ -36,6 +36,7 @@ pub enum MessageKind {
     HelloAck = 2,
     Manifest = 3,
     ManifestAccepted = 4,
+    /// Protocol version 2's tar stream; not sent since version 3.
     RootfsData = 5,
     RootfsEnd = 6,
     ImageData = 7,
@@ -47,6 +48,10 @@ pub enum MessageKind {
     Error = 13,
     RoundBegin = 14,
     RoundDone = 15,
+    RootfsEntry = 16,
+    RootfsFileData = 17,
+    RootfsFileEnd = 18,
+    RootfsDelete = 19,
 }
 
 impl MessageKind {
@@ -68,6 +73,10 @@ impl MessageKind {
             13 => Error,
             14 => RoundBegin,
             15 => RoundDone,
+            16 => RootfsEntry,
+            17 => RootfsFileData,
+            18 => RootfsFileEnd,
+            19 => RootfsDelete,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }

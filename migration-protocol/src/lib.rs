@@ -3,22 +3,27 @@
 //! Every message travels in a [`Frame`]: a fixed 24-byte header (magic,
 //! frame-format version, message kind, flags, lengths, CRC-32C) followed by
 //! a payload that may be zstd-compressed. Control messages carry JSON
-//! payloads ([`messages`]); bulk data (rootfs tar stream, CRIU images) is
+//! payloads ([`messages`]); bulk data (rootfs entries, CRIU images) is
 //! binary. docs/protocol.md describes the format and the message sequence.
 
 pub mod compress;
 pub mod crc;
 pub mod frame;
 pub mod messages;
+pub mod rootfs;
 
 pub use compress::{CompressionMode, Compressor};
 pub use frame::{Frame, FrameReader, FrameWriter, MessageKind, FRAME_HEADER_LEN, MAX_PAYLOAD};
 pub use messages::*;
+pub use rootfs::{RootfsEnd, RootfsPhase};
 
 /// Protocol versions this build speaks; the handshake picks the highest
 /// version both peers share.
-pub const PROTOCOL_VERSION_MIN: u32 = 1;
-pub const PROTOCOL_VERSION_MAX: u32 = 2;
+///
+/// Version 3 replaced the rootfs tar stream with entry records and the
+/// tree digest ([`rootfs`]); older peers are refused at the handshake.
+pub const PROTOCOL_VERSION_MIN: u32 = 3;
+pub const PROTOCOL_VERSION_MAX: u32 = 3;
 
 /// The first version whose manifest may list `empty_tmpfs` (tmpfs mounts
 /// the receiver makes anew, named external in the final dump's images).

@@ -68,26 +68,6 @@ pub struct ManifestAccepted {
     pub bundle: String,
 }
 
-/// Which rootfs pass a tar stream belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RootfsPhase {
-    /// Everything, sent while the container still runs.
-    Initial,
-    /// What changed since the initial pass, sent while frozen.
-    Delta,
-}
-
-/// Ends one rootfs tar stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RootfsEnd {
-    pub phase: RootfsPhase,
-    /// Entries in this pass's tar stream.
-    pub entries: u64,
-    /// Paths (relative to the rootfs) removed since the previous pass.
-    pub deleted: Vec<String>,
-}
-
 /// What a round of images is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
