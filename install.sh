@@ -9,7 +9,11 @@
 #   - CRIU >= 4.2: the distribution's if it is new enough and `criu check`
 #     passes, else built from Debian's own source package (suite sid),
 #     installed as /usr/local/sbin/criu with its RPC schema at
-#     /usr/local/include/criu/rpc.proto
+#     /usr/local/include/criu/rpc.proto, with this repository's
+#     criu-patches/*.patch applied in order; what was built (binary, its
+#     sha256, the patches) is recorded in
+#     /usr/local/share/ctmigrate/criu-build.json. A source build whose record
+#     is missing or names other patches than the repository's is rebuilt.
 #   - for the pre-copy tests: qemu (software emulation) and Debian's own
 #     kernel (which tracks dirty memory) unpacked under $GUEST_DIR
 #   - ctmigrate itself at /usr/local/bin/ctmigrate, and the static test
@@ -20,9 +24,13 @@ MIN_CRIU_MAJOR=4
 MIN_CRIU_MINOR=2
 CRIU_PREFIX=/usr/local
 RPC_PROTO_DEST="$CRIU_PREFIX/include/criu/rpc.proto"
+CRIU_SOURCE_BINARY="$CRIU_PREFIX/sbin/criu"
+# Read by `ctmigrate check` and the sender's preflight (criu_build.rs).
+CRIU_BUILD_MARKER=/usr/local/share/ctmigrate/criu-build.json
 FIXTURE_DIR=/usr/local/libexec/ctmigrate
 GUEST_DIR=/var/cache/ctmigrate/guest-kernel
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CRIU_PATCH_DIR="$REPO_DIR/criu-patches"
 
 log() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -33,7 +41,7 @@ command -v apt-get >/dev/null || die "this installer supports Debian-based hosts
 export DEBIAN_FRONTEND=noninteractive
 
 APT_PACKAGES=(
-    runc iptables nftables busybox-static iproute2 procps util-linux psmisc
+    runc iptables nftables busybox-static iproute2 procps util-linux psmisc patch
     protobuf-compiler pkg-config build-essential zstd tar ca-certificates
     # CRIU build dependencies (used only when CRIU is built from source)
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
@@ -72,8 +80,50 @@ criu_version() {
     echo "$v"
 }
 
+# The repository's CRIU patches, in the order they are applied (by name,
+# byte order), one path a line.
+criu_patch_files() {
+    [ -d "$CRIU_PATCH_DIR" ] || return 0
+    find "$CRIU_PATCH_DIR" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort
+}
+
+# The marker's "patches" line for the repository's patches: each patch's
+# file name and sha256, so that a changed patch also means a rebuild.
+criu_patches_json_line() {
+    local f name sum sep="" out=""
+    while IFS= read -r f; do
+        [ -n "$f" ] || continue
+        name=$(basename "$f")
+        case "$name" in
+            *[!A-Za-z0-9._-]*) die "CRIU patch file name $name: only letters, digits, '.', '_' and '-' please" ;;
+        esac
+        sum=$(sha256sum "$f" | cut -d' ' -f1)
+        out="$out$sep{\"name\": \"$name\", \"sha256\": \"$sum\"}"
+        sep=", "
+    done < <(criu_patch_files)
+    printf '  "patches": [%s],\n' "$out"
+}
+
+# A CRIU built from source here is usable only if the marker says it is
+# this very binary, built with exactly the repository's patches.
+criu_source_build_is_current() {
+    local bin=$1
+    [ -f "$CRIU_BUILD_MARKER" ] || { log "no build record $CRIU_BUILD_MARKER for $bin: rebuilding CRIU"; return 1; }
+    local sum
+    sum=$(sha256sum "$bin" | cut -d' ' -f1)
+    grep -qF "\"sha256\": \"$sum\"" "$CRIU_BUILD_MARKER" \
+        || { log "$bin is not the binary $CRIU_BUILD_MARKER records: rebuilding CRIU"; return 1; }
+    grep -qxF "$(criu_patches_json_line)" "$CRIU_BUILD_MARKER" \
+        || { log "$bin was built with other patches than criu-patches/ holds: rebuilding CRIU"; return 1; }
+}
+
 criu_is_usable() {
     command -v criu >/dev/null || return 1
+    local bin
+    bin=$(command -v criu)
+    if [ "$bin" = "$CRIU_SOURCE_BINARY" ]; then
+        criu_source_build_is_current "$bin" || return 1
+    fi
     local v major minor
     v=$(criu_version)
     [ -n "$v" ] || return 1
@@ -114,11 +164,39 @@ EOF
     log "building CRIU from $orig"
     rm -rf build && mkdir build
     tar -xf "$orig" -C build --strip-components=1
+    local p
+    while IFS= read -r p; do
+        [ -n "$p" ] || continue
+        log "applying $(basename "$p")"
+        patch -d build -p1 --forward --batch --quiet <"$p" || die "CRIU patch $p does not apply to $orig"
+    done < <(criu_patch_files)
     make -C build -j"$(nproc)" criu >build.log 2>&1 || { tail -n 40 build.log >&2; die "CRIU build failed (full log: $work/build.log)"; }
-    install -D -m 0755 build/criu/criu "$CRIU_PREFIX/sbin/criu"
+    install -D -m 0755 build/criu/criu "$CRIU_SOURCE_BINARY"
     install -D -m 0644 build/images/rpc.proto "$RPC_PROTO_DEST"
+    write_criu_build_marker "$orig"
     cd "$REPO_DIR"
     hash -r
+}
+
+# Records what build_criu_from_debian_source installed. One key a line:
+# criu_source_build_is_current greps it.
+write_criu_build_marker() {
+    local orig=$1 sum version
+    sum=$(sha256sum "$CRIU_SOURCE_BINARY" | cut -d' ' -f1)
+    version=$("$CRIU_SOURCE_BINARY" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n1)
+    mkdir -p "$(dirname "$CRIU_BUILD_MARKER")"
+    {
+        printf '{\n'
+        printf '  "binary": "%s",\n' "$CRIU_SOURCE_BINARY"
+        printf '  "sha256": "%s",\n' "$sum"
+        printf '  "version": "%s",\n' "$version"
+        printf '  "source": "%s",\n' "$(basename "$orig")"
+        criu_patches_json_line
+        printf '  "built_at": "%s"\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        printf '}\n'
+    } >"$CRIU_BUILD_MARKER.tmp"
+    mv "$CRIU_BUILD_MARKER.tmp" "$CRIU_BUILD_MARKER"
+    log "recorded the CRIU build in $CRIU_BUILD_MARKER"
 }
 
 install_criu() {

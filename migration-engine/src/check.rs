@@ -24,6 +24,20 @@ pub struct CheckItem {
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
     pub checks: Vec<CheckItem>,
+    /// Whether CRIU can read non-root tasks' resource limits here.
+    pub rlimits: RlimitFacts,
+}
+
+/// The `rlimits` object of `check --json`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RlimitFacts {
+    /// This host's root has CAP_SYS_RESOURCE (CRIU's prlimit works on any task).
+    pub cap_sys_resource: bool,
+    /// The CRIU in use carries ctmigrate's rlimit patch (install.sh's record
+    /// names this very binary and the patch).
+    pub criu_rlimit_patch: bool,
+    /// Containers with a task that is not all root (uid/gid) can be dumped.
+    pub non_root_tasks_dumpable: bool,
 }
 
 /// Lowest CRIU that dumps sockets on kernels >= 6.16.
@@ -40,7 +54,7 @@ impl CheckReport {
 
     pub fn print(&self, json: bool) {
         if json {
-            let v = serde_json::json!({"event": "check", "ok": self.ok(), "checks": self.checks});
+            let v = serde_json::json!({"event": "check", "ok": self.ok(), "checks": self.checks, "rlimits": self.rlimits});
             println!("{v}");
             return;
         }
@@ -123,6 +137,9 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
         if uffd { Ok("userfaultfd available (lazy pages)".into()) } else { Err("no userfaultfd for lazy pages".into()) },
     ));
 
+    let (rlimit_items, rlimits) = rlimit_checks(&crate::rlimit_support::RlimitSupport::detect(&opts.criu_binary));
+    checks.extend(rlimit_items);
+
     let runc = Command::new(&opts.runc_binary).arg("--version").output();
     checks.push(item(
         "runtime",
@@ -182,7 +199,44 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
             Err(_) => Ok(format!("{} will be created by runc", opts.runtime_root.display())),
         },
     ));
-    CheckReport { checks }
+    CheckReport { checks, rlimits }
+}
+
+/// `sys-resource`: whether root has CAP_SYS_RESOURCE, which CRIU's
+/// prlimit() needs for a task of another user; without it,
+/// `rlimit-patch`: whether the CRIU in use carries ctmigrate's patch that
+/// reads /proc/PID/limits instead. Neither is required: containers whose
+/// tasks all run as root migrate either way.
+fn rlimit_checks(support: &crate::rlimit_support::RlimitSupport) -> (Vec<CheckItem>, RlimitFacts) {
+    let mut items = vec![item(
+        "sys-resource",
+        false,
+        if support.cap_sys_resource {
+            Ok("root has CAP_SYS_RESOURCE: CRIU reads every task's resource limits with prlimit".into())
+        } else {
+            Err("root lacks CAP_SYS_RESOURCE: a stock CRIU cannot read the resource limits of a task that is not all root (uid and gid 0)".into())
+        },
+    )];
+    if !support.cap_sys_resource {
+        items.push(item(
+            "rlimit-patch",
+            false,
+            if support.patch.is_patched() {
+                Ok(format!("{}: containers with non-root tasks can be dumped", support.patch.describe()))
+            } else {
+                Err(format!(
+                    "{}: containers with a non-root task (postgres, www-data, nobody, ...) cannot be dumped here (\"Can't get rlimit\"); run ./install.sh to build the patched CRIU",
+                    support.patch.describe()
+                ))
+            },
+        ));
+    }
+    let facts = RlimitFacts {
+        cap_sys_resource: support.cap_sys_resource,
+        criu_rlimit_patch: support.patch.is_patched(),
+        non_root_tasks_dumpable: support.dumps_other_users(),
+    };
+    (items, facts)
 }
 
 fn which(bin: &Path) -> String {
@@ -193,4 +247,36 @@ fn which(bin: &Path) -> String {
         .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(bin)).find(|p| p.is_file()))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| bin.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rlimit_support::{PatchStatus, RlimitSupport};
+
+    fn names(items: &[CheckItem]) -> Vec<(&str, bool)> {
+        items.iter().map(|i| (i.name, i.ok)).collect()
+    }
+
+    #[test]
+    fn rlimit_lines() {
+        let patched = PatchStatus::Patched { binary: "/usr/local/sbin/criu".into() };
+        let stock = PatchStatus::NoMarker { binary: "/usr/sbin/criu".into(), marker: "/m.json".into() };
+
+        let (items, facts) = rlimit_checks(&RlimitSupport { cap_sys_resource: true, patch: stock.clone() });
+        assert_eq!(names(&items), [("sys-resource", true)], "with the capability the patch does not matter");
+        assert!(facts.non_root_tasks_dumpable && facts.cap_sys_resource && !facts.criu_rlimit_patch);
+
+        let (items, facts) = rlimit_checks(&RlimitSupport { cap_sys_resource: false, patch: patched });
+        assert_eq!(names(&items), [("sys-resource", false), ("rlimit-patch", true)]);
+        assert!(facts.non_root_tasks_dumpable && facts.criu_rlimit_patch);
+
+        let (items, facts) = rlimit_checks(&RlimitSupport { cap_sys_resource: false, patch: stock });
+        assert_eq!(names(&items), [("sys-resource", false), ("rlimit-patch", false)]);
+        assert!(!facts.non_root_tasks_dumpable);
+        assert!(items.iter().all(|i| !i.required), "root-only containers migrate without either");
+        assert!(items[1].detail.contains("non-root task") && items[1].detail.contains("install.sh"), "{}", items[1].detail);
+        let report = CheckReport { checks: items, rlimits: facts };
+        assert!(report.ok(), "notes do not fail the check");
+    }
 }

@@ -17,6 +17,7 @@ pub mod interrupt;
 pub mod precopy;
 pub mod receiver;
 pub mod record;
+pub mod rlimit_support;
 pub mod rootfs;
 pub mod scratch;
 pub mod sender;

@@ -267,6 +267,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
             )))
         }
     }
+    check_rlimits_readable(opts, &plan)?;
     let config_path = state.bundle.join("config.json");
     let config: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&config_path).map_err(MigrationError::io(format!("reading {}", config_path.display())))?,
@@ -379,6 +380,28 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(e) => return Err(e),
     }
     Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
+}
+
+/// CRIU reads every task's resource limits with prlimit(), which for a
+/// task that is not all root needs CAP_SYS_RESOURCE. Without it, only a
+/// CRIU with ctmigrate's rlimit patch can dump such a task: refuse now,
+/// before anything is frozen, naming the task. The binary's sha256 is
+/// taken only when it matters (no capability, a non-root task).
+fn check_rlimits_readable(opts: &SendOptions, plan: &DumpPlan) -> Result<(), MigrationError> {
+    use crate::rlimit_support::{self as rl, RlimitSupport, TaskCreds};
+    if rl::has_cap_sys_resource() {
+        return Ok(());
+    }
+    let tasks: Vec<TaskCreds> = plan.freezer.pids().into_iter().filter_map(TaskCreds::of).collect();
+    if !tasks.iter().any(TaskCreds::needs_cap_sys_resource) {
+        return Ok(());
+    }
+    let support =
+        RlimitSupport { cap_sys_resource: false, patch: rl::patch_status(&opts.criu_binary, Path::new(rl::DEFAULT_MARKER)) };
+    match rl::refusal(&support, &tasks) {
+        Some(reason) => Err(MigrationError::Preflight(reason)),
+        None => Ok(()),
+    }
 }
 
 /// Resident memory of the container's processes: what its images will

@@ -492,10 +492,18 @@ impl Testbed {
 
     /// Builds a bundle and starts a fixture container on the source host.
     pub fn start_fixture(&self, id: &str, workload: &Workload) -> Result<FixtureContainer, MigrationError> {
+        let bundle = self.fixture_bundle(id, workload)?;
+        FixtureContainer::start(self.src_runc.clone(), id, &bundle)
+    }
+
+    /// Builds a source-host bundle for `workload` without starting it (for
+    /// a test to change its config.json first); start it with
+    /// [`FixtureContainer::start`] and `src_runc`.
+    pub fn fixture_bundle(&self, id: &str, workload: &Workload) -> Result<PathBuf, MigrationError> {
         let bundle = self.dir.join("src-bundles").join(id);
         std::fs::create_dir_all(&bundle).map_err(MigrationError::io("creating the fixture bundle"))?;
         build_bundle(&self.runc_binary, &bundle, workload)?;
-        FixtureContainer::start(self.src_runc.clone(), id, &bundle)
+        Ok(bundle)
     }
 
     /// The destination's view of a migrated container.

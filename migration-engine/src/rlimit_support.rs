@@ -1,0 +1,455 @@
+//! Can CRIU read the resource limits of the container's tasks?
+//!
+//! CRIU dumps each task's rlimits with `prlimit()`, which for a task whose
+//! uids and gids are not all the caller's needs `CAP_SYS_RESOURCE`. Root
+//! without that capability (a bounding set that lacks it) cannot dump any
+//! task of another user with a stock CRIU: "Can't get rlimit 0: Operation
+//! not permitted". ctmigrate's own CRIU patch
+//! (`criu-patches/0001-rlimit-fallback-to-proc-limits.patch`) reads
+//! `/proc/PID/limits` instead when `prlimit()` is refused. `install.sh`
+//! applies it when it builds CRIU from source and records the build in a
+//! marker file ([`DEFAULT_MARKER`]): the installed binary, its sha256 and
+//! the patches.
+//!
+//! This module answers: does this process have `CAP_SYS_RESOURCE`, does
+//! the CRIU binary in use carry the patch, and (for the sender's
+//! preflight) which of a container's tasks a stock CRIU could not dump.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The patch's file name, as `install.sh` records it in the marker.
+pub const RLIMIT_PATCH: &str = "0001-rlimit-fallback-to-proc-limits.patch";
+/// Where `install.sh` records what CRIU it built.
+pub const DEFAULT_MARKER: &str = "/usr/local/share/ctmigrate/criu-build.json";
+/// The capability's bit in the `Cap*` masks.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// What `install.sh` wrote about the CRIU it built.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct BuildMarker {
+    pub binary: PathBuf,
+    pub sha256: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub patches: Vec<MarkerPatch>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct MarkerPatch {
+    pub name: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// Whether the CRIU binary in use carries the rlimit patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatchStatus {
+    /// The marker records this very binary (same sha256), built with the patch.
+    Patched { binary: PathBuf },
+    /// No marker: not a CRIU that install.sh built (a distribution's, or
+    /// one installed by hand), or one built before it kept a marker.
+    NoMarker { binary: PathBuf, marker: PathBuf },
+    /// The marker records another binary than the one in use.
+    OtherBinary { binary: PathBuf, recorded: PathBuf },
+    /// The marker records this binary, built without the patch.
+    WithoutPatch { binary: PathBuf, patches: Vec<String> },
+    /// The binary or the marker cannot be read.
+    Unknown { reason: String },
+}
+
+impl PatchStatus {
+    pub fn is_patched(&self) -> bool {
+        matches!(self, PatchStatus::Patched { .. })
+    }
+
+    /// One line for `check` and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            PatchStatus::Patched { binary } => {
+                format!("{} carries ctmigrate's rlimit patch (reads /proc/PID/limits when prlimit is refused)", binary.display())
+            }
+            PatchStatus::NoMarker { binary, marker } => {
+                format!("{} is not a CRIU built by install.sh with ctmigrate's rlimit patch (no {})", binary.display(), marker.display())
+            }
+            PatchStatus::OtherBinary { binary, recorded } => format!(
+                "{} is not the CRIU install.sh built with ctmigrate's rlimit patch ({})",
+                binary.display(),
+                recorded.display()
+            ),
+            PatchStatus::WithoutPatch { binary, patches } => format!(
+                "{} was built without ctmigrate's rlimit patch (patches: {})",
+                binary.display(),
+                if patches.is_empty() { "none".to_string() } else { patches.join(", ") }
+            ),
+            PatchStatus::Unknown { reason } => format!("cannot tell whether CRIU carries ctmigrate's rlimit patch: {reason}"),
+        }
+    }
+}
+
+/// The effective capability mask in a `/proc/PID/status` text.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Whether a `/proc/PID/status` text shows `CAP_SYS_RESOURCE` effective.
+pub fn status_has_cap_sys_resource(status: &str) -> bool {
+    parse_cap_eff(status).is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// Whether this process has `CAP_SYS_RESOURCE` (CRIU, its child, gets
+/// the same capabilities).
+pub fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status").map(|s| status_has_cap_sys_resource(&s)).unwrap_or(false)
+}
+
+/// A binary name resolved through PATH, as `Command` would run it.
+pub fn resolve_binary(bin: &Path) -> PathBuf {
+    if bin.components().count() > 1 || bin.is_absolute() {
+        return bin.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(bin)).find(|p| p.is_file()))
+        .unwrap_or_else(|| bin.to_path_buf())
+}
+
+/// Lower-case hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether `criu_binary` (a path, or a name looked up in PATH) is the one
+/// the marker at `marker_path` records, built with [`RLIMIT_PATCH`]. The
+/// binary is recognised by its sha256, wherever it lies.
+pub fn patch_status(criu_binary: &Path, marker_path: &Path) -> PatchStatus {
+    let binary = std::fs::canonicalize(resolve_binary(criu_binary)).unwrap_or_else(|_| resolve_binary(criu_binary));
+    let text = match std::fs::read_to_string(marker_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return PatchStatus::NoMarker { binary, marker: marker_path.to_path_buf() }
+        }
+        Err(e) => return PatchStatus::Unknown { reason: format!("{}: {e}", marker_path.display()) },
+    };
+    let marker: BuildMarker = match serde_json::from_str(&text) {
+        Ok(m) => m,
+        Err(e) => return PatchStatus::Unknown { reason: format!("{}: {e}", marker_path.display()) },
+    };
+    let sum = match sha256_file(&binary) {
+        Ok(s) => s,
+        Err(e) => return PatchStatus::Unknown { reason: format!("{}: {e}", binary.display()) },
+    };
+    if !sum.eq_ignore_ascii_case(marker.sha256.trim()) {
+        return PatchStatus::OtherBinary { binary, recorded: marker.binary };
+    }
+    if marker.patches.iter().any(|p| p.name == RLIMIT_PATCH) {
+        PatchStatus::Patched { binary }
+    } else {
+        PatchStatus::WithoutPatch { binary, patches: marker.patches.into_iter().map(|p| p.name).collect() }
+    }
+}
+
+/// Both answers, for `check` and the sender's preflight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlimitSupport {
+    pub cap_sys_resource: bool,
+    pub patch: PatchStatus,
+}
+
+impl RlimitSupport {
+    /// This process's capabilities and the default marker.
+    pub fn detect(criu_binary: &Path) -> Self {
+        RlimitSupport { cap_sys_resource: has_cap_sys_resource(), patch: patch_status(criu_binary, Path::new(DEFAULT_MARKER)) }
+    }
+
+    /// Whether CRIU can dump tasks of users other than root.
+    pub fn dumps_other_users(&self) -> bool {
+        self.cap_sys_resource || self.patch.is_patched()
+    }
+}
+
+/// A task's identity, as the host sees it (`/proc/PID/status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskCreds {
+    pub pid: i32,
+    pub command: String,
+    /// Real, effective, saved.
+    pub uids: [u32; 3],
+    /// Real, effective, saved.
+    pub gids: [u32; 3],
+}
+
+impl TaskCreds {
+    /// Parses a `/proc/PID/status` text.
+    pub fn parse(pid: i32, status: &str) -> Option<Self> {
+        let ids = |key: &str| -> Option<[u32; 3]> {
+            let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+            let mut it = line.split_whitespace().map(|v| v.parse::<u32>());
+            Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
+        };
+        let command = status.lines().find_map(|l| l.strip_prefix("Name:")).map(|n| n.trim().to_string()).unwrap_or_default();
+        Some(TaskCreds { pid, command, uids: ids("Uid:")?, gids: ids("Gid:")? })
+    }
+
+    /// Reads `/proc/PID/status`; `None` if the task is gone.
+    pub fn of(pid: i32) -> Option<Self> {
+        TaskCreds::parse(pid, &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    }
+
+    /// Whether prlimit() from root (uid 0, gid 0) needs CAP_SYS_RESOURCE
+    /// for this task: any of its uids or gids is not 0 (the kernel's
+    /// check_prlimit_permission compares all six).
+    pub fn needs_cap_sys_resource(&self) -> bool {
+        self.uids.iter().chain(self.gids.iter()).any(|&id| id != 0)
+    }
+
+    /// The first id that is not 0, for messages: `uid 65534` or `gid 33`.
+    fn foreign_id(&self) -> String {
+        match self.uids.iter().find(|&&u| u != 0) {
+            Some(u) => format!("uid {u}"),
+            None => format!("gid {}", self.gids.iter().find(|&&g| g != 0).copied().unwrap_or(0)),
+        }
+    }
+}
+
+/// The sender's preflight decision: `Some(message)` when CRIU cannot dump
+/// one of `tasks` here (no `CAP_SYS_RESOURCE`, CRIU without the patch,
+/// a task not all root), naming that task and what to do.
+pub fn refusal(support: &RlimitSupport, tasks: &[TaskCreds]) -> Option<String> {
+    if support.dumps_other_users() {
+        return None;
+    }
+    let task = tasks.iter().find(|t| t.needs_cap_sys_resource())?;
+    Some(format!(
+        "cannot dump task {} ({}, {}): this host lacks CAP_SYS_RESOURCE and {}, so CRIU cannot read the limits of a \
+         non-root task (\"Can't get rlimit\"); run ./install.sh to build CRIU with ctmigrate's rlimit patch",
+        task.pid,
+        task.foreign_id(),
+        task.command,
+        support.patch.describe()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// /proc/self/status of root on a host whose bounding set lacks
+    /// CAP_SYS_RESOURCE (bit 24), trimmed.
+    const STATUS_NO_SYS_RESOURCE: &str = "Name:\tcat\nUmask:\t0022\nState:\tR (running)\nTgid:\t4242\nPid:\t4242\n\
+        Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\n\
+        CapEff:\t000001fffeffffff\nCapBnd:\t000001fffeffffff\nCapAmb:\t0000000000000000\n";
+    const STATUS_FULL_ROOT: &str = "Name:\tbash\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
+        CapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n";
+    /// A postgres backend: uid and gid 104 throughout.
+    const STATUS_POSTGRES: &str = "Name:\tpostgres\nUmask:\t0077\nState:\tS (sleeping)\nTgid:\t31337\nNgid:\t0\n\
+        Pid:\t31337\nPPid:\t31300\nTracerPid:\t0\nUid:\t104\t104\t104\t104\nGid:\t111\t111\t111\t111\n\
+        FDSize:\t64\nGroups:\t111 \nCapEff:\t0000000000000000\n";
+    /// A task that dropped only its effective uid (seteuid).
+    const STATUS_SETEUID: &str = "Name:\tworker\nUid:\t0\t33\t0\t33\nGid:\t0\t0\t0\t0\n";
+    const STATUS_ROOT_GID_DATA: &str = "Name:\tsg-task\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t33\t0\n";
+
+    fn marker_json(sum: &str, patches: &[&str]) -> String {
+        let patches: Vec<String> =
+            patches.iter().map(|p| format!("{{\"name\": \"{p}\", \"sha256\": \"{}\"}}", "ab".repeat(32))).collect();
+        // As install.sh writes it: one key a line.
+        format!(
+            "{{\n  \"binary\": \"/usr/local/sbin/criu\",\n  \"sha256\": \"{sum}\",\n  \"version\": \"4.2.1\",\n  \
+             \"source\": \"criu_4.2.1.orig.tar.xz\",\n  \"patches\": [{}],\n  \"built_at\": \"2026-11-30T15:00:00Z\"\n}}\n",
+            patches.join(", ")
+        )
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("criu"), b"#!/bin/sh\necho pretend criu\n").unwrap();
+            Fixture { dir }
+        }
+        fn binary(&self) -> PathBuf {
+            self.dir.path().join("criu")
+        }
+        fn marker(&self) -> PathBuf {
+            self.dir.path().join("criu-build.json")
+        }
+        fn write_marker(&self, sum: &str, patches: &[&str]) {
+            std::fs::write(self.marker(), marker_json(sum, patches)).unwrap();
+        }
+        fn sum(&self) -> String {
+            sha256_file(&self.binary()).unwrap()
+        }
+    }
+
+    /// Captured on the project's machine: root's and nobody's
+    /// /proc/self/status, and the marker install.sh wrote.
+    const REAL_STATUS_ROOT: &str = include_str!("../testdata/status-root-without-sys-resource");
+    const REAL_STATUS_NOBODY: &str = include_str!("../testdata/status-nobody");
+    const REAL_MARKER: &str = include_str!("../testdata/criu-build.json");
+
+    #[test]
+    fn captured_status_files() {
+        assert!(!status_has_cap_sys_resource(REAL_STATUS_ROOT), "bit 24 is clear on the project's machines");
+        let root = TaskCreds::parse(1, REAL_STATUS_ROOT).unwrap();
+        assert!(!root.needs_cap_sys_resource());
+        let nobody = TaskCreds::parse(2, REAL_STATUS_NOBODY).unwrap();
+        assert_eq!((nobody.uids, nobody.gids, nobody.command.as_str()), ([65534; 3], [65534; 3], "cat"));
+        assert!(nobody.needs_cap_sys_resource());
+    }
+
+    #[test]
+    fn the_marker_install_sh_writes_parses() {
+        let m: BuildMarker = serde_json::from_str(REAL_MARKER).unwrap();
+        assert_eq!(m.binary, Path::new("/usr/local/sbin/criu"));
+        assert_eq!(m.sha256.len(), 64);
+        assert_eq!(m.version.as_deref(), Some("4.2.1"));
+        assert_eq!(m.patches.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [RLIMIT_PATCH]);
+        // The patch it names is the repository's.
+        let repo_patch = Path::new(env!("CARGO_MANIFEST_DIR")).join("../criu-patches").join(RLIMIT_PATCH);
+        assert!(repo_patch.is_file(), "{} missing", repo_patch.display());
+        // A marker naming this binary's digest (the rest as install.sh wrote it).
+        let fx = Fixture::new();
+        std::fs::write(fx.marker(), REAL_MARKER.replace(&m.sha256, &fx.sum())).unwrap();
+        assert!(patch_status(&fx.binary(), &fx.marker()).is_patched());
+    }
+
+    #[test]
+    fn sha256_of_a_known_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("abc");
+        std::fs::write(&f, b"abc").unwrap();
+        assert_eq!(sha256_file(&f).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn capability_from_status() {
+        assert_eq!(parse_cap_eff(STATUS_NO_SYS_RESOURCE), Some(0x1fffeffffff));
+        assert!(!status_has_cap_sys_resource(STATUS_NO_SYS_RESOURCE));
+        assert!(status_has_cap_sys_resource(STATUS_FULL_ROOT));
+        assert!(!status_has_cap_sys_resource(STATUS_POSTGRES));
+        assert!(!status_has_cap_sys_resource("Name:\tx\n"), "no CapEff line: assume the capability is missing");
+        assert!(!status_has_cap_sys_resource("CapEff:\tnot-hex\n"));
+    }
+
+    #[test]
+    fn marker_naming_this_binary_and_the_patch_means_patched() {
+        let fx = Fixture::new();
+        fx.write_marker(&fx.sum(), &[RLIMIT_PATCH]);
+        let status = patch_status(&fx.binary(), &fx.marker());
+        assert!(status.is_patched(), "{status:?}");
+        // Upper-case hex is the same digest.
+        fx.write_marker(&fx.sum().to_uppercase(), &["0000-other.patch", RLIMIT_PATCH]);
+        assert!(patch_status(&fx.binary(), &fx.marker()).is_patched());
+    }
+
+    #[test]
+    fn no_marker_means_not_patched() {
+        let fx = Fixture::new();
+        let status = patch_status(&fx.binary(), &fx.marker());
+        assert!(matches!(status, PatchStatus::NoMarker { .. }), "{status:?}");
+        assert!(status.describe().contains("criu-build.json"), "{}", status.describe());
+    }
+
+    #[test]
+    fn marker_of_another_binary_means_not_patched() {
+        let fx = Fixture::new();
+        fx.write_marker(&"0".repeat(64), &[RLIMIT_PATCH]);
+        let status = patch_status(&fx.binary(), &fx.marker());
+        assert!(matches!(status, PatchStatus::OtherBinary { .. }), "{status:?}");
+        // The binary changed after the marker was written (a reinstall by hand).
+        fx.write_marker(&fx.sum(), &[RLIMIT_PATCH]);
+        std::fs::write(fx.binary(), b"another criu").unwrap();
+        assert!(!patch_status(&fx.binary(), &fx.marker()).is_patched());
+    }
+
+    #[test]
+    fn marker_without_the_patch_means_not_patched() {
+        let fx = Fixture::new();
+        fx.write_marker(&fx.sum(), &[]);
+        let status = patch_status(&fx.binary(), &fx.marker());
+        assert_eq!(status, PatchStatus::WithoutPatch { binary: std::fs::canonicalize(fx.binary()).unwrap(), patches: vec![] });
+        fx.write_marker(&fx.sum(), &["0002-something-else.patch"]);
+        assert!(matches!(patch_status(&fx.binary(), &fx.marker()), PatchStatus::WithoutPatch { .. }));
+    }
+
+    #[test]
+    fn broken_marker_or_missing_binary_is_unknown() {
+        let fx = Fixture::new();
+        std::fs::write(fx.marker(), "{\"binary\": ").unwrap();
+        assert!(matches!(patch_status(&fx.binary(), &fx.marker()), PatchStatus::Unknown { .. }));
+        fx.write_marker(&fx.sum(), &[RLIMIT_PATCH]);
+        let gone = fx.dir.path().join("no-such-criu");
+        assert!(matches!(patch_status(&gone, &fx.marker()), PatchStatus::Unknown { .. }));
+    }
+
+    #[test]
+    fn a_binary_found_through_a_symlink_is_the_same_binary() {
+        let fx = Fixture::new();
+        fx.write_marker(&fx.sum(), &[RLIMIT_PATCH]);
+        let link = fx.dir.path().join("criu-link");
+        std::os::unix::fs::symlink(fx.binary(), &link).unwrap();
+        assert!(patch_status(&link, &fx.marker()).is_patched());
+    }
+
+    #[test]
+    fn task_creds_from_status() {
+        let pg = TaskCreds::parse(31337, STATUS_POSTGRES).unwrap();
+        assert_eq!(pg, TaskCreds { pid: 31337, command: "postgres".into(), uids: [104; 3], gids: [111; 3] });
+        assert!(pg.needs_cap_sys_resource());
+        assert!(!TaskCreds::parse(1, STATUS_FULL_ROOT).unwrap().needs_cap_sys_resource());
+        assert!(TaskCreds::parse(2, STATUS_SETEUID).unwrap().needs_cap_sys_resource());
+        assert!(TaskCreds::parse(3, STATUS_ROOT_GID_DATA).unwrap().needs_cap_sys_resource());
+        assert_eq!(TaskCreds::parse(4, "Name:\tx\nUid:\t0\t0\n"), None, "a short Uid line");
+    }
+
+    fn support(cap: bool, patched: bool) -> RlimitSupport {
+        RlimitSupport {
+            cap_sys_resource: cap,
+            patch: if patched {
+                PatchStatus::Patched { binary: "/usr/local/sbin/criu".into() }
+            } else {
+                PatchStatus::NoMarker { binary: "/usr/sbin/criu".into(), marker: DEFAULT_MARKER.into() }
+            },
+        }
+    }
+
+    #[test]
+    fn refused_only_without_capability_and_patch_and_with_a_non_root_task() {
+        let root = TaskCreds::parse(10, STATUS_FULL_ROOT).unwrap();
+        let pg = TaskCreds::parse(31337, STATUS_POSTGRES).unwrap();
+        let both = [root.clone(), pg];
+        assert_eq!(refusal(&support(true, false), &both), None, "CAP_SYS_RESOURCE: prlimit works");
+        assert_eq!(refusal(&support(false, true), &both), None, "the patched CRIU reads /proc/PID/limits");
+        assert_eq!(refusal(&support(true, true), &both), None);
+        assert_eq!(refusal(&support(false, false), std::slice::from_ref(&root)), None, "only root tasks");
+        assert_eq!(refusal(&support(false, false), &[]), None);
+        let msg = refusal(&support(false, false), &both).expect("refused");
+        assert!(msg.contains("task 31337 (uid 104, postgres)"), "{msg}");
+        assert!(msg.contains("CAP_SYS_RESOURCE"), "{msg}");
+        assert!(msg.contains("install.sh"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn refusal_names_a_gid_when_the_uids_are_root() {
+        let t = TaskCreds::parse(7, STATUS_ROOT_GID_DATA).unwrap();
+        let msg = refusal(&support(false, false), &[t]).unwrap();
+        assert!(msg.contains("task 7 (gid 33, sg-task)"), "{msg}");
+    }
+}
