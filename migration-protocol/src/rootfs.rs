@@ -14,7 +14,8 @@
 //!  RootfsEnd    JSON: phase, counts; the frozen pass adds the tree digest
 //! ```
 //!
-//! Entry and delete payloads are protobuf messages (prost's derive, no
+//! The rootfs directory itself is the entry with path `.` (in the tree
+//! digest, the empty path). Entry and delete payloads are protobuf messages (prost's derive, no
 //! schema file): paths are bytes, because Linux file names need not be
 //! UTF-8. The receiver treats every field as hostile ([`EntryRecord::check`]).
 //!
@@ -40,6 +41,8 @@ pub const MAX_PATH: usize = 4096;
 /// Most extended attributes on one entry, and the largest value.
 pub const MAX_XATTRS: usize = 64;
 pub const MAX_XATTR_VALUE: usize = 64 * 1024;
+/// How an entry names the rootfs directory itself.
+pub const ROOT_PATH: &[u8] = b".";
 /// Digest length (SHA-256).
 pub const DIGEST_LEN: usize = 32;
 
@@ -147,7 +150,17 @@ impl EntryRecord {
         EntryKind::from_u32(self.kind)
     }
 
+    /// The rootfs directory itself (path `.`), whose owner, mode, times
+    /// and xattrs are carried too.
+    pub fn is_root(&self) -> bool {
+        self.path == ROOT_PATH
+    }
+
+    /// The entry's path relative to the rootfs; empty for the rootfs itself.
     pub fn path(&self) -> &Path {
+        if self.is_root() {
+            return Path::new("");
+        }
         Path::new(std::ffi::OsStr::from_bytes(&self.path))
     }
 
@@ -164,8 +177,14 @@ impl EntryRecord {
     pub fn decode_checked(payload: &[u8]) -> Result<Self, ProtocolError> {
         let bad = |reason: String| ProtocolError::Malformed { kind: MessageKind::RootfsEntry, reason };
         let e = Self::decode(payload).map_err(|e| bad(e.to_string()))?;
-        safe_relative(&e.path).map_err(|why| bad(why))?;
         let kind = e.kind().ok_or_else(|| bad(format!("unknown entry type {}", e.kind)))?;
+        if e.is_root() {
+            if kind != EntryKind::Directory {
+                return Err(bad("the rootfs itself can only be a directory".into()));
+            }
+        } else {
+            safe_relative(&e.path).map_err(|why| bad(why))?;
+        }
         if e.mode & !0o7777 != 0 {
             return Err(bad(format!("mode {:o} has bits beyond 0o7777", e.mode)));
         }

@@ -178,7 +178,7 @@ impl Applier {
     }
 
     fn touch_parent(&mut self, rel: &Path) {
-        if let Some(p) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(p) = rel.parent() {
             self.touched_dirs.insert(p.to_path_buf());
         }
     }
@@ -196,6 +196,16 @@ impl Applier {
     fn apply_entry(&mut self, e: EntryRecord) -> Result<(), MigrationError> {
         let rel = e.path().to_path_buf();
         let kind = e.kind().expect("checked on decoding");
+        if e.is_root() {
+            let at = self.root.clone();
+            let ctx = |what: &str| MigrationError::io(format!("{what} the rootfs directory"));
+            std::os::unix::fs::lchown(&at, Some(e.uid), Some(e.gid)).map_err(ctx("setting the owner of"))?;
+            std::fs::set_permissions(&at, std::fs::Permissions::from_mode(self.policy.mode(e.mode))).map_err(ctx("setting the mode of"))?;
+            set_xattrs_at(&at, &e, true).map_err(ctx("setting extended attributes of"))?;
+            self.touched_dirs.insert(rel.clone());
+            self.expected.insert(rel, tree_record_of(&e, 0, Vec::new()));
+            return Ok(());
+        }
         let (at, _) = self.parent(&rel)?;
         let existing = std::fs::symlink_metadata(&at).ok();
         let ctx = |what: &str| MigrationError::io(format!("{what} {}", rel.display()));
@@ -342,7 +352,7 @@ impl Applier {
     fn set_dir_times(&mut self) -> Result<(), MigrationError> {
         for dir in std::mem::take(&mut self.touched_dirs) {
             let Some(rec) = self.expected.get(&dir).cloned() else { continue };
-            let (at, _) = self.parent(&dir)?;
+            let at = if dir.as_os_str().is_empty() { self.root.clone() } else { self.parent(&dir)?.0 };
             let ts = |s: i64, ns: u32| TimeSpec::new(s, ns as i64);
             utimensat(None, &at, &ts(rec.mtime_sec, rec.mtime_nsec), &ts(rec.mtime_sec, rec.mtime_nsec), UtimensatFlags::NoFollowSymlink)
                 .map_err(|e| MigrationError::Other(format!("setting the times of {}: {e}", dir.display())))?;

@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use migration_protocol::rootfs::{encode_file_data_prefix, DeleteRecord, EntryKind, EntryRecord, FileEnd, TreeRecord};
+use migration_protocol::rootfs::{encode_file_data_prefix, DeleteRecord, EntryKind, EntryRecord, FileEnd, TreeRecord, ROOT_PATH};
 use migration_protocol::{Compressor, FrameWriter, MessageKind, RootfsEnd, RootfsPhase};
 use prost::Message;
 
@@ -170,9 +170,6 @@ impl TreeSender {
                     it.skip_current_dir();
                 }
             }
-            if rel.as_os_str().is_empty() {
-                continue;
-            }
             if compare {
                 seen.insert(rel.clone());
                 if let (Some(old), Ok(meta)) = (self.snapshot.entries.get(&rel), item.metadata()) {
@@ -221,7 +218,7 @@ impl TreeSender {
     fn send_changed<W: Write>(&mut self, em: &mut Emit<'_, W>, dirty: BTreeSet<PathBuf>, new_dirs: BTreeSet<PathBuf>) -> Result<(), MigrationError> {
         let mut walked: Vec<PathBuf> = Vec::new();
         for rel in dirty.iter().chain(new_dirs.iter()).collect::<BTreeSet<_>>() {
-            if rel.as_os_str().is_empty() || self.snapshot.is_hidden(rel) || walked.iter().any(|w| rel.starts_with(w)) {
+            if self.snapshot.is_hidden(rel) || (!rel.as_os_str().is_empty() && walked.iter().any(|w| rel.starts_with(w))) {
                 continue;
             }
             let abs = self.root.join(rel);
@@ -302,7 +299,7 @@ impl TreeSender {
         let kind = kind_of(&abs, &meta)?;
         let stamp = Stamp::of(&meta);
         let key = (meta.dev(), meta.ino());
-        let path_bytes = rel.as_os_str().as_bytes().to_vec();
+        let path_bytes = if rel.as_os_str().is_empty() { ROOT_PATH.to_vec() } else { rel.as_os_str().as_bytes().to_vec() };
         if let (Some(_), Some(leader)) = (&file, em.sent_inodes.get(&key).cloned()) {
             let record = EntryRecord {
                 path: path_bytes,

@@ -53,12 +53,14 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
     make_source(src.path());
+    std::fs::set_permissions(src.path(), std::fs::Permissions::from_mode(0o751)).unwrap();
     let hidden: BTreeSet<_> = [std::path::PathBuf::from("dev")].into();
     let mut tree = TreeSender::new(src.path(), hidden);
     let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
 
     let (initial, _) = pass(&mut tree, &mut applier, None);
     assert_eq!(std::fs::read_to_string(dst.path().join("etc/app/conf")).unwrap(), "one");
+    assert_eq!(std::fs::metadata(dst.path()).unwrap().permissions().mode() & 0o7777, 0o751, "the rootfs directory's own mode");
     assert_eq!(std::fs::read_link(dst.path().join("link")).unwrap(), Path::new("etc/app/conf"));
     assert!(dst.path().join("dev").is_dir(), "a mount point itself is sent");
     assert!(!dst.path().join("dev/under-the-tmpfs").exists(), "what a mount hides is not");

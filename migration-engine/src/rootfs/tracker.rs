@@ -127,9 +127,7 @@ impl Tracker {
                     self.new_dirs.insert(path.clone());
                 }
                 // A name made or removed changes its directory's mtime.
-                if mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO)
-                    && !dir.as_os_str().is_empty()
-                {
+                if mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO) {
                     self.dirty.insert(dir);
                 }
                 self.dirty.insert(path);
@@ -168,7 +166,7 @@ mod tests {
         std::fs::create_dir(root.path().join("new")).unwrap();
         std::fs::write(root.path().join("new/inside"), "x").unwrap();
         let (dirty, new_dirs) = paths(t.drain());
-        assert_eq!(dirty, vec!["etc", "etc/a", "etc/gone", "new"]);
+        assert_eq!(dirty, vec!["", "etc", "etc/a", "etc/gone", "new"]);
         assert_eq!(new_dirs, vec!["new"]);
         assert_eq!(paths(t.drain()), (vec![], vec![]), "a drain empties the set");
     }

@@ -95,9 +95,6 @@ fn walk(root: &Path, written: &HashMap<(u64, u64), Vec<u8>>) -> Result<BTreeMap<
     for item in walkdir::WalkDir::new(root).same_file_system(true).follow_links(false).sort_by_file_name() {
         let item = item.map_err(|e| MigrationError::Other(format!("walking {}: {e}", root.display())))?;
         let rel = item.path().strip_prefix(root).expect("below the root").to_path_buf();
-        if rel.as_os_str().is_empty() {
-            continue;
-        }
         let meta = item.metadata().map_err(|e| MigrationError::Other(format!("stat {}: {e}", item.path().display())))?;
         if meta.file_type().is_socket() {
             continue;
