@@ -210,3 +210,45 @@ fn rootfs_flock_held_before_is_held_after() {
     assert!(!lock_free(&bed.dst_runc), "the lock is still held on the destination");
     assert!(!bed.src_runc.exists(&id).unwrap(), "the source is gone");
 }
+
+/// Benchmark (not run by the suite): the frozen rootfs pass on a real
+/// root filesystem with an idle service. `CTMIGRATE_BENCH_ROOTFS` names a
+/// rootfs directory (e.g. a Debian one made by mmdebstrap; it is copied);
+/// prints one `BENCH {json}` line per migration:
+/// `CTMIGRATE_BENCH_ROOTFS=DIR cargo test --release --test rootfs -- --ignored bench_rootfs_frozen_pass --nocapture`
+#[test]
+#[ignore = "benchmark: run by hand, see docs/performance.md"]
+fn bench_rootfs_frozen_pass() {
+    let Some(source) = std::env::var_os("CTMIGRATE_BENCH_ROOTFS") else {
+        panic!("set CTMIGRATE_BENCH_ROOTFS to a root filesystem directory");
+    };
+    let bed = testbed("rbn").expect("root prerequisites");
+    for run in 0..3 {
+        let id = format!("rbn{run}-{}", bed.tag);
+        let bundle = bed.dir.join("src-bundles").join(&id);
+        std::fs::create_dir_all(&bundle).unwrap();
+        build_bundle(&bed.runc_binary, &bundle, &Workload::Counter).unwrap();
+        std::fs::remove_dir_all(bundle.join("rootfs")).unwrap();
+        let st = std::process::Command::new("cp").arg("-a").arg(&source).arg(bundle.join("rootfs")).status().unwrap();
+        assert!(st.success());
+        let cfg_path = bundle.join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+        cfg["process"]["args"] = serde_json::json!(["/bin/sleep", "100000"]);
+        std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let _c = FixtureContainer::start(bed.src_runc.clone(), &id, &bundle).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let sent = migrate_ok(&bed, &id, &id);
+        let r = sent.result().unwrap();
+        println!(
+            "BENCH {}",
+            serde_json::json!({
+                "run": run,
+                "frozen_ms": r["frozen_ms"],
+                "rootfs_delta_ms": r["frozen_phases"]["rootfs_delta_ms"],
+                "rootfs": r["rootfs"],
+                "rootfs_verified": r["rootfs_verified"],
+            })
+        );
+        migration_engine::testbed::force_remove(&bed.dst_runc, &id);
+    }
+}

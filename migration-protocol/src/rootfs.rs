@@ -415,19 +415,22 @@ pub fn assign_leaders<K: std::hash::Hash + Eq>(tree: &mut std::collections::BTre
     }
 }
 
-/// The tree digest over `tree` (see the module doc); `sha256` is the hash
-/// to use, given all the bytes in order.
+/// The tree digest's input for `tree` (see the module doc), entry by entry.
 pub fn tree_digest_input<'a>(tree: &'a std::collections::BTreeMap<PathBuf, TreeRecord>) -> impl Iterator<Item = Vec<u8>> + 'a {
     tree.iter().map(|(path, record)| {
-        let path = path.as_os_str().as_bytes();
-        let body = record.encode_to_vec();
-        let mut out = Vec::with_capacity(16 + path.len() + body.len());
-        out.extend_from_slice(&(path.len() as u64).to_le_bytes());
-        out.extend_from_slice(path);
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&body);
+        let mut out = Vec::new();
+        digest_input_of(&mut out, path, record);
         out
     })
+}
+
+/// Appends one entry's share of the tree digest's input to `out`.
+pub fn digest_input_of(out: &mut Vec<u8>, path: &Path, record: &TreeRecord) {
+    let path = path.as_os_str().as_bytes();
+    out.extend_from_slice(&(path.len() as u64).to_le_bytes());
+    out.extend_from_slice(path);
+    out.extend_from_slice(&(record.encoded_len() as u64).to_le_bytes());
+    record.encode_raw(out);
 }
 
 /// A path from the stream made safe to join onto the rootfs: relative,

@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use migration_protocol::rootfs::{assign_leaders, tree_digest_input, xattr_name_allowed, EntryKind, TreeRecord, Xattr};
+use migration_protocol::rootfs::{digest_input_of, tree_digest_input, xattr_name_allowed, EntryKind, TreeRecord, Xattr};
 
 use crate::MigrationError;
 
@@ -104,15 +104,24 @@ impl Snapshot {
     }
 
     /// The tree digest and its entry count (see migration_protocol::rootfs).
+    /// Computed while frozen: no copy of the tree, one buffer for all.
     pub fn tree_digest(&self) -> (Vec<u8>, u64) {
-        let mut tree: BTreeMap<PathBuf, TreeRecord> = self.entries.iter().map(|(p, e)| (p.clone(), e.record.clone())).collect();
-        let keys: Vec<(PathBuf, (u64, u64))> = self
-            .links
-            .iter()
-            .flat_map(|(key, names)| names.iter().map(move |n| (n.clone(), *key)))
-            .collect();
-        assign_leaders(&mut tree, &keys);
-        (digest_tree(&tree), tree.len() as u64)
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = Vec::with_capacity(4096);
+        for (path, e) in &self.entries {
+            buf.clear();
+            let leader = self.links.get(&(e.stamp.dev, e.stamp.ino)).filter(|names| names.len() > 1 && names.contains(path)).and_then(|n| n.first());
+            match leader {
+                Some(leader) => {
+                    let mut record = e.record.clone();
+                    record.leader = leader.as_os_str().as_bytes().to_vec();
+                    digest_input_of(&mut buf, path, &record);
+                }
+                None => digest_input_of(&mut buf, path, &e.record),
+            }
+            ctx.update(&buf);
+        }
+        (ctx.finish().as_ref().to_vec(), self.entries.len() as u64)
     }
 }
 
