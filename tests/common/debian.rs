@@ -7,7 +7,11 @@
 //! mmdebstrap succeeded, so an interrupted build is never used; the hash
 //! covers the suite, the variant, the package list and [`HELPER_VERSION`]
 //! (bump it when the way a rootfs is made changes). Builds are serialised
-//! by a lock file, across processes too. Tests never write to the cache:
+//! by a lock file, across processes too; mmdebstrap and its children
+//! inherit the lock, so a build left running by a killed test keeps it
+//! until it is gone, and the next build then removes what it left
+//! (unmounting the /proc, /sys and /dev/pts mmdebstrap mounted in it
+//! first). Tests never write to the cache:
 //! they copy a rootfs into their bundle (`cp -a`, which keeps hard links,
 //! owners, modes, device nodes and extended attributes) or mount it
 //! read-only.
@@ -87,7 +91,7 @@ impl RootfsSpec {
         static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(CACHE_ROOT).map_err(|e| format!("creating {CACHE_ROOT}: {e}"))?;
-        let _lock = FileLock::take(&Path::new(CACHE_ROOT).join(".lock"))?;
+        let lock = FileLock::take(&Path::new(CACHE_ROOT).join(".lock"))?;
         if is_complete(&dir) {
             return Ok((dir, Duration::ZERO));
         }
@@ -98,7 +102,7 @@ impl RootfsSpec {
         let started = Instant::now();
         let tmp = Path::new(CACHE_ROOT).join(format!(".build-{}-{}", self.cache_name(), std::process::id()));
         let log = Path::new(CACHE_ROOT).join(format!("{}.build.log", self.cache_name()));
-        if let Err(e) = self.build(&tmp, &log) {
+        if let Err(e) = self.build(&tmp, &log, &lock) {
             let _ = remove_build_dir(&tmp);
             return Err(e);
         }
@@ -108,7 +112,7 @@ impl RootfsSpec {
         Ok((dir, took))
     }
 
-    fn build(&self, target: &Path, log: &Path) -> Result<(), String> {
+    fn build(&self, target: &Path, log: &Path, lock: &FileLock) -> Result<(), String> {
         let sources = apt_sources();
         let mut cmd = Command::new("mmdebstrap");
         cmd.arg("--mode=root")
@@ -120,11 +124,27 @@ impl RootfsSpec {
         let mut logf = std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let _ = writeln!(logf, "{cmd:?}");
         eprintln!("building a Debian {SUITE} rootfs with mmdebstrap ({}), from {sources:?}; takes a minute or two", self.packages.join(", "));
+        let lock_fd = {
+            use std::os::fd::AsRawFd;
+            lock.0.as_raw_fd()
+        };
+        // mmdebstrap and everything it starts inherit the lock: a build
+        // whose test was killed holds it until its last process is gone,
+        // so the next build never removes a directory still being written.
+        // It dies with the test's thread, and has a process group of its
+        // own, so that a timeout kills apt and dpkg too.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(lock_fd, libc::F_SETFD, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(logf.try_clone().map_err(|e| e.to_string())?)
             .stderr(logf)
-            // Its own process group, so that a timeout kills apt and dpkg too.
             .process_group(0)
             .spawn()
             .map_err(|e| format!("running mmdebstrap: {e} (install it: ./install.sh)"))?;
