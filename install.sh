@@ -16,6 +16,8 @@
 #     is missing or names other patches than the repository's is rebuilt.
 #   - for the pre-copy tests: qemu (software emulation) and Debian's own
 #     kernel (which tracks dirty memory) unpacked under $GUEST_DIR
+#   - for the real-workload tests: mmdebstrap, which builds Debian root
+#     filesystems at test time (cached under /var/cache/ctmigrate/rootfs)
 #   - ctmigrate itself at /usr/local/bin/ctmigrate, and the static test
 #     fixture at /usr/local/libexec/ctmigrate/pattern-fixture
 set -euo pipefail
@@ -51,6 +53,9 @@ APT_PACKAGES=(
     qemu-system-x86 kmod cpio
     # the benchmark's plot labels
     fonts-dejavu-core
+    # the real-workload tests (tests/workloads.rs) build Debian root
+    # filesystems from Debian's packages at test time
+    mmdebstrap mount debian-archive-keyring
 )
 
 missing_packages() {
