@@ -249,6 +249,9 @@ impl Applier {
                 self.remove_at(&at)?;
                 self.forget_tree(&rel);
                 let (target_at, _) = self.parent(&target)?;
+                // Keeps the target's directory open while the link's own
+                // directory takes the cache (target_at names it by fd).
+                let _target_dir = self.parent_cache.take();
                 let (at, _) = self.parent(&rel)?;
                 std::fs::hard_link(&target_at, &at).map_err(ctx("linking"))?;
                 let record = self.expected[&target].clone();
