@@ -240,13 +240,7 @@ fn rlimit_checks(support: &crate::rlimit_support::RlimitSupport) -> (Vec<CheckIt
 }
 
 fn which(bin: &Path) -> String {
-    if bin.is_absolute() {
-        return bin.display().to_string();
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(bin)).find(|p| p.is_file()))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| bin.display().to_string())
+    crate::rlimit_support::resolve_binary(bin).display().to_string()
 }
 
 #[cfg(test)]

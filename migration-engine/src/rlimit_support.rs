@@ -129,7 +129,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         ctx.update(&buf[..n]);
     }
-    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::rootfs::hex(ctx.finish().as_ref()))
 }
 
 /// Whether `criu_binary` (a path, or a name looked up in PATH) is the one

@@ -526,9 +526,9 @@ struct Migration<'a> {
 }
 
 impl<'a> Migration<'a> {
-    fn new(opts: &'a SendOptions, p: Prepared, rep: &'a Reporter) -> Self {
+    fn new(opts: &'a SendOptions, mut p: Prepared, rep: &'a Reporter) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
-        let tree = rootfs::TreeSender::new(&p.state.rootfs, p.hidden_mounts.clone());
+        let tree = rootfs::TreeSender::new(&p.state.rootfs, std::mem::take(&mut p.hidden_mounts));
         Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None, tmpfs_made_anew: Vec::new(), tree }
     }
 

@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -115,7 +116,7 @@ impl Applier {
                 MessageKind::RootfsDelete => {
                     self.expect_no_open_file(MessageKind::RootfsDelete)?;
                     let d = DeleteRecord::decode_checked(&frame.payload)?;
-                    self.delete(Path::new(std::ffi::OsStr::from_bytes_compat(&d.path)))?;
+                    self.delete(Path::new(std::ffi::OsStr::from_bytes(&d.path)))?;
                 }
                 MessageKind::RootfsEnd => {
                     self.expect_no_open_file(MessageKind::RootfsEnd)?;
@@ -330,7 +331,7 @@ impl Applier {
         std::os::unix::fs::fchown(&f.file, Some(f.record.uid), Some(f.record.gid)).map_err(ctx("setting the owner of"))?;
         f.file.set_permissions(std::fs::Permissions::from_mode(self.policy.mode(f.record.mode))).map_err(ctx("setting the mode of"))?;
         for x in &f.record.xattrs {
-            xattr::FileExt::set_xattr(&f.file, std::ffi::OsStr::from_bytes_compat(&x.name), &x.value).map_err(ctx("setting extended attributes of"))?;
+            xattr::FileExt::set_xattr(&f.file, std::ffi::OsStr::from_bytes(&x.name), &x.value).map_err(ctx("setting extended attributes of"))?;
         }
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", f.file.as_raw_fd()));
         set_times(&by_fd, &f.record, UtimensatFlags::FollowSymlink)
@@ -361,17 +362,6 @@ impl Applier {
                 .map_err(|e| MigrationError::Other(format!("setting the times of {}: {e}", dir.display())))?;
         }
         Ok(())
-    }
-}
-
-/// `OsStr` from bytes (Linux paths are bytes).
-trait FromBytesCompat {
-    fn from_bytes_compat(b: &[u8]) -> &Self;
-}
-
-impl FromBytesCompat for std::ffi::OsStr {
-    fn from_bytes_compat(b: &[u8]) -> &Self {
-        std::os::unix::ffi::OsStrExt::from_bytes(b)
     }
 }
 
@@ -410,14 +400,14 @@ fn set_times(at: &Path, e: &EntryRecord, flags: UtimensatFlags) -> nix::Result<(
 fn set_xattrs_at(at: &Path, e: &EntryRecord, may_have_others: bool) -> std::io::Result<()> {
     if may_have_others {
         for name in xattr::list(at)? {
-            let keep = e.xattrs.iter().any(|x| x.name == std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()));
+            let keep = e.xattrs.iter().any(|x| x.name == name.as_bytes());
             if !keep {
                 xattr::remove(at, &name)?;
             }
         }
     }
     for x in &e.xattrs {
-        xattr::set(at, std::ffi::OsStr::from_bytes_compat(&x.name), &x.value)?;
+        xattr::set(at, std::ffi::OsStr::from_bytes(&x.name), &x.value)?;
     }
     Ok(())
 }

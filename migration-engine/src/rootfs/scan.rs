@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use migration_protocol::rootfs::{digest_input_of, tree_digest_input, xattr_name_allowed, EntryKind, TreeRecord, Xattr};
+use migration_protocol::rootfs::{digest_input_of, xattr_name_allowed, EntryKind, TreeRecord, Xattr};
 
 use crate::MigrationError;
 
@@ -34,10 +34,6 @@ impl Stamp {
             mode: m.mode(),
             nlink: m.nlink(),
         }
-    }
-
-    pub fn same_content(&self, other: &Stamp) -> bool {
-        self == other
     }
 }
 
@@ -128,8 +124,11 @@ impl Snapshot {
 /// SHA-256 over a tree's digest input.
 pub fn digest_tree(tree: &BTreeMap<PathBuf, TreeRecord>) -> Vec<u8> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for chunk in tree_digest_input(tree) {
-        ctx.update(&chunk);
+    let mut buf = Vec::with_capacity(4096);
+    for (path, record) in tree {
+        buf.clear();
+        digest_input_of(&mut buf, path, record);
+        ctx.update(&buf);
     }
     ctx.finish().as_ref().to_vec()
 }

@@ -173,7 +173,7 @@ impl TreeSender {
             if compare {
                 seen.insert(rel.clone());
                 if let (Some(old), Ok(meta)) = (self.snapshot.entries.get(&rel), item.metadata()) {
-                    if old.stamp.same_content(&Stamp::of(&meta)) {
+                    if old.stamp == Stamp::of(&meta) {
                         continue;
                     }
                 }
@@ -237,9 +237,9 @@ impl TreeSender {
                 self.send_delete(em, rel)?;
             }
             if meta.is_dir() && (new_dirs.contains(rel) || was_dir != Some(true)) {
-                // New: entries may have been made before its watch.
+                // New: entries may have been made before its watch. The
+                // walk sends the directory itself first.
                 self.walk(em, rel, false)?;
-                self.send_entry(em, rel)?;
                 walked.push(rel.clone());
                 continue;
             }

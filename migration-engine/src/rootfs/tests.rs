@@ -100,29 +100,49 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     assert_eq!(xattr::get(dst.path().join("keep"), "user.note").unwrap().unwrap(), b"hello");
 }
 
+/// `make_source`'s tree after the initial pass, applied.
+struct Synced {
+    src: tempfile::TempDir,
+    dst: tempfile::TempDir,
+    tree: TreeSender,
+    applier: Applier,
+}
+
+impl Synced {
+    fn new() -> Self {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        make_source(src.path());
+        let mut tree = TreeSender::new(src.path(), BTreeSet::new());
+        let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
+        pass(&mut tree, &mut applier, None);
+        Self { src, dst, tree, applier }
+    }
+
+    /// Sends and applies the frozen pass; returns its end, for verification.
+    fn frozen(&mut self) -> migration_protocol::RootfsEnd {
+        pass(&mut self.tree, &mut self.applier, Some(RootfsPhase::Frozen)).1
+    }
+
+    fn verify(&mut self, end: migration_protocol::RootfsEnd) -> Result<verify::Verified, crate::MigrationError> {
+        verify::Expected::take(&mut self.applier, end).verify()
+    }
+}
+
 #[test]
 fn a_tree_changed_after_it_arrived_fails_verification_naming_the_path() {
-    let src = tempfile::tempdir().unwrap();
-    let dst = tempfile::tempdir().unwrap();
-    make_source(src.path());
-    let mut tree = TreeSender::new(src.path(), BTreeSet::new());
-    let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
-    pass(&mut tree, &mut applier, None);
-    let (_, end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
-    std::fs::set_permissions(dst.path().join("etc/app/conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = verify::Expected::take(&mut applier, end).verify().unwrap_err().to_string();
+    let mut s = Synced::new();
+    let end = s.frozen();
+    std::fs::set_permissions(s.dst.path().join("etc/app/conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = s.verify(end).unwrap_err().to_string();
     assert!(err.contains("/etc/app/conf") && err.contains("mode"), "{err}");
 }
 
 #[test]
 fn a_file_replaced_on_disk_has_no_digest_of_ours() {
-    let src = tempfile::tempdir().unwrap();
-    let dst = tempfile::tempdir().unwrap();
-    make_source(src.path());
-    let mut tree = TreeSender::new(src.path(), BTreeSet::new());
-    let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
-    pass(&mut tree, &mut applier, None);
-    let (_, end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
+    let mut s = Synced::new();
+    let end = s.frozen();
+    let dst = &s.dst;
     // Same bytes, times, mode and owner: only the inode is not the one written.
     let conf = dst.path().join("etc/app/conf");
     let (meta, dir_meta) = (std::fs::metadata(&conf).unwrap(), std::fs::metadata(dst.path().join("etc/app")).unwrap());
@@ -133,21 +153,16 @@ fn a_file_replaced_on_disk_has_no_digest_of_ours() {
     for (p, m) in [(conf.clone(), &meta), (dst.path().join("etc/app"), &dir_meta)] {
         nix::sys::stat::utimensat(None, &p, &ts(m.atime(), m.atime_nsec()), &ts(m.mtime(), m.mtime_nsec()), nix::sys::stat::UtimensatFlags::FollowSymlink).unwrap();
     }
-    let err = verify::Expected::take(&mut applier, end).verify().unwrap_err().to_string();
+    let err = s.verify(end).unwrap_err().to_string();
     assert!(err.contains("/etc/app/conf") && err.contains("content"), "{err}");
 }
 
 #[test]
 fn records_that_do_not_add_up_to_the_digest_are_refused() {
-    let src = tempfile::tempdir().unwrap();
-    let dst = tempfile::tempdir().unwrap();
-    make_source(src.path());
-    let mut tree = TreeSender::new(src.path(), BTreeSet::new());
-    let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
-    pass(&mut tree, &mut applier, None);
-    let (_, mut end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
+    let mut s = Synced::new();
+    let mut end = s.frozen();
     end.tree_digest.replace_range(0..1, if end.tree_digest.starts_with('0') { "1" } else { "0" });
-    let err = verify::Expected::take(&mut applier, end).verify().unwrap_err().to_string();
+    let err = s.verify(end).unwrap_err().to_string();
     assert!(err.contains("do not add up"), "{err}");
 }
 
