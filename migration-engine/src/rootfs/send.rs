@@ -280,8 +280,11 @@ impl TreeSender {
             Err(e) => return Err(MigrationError::io(format!("stat {}", abs.display()))(e)),
         };
         if meta.file_type().is_socket() {
-            // Made again by the process that owns it.
-            self.snapshot.remove_tree(rel);
+            // Made again by the process that owns it; what was sent at
+            // this path before goes.
+            if self.snapshot.entries.contains_key(rel) {
+                self.send_delete(em, rel)?;
+            }
             return Ok(());
         }
         let (file, meta) = if meta.is_file() {

@@ -224,3 +224,13 @@ fn owners_capabilities_and_devices_arrive_when_root() {
     let err = tree.initial_pass(&mut w, &mut Compressor::new(CompressionMode::Never), &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("block device") && err.contains("sda (8:0)"), "{err}");
 }
+#[test]
+fn a_file_that_became_a_socket_is_deleted_on_the_destination() {
+    let mut s = Synced::new();
+    std::fs::remove_file(s.src.path().join("keep")).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(s.src.path().join("keep")).unwrap();
+    let end = s.frozen();
+    s.verify(end).unwrap();
+    assert!(!s.dst.path().join("keep").exists(), "sockets are made by their owners, not copied");
+}
+
