@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use migration_engine::testbed::{connect_from, join_network_namespace, CommandResult, ContainerNetwork, FixtureContainer, HostPair, Side, Testbed};
+use migration_engine::testbed::{connect_from, join_network_namespace, ChildProcess, ContainerNetwork, FixtureContainer, HostPair, Side, Testbed};
 
 // ---------------------------------------------------------------------------
 // The bed: testbed, network, a Debian rootfs copy and the service in it.
@@ -75,6 +75,10 @@ struct ServiceBed {
     cache: PathBuf,
     started: Instant,
     timings: Vec<(&'static str, Duration)>,
+    /// The source container's pid namespace, held open so that its inode
+    /// number (how the test finds the source's processes) is not given to
+    /// another namespace once the source is gone.
+    _src_pidns: std::fs::File,
     /// Held until the bed is gone: one real workload at a time, even when
     /// the harness runs tests in parallel.
     _serial: std::sync::MutexGuard<'static, ()>,
@@ -118,8 +122,10 @@ fn service_bed(prefix: &str, name: &str, spec: ServiceSpec, prepare: impl FnOnce
     write_config(&bed, &bundle, &spec);
     join_network_namespace(&bundle, &net.container_netns_path()).unwrap();
     let src = FixtureContainer::start(bed.src_runc.clone(), &id, &bundle).unwrap_or_else(|e| panic!("starting {id}: {e}"));
+    let pid = bed.src_runc.running(&id).unwrap_or_else(|e| panic!("{id} did not start: {e}")).pid;
+    let src_pidns = std::fs::File::open(format!("/proc/{pid}/ns/pid")).unwrap();
     timings.push(("bundle and container start", t.elapsed() - copied));
-    Some(ServiceBed { src, client_root: None, net, bed, id, cache, started, timings, _serial: serial })
+    Some(ServiceBed { src, client_root: None, net, bed, id, cache, started, timings, _src_pidns: src_pidns, _serial: serial })
 }
 
 fn write_config(bed: &Testbed, bundle: &Path, spec: &ServiceSpec) {
@@ -241,20 +247,37 @@ impl ServiceBed {
         let port = common::port();
         let t = Instant::now();
         let mut receiver = self.bed.spawn_receiver(port, &["--once", "--bridge", &self.net.bridge], &[]).unwrap();
-        let sent: CommandResult = self.bed.run_sender(&self.id, port, &["--tcp-established"], &[]).unwrap();
+        let mut sender = ChildProcess::spawn(self.bed.send_command(&self.id, port, &["--tcp-established"])).unwrap();
+        // The client's route moves as soon as the destination runs the
+        // container (what the receiver's gratuitous ARP does on a shared
+        // segment), not when the sender is done.
+        let mut moved = false;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while matches!(sender.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            // (runc's state file and /proc, read without running runc.)
+            if !moved && self.bed.dst_runc.live_init_pid(&self.id).is_ok() {
+                self.net.route_via(Side::Destination).unwrap();
+                moved = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let code = sender.wait(Duration::from_secs(5));
         let received = receiver.wait(Duration::from_secs(120));
         let took = t.elapsed();
         self.timings.push(("migration (receiver start to sender exit)", took));
+        if code != Some(0) && moved {
+            // Rolled back: the source runs on.
+            self.net.route_via(Side::Source).unwrap();
+        }
         assert_eq!(
-            sent.code,
+            code,
             Some(0),
-            "the migration failed (exit {:?}) after {took:?}:\nsender: {}\nreceiver: {}",
-            sent.code,
-            sent.stderr.trim(),
+            "the migration failed (exit {code:?}) after {took:?}:\nsender: {}\nreceiver: {}",
+            sender.stderr().trim(),
             receiver.stderr().trim()
         );
         assert_eq!(received, Some(0), "receiver: {}", receiver.stderr());
-        let result = sent.result().expect("a result event").clone();
+        let result = sender.result().expect("a result event").clone();
         assert_eq!(result["ok"], true, "{result}");
         eprintln!(
             "migrated {} in {took:?}: frozen_ms={} bytes_sent={} rootfs_verified={} frozen_phases={}",
