@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use migration_engine::testbed::{connect_from, join_network_namespace, CommandResult, ContainerNetwork, FixtureContainer, HostPair, Side, Testbed};
+use migration_engine::testbed::{connect_from, join_network_namespace, ChildProcess, ContainerNetwork, FixtureContainer, HostPair, Side, Testbed};
 
 // ---------------------------------------------------------------------------
 // The bed: testbed, network, a Debian rootfs copy and the service in it.
@@ -75,6 +75,10 @@ struct ServiceBed {
     cache: PathBuf,
     started: Instant,
     timings: Vec<(&'static str, Duration)>,
+    /// The source container's pid namespace, held open so that its inode
+    /// number (how the test finds the source's processes) is not given to
+    /// another namespace once the source is gone.
+    _src_pidns: std::fs::File,
     /// Held until the bed is gone: one real workload at a time, even when
     /// the harness runs tests in parallel.
     _serial: std::sync::MutexGuard<'static, ()>,
@@ -118,8 +122,10 @@ fn service_bed(prefix: &str, name: &str, spec: ServiceSpec, prepare: impl FnOnce
     write_config(&bed, &bundle, &spec);
     join_network_namespace(&bundle, &net.container_netns_path()).unwrap();
     let src = FixtureContainer::start(bed.src_runc.clone(), &id, &bundle).unwrap_or_else(|e| panic!("starting {id}: {e}"));
+    let pid = bed.src_runc.running(&id).unwrap_or_else(|e| panic!("{id} did not start: {e}")).pid;
+    let src_pidns = std::fs::File::open(format!("/proc/{pid}/ns/pid")).unwrap();
     timings.push(("bundle and container start", t.elapsed() - copied));
-    Some(ServiceBed { src, client_root: None, net, bed, id, cache, started, timings, _serial: serial })
+    Some(ServiceBed { src, client_root: None, net, bed, id, cache, started, timings, _src_pidns: src_pidns, _serial: serial })
 }
 
 fn write_config(bed: &Testbed, bundle: &Path, spec: &ServiceSpec) {
@@ -241,20 +247,37 @@ impl ServiceBed {
         let port = common::port();
         let t = Instant::now();
         let mut receiver = self.bed.spawn_receiver(port, &["--once", "--bridge", &self.net.bridge], &[]).unwrap();
-        let sent: CommandResult = self.bed.run_sender(&self.id, port, &["--tcp-established"], &[]).unwrap();
+        let mut sender = ChildProcess::spawn(self.bed.send_command(&self.id, port, &["--tcp-established"])).unwrap();
+        // The client's route moves as soon as the destination runs the
+        // container (what the receiver's gratuitous ARP does on a shared
+        // segment), not when the sender is done.
+        let mut moved = false;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while matches!(sender.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            // (runc's state file and /proc, read without running runc.)
+            if !moved && self.bed.dst_runc.live_init_pid(&self.id).is_ok() {
+                self.net.route_via(Side::Destination).unwrap();
+                moved = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let code = sender.wait(Duration::from_secs(5));
         let received = receiver.wait(Duration::from_secs(120));
         let took = t.elapsed();
         self.timings.push(("migration (receiver start to sender exit)", took));
+        if code != Some(0) && moved {
+            // Rolled back: the source runs on.
+            self.net.route_via(Side::Source).unwrap();
+        }
         assert_eq!(
-            sent.code,
+            code,
             Some(0),
-            "the migration failed (exit {:?}) after {took:?}:\nsender: {}\nreceiver: {}",
-            sent.code,
-            sent.stderr.trim(),
+            "the migration failed (exit {code:?}) after {took:?}:\nsender: {}\nreceiver: {}",
+            sender.stderr().trim(),
             receiver.stderr().trim()
         );
         assert_eq!(received, Some(0), "receiver: {}", receiver.stderr());
-        let result = sent.result().expect("a result event").clone();
+        let result = sender.result().expect("a result event").clone();
         assert_eq!(result["ok"], true, "{result}");
         eprintln!(
             "migrated {} in {took:?}: frozen_ms={} bytes_sent={} rootfs_verified={} frozen_phases={}",
@@ -262,6 +285,67 @@ impl ServiceBed {
         );
         self.net.route_via(Side::Destination).unwrap();
         result
+    }
+
+    /// The floor the benchmark sets ctmigrate against: `runc checkpoint` to
+    /// a tmpfs and `runc restore` from it on the source host: the same
+    /// container, rootfs and network namespace, nothing copied or sent.
+    fn floor(&mut self) -> serde_json::Value {
+        let images = self.bed.dir.join("floor-images");
+        let work = self.bed.dir.join("floor-work");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8g", "tmpfs"]).arg(&images).status().unwrap();
+        assert!(mounted.success(), "mounting the floor's images tmpfs");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(images.clone());
+        let runc = |args: &[&std::ffi::OsStr]| {
+            let out = Command::new(&self.bed.runc_binary)
+                .arg("--root")
+                .arg(&self.bed.src_runc.root)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            let log = if args[0] == "checkpoint" { "dump.log" } else { "restore.log" };
+            assert!(
+                out.status.success(),
+                "runc {:?}: {}
+{}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr).trim(),
+                container_runtime::runc::criu_log_errors(&work.join(log)).unwrap_or_default()
+            );
+        };
+        let common: [&std::ffi::OsStr; 6] =
+            ["--tcp-established".as_ref(), "--file-locks".as_ref(), "--image-path".as_ref(), images.as_os_str(), "--work-path".as_ref(), work.as_os_str()];
+        let t = Instant::now();
+        let mut args: Vec<&std::ffi::OsStr> = vec!["checkpoint".as_ref()];
+        args.extend(common);
+        args.push(self.id.as_ref());
+        runc(&args);
+        let checkpoint_ms = t.elapsed().as_millis() as u64;
+        let bundle = self.src.bundle.clone();
+        let mut args: Vec<&std::ffi::OsStr> = vec!["restore".as_ref(), "-d".as_ref()];
+        args.extend(common);
+        args.extend(["--bundle".as_ref(), bundle.as_os_str(), self.id.as_ref()]);
+        runc(&args);
+        let frozen_ms = t.elapsed().as_millis() as u64;
+        let du = Command::new("du").args(["-sb"]).arg(&images).output().unwrap();
+        let image_bytes: u64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        self.timings.push(("floor: checkpoint + restore", t.elapsed()));
+        serde_json::json!({
+            "frozen_ms": frozen_ms,
+            "frozen_phases": {"checkpoint_ms": checkpoint_ms, "restore_ms": frozen_ms - checkpoint_ms},
+            "image_bytes": image_bytes,
+        })
     }
 
     /// Exactly one copy: runc on the source no longer knows the container
@@ -493,15 +577,15 @@ fn pgbench_line<'a>(output: &'a str, prefix: &str) -> Option<&'a str> {
     output.lines().find_map(|l| l.trim().strip_prefix(prefix)).map(str::trim)
 }
 
-#[test]
-fn workload_postgres_pgbench_commits_every_transaction_across_migration() {
+/// A PostgreSQL container, answering, with pgbench's tables (scale 10: a
+/// million accounts); also returns postgres's uid and the source's pid
+/// namespace.
+fn postgres_bed(prefix: &str) -> Option<(ServiceBed, u32, u64)> {
     let spec = ServiceSpec { args: vec!["/bin/sh".into(), "/ctm/start-postgres.sh".into()], user: Some("postgres"), cwd: "/var/lib/postgresql" };
-    let Some(mut sb) = service_bed("wpg", "postgres", spec, |rootfs| {
+    let mut sb = service_bed(prefix, "postgres", spec, |rootfs| {
         write_file(&rootfs.join("ctm/start-postgres.sh"), PG_START.as_bytes(), 0o755, None);
         write_file(&rootfs.join("etc/ctm/pg_hba.conf"), PG_HBA.as_bytes(), 0o644, None);
-    }) else {
-        return;
-    };
+    })?;
     let rootfs = sb.rootfs();
     let t = Instant::now();
     let ready = common::wait_for(Duration::from_secs(90), || sb.psql("SELECT 1").ok().filter(|r| r == "1"));
@@ -514,7 +598,6 @@ fn workload_postgres_pgbench_commits_every_transaction_across_migration() {
     let procs = processes_in(src_pidns);
     assert!(procs.len() >= 4 && procs.iter().all(|p| p.uid == pg_uid), "not all PostgreSQL processes run as postgres: {procs:?}");
 
-    // pgbench's tables (scale 10: a million accounts).
     let ip = sb.net.container_ip.to_string();
     let t = Instant::now();
     let init = sb
@@ -526,53 +609,135 @@ fn workload_postgres_pgbench_commits_every_transaction_across_migration() {
     assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
     sb.timings.push(("pgbench -i -s 10", t.elapsed()));
     assert_eq!(sb.psql("SELECT count(*) FROM pgbench_history").unwrap(), "0");
+    Some((sb, pg_uid, src_pidns))
+}
 
-    // The benchmark: 4 clients, a fixed number of transactions each, at a
-    // fixed total rate so that it is still running when the migration
-    // completes.
-    let out_path = sb.bed.dir.join("pgbench.out");
-    let err_path = sb.bed.dir.join("pgbench.err");
-    let run = sb
-        .client_command(&format!("{PG_BIN}/pgbench"))
-        .args(["-h", &ip, "-p", &PG_PORT.to_string(), "-U", "postgres"])
-        .args(["-c", &PGBENCH_CLIENTS.to_string(), "-j", "2", "-t", &PGBENCH_TX_PER_CLIENT.to_string()])
-        .args(["-R", &PGBENCH_RATE.to_string(), "-P", "1", "postgres"])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut pgbench = KillOnDrop(run);
-    let progress = || std::fs::read_to_string(&err_path).unwrap_or_default().lines().filter(|l| l.starts_with("progress:")).count();
-    let bench_start = Instant::now();
-    let running = common::wait_for(Duration::from_secs(60), || (progress() >= 3).then_some(()));
-    assert!(
-        running.is_some() && pgbench.0.try_wait().unwrap().is_none(),
-        "pgbench did not get going: {}",
-        std::fs::read_to_string(&err_path).unwrap_or_default()
-    );
+/// A pgbench run from the client namespace: 4 clients, a fixed number of
+/// transactions each, at a fixed total rate so that it is still running
+/// when a migration completes. Killed if dropped before it ends.
+struct Pgbench {
+    child: KillOnDrop,
+    out: PathBuf,
+    err: PathBuf,
+    started: Instant,
+    /// Where `-l` writes its per-transaction logs (host path), if asked.
+    log_dir: Option<PathBuf>,
+}
+
+struct PgbenchOutcome {
+    stdout: String,
+    stderr: String,
+    status: std::process::ExitStatus,
+}
+
+impl Pgbench {
+    /// `log`: also write a per-transaction log (for the client's longest
+    /// gap), in the client root's tmpfs.
+    fn start(sb: &mut ServiceBed, log: bool) -> Self {
+        let ip = sb.net.container_ip.to_string();
+        let out = sb.bed.dir.join("pgbench.out");
+        let err = sb.bed.dir.join("pgbench.err");
+        let root = sb.client_root();
+        let mut cmd = sb.client_command(&format!("{PG_BIN}/pgbench"));
+        cmd.args(["-h", &ip, "-p", &PG_PORT.to_string(), "-U", "postgres"])
+            .args(["-c", &PGBENCH_CLIENTS.to_string(), "-j", "2", "-t", &PGBENCH_TX_PER_CLIENT.to_string()])
+            .args(["-R", &PGBENCH_RATE.to_string(), "-P", "1"]);
+        if log {
+            cmd.args(["-l", "--log-prefix=/tmp/pgbench_log"]);
+        }
+        let child = cmd
+            .arg("postgres")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Pgbench { child: KillOnDrop(child), out, err, started: Instant::now(), log_dir: log.then(|| root.join("tmp")) }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.0.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for `seconds` progress reports.
+    fn wait_progress(&mut self, seconds: usize) {
+        let progress = |p: &Self| p.stderr().lines().filter(|l| l.starts_with("progress:")).count();
+        let ok = common::wait_for(Duration::from_secs(60), || (progress(self) >= seconds).then_some(()));
+        assert!(ok.is_some() && self.running(), "pgbench did not get going: {}", self.stderr());
+    }
+
+    fn wait(mut self, within: Duration) -> PgbenchOutcome {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(st) = self.child.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "pgbench did not finish within {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        PgbenchOutcome { stdout: std::fs::read_to_string(&self.out).unwrap(), stderr: self.stderr(), status }
+    }
+
+    /// The longest time between two transactions' completions, from the
+    /// `-l` logs (`client transaction latency script epoch_s epoch_us
+    /// [lag]`, one file per thread).
+    fn longest_gap(log_dir: &Path) -> Duration {
+        let mut done: Vec<u64> = Vec::new();
+        for e in std::fs::read_dir(log_dir).unwrap().flatten() {
+            if !e.file_name().to_string_lossy().starts_with("pgbench_log") {
+                continue;
+            }
+            for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                let f: Vec<u64> = l.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+                if f.len() >= 6 {
+                    done.push(f[4] * 1_000_000 + f[5]);
+                }
+            }
+        }
+        done.sort_unstable();
+        Duration::from_micros(done.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
+    }
+}
+
+impl PgbenchOutcome {
+    /// Every transaction committed: exit 0, none failed or aborted, all
+    /// processed. Returns how many.
+    fn assert_all_committed(&self) -> u64 {
+        let (stdout, stderr) = (&self.stdout, &self.stderr);
+        assert!(self.status.success(), "pgbench failed ({}):\n{stdout}\n{stderr}", self.status);
+        assert!(!stderr.contains("aborted") && !stdout.contains("aborted"), "a pgbench client aborted:\n{stdout}\n{stderr}");
+        let total = PGBENCH_CLIENTS as u64 * PGBENCH_TX_PER_CLIENT;
+        let processed = pgbench_line(stdout, "number of transactions actually processed:").unwrap_or_else(|| panic!("no count in:\n{stdout}"));
+        assert_eq!(processed, format!("{total}/{total}"), "transactions processed:\n{stdout}");
+        let failed = pgbench_line(stdout, "number of failed transactions:").unwrap_or_else(|| panic!("no failure count in:\n{stdout}"));
+        assert!(failed.starts_with("0 "), "failed transactions: {failed}");
+        total
+    }
+}
+
+#[test]
+fn workload_postgres_pgbench_commits_every_transaction_across_migration() {
+    let Some((mut sb, pg_uid, src_pidns)) = postgres_bed("wpg") else { return };
+    let mut pgbench = Pgbench::start(&mut sb, false);
+    pgbench.wait_progress(3);
 
     sb.migrate();
-    let migrated_after = bench_start.elapsed();
+    let migrated_after = pgbench.started.elapsed();
     // Mid-run: pgbench was still running when the migration completed.
     assert!(
-        pgbench.0.try_wait().unwrap().is_none(),
+        pgbench.running(),
         "pgbench finished before the migration did ({migrated_after:?}): raise PGBENCH_TX_PER_CLIENT\n{}",
-        std::fs::read_to_string(&err_path).unwrap_or_default()
+        pgbench.stderr()
     );
-
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(st) = pgbench.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "pgbench did not finish within 300 s after the migration");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    sb.timings.push(("pgbench run (migration included)", bench_start.elapsed()));
-    let stdout = std::fs::read_to_string(&out_path).unwrap();
-    let stderr = std::fs::read_to_string(&err_path).unwrap();
-    let slowest = stderr
+    let started = pgbench.started;
+    let outcome = pgbench.wait(Duration::from_secs(300));
+    sb.timings.push(("pgbench run (migration included)", started.elapsed()));
+    let slowest = outcome
+        .stderr
         .lines()
         .filter(|l| l.starts_with("progress:"))
         .max_by(|a, b| {
@@ -580,14 +745,8 @@ fn workload_postgres_pgbench_commits_every_transaction_across_migration() {
             lat(a).total_cmp(&lat(b))
         })
         .unwrap_or("");
-    eprintln!("pgbench summary:\n{stdout}\nslowest second: {slowest}");
-    assert!(status.success(), "pgbench failed ({status}):\n{stdout}\n{stderr}");
-    assert!(!stderr.contains("aborted") && !stdout.contains("aborted"), "a pgbench client aborted:\n{stdout}\n{stderr}");
-    let total = PGBENCH_CLIENTS as u64 * PGBENCH_TX_PER_CLIENT;
-    let processed = pgbench_line(&stdout, "number of transactions actually processed:").unwrap_or_else(|| panic!("no count in:\n{stdout}"));
-    assert_eq!(processed, format!("{total}/{total}"), "transactions processed:\n{stdout}");
-    let failed = pgbench_line(&stdout, "number of failed transactions:").unwrap_or_else(|| panic!("no failure count in:\n{stdout}"));
-    assert!(failed.starts_with("0 "), "failed transactions: {failed}");
+    eprintln!("pgbench summary:\n{}\nslowest second: {slowest}", outcome.stdout);
+    let total = outcome.assert_all_committed();
 
     // Every committed transaction wrote one history row; the balances
     // agree with the history.
@@ -725,36 +884,33 @@ fn redis_value(token: &str, n: u64) -> Vec<u8> {
     v
 }
 
-#[test]
-fn workload_redis_million_keys_one_connection_every_value_checked() {
-    let spec = ServiceSpec {
-        args: [
-            "/usr/bin/redis-server",
-            "--bind",
-            "0.0.0.0",
-            "--port",
-            "6379",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--enable-debug-command",
-            "yes",
-            "--dir",
-            "/var/lib/redis",
-            "--logfile",
-            "/var/log/redis/redis-server.log",
-        ]
-        .map(String::from)
-        .to_vec(),
-        user: Some("redis"),
-        cwd: "/var/lib/redis",
-    };
-    let Some(mut sb) = service_bed("wrd", "redis", spec, |_| {}) else { return };
+/// A Redis container (as user redis) holding a million keys (key:N =
+/// value:N), with one connection to it; also returns redis's uid and the
+/// source's pid namespace.
+fn redis_bed(prefix: &str) -> Option<(ServiceBed, TcpStream, Resp, u32, u64)> {
+    let args = [
+        "/usr/bin/redis-server",
+        "--bind",
+        "0.0.0.0",
+        "--port",
+        "6379",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--enable-debug-command",
+        "yes",
+        "--dir",
+        "/var/lib/redis",
+        "--logfile",
+        "/var/log/redis/redis-server.log",
+    ];
+    let spec = ServiceSpec { args: args.map(String::from).to_vec(), user: Some("redis"), cwd: "/var/lib/redis" };
+    let mut sb = service_bed(prefix, "redis", spec, |_| {})?;
     let t = Instant::now();
     let stream = sb.connect(REDIS_PORT, Duration::from_secs(30));
     let mut conn = Resp::new(&stream);
@@ -766,28 +922,38 @@ fn workload_redis_million_keys_one_connection_every_value_checked() {
     let procs = processes_in(src_pidns);
     assert!(!procs.is_empty() && procs.iter().all(|p| p.uid == redis_uid), "redis does not run as redis: {procs:?}");
 
-    // A million keys: key:N = value:N.
     let t = Instant::now();
     conn.expect(&[b"DEBUG", b"POPULATE", POPULATED.to_string().as_bytes()], Reply::Simple("OK".into())).unwrap();
     conn.expect(&[b"DBSIZE"], Reply::Int(POPULATED as i64)).unwrap();
     sb.timings.push(("DEBUG POPULATE 1000000", t.elapsed()));
-    let run_id = conn.run_id().unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    let token = format!("{:x}-{}", now.as_nanos(), std::process::id());
+    Some((sb, stream, conn, redis_uid, src_pidns))
+}
 
-    // The client: SET ctm:n, GET it back, GET one of the populated keys.
-    let client = {
-        let token = token.clone();
-        Client::spawn("redis", &stream, conn, move |c: &mut Resp, n| {
-            let key = format!("ctm:{n}");
-            let value = redis_value(&token, n);
-            c.expect(&[b"SET", key.as_bytes(), &value], Reply::Simple("OK".into()))?;
-            c.expect(&[b"GET", key.as_bytes()], Reply::Bulk(Some(value)))?;
-            let k = (n * 7919) % POPULATED;
-            c.expect(&[b"GET", format!("key:{k}").as_bytes()], Reply::Bulk(Some(format!("value:{k}").into_bytes())))
-        })
-    };
-    let mut client = client;
+/// The client: SET ctm:n, GET it back, GET one of the populated keys;
+/// every answer checked.
+fn redis_client(stream: &TcpStream, conn: Resp, token: &str) -> Client<Resp> {
+    let token = token.to_string();
+    Client::spawn("redis", stream, conn, move |c: &mut Resp, n| {
+        let key = format!("ctm:{n}");
+        let value = redis_value(&token, n);
+        c.expect(&[b"SET", key.as_bytes(), &value], Reply::Simple("OK".into()))?;
+        c.expect(&[b"GET", key.as_bytes()], Reply::Bulk(Some(value)))?;
+        let k = (n * 7919) % POPULATED;
+        c.expect(&[b"GET", format!("key:{k}").as_bytes()], Reply::Bulk(Some(format!("value:{k}").into_bytes())))
+    })
+}
+
+fn run_token() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    format!("{:x}-{}", now.as_nanos(), std::process::id())
+}
+
+#[test]
+fn workload_redis_million_keys_one_connection_every_value_checked() {
+    let Some((mut sb, stream, mut conn, redis_uid, src_pidns)) = redis_bed("wrd") else { return };
+    let run_id = conn.run_id().unwrap();
+    let token = run_token();
+    let mut client = redis_client(&stream, conn, &token);
     client.assert_progress(2_000, Duration::from_secs(60), "before migrating");
 
     sb.migrate();
@@ -886,48 +1052,56 @@ fn http_get(r: &mut BufReader<TcpStream>, w: &mut TcpStream, path: &str) -> Resu
     Ok(body)
 }
 
-#[test]
-fn workload_nginx_keepalive_downloads_arrive_intact() {
+/// The master runs as root, its two workers as `www_uid`.
+fn nginx_workers_ok(procs: &[Proc], master: i32, www_uid: u32) -> bool {
+    let (masters, workers): (Vec<&Proc>, Vec<&Proc>) = procs.iter().partition(|p| p.pid == master);
+    masters.len() == 1
+        && masters[0].uid == 0
+        && workers.len() == 2
+        && procs.iter().all(|p| p.name == "nginx")
+        && workers.iter().all(|p| p.uid == www_uid)
+}
+
+/// An nginx container serving a 4 MiB file, with one connection to it;
+/// also returns the file's SHA-256, www-data's uid and the source's pid
+/// namespace.
+fn nginx_bed(prefix: &str) -> Option<(ServiceBed, TcpStream, String, u32, u64)> {
     let blob = pseudo_random(BLOB_LEN, 0x5eed_0016);
     let digest = sha256_hex(&blob);
     let spec = ServiceSpec { args: vec!["/usr/sbin/nginx".into(), "-c".into(), "/etc/nginx/ctm.conf".into()], user: None, cwd: "/" };
-    let Some(mut sb) = service_bed("wng", "nginx", spec, |rootfs| {
+    let mut sb = service_bed(prefix, "nginx", spec, |rootfs| {
         write_file(&rootfs.join("etc/nginx/ctm.conf"), NGINX_CONF.as_bytes(), 0o644, None);
         write_file(&rootfs.join("srv/www/blob.bin"), &blob, 0o644, None);
-    }) else {
-        return;
-    };
+    })?;
     let t = Instant::now();
     let stream = sb.connect(HTTP_PORT, Duration::from_secs(30));
     sb.timings.push(("nginx start", t.elapsed()));
-
-    // The master runs as root, its workers as www-data.
     let (www_uid, _) = debian::user_ids(&sb.rootfs(), "www-data").unwrap();
-    let workers_ok = |procs: &[Proc], master: i32| {
-        let (masters, workers): (Vec<&Proc>, Vec<&Proc>) = procs.iter().partition(|p| p.pid == master);
-        masters.len() == 1
-            && masters[0].uid == 0
-            && workers.len() == 2
-            && procs.iter().all(|p| p.name == "nginx")
-            && workers.iter().all(|p| p.uid == www_uid)
-    };
     let src_pid = sb.source_pid();
     let src_pidns = pid_namespace(src_pid);
-    let procs = common::wait_for(Duration::from_secs(10), || Some(processes_in(src_pidns)).filter(|p| workers_ok(p, src_pid)));
+    let procs = common::wait_for(Duration::from_secs(10), || Some(processes_in(src_pidns)).filter(|p| nginx_workers_ok(p, src_pid, www_uid)));
     assert!(procs.is_some(), "expected an nginx master as root and two www-data workers: {:?}", processes_in(src_pidns));
+    Some((sb, stream, digest, www_uid, src_pidns))
+}
 
-    let client = {
-        let (mut r, mut w) = (BufReader::with_capacity(1 << 16, stream.try_clone().unwrap()), stream.try_clone().unwrap());
-        let digest = digest.clone();
-        Client::spawn("http", &stream, (), move |_, _| {
-            let body = http_get(&mut r, &mut w, "/blob.bin")?;
-            if body.len() != BLOB_LEN || sha256_hex(&body) != digest {
-                return Err(format!("body of {} bytes with digest {}, expected {BLOB_LEN} bytes with {digest}", body.len(), sha256_hex(&body)));
-            }
-            Ok(())
-        })
-    };
-    let mut client = client;
+/// The client: GET /blob.bin again and again on the keep-alive
+/// connection, each body's length and SHA-256 checked.
+fn http_client(stream: &TcpStream, digest: &str) -> Client<()> {
+    let (mut r, mut w) = (BufReader::with_capacity(1 << 16, stream.try_clone().unwrap()), stream.try_clone().unwrap());
+    let digest = digest.to_string();
+    Client::spawn("http", stream, (), move |_, _| {
+        let body = http_get(&mut r, &mut w, "/blob.bin")?;
+        if body.len() != BLOB_LEN || sha256_hex(&body) != digest {
+            return Err(format!("body of {} bytes with digest {}, expected {BLOB_LEN} bytes with {digest}", body.len(), sha256_hex(&body)));
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn workload_nginx_keepalive_downloads_arrive_intact() {
+    let Some((mut sb, stream, digest, www_uid, src_pidns)) = nginx_bed("wng") else { return };
+    let mut client = http_client(&stream, &digest);
     client.assert_progress(20, Duration::from_secs(60), "before migrating");
 
     sb.migrate();
@@ -939,7 +1113,7 @@ fn workload_nginx_keepalive_downloads_arrive_intact() {
     let dst = sb.assert_exactly_one_copy(src_pidns);
     let dst_pid = sb.bed.dst_runc.running(&sb.id).unwrap().pid;
     let dst_procs = processes_in(pid_namespace(dst_pid));
-    assert!(workers_ok(&dst_procs, dst_pid), "destination: expected an nginx master as root and two www-data workers: {dst_procs:?}");
+    assert!(nginx_workers_ok(&dst_procs, dst_pid, www_uid), "destination: expected an nginx master as root and two www-data workers: {dst_procs:?}");
     let served = std::fs::read(dst.rootfs().join("srv/www/blob.bin")).unwrap();
     assert_eq!(sha256_hex(&served), digest, "the served file changed on the destination");
     sb.finish(dst, "workload_nginx");
@@ -1223,4 +1397,125 @@ fn workload_fifo_hard_links_capabilities_and_locks_survive_migration() {
     drop((r, w, stream));
 
     sb.finish(dst, "workload_locks");
+}
+
+// ---------------------------------------------------------------------------
+// Benchmark (a report, not a test).
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Service {
+    Postgres,
+    Redis,
+    Nginx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MoveBy {
+    Ctmigrate,
+    Floor,
+}
+
+/// One service under its client, moved once: what the move cost and the
+/// longest time the client waited between two answers. None: skipped.
+fn bench_one(service: Service, how: MoveBy) -> Option<serde_json::Value> {
+    let mv = |sb: &mut ServiceBed| match how {
+        MoveBy::Ctmigrate => sb.migrate(),
+        MoveBy::Floor => sb.floor(),
+    };
+    let (result, gap, timings) = match service {
+        Service::Postgres => {
+            let (mut sb, _, _) = postgres_bed("bpg")?;
+            let mut pgbench = Pgbench::start(&mut sb, true);
+            pgbench.wait_progress(3);
+            let result = mv(&mut sb);
+            assert!(pgbench.running(), "pgbench finished before the move did");
+            let log_dir = pgbench.log_dir.clone().unwrap();
+            pgbench.wait(Duration::from_secs(300)).assert_all_committed();
+            (result, Pgbench::longest_gap(&log_dir), sb.timings.clone())
+        }
+        Service::Redis => {
+            let (mut sb, stream, conn, _, _) = redis_bed("brd")?;
+            let mut client = redis_client(&stream, conn, &run_token());
+            client.assert_progress(2_000, Duration::from_secs(60), "before the move");
+            let result = mv(&mut sb);
+            client.assert_progress(2_000, Duration::from_secs(120), "after the move");
+            let (_, _, gap) = client.stop();
+            (result, gap, sb.timings.clone())
+        }
+        Service::Nginx => {
+            let (mut sb, stream, digest, _, _) = nginx_bed("bng")?;
+            let mut client = http_client(&stream, &digest);
+            client.assert_progress(20, Duration::from_secs(60), "before the move");
+            let result = mv(&mut sb);
+            client.assert_progress(20, Duration::from_secs(120), "after the move");
+            let (_, _, gap) = client.stop();
+            (result, gap, sb.timings.clone())
+        }
+    };
+    let mut sample = serde_json::json!({
+        "service": format!("{service:?}").to_lowercase(),
+        "method": format!("{how:?}").to_lowercase(),
+        "client_gap_ms": gap.as_millis() as u64,
+        "timings_s": timings.iter().map(|(w, d)| (w.to_string(), serde_json::json!(d.as_secs_f64()))).collect::<serde_json::Map<_, _>>(),
+    });
+    for field in ["frozen_ms", "frozen_phases", "bytes_sent", "total_ms", "image_bytes", "rootfs_verified"] {
+        if !result[field].is_null() {
+            sample[field] = result[field].clone();
+        }
+    }
+    Some(sample)
+}
+
+/// For each real service: ctmigrate's frozen time, its phases, the bytes
+/// it sent and the client's longest gap, against the floor (runc
+/// checkpoint to tmpfs and restore, one host) on the same service under
+/// the same client. Writes target/bench/workloads-bench.json and prints a
+/// table for docs/performance.md.
+///
+/// cargo test --release --test workloads -- --ignored bench_workloads --nocapture
+/// narrower: CTMIGRATE_BENCH_WORKLOADS=postgres,redis,nginx
+///           CTMIGRATE_BENCH_METHODS=ctmigrate,floor
+#[test]
+#[ignore]
+fn bench_workloads() {
+    let wanted = |var: &str, name: &str| std::env::var(var).map(|v| v.split(',').any(|w| w.trim() == name)).unwrap_or(true);
+    let mut samples = Vec::new();
+    for service in [Service::Postgres, Service::Redis, Service::Nginx] {
+        if !wanted("CTMIGRATE_BENCH_WORKLOADS", &format!("{service:?}").to_lowercase()) {
+            continue;
+        }
+        for how in [MoveBy::Ctmigrate, MoveBy::Floor] {
+            if !wanted("CTMIGRATE_BENCH_METHODS", &format!("{how:?}").to_lowercase()) {
+                continue;
+            }
+            let Some(sample) = bench_one(service, how) else { return };
+            eprintln!("BENCH {sample}");
+            samples.push(sample);
+        }
+    }
+    let mut table = String::from("| service | method | frozen ms | client's longest gap ms | sent MB | images MB | phases |\n|---|---|---:|---:|---:|---:|---|\n");
+    let mb = |v: &serde_json::Value| v.as_u64().map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or_else(|| "-".into());
+    for s in &samples {
+        table += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            s["service"].as_str().unwrap(),
+            s["method"].as_str().unwrap(),
+            s["frozen_ms"],
+            s["client_gap_ms"],
+            mb(&s["bytes_sent"]),
+            mb(&s["image_bytes"]),
+            s["frozen_phases"]
+        );
+    }
+    for service in ["postgres", "redis", "nginx"] {
+        let frozen = |m: &str| samples.iter().find(|s| s["service"] == service && s["method"] == m).and_then(|s| s["frozen_ms"].as_u64());
+        if let (Some(c), Some(f)) = (frozen("ctmigrate"), frozen("floor")) {
+            table += &format!("\n{service}: ctmigrate's frozen time is {:.2} times the floor's", c as f64 / f.max(1) as f64);
+        }
+    }
+    eprintln!("\n{table}\n");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("workloads-bench.json"), serde_json::to_vec_pretty(&samples).unwrap()).unwrap();
 }

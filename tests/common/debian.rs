@@ -341,8 +341,8 @@ pub fn copy_rootfs(src: &Path, dest: &Path) -> Result<Duration, String> {
 }
 
 /// A cached rootfs mounted read-only at a path of the test's own, for
-/// clients that run from it (`chroot`) without ever writing to the cache.
-/// Unmounted on drop.
+/// clients that run from it (`chroot`) without ever writing to the cache,
+/// with a tmpfs of its own on /tmp for what they write. Unmounted on drop.
 pub struct ReadOnlyRoot {
     pub path: PathBuf,
 }
@@ -364,12 +364,14 @@ impl ReadOnlyRoot {
         // read-only before anything runs from it.
         run(&["--make-private".as_ref(), at.as_os_str()])?;
         run(&["-o".as_ref(), "remount,bind,ro".as_ref(), at.as_os_str()])?;
+        run(&["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), "size=512m,mode=1777".as_ref(), "tmpfs".as_ref(), at.join("tmp").as_os_str()])?;
         Ok(root)
     }
 }
 
 impl Drop for ReadOnlyRoot {
     fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path.join("tmp"), nix::mount::MntFlags::MNT_DETACH);
         let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir(&self.path);
     }
