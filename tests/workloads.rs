@@ -279,6 +279,8 @@ impl ServiceBed {
         assert_eq!(received, Some(0), "receiver: {}", receiver.stderr());
         let result = sender.result().expect("a result event").clone();
         assert_eq!(result["ok"], true, "{result}");
+        assert_eq!(result["rootfs_verified"], true, "the destination proved its rootfs the source's: {result}");
+        assert_eq!(receiver.result().expect("receiver result")["rootfs_verified"], true);
         eprintln!(
             "migrated {} in {took:?}: frozen_ms={} bytes_sent={} rootfs_verified={} frozen_phases={}",
             self.id, result["frozen_ms"], result["bytes_sent"], result["rootfs_verified"], result["frozen_phases"]
