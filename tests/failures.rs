@@ -141,6 +141,38 @@ fn restore_failure_on_destination_rolls_back() {
 }
 
 #[test]
+fn a_failed_restore_keeps_criu_logs_and_the_errors_name_them() {
+    let Some(bed) = testbed("rlg") else { return };
+    let (src, id, token) = counter(&bed, "lg");
+    let port = port();
+    let mut receiver =
+        bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-restore=corrupt")]).unwrap();
+    let sent = bed.run_sender(&id, port, &[], &[]).unwrap();
+    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(30)), Some(4));
+    assert_source_runs(&bed, &src, &token);
+    assert_clean(&bed, &id);
+    // Both sides kept their CRIU logs, and every file or directory the
+    // errors name under the testbed exists.
+    let failed = bed.dir.join("failed");
+    let kept: Vec<std::path::PathBuf> = std::fs::read_dir(&failed).unwrap().flatten().map(|e| e.path()).collect();
+    let restore_log = kept.iter().map(|d| d.join("work_restore.log")).find(|p| p.is_file()).expect("the receiver kept CRIU's restore log");
+    assert!(std::fs::read_to_string(&restore_log).unwrap().contains("Error"), "CRIU's restore log says why");
+    assert!(kept.iter().any(|d| d.join("final.log").is_file()), "the sender kept CRIU's dump log: {kept:?}");
+    let receiver_error = receiver.result().unwrap()["error"].as_str().unwrap().to_string();
+    for message in [sent.stderr.as_str(), receiver_error.as_str()] {
+        let named: Vec<&str> = message
+            .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ';' || c == ',')
+            .filter(|w| w.starts_with(bed.dir.to_str().unwrap()))
+            .collect();
+        assert!(named.iter().any(|w| w.contains("/failed/")), "the error names the kept logs: {message}");
+        for path in named {
+            assert!(std::path::Path::new(path.trim_end_matches(['.', ':'])).exists(), "{path} named in `{message}` does not exist");
+        }
+    }
+}
+
+#[test]
 fn relay_failing_mid_dump_stops_criu_and_source_resumes() {
     let Some(bed) = testbed("rly") else { return };
     let (src, id, token) = counter(&bed, "rl");

@@ -15,7 +15,7 @@
 //! | `sender-after-dump` | sender, CRIU done, before the last images go out |
 //! | `receiver-after-manifest` | receiver, after accepting the manifest |
 //! | `receiver-during-images` | receiver, after the first image chunk |
-//! | `receiver-before-restore` | receiver, with all images received |
+//! | `receiver-before-restore` | receiver, with all images received (`corrupt`: the final images' inventory.img removed, so that CRIU's restore fails) |
 //! | `receiver-before-commit-ack` | receiver, restored, before acknowledging Commit |
 //! | `sender-rootfs-mid-file` | sender, initial rootfs pass, after the first chunk of the first file larger than a chunk |
 //! | `sender-rootfs-unsent-change` | sender, frozen rootfs pass: the tree digest covers a change no record carried (`corrupt`) |

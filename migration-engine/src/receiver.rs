@@ -324,6 +324,12 @@ impl<'a> Session<'a> {
         result.rootfs_verified = true;
         result.rootfs = Some(crate::events::RootfsReport { digest: verified.digest, entries: verified.entries, ..Default::default() });
         failpoints::hit("receiver-before-restore").map_err(resumed)?;
+        if failpoints::should_corrupt("receiver-before-restore") {
+            // As a disk that lost a file after it was verified: CRIU's
+            // restore fails for real, with a log to keep.
+            let st = self.staging.as_ref().expect("staging exists");
+            let _ = std::fs::remove_file(st.images.join(round_dir(RoundKind::Final, 0)).join("inventory.img"));
+        }
 
         self.rep.phase(Phase::Restore);
         let restore_started = Instant::now();
