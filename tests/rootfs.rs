@@ -212,41 +212,102 @@ fn rootfs_flock_held_before_is_held_after() {
 }
 
 /// Benchmark (not run by the suite): the frozen rootfs pass on a real
-/// root filesystem with an idle service. `CTMIGRATE_BENCH_ROOTFS` names a
-/// rootfs directory (e.g. a Debian one made by mmdebstrap; it is copied);
-/// prints one `BENCH {json}` line per migration:
+/// root filesystem. `CTMIGRATE_BENCH_ROOTFS` names a rootfs directory (the
+/// Debian one tests/workloads.rs builds is under /var/cache/ctmigrate/rootfs);
+/// it is copied. Two parts, one `BENCH {json}` line each:
+/// 1. the frozen pass with inotify against the same pass comparing every
+///    entry (the fallback, and what every pass did before), interleaved
+///    on one copy of the tree, with a few files changed before each;
+/// 2. whole migrations of an idle container from that rootfs: the frozen
+///    pass's share of the frozen time, and the receiver's verification.
 /// `CTMIGRATE_BENCH_ROOTFS=DIR cargo test --release --test rootfs -- --ignored bench_rootfs_frozen_pass --nocapture`
 #[test]
 #[ignore = "benchmark: run by hand, see docs/performance.md"]
 fn bench_rootfs_frozen_pass() {
+    use migration_engine::rootfs::TreeSender;
+    use migration_protocol::{CompressionMode, Compressor, FrameWriter, RootfsPhase};
     let Some(source) = std::env::var_os("CTMIGRATE_BENCH_ROOTFS") else {
         panic!("set CTMIGRATE_BENCH_ROOTFS to a root filesystem directory");
     };
     let bed = testbed("rbn").expect("root prerequisites");
+    let runs = 5;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+
+    // 1. The pass alone, inotify against comparing every entry.
+    let copy = bed.dir.join("bench-rootfs");
+    assert!(std::process::Command::new("cp").arg("-a").arg(&source).arg(&copy).status().unwrap().success());
+    let hidden: std::collections::BTreeSet<PathBuf> = ["dev", "proc", "sys"].iter().map(PathBuf::from).collect();
+    let mut tracked = TreeSender::new(&copy, hidden.clone());
+    let mut walked = TreeSender::new(&copy, hidden);
+    let mut out = FrameWriter::new(std::io::sink());
+    let mut c = Compressor::new(CompressionMode::Never);
+    let initial = tracked.initial_pass(&mut out, &mut c, &mut |_| {}).unwrap();
+    walked.initial_pass(&mut out, &mut c, &mut |_| {}).unwrap();
+    let (mut with_inotify, mut comparing) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        // An idle service still writes a little: a log line, a pid file.
+        std::fs::write(copy.join(format!("tmp/bench-{run}")), "x").unwrap();
+        std::fs::write(copy.join("etc/hostname"), format!("bench-{run}\n")).unwrap();
+        for (sender, times, baseline) in [(&mut tracked, &mut with_inotify, false), (&mut walked, &mut comparing, true)] {
+            if baseline {
+                sender.stop_tracking("benchmark baseline");
+            }
+            let t = std::time::Instant::now();
+            let r = sender.delta_pass(&mut out, &mut c, RootfsPhase::Frozen).unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert!(r.entries >= 2, "the changes were sent: {r:?}");
+        }
+    }
+    let (a, b) = (median(with_inotify.clone()), median(comparing.clone()));
+    println!(
+        "BENCH {}",
+        serde_json::json!({
+            "part": "frozen pass",
+            "entries": initial.entries,
+            "inotify_ms": with_inotify,
+            "compare_every_entry_ms": comparing,
+            "median_inotify_ms": (a * 100.0).round() / 100.0,
+            "median_compare_every_entry_ms": (b * 100.0).round() / 100.0,
+            "ratio_inotify_to_compare": (a / b * 1000.0).round() / 1000.0,
+        })
+    );
+
+    // 2. Whole migrations of an idle container.
     for run in 0..3 {
         let id = format!("rbn{run}-{}", bed.tag);
         let bundle = bed.dir.join("src-bundles").join(&id);
         std::fs::create_dir_all(&bundle).unwrap();
         build_bundle(&bed.runc_binary, &bundle, &Workload::Counter).unwrap();
         std::fs::remove_dir_all(bundle.join("rootfs")).unwrap();
-        let st = std::process::Command::new("cp").arg("-a").arg(&source).arg(bundle.join("rootfs")).status().unwrap();
-        assert!(st.success());
+        assert!(std::process::Command::new("cp").arg("-a").arg(&source).arg(bundle.join("rootfs")).status().unwrap().success());
         let cfg_path = bundle.join("config.json");
         let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
         cfg["process"]["args"] = serde_json::json!(["/bin/sleep", "100000"]);
         std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
         let _c = FixtureContainer::start(bed.src_runc.clone(), &id, &bundle).unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        let sent = migrate_ok(&bed, &id, &id);
-        let r = sent.result().unwrap();
+        let port = port();
+        let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
+        let sent = bed.run_sender(&id, port, &["--dest-id", &id], &[]).unwrap();
+        assert_eq!(sent.code, Some(0), "send failed: {}", sent.stderr);
+        assert_eq!(receiver.wait(Duration::from_secs(60)), Some(0), "receiver: {}", receiver.stderr());
+        let (r, rr) = (sent.result().unwrap(), receiver.result().unwrap());
         println!(
             "BENCH {}",
             serde_json::json!({
+                "part": "migration",
                 "run": run,
                 "frozen_ms": r["frozen_ms"],
                 "rootfs_delta_ms": r["frozen_phases"]["rootfs_delta_ms"],
-                "rootfs": r["rootfs"],
-                "rootfs_verified": r["rootfs_verified"],
+                "frozen_entries": r["rootfs"]["frozen_entries"],
+                "frozen_tracking": r["rootfs"]["frozen_tracking"],
+                "entries": r["rootfs"]["entries"],
+                "receiver_verify_ms": rr["rootfs"]["verify_ms"],
+                "receiver_verify_wait_ms": rr["rootfs"]["verify_wait_ms"],
+                "rootfs_verified": [r["rootfs_verified"].clone(), rr["rootfs_verified"].clone()],
             })
         );
         migration_engine::testbed::force_remove(&bed.dst_runc, &id);

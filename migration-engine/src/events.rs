@@ -126,6 +126,12 @@ pub struct RootfsReport {
     /// compared every entry).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_tracking: Option<String>,
+    /// Receiver: how long the verification took, and how much of that the
+    /// restore waited for (it runs while the images arrive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_wait_ms: Option<u64>,
 }
 
 /// The frozen window, phase by phase, in milliseconds.

@@ -317,12 +317,19 @@ impl<'a> Session<'a> {
         let (done, rootfs_check) = self.receive_state(manifest.max_rounds).map_err(resumed)?;
         result.image_bytes = done.files.iter().map(|f| f.size).sum();
         // Nothing runs from a rootfs that is not the source's.
+        let wait_started = Instant::now();
         let verified = rootfs_check
             .join()
             .map_err(|_| resumed(MigrationError::Other("the rootfs verification thread panicked".into())))?
             .map_err(resumed)?;
         result.rootfs_verified = true;
-        result.rootfs = Some(crate::events::RootfsReport { digest: verified.digest, entries: verified.entries, ..Default::default() });
+        result.rootfs = Some(crate::events::RootfsReport {
+            digest: verified.digest,
+            entries: verified.entries,
+            verify_ms: Some(verified.took.as_millis() as u64),
+            verify_wait_ms: Some(wait_started.elapsed().as_millis() as u64),
+            ..Default::default()
+        });
         failpoints::hit("receiver-before-restore").map_err(resumed)?;
         if failpoints::should_corrupt("receiver-before-restore") {
             // As a disk that lost a file after it was verified: CRIU's

@@ -114,6 +114,13 @@ impl TreeSender {
         self.finish(em, phase)
     }
 
+    /// Drops the watches: the next pass compares every entry, as when
+    /// inotify cannot follow (and then sets the watches again).
+    pub fn stop_tracking(&mut self, why: &str) {
+        self.tracker = None;
+        self.untracked = Some(why.to_string());
+    }
+
     fn start_tracking(&mut self) {
         match Tracker::new() {
             Ok(t) => {

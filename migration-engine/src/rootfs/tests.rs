@@ -234,3 +234,19 @@ fn a_file_that_became_a_socket_is_deleted_on_the_destination() {
     assert!(!s.dst.path().join("keep").exists(), "sockets are made by their owners, not copied");
 }
 
+
+#[test]
+fn a_pass_that_compares_every_entry_gives_the_same_tree() {
+    let mut s = Synced::new();
+    std::fs::write(s.src.path().join("etc/app/conf"), "changed, untracked").unwrap();
+    std::fs::remove_file(s.src.path().join("gone")).unwrap();
+    std::fs::create_dir_all(s.src.path().join("new/deeper")).unwrap();
+    std::fs::write(s.src.path().join("new/deeper/file"), "n").unwrap();
+    s.tree.stop_tracking("test");
+    let (report, end) = pass(&mut s.tree, &mut s.applier, Some(RootfsPhase::Frozen));
+    assert_eq!(report.full_walk.as_deref(), Some("test"));
+    assert_eq!(report.deleted, 1);
+    s.verify(end).unwrap();
+    assert_eq!(std::fs::read_to_string(s.dst.path().join("etc/app/conf")).unwrap(), "changed, untracked");
+    assert!(s.dst.path().join("new/deeper/file").is_file() && !s.dst.path().join("gone").exists());
+}

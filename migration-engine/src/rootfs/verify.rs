@@ -41,6 +41,8 @@ pub struct Expected {
 pub struct Verified {
     pub digest: String,
     pub entries: u64,
+    /// How long the verification took.
+    pub took: std::time::Duration,
 }
 
 impl Expected {
@@ -56,6 +58,7 @@ impl Expected {
     }
 
     pub fn verify(mut self) -> Result<Verified, MigrationError> {
+        let started = std::time::Instant::now();
         let keys: Vec<(PathBuf, u64)> = self.file_ids.iter().map(|(p, id)| (p.clone(), *id)).collect();
         assign_leaders(&mut self.tree, &keys);
         let digest = hex(&digest_tree(&self.tree));
@@ -80,7 +83,7 @@ impl Expected {
         if let Some(extra) = actual.keys().find(|p| !self.tree.contains_key(*p)) {
             return Err(differs(extra, "on the destination but not on the source".into()));
         }
-        Ok(Verified { digest, entries: self.tree.len() as u64 })
+        Ok(Verified { digest, entries: self.tree.len() as u64, took: started.elapsed() })
     }
 }
 
