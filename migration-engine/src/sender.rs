@@ -275,7 +275,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     .map_err(|e| MigrationError::Preflight(format!("{}: {e}", config_path.display())))?;
     let criu_version = criu_bindings::version(&opts.criu_binary)?;
     let (mode, mode_reason) = resolve_mode(opts)?;
-    let hidden_mounts = rootfs::scan::hidden_mount_points(state.pid as i32)?;
+    let hidden_mounts = rootfs::scan::hidden_mount_points(state.pid)?;
     if let Some(reason) = &mode_reason {
         rep.warn(reason.clone());
     }

@@ -183,7 +183,7 @@ impl EntryRecord {
                 return Err(bad("the rootfs itself can only be a directory".into()));
             }
         } else {
-            safe_relative(&e.path).map_err(|why| bad(why))?;
+            safe_relative(&e.path).map_err(bad)?;
         }
         if e.mode & !0o7777 != 0 {
             return Err(bad(format!("mode {:o} has bits beyond 0o7777", e.mode)));
@@ -192,11 +192,10 @@ impl EntryRecord {
             return Err(bad("nanoseconds out of range".into()));
         }
         match kind {
-            EntryKind::Symlink => {
-                if e.target.is_empty() || e.target.len() > MAX_PATH || e.target.contains(&0) {
-                    return Err(bad(format!("symlink {} has an empty or oversized target", e.path().display())));
-                }
+            EntryKind::Symlink if e.target.is_empty() || e.target.len() > MAX_PATH || e.target.contains(&0) => {
+                return Err(bad(format!("symlink {} has an empty or oversized target", e.path().display())));
             }
+            EntryKind::Symlink => {}
             EntryKind::HardLink => {
                 safe_relative(&e.target).map_err(|why| bad(format!("hard link {}: {why}", e.path().display())))?;
             }
