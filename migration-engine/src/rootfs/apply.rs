@@ -64,8 +64,11 @@ pub struct Applier {
     /// share one.
     pub(crate) file_ids: HashMap<PathBuf, u64>,
     next_id: u64,
-    /// Digest of each file written here, by inode.
-    pub(crate) written: HashMap<(u64, u64), Vec<u8>>,
+    /// Digest and file id of each file written here, by inode.
+    pub(crate) written: HashMap<(u64, u64), (Vec<u8>, u64)>,
+    /// Paths made, changed or removed (and directories whose entries
+    /// changed) since the verifier last took a snapshot.
+    changed: BTreeSet<PathBuf>,
     /// Directories whose times are set again when the pass ends (made or
     /// removed names moved them).
     touched_dirs: BTreeSet<PathBuf>,
@@ -89,6 +92,7 @@ impl Applier {
             next_id: 0,
             written: HashMap::new(),
             touched_dirs: BTreeSet::new(),
+            changed: BTreeSet::new(),
             open: None,
             parent_cache: None,
         })
@@ -96,6 +100,16 @@ impl Applier {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Paths changed since the last [`Self::clear_changed`].
+    pub(crate) fn changed_since_snapshot(&self) -> &BTreeSet<PathBuf> {
+        &self.changed
+    }
+
+    /// Returns the changed paths and starts a new set.
+    pub(crate) fn clear_changed(&mut self) -> BTreeSet<PathBuf> {
+        std::mem::take(&mut self.changed)
     }
 
     /// Applies one pass, starting with `first` (already read), up to its
@@ -178,9 +192,12 @@ impl Applier {
         .map_err(MigrationError::io(format!("removing {}", at.display())))
     }
 
-    fn touch_parent(&mut self, rel: &Path) {
+    /// `rel` changed, and so did its directory's mtime.
+    fn note_change(&mut self, rel: &Path) {
+        self.changed.insert(rel.to_path_buf());
         if let Some(p) = rel.parent() {
             self.touched_dirs.insert(p.to_path_buf());
+            self.changed.insert(p.to_path_buf());
         }
     }
 
@@ -204,13 +221,14 @@ impl Applier {
             std::fs::set_permissions(&at, std::fs::Permissions::from_mode(self.policy.mode(e.mode))).map_err(ctx("setting the mode of"))?;
             set_xattrs_at(&at, &e, true).map_err(ctx("setting extended attributes of"))?;
             self.touched_dirs.insert(rel.clone());
+            self.changed.insert(rel.clone());
             self.expected.insert(rel, tree_record_of(&e, 0, Vec::new()));
             return Ok(());
         }
         let (at, _) = self.parent(&rel)?;
         let existing = std::fs::symlink_metadata(&at).ok();
         let ctx = |what: &str| MigrationError::io(format!("{what} {}", rel.display()));
-        self.touch_parent(&rel);
+        self.note_change(&rel);
         match kind {
             EntryKind::Directory => {
                 if !existing.as_ref().is_some_and(|m| m.is_dir()) {
@@ -337,8 +355,8 @@ impl Applier {
         set_times(&by_fd, &f.record, UtimensatFlags::FollowSymlink)
             .map_err(|err| MigrationError::Other(format!("setting the times of {}: {err}", f.rel.display())))?;
         let meta = f.file.metadata().map_err(ctx("stat"))?;
-        self.written.insert((meta.dev(), meta.ino()), digest.clone());
         self.next_id += 1;
+        self.written.insert((meta.dev(), meta.ino()), (digest.clone(), self.next_id));
         self.file_ids.insert(f.rel.clone(), self.next_id);
         self.expected.insert(f.rel.clone(), tree_record_of(&f.record, end.size, digest));
         Ok(())
@@ -348,7 +366,7 @@ impl Applier {
         let (at, _) = self.parent(rel)?;
         self.remove_at(&at)?;
         self.forget_tree(rel);
-        self.touch_parent(rel);
+        self.note_change(rel);
         Ok(())
     }
 

@@ -10,10 +10,11 @@
 //!
 //! The wire records are in [`migration_protocol::rootfs`]. The receiver
 //! applies them through directory descriptors that never follow a symlink
-//! ([`apply`]) and, before anything is restored, walks its tree and proves
-//! it equals the sender's frozen tree ([`verify`]): same paths, types,
-//! modes, owners, sizes, mtimes, link targets, hard links, device numbers,
-//! extended attributes and file contents (SHA-256).
+//! ([`apply`]) and, before anything is restored, proves its tree equals
+//! the sender's frozen tree ([`verify`]): same paths, types, modes, owners,
+//! sizes, mtimes, link targets, hard links, device numbers, extended
+//! attributes and file contents (SHA-256): a walk of the whole tree while
+//! the container still runs, then only the paths changed since.
 //!
 //! What is not copied: what the container's own mounts hide (runc's /dev
 //! tmpfs, /proc, bind mounts: see [`scan::hidden_mount_points`]), unix
@@ -32,7 +33,7 @@ pub mod verify;
 pub use apply::{Applier, UnpackPolicy};
 pub use scan::Snapshot;
 pub use send::{PassReport, TreeSender};
-pub use verify::{Expected, Verified};
+pub use verify::{Verified, Verifier};
 
 /// Bytes of file data per RootfsFileData frame.
 pub const CHUNK: usize = 1 << 20;

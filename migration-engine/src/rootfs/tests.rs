@@ -61,6 +61,8 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
 
     let (initial, _) = pass(&mut tree, &mut applier, None);
+    let mut verifier = Verifier::default();
+    verifier.after_running_pass(&mut applier).unwrap();
     assert_eq!(std::fs::read_to_string(dst.path().join("etc/app/conf")).unwrap(), "one");
     assert_eq!(std::fs::metadata(dst.path()).unwrap().permissions().mode() & 0o7777, 0o751, "the rootfs directory's own mode");
     assert_eq!(std::fs::read_link(dst.path().join("link")).unwrap(), Path::new("etc/app/conf"));
@@ -84,6 +86,7 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     std::fs::write(src.path().join("new/inside"), "n").unwrap();
     std::fs::write(src.path().join("perl5.36.0"), "#!perl v2").unwrap();
     let (delta, _) = pass(&mut tree, &mut applier, Some(RootfsPhase::Delta));
+    verifier.after_running_pass(&mut applier).unwrap();
     assert_eq!(delta.full_walk, None, "inotify followed the changes");
     assert!(delta.entries <= 8, "only what changed was sent: {delta:?}");
     assert_eq!(delta.deleted, 1);
@@ -94,7 +97,7 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     std::fs::write(src.path().join("keep"), "k2").unwrap();
     let (frozen, end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
     assert_eq!(frozen.entries, 1, "{frozen:?}");
-    let verified = verify::Expected::take(&mut applier, end.clone()).verify().unwrap();
+    let verified = verifier.finish(&mut applier, end.clone()).join().unwrap().unwrap();
     assert_eq!(Some(verified.digest.clone()), frozen.tree_digest);
     assert_eq!(std::fs::read_to_string(dst.path().join("keep")).unwrap(), "k2");
     assert_eq!(xattr::get(dst.path().join("keep"), "user.note").unwrap().unwrap(), b"hello");
@@ -106,17 +109,27 @@ struct Synced {
     dst: tempfile::TempDir,
     tree: TreeSender,
     applier: Applier,
+    verifier: Verifier,
 }
 
 impl Synced {
     fn new() -> Self {
+        Self::new_then(|_| {})
+    }
+
+    /// `damage` runs on the destination's tree after the initial pass,
+    /// before the verifier's walk of the whole tree.
+    fn new_then(damage: impl FnOnce(&Path)) -> Self {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
         make_source(src.path());
         let mut tree = TreeSender::new(src.path(), BTreeSet::new());
         let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
         pass(&mut tree, &mut applier, None);
-        Self { src, dst, tree, applier }
+        damage(dst.path());
+        let mut verifier = Verifier::default();
+        verifier.after_running_pass(&mut applier).unwrap();
+        Self { src, dst, tree, applier, verifier }
     }
 
     /// Sends and applies the frozen pass; returns its end, for verification.
@@ -125,36 +138,50 @@ impl Synced {
     }
 
     fn verify(&mut self, end: migration_protocol::RootfsEnd) -> Result<verify::Verified, crate::MigrationError> {
-        verify::Expected::take(&mut self.applier, end).verify()
+        std::mem::take(&mut self.verifier).finish(&mut self.applier, end).join().unwrap()
     }
 }
 
 #[test]
-fn a_tree_changed_after_it_arrived_fails_verification_naming_the_path() {
-    let mut s = Synced::new();
+fn a_tree_that_differs_from_the_records_fails_the_walk_naming_the_path() {
+    let mut s = Synced::new_then(|dst| {
+        std::fs::set_permissions(dst.join("etc/app/conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    });
     let end = s.frozen();
-    std::fs::set_permissions(s.dst.path().join("etc/app/conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = s.verify(end).unwrap_err().to_string();
     assert!(err.contains("/etc/app/conf") && err.contains("mode"), "{err}");
 }
 
 #[test]
-fn a_file_replaced_on_disk_has_no_digest_of_ours() {
+fn a_path_the_frozen_pass_changed_is_checked_again() {
     let mut s = Synced::new();
+    std::fs::write(s.src.path().join("keep"), "k2").unwrap();
     let end = s.frozen();
-    let dst = &s.dst;
-    // Same bytes, times, mode and owner: only the inode is not the one written.
-    let conf = dst.path().join("etc/app/conf");
-    let (meta, dir_meta) = (std::fs::metadata(&conf).unwrap(), std::fs::metadata(dst.path().join("etc/app")).unwrap());
-    std::fs::copy(&conf, dst.path().join("etc/app/copy")).unwrap();
-    std::fs::rename(dst.path().join("etc/app/copy"), &conf).unwrap();
-    std::fs::set_permissions(&conf, meta.permissions()).unwrap();
-    let ts = |s, ns| nix::sys::time::TimeSpec::new(s, ns);
-    for (p, m) in [(conf.clone(), &meta), (dst.path().join("etc/app"), &dir_meta)] {
-        nix::sys::stat::utimensat(None, &p, &ts(m.atime(), m.atime_nsec()), &ts(m.mtime(), m.mtime_nsec()), nix::sys::stat::UtimensatFlags::FollowSymlink).unwrap();
-    }
+    // As if the frozen pass had been applied wrongly.
+    std::fs::set_permissions(s.dst.path().join("keep"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = s.verify(end).unwrap_err().to_string();
+    assert!(err.contains("/keep") && err.contains("mode"), "{err}");
+}
+
+#[test]
+fn a_file_replaced_on_disk_has_no_digest_of_ours() {
+    let mut s = Synced::new_then(replace_conf_with_a_copy);
+    let end = s.frozen();
     let err = s.verify(end).unwrap_err().to_string();
     assert!(err.contains("/etc/app/conf") && err.contains("content"), "{err}");
+}
+
+/// Same bytes, times, mode and owner: only the inode is not the one written.
+fn replace_conf_with_a_copy(dst: &Path) {
+    let conf = dst.join("etc/app/conf");
+    let (meta, dir_meta) = (std::fs::metadata(&conf).unwrap(), std::fs::metadata(dst.join("etc/app")).unwrap());
+    std::fs::copy(&conf, dst.join("etc/app/copy")).unwrap();
+    std::fs::rename(dst.join("etc/app/copy"), &conf).unwrap();
+    std::fs::set_permissions(&conf, meta.permissions()).unwrap();
+    let ts = |s, ns| nix::sys::time::TimeSpec::new(s, ns);
+    for (p, m) in [(conf.clone(), &meta), (dst.join("etc/app"), &dir_meta)] {
+        nix::sys::stat::utimensat(None, &p, &ts(m.atime(), m.atime_nsec()), &ts(m.mtime(), m.mtime_nsec()), nix::sys::stat::UtimensatFlags::FollowSymlink).unwrap();
+    }
 }
 
 #[test]
@@ -211,7 +238,8 @@ fn owners_capabilities_and_devices_arrive_when_root() {
     let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
     pass(&mut tree, &mut applier, None);
     let (_, end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
-    verify::Expected::take(&mut applier, end).verify().unwrap();
+    // No walk before the frozen pass: the check covers every path.
+    Verifier::default().finish(&mut applier, end).join().unwrap().unwrap();
     let m = std::fs::metadata(dst.path().join("bin/ping")).unwrap();
     assert_eq!((m.uid(), m.gid()), (1234, 5678));
     assert_eq!(xattr::get(dst.path().join("bin/ping"), "security.capability").unwrap().unwrap(), cap);
