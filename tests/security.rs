@@ -197,7 +197,8 @@ fn entry_frames(entries: &[rootfs::EntryRecord]) -> Vec<u8> {
 }
 
 fn entry(path: &[u8], kind: rootfs::EntryKind, target: &[u8]) -> rootfs::EntryRecord {
-    rootfs::EntryRecord { path: path.to_vec(), kind: kind as u32, mode: 0o644, target: target.to_vec(), ..Default::default() }
+    let mode = if kind == rootfs::EntryKind::Symlink { 0o777 } else { 0o644 };
+    rootfs::EntryRecord { path: path.to_vec(), kind: kind as u32, mode, target: target.to_vec(), ..Default::default() }
 }
 
 #[test]

@@ -483,7 +483,6 @@ impl<'a> Session<'a> {
         let st = self.staging.as_ref().expect("staging exists");
         let (rootfs_dir, images_dir) = (st.bundle.join("rootfs"), st.images.clone());
         let mut tree = rootfs::Applier::new(&rootfs_dir, self.opts.unpack.clone())?;
-        let mut verifier = Some(rootfs::Verifier::default());
         // The frozen pass's verification, run while the images arrive.
         let mut check: Option<RootfsCheck> = None;
         let mut round: Option<(RoundBegin, ImageSink)> = None;
@@ -507,13 +506,8 @@ impl<'a> Session<'a> {
                     }
                     let (end, bytes) = tree.receive_pass(&mut self.reader, frame)?;
                     self.sink_bytes += bytes;
-                    match (end.phase, verifier.take()) {
-                        (RootfsPhase::Frozen, Some(v)) => check = Some(v.finish(&mut tree, end)),
-                        (_, Some(mut v)) => {
-                            v.after_running_pass(&mut tree)?;
-                            verifier = Some(v);
-                        }
-                        (_, None) => return Err(MigrationError::Other("rootfs records after the frozen pass".into())),
+                    if end.phase == RootfsPhase::Frozen {
+                        check = Some(rootfs::verify::start(&mut tree, end));
                     }
                 }
                 MessageKind::RoundBegin => {

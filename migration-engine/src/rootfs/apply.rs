@@ -22,7 +22,9 @@ use migration_protocol::{Frame, FrameReader, MessageKind, ProtocolError, RootfsE
 use nix::sys::stat::{utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
+use super::scan::tree_record;
 use super::send::{digest_zeros, tree_record_of};
+use super::verify::differs;
 use super::hex;
 use crate::MigrationError;
 
@@ -66,9 +68,6 @@ pub struct Applier {
     next_id: u64,
     /// Digest and file id of each file written here, by inode.
     pub(crate) written: HashMap<(u64, u64), (Vec<u8>, u64)>,
-    /// Paths made, changed or removed (and directories whose entries
-    /// changed) since the verifier last took a snapshot.
-    changed: BTreeSet<PathBuf>,
     /// Directories whose times are set again when the pass ends (made or
     /// removed names moved them).
     touched_dirs: BTreeSet<PathBuf>,
@@ -92,7 +91,6 @@ impl Applier {
             next_id: 0,
             written: HashMap::new(),
             touched_dirs: BTreeSet::new(),
-            changed: BTreeSet::new(),
             open: None,
             parent_cache: None,
         })
@@ -102,15 +100,6 @@ impl Applier {
         &self.root
     }
 
-    /// Paths changed since the last [`Self::clear_changed`].
-    pub(crate) fn changed_since_snapshot(&self) -> &BTreeSet<PathBuf> {
-        &self.changed
-    }
-
-    /// Returns the changed paths and starts a new set.
-    pub(crate) fn clear_changed(&mut self) -> BTreeSet<PathBuf> {
-        std::mem::take(&mut self.changed)
-    }
 
     /// Applies one pass, starting with `first` (already read), up to its
     /// RootfsEnd. Returns it and the payload bytes read.
@@ -192,12 +181,11 @@ impl Applier {
         .map_err(MigrationError::io(format!("removing {}", at.display())))
     }
 
-    /// `rel` changed, and so did its directory's mtime.
-    fn note_change(&mut self, rel: &Path) {
-        self.changed.insert(rel.to_path_buf());
+    /// `rel`'s directory's mtime moved: it is set again, and checked, at
+    /// the end of the pass.
+    fn touch_parent(&mut self, rel: &Path) {
         if let Some(p) = rel.parent() {
             self.touched_dirs.insert(p.to_path_buf());
-            self.changed.insert(p.to_path_buf());
         }
     }
 
@@ -221,14 +209,13 @@ impl Applier {
             std::fs::set_permissions(&at, std::fs::Permissions::from_mode(self.policy.mode(e.mode))).map_err(ctx("setting the mode of"))?;
             set_xattrs_at(&at, &e, true).map_err(ctx("setting extended attributes of"))?;
             self.touched_dirs.insert(rel.clone());
-            self.changed.insert(rel.clone());
             self.expected.insert(rel, tree_record_of(&e, 0, Vec::new()));
             return Ok(());
         }
         let (at, _) = self.parent(&rel)?;
         let existing = std::fs::symlink_metadata(&at).ok();
         let ctx = |what: &str| MigrationError::io(format!("{what} {}", rel.display()));
-        self.note_change(&rel);
+        self.touch_parent(&rel);
         match kind {
             EntryKind::Directory => {
                 if !existing.as_ref().is_some_and(|m| m.is_dir()) {
@@ -275,8 +262,8 @@ impl Applier {
                 std::fs::hard_link(&target_at, &at).map_err(ctx("linking"))?;
                 let record = self.expected[&target].clone();
                 self.expected.insert(rel.clone(), record);
-                self.file_ids.insert(rel, id);
-                return Ok(());
+                self.file_ids.insert(rel.clone(), id);
+                return self.check_on_disk(&rel);
             }
             EntryKind::Symlink => {
                 self.remove_at(&at)?;
@@ -308,7 +295,12 @@ impl Applier {
         }
         self.expected.insert(rel.clone(), tree_record_of(&e, 0, Vec::new()));
         self.file_ids.remove(&rel);
-        Ok(())
+        // A directory is checked once its times are set, at the pass's end.
+        if kind == EntryKind::Directory {
+            Ok(())
+        } else {
+            self.check_on_disk(&rel)
+        }
     }
 
     fn file_data(&mut self, payload: &[u8]) -> Result<(), MigrationError> {
@@ -359,15 +351,16 @@ impl Applier {
         self.written.insert((meta.dev(), meta.ino()), (digest.clone(), self.next_id));
         self.file_ids.insert(f.rel.clone(), self.next_id);
         self.expected.insert(f.rel.clone(), tree_record_of(&f.record, end.size, digest));
-        Ok(())
+        drop(f.file);
+        self.check_on_disk(&f.rel)
     }
 
     fn delete(&mut self, rel: &Path) -> Result<(), MigrationError> {
         let (at, _) = self.parent(rel)?;
         self.remove_at(&at)?;
         self.forget_tree(rel);
-        self.note_change(rel);
-        Ok(())
+        self.touch_parent(rel);
+        self.check_on_disk(rel)
     }
 
     /// Directory times, once their entries are made.
@@ -378,6 +371,39 @@ impl Applier {
             let ts = |s: i64, ns: u32| TimeSpec::new(s, ns as i64);
             utimensat(None, &at, &ts(rec.mtime_sec, rec.mtime_nsec), &ts(rec.mtime_sec, rec.mtime_nsec), UtimensatFlags::NoFollowSymlink)
                 .map_err(|e| MigrationError::Other(format!("setting the times of {}: {e}", dir.display())))?;
+            self.check_on_disk(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Compares what is at `rel` on disk now with its record (absent if it
+    /// has none). A file must be the one this receiver wrote for that
+    /// record (by inode); its content was hashed as it was written.
+    pub(crate) fn check_on_disk(&mut self, rel: &Path) -> Result<(), MigrationError> {
+        let at = if rel.as_os_str().is_empty() { self.root.clone() } else { self.parent(rel)?.0 };
+        let meta = match std::fs::symlink_metadata(&at) {
+            Ok(m) => Some(m),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => None,
+            Err(e) => return Err(differs(rel, format!("cannot stat it: {e}"))),
+        };
+        let (want, meta) = match (self.expected.get(rel), meta) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => return Err(differs(rel, "missing on the destination".into())),
+            (None, Some(_)) => return Err(differs(rel, "on the destination but not on the source".into())),
+            (Some(w), Some(m)) => (w, m),
+        };
+        let mut want = want.clone();
+        want.mode = self.policy.mode(want.mode);
+        let written = self.written.get(&(meta.dev(), meta.ino()));
+        let digest = match written {
+            Some((digest, id)) if meta.is_file() && self.file_ids.get(rel) == Some(id) => digest.clone(),
+            Some(_) if meta.is_file() => return Err(differs(rel, "hard links (the name holds another file)".into())),
+            None if meta.is_file() => return Err(differs(rel, "content (not a file this receiver wrote from the stream)".into())),
+            _ => Vec::new(),
+        };
+        let got = tree_record(&at, &meta, meta.size(), digest).map_err(|e| differs(rel, e.to_string()))?;
+        if got != want {
+            return Err(differs(rel, want.difference(&got)));
         }
         Ok(())
     }

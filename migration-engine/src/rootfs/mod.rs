@@ -13,8 +13,8 @@
 //! ([`apply`]) and, before anything is restored, proves its tree equals
 //! the sender's frozen tree ([`verify`]): same paths, types, modes, owners,
 //! sizes, mtimes, link targets, hard links, device numbers, extended
-//! attributes and file contents (SHA-256): a walk of the whole tree while
-//! the container still runs, then only the paths changed since.
+//! attributes and file contents (SHA-256): each record is checked on disk
+//! as it is applied, and the whole against the sender's tree digest.
 //!
 //! What is not copied: what the container's own mounts hide (runc's /dev
 //! tmpfs, /proc, bind mounts: see [`scan::hidden_mount_points`]), unix
@@ -33,7 +33,7 @@ pub mod verify;
 pub use apply::{Applier, UnpackPolicy};
 pub use scan::Snapshot;
 pub use send::{PassReport, TreeSender};
-pub use verify::{Verified, Verifier};
+pub use verify::Verified;
 
 /// Bytes of file data per RootfsFileData frame.
 pub const CHUNK: usize = 1 << 20;

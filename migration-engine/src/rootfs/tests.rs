@@ -61,8 +61,6 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
 
     let (initial, _) = pass(&mut tree, &mut applier, None);
-    let mut verifier = Verifier::default();
-    verifier.after_running_pass(&mut applier).unwrap();
     assert_eq!(std::fs::read_to_string(dst.path().join("etc/app/conf")).unwrap(), "one");
     assert_eq!(std::fs::metadata(dst.path()).unwrap().permissions().mode() & 0o7777, 0o751, "the rootfs directory's own mode");
     assert_eq!(std::fs::read_link(dst.path().join("link")).unwrap(), Path::new("etc/app/conf"));
@@ -86,7 +84,6 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     std::fs::write(src.path().join("new/inside"), "n").unwrap();
     std::fs::write(src.path().join("perl5.36.0"), "#!perl v2").unwrap();
     let (delta, _) = pass(&mut tree, &mut applier, Some(RootfsPhase::Delta));
-    verifier.after_running_pass(&mut applier).unwrap();
     assert_eq!(delta.full_walk, None, "inotify followed the changes");
     assert!(delta.entries <= 8, "only what changed was sent: {delta:?}");
     assert_eq!(delta.deleted, 1);
@@ -97,7 +94,7 @@ fn passes_reproduce_the_tree_and_verification_proves_it() {
     std::fs::write(src.path().join("keep"), "k2").unwrap();
     let (frozen, end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
     assert_eq!(frozen.entries, 1, "{frozen:?}");
-    let verified = verifier.finish(&mut applier, end.clone()).join().unwrap().unwrap();
+    let verified = verify::start(&mut applier, end.clone()).join().unwrap().unwrap();
     assert_eq!(Some(verified.digest.clone()), frozen.tree_digest);
     assert_eq!(std::fs::read_to_string(dst.path().join("keep")).unwrap(), "k2");
     assert_eq!(xattr::get(dst.path().join("keep"), "user.note").unwrap().unwrap(), b"hello");
@@ -109,27 +106,17 @@ struct Synced {
     dst: tempfile::TempDir,
     tree: TreeSender,
     applier: Applier,
-    verifier: Verifier,
 }
 
 impl Synced {
     fn new() -> Self {
-        Self::new_then(|_| {})
-    }
-
-    /// `damage` runs on the destination's tree after the initial pass,
-    /// before the verifier's walk of the whole tree.
-    fn new_then(damage: impl FnOnce(&Path)) -> Self {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
         make_source(src.path());
         let mut tree = TreeSender::new(src.path(), BTreeSet::new());
         let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
         pass(&mut tree, &mut applier, None);
-        damage(dst.path());
-        let mut verifier = Verifier::default();
-        verifier.after_running_pass(&mut applier).unwrap();
-        Self { src, dst, tree, applier, verifier }
+        Self { src, dst, tree, applier }
     }
 
     /// Sends and applies the frozen pass; returns its end, for verification.
@@ -138,48 +125,48 @@ impl Synced {
     }
 
     fn verify(&mut self, end: migration_protocol::RootfsEnd) -> Result<verify::Verified, crate::MigrationError> {
-        std::mem::take(&mut self.verifier).finish(&mut self.applier, end).join().unwrap()
+        verify::start(&mut self.applier, end).join().unwrap()
     }
 }
 
 #[test]
-fn a_tree_that_differs_from_the_records_fails_the_walk_naming_the_path() {
-    let mut s = Synced::new_then(|dst| {
-        std::fs::set_permissions(dst.join("etc/app/conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    });
-    let end = s.frozen();
-    let err = s.verify(end).unwrap_err().to_string();
-    assert!(err.contains("/etc/app/conf") && err.contains("mode"), "{err}");
-}
-
-#[test]
-fn a_path_the_frozen_pass_changed_is_checked_again() {
+fn an_entry_that_differs_from_its_record_is_named() {
     let mut s = Synced::new();
-    std::fs::write(s.src.path().join("keep"), "k2").unwrap();
-    let end = s.frozen();
-    // As if the frozen pass had been applied wrongly.
-    std::fs::set_permissions(s.dst.path().join("keep"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = s.verify(end).unwrap_err().to_string();
-    assert!(err.contains("/keep") && err.contains("mode"), "{err}");
+    std::fs::set_permissions(s.dst.path().join("etc/app/conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = s.applier.check_on_disk(Path::new("etc/app/conf")).unwrap_err().to_string();
+    assert!(err.contains("/etc/app/conf") && err.contains("mode"), "{err}");
+    std::fs::write(s.dst.path().join("stray"), "x").unwrap();
+    let err = s.applier.check_on_disk(Path::new("stray")).unwrap_err().to_string();
+    assert!(err.contains("/stray") && err.contains("not on the source"), "{err}");
 }
 
 #[test]
 fn a_file_replaced_on_disk_has_no_digest_of_ours() {
-    let mut s = Synced::new_then(replace_conf_with_a_copy);
-    let end = s.frozen();
-    let err = s.verify(end).unwrap_err().to_string();
+    let mut s = Synced::new();
+    replace_with_a_copy(&s.dst.path().join("etc/app/conf"));
+    let err = s.applier.check_on_disk(Path::new("etc/app/conf")).unwrap_err().to_string();
     assert!(err.contains("/etc/app/conf") && err.contains("content"), "{err}");
 }
 
+#[test]
+fn a_hard_link_that_is_not_its_file_fails_verification() {
+    let mut s = Synced::new();
+    replace_with_a_copy(&s.dst.path().join("perl5.36.0"));
+    let end = s.frozen();
+    let err = s.verify(end).unwrap_err().to_string();
+    assert!(err.contains("hard links"), "{err}");
+}
+
 /// Same bytes, times, mode and owner: only the inode is not the one written.
-fn replace_conf_with_a_copy(dst: &Path) {
-    let conf = dst.join("etc/app/conf");
-    let (meta, dir_meta) = (std::fs::metadata(&conf).unwrap(), std::fs::metadata(dst.join("etc/app")).unwrap());
-    std::fs::copy(&conf, dst.join("etc/app/copy")).unwrap();
-    std::fs::rename(dst.join("etc/app/copy"), &conf).unwrap();
-    std::fs::set_permissions(&conf, meta.permissions()).unwrap();
+fn replace_with_a_copy(file: &Path) {
+    let dir = file.parent().unwrap();
+    let copy = dir.join("copy");
+    let (meta, dir_meta) = (std::fs::metadata(file).unwrap(), std::fs::metadata(dir).unwrap());
+    std::fs::copy(file, &copy).unwrap();
+    std::fs::rename(&copy, file).unwrap();
+    std::fs::set_permissions(file, meta.permissions()).unwrap();
     let ts = |s, ns| nix::sys::time::TimeSpec::new(s, ns);
-    for (p, m) in [(conf.clone(), &meta), (dst.join("etc/app"), &dir_meta)] {
+    for (p, m) in [(file.to_path_buf(), &meta), (dir.to_path_buf(), &dir_meta)] {
         nix::sys::stat::utimensat(None, &p, &ts(m.atime(), m.atime_nsec()), &ts(m.mtime(), m.mtime_nsec()), nix::sys::stat::UtimensatFlags::FollowSymlink).unwrap();
     }
 }
@@ -203,6 +190,7 @@ fn a_symlink_from_the_stream_cannot_redirect_a_later_entry() {
     let link = EntryRecord {
         path: b"etc".to_vec(),
         kind: EntryKind::Symlink as u32,
+        mode: 0o777,
         target: outside.path().as_os_str().as_encoded_bytes().to_vec(),
         ..Default::default()
     };
@@ -238,8 +226,7 @@ fn owners_capabilities_and_devices_arrive_when_root() {
     let mut applier = Applier::new(dst.path(), UnpackPolicy::default()).unwrap();
     pass(&mut tree, &mut applier, None);
     let (_, end) = pass(&mut tree, &mut applier, Some(RootfsPhase::Frozen));
-    // No walk before the frozen pass: the check covers every path.
-    Verifier::default().finish(&mut applier, end).join().unwrap().unwrap();
+    verify::start(&mut applier, end).join().unwrap().unwrap();
     let m = std::fs::metadata(dst.path().join("bin/ping")).unwrap();
     assert_eq!((m.uid(), m.gid()), (1234, 5678));
     assert_eq!(xattr::get(dst.path().join("bin/ping"), "security.capability").unwrap().unwrap(), cap);
