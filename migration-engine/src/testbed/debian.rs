@@ -462,3 +462,39 @@ fn passwd_entry(rootfs: &Path, user: &str) -> Result<Vec<String>, MigrationError
         .find(|f| f.len() >= 7 && f[0] == user)
         .ok_or_else(|| MigrationError::Other(format!("no user {user} in {}/etc/passwd", rootfs.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources() -> Vec<String> {
+        vec!["deb http://mirror.example/debian bookworm main".into(), "deb http://mirror.example/debian bookworm-updates main".into()]
+    }
+
+    #[test]
+    fn an_unreachable_mirror_is_one_line_that_says_what_to_do() {
+        let log = "I: running apt-get update...\n\
+                   W: Failed to fetch http://mirror.example/debian/dists/bookworm/InRelease  Temporary failure resolving 'mirror.example'\n\
+                   E: apt-get update -oAPT::Status-Fd=<$fd> -oDpkg::Use-Pty=false failed\n";
+        let e = build_failure(log, &sources(), "exit status: 1", Path::new("/x/build.log"));
+        let text = e.to_string();
+        assert!(matches!(e, MigrationError::Preflight(_)), "{e:?}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("http://mirror.example/debian") && text.contains("Temporary failure resolving"), "{text}");
+        assert!(text.contains("CTMIGRATE_DEBIAN_MIRROR") && text.contains("/x/build.log"), "{text}");
+    }
+
+    #[test]
+    fn another_failure_names_the_last_error_and_the_log() {
+        let log = "I: something\nE: Unable to locate package redis-server\nE: mmdebstrap failed\nI: removing tempdir\n";
+        let text = build_failure(log, &sources(), "exit status: 1", Path::new("/x/build.log")).to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("E: mmdebstrap failed") && text.contains("/x/build.log") && text.contains("exit status: 1"), "{text}");
+    }
+
+    #[test]
+    fn the_cache_key_is_the_one_built_rootfs_have() {
+        // Changing it rebuilds every cached rootfs (about a minute).
+        assert_eq!(SERVICES.cache_name(), "services-a901abd17027");
+    }
+}

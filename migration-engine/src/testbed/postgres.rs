@@ -260,3 +260,30 @@ pub fn check_history(sb: &mut ServiceBed, total: u64) -> Result<(), MigrationErr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn outcome(stdout: &str, code: i32) -> PgbenchOutcome {
+        PgbenchOutcome { stdout: stdout.into(), stderr: String::new(), status: std::process::ExitStatus::from_raw(code << 8) }
+    }
+
+    const DONE: &str = "transaction type: <builtin: TPC-B (sort of)>\n\
+        number of clients: 4\n\
+        number of transactions per client: 3750\n\
+        number of transactions actually processed: 15000/15000\n\
+        number of failed transactions: 0 (0.000%)\n";
+
+    #[test]
+    fn pgbench_outcomes() {
+        assert_eq!(outcome(DONE, 0).all_committed().unwrap(), 15000);
+        let short = DONE.replace("15000/15000", "14990/15000");
+        assert!(outcome(&short, 0).all_committed().unwrap_err().to_string().contains("14990/15000"));
+        let failed = DONE.replace("failed transactions: 0 (0.000%)", "failed transactions: 3 (0.020%)");
+        assert!(outcome(&failed, 0).all_committed().unwrap_err().to_string().contains("failed transactions: 3"));
+        assert!(outcome(&format!("{DONE}client 2 aborted in command 4"), 0).all_committed().is_err());
+        assert!(outcome(DONE, 2).all_committed().is_err());
+    }
+}

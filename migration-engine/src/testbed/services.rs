@@ -306,15 +306,19 @@ impl ServiceBed {
             // Rolled back: the source runs on.
             self.net.route_via(Side::Source)?;
         }
+        let exit = |c: Option<i32>| c.map(|c| c.to_string()).unwrap_or_else(|| "none: killed".into());
+        let said = |text: String| text.trim().lines().map(str::trim).collect::<Vec<_>>().join(" / ");
         if code != Some(0) {
             return Err(MigrationError::Other(format!(
-                "the migration failed (exit {code:?}) after {took:?}:\nsender: {}\nreceiver: {}",
-                sender.stderr().trim(),
-                receiver.stderr().trim()
+                "the migration failed (sender exit {}) after {:.1} s; sender: {}; receiver: {}",
+                exit(code),
+                took.as_secs_f64(),
+                said(sender.stderr()),
+                said(receiver.stderr())
             )));
         }
         if received != Some(0) {
-            return Err(MigrationError::Other(format!("the receiver failed (exit {received:?}): {}", receiver.stderr().trim())));
+            return Err(MigrationError::Other(format!("the receiver failed (exit {}): {}", exit(received), said(receiver.stderr()))));
         }
         let result = sender.result().cloned().ok_or_else(|| MigrationError::Other("the sender printed no result event".into()))?;
         if result["ok"] != true {
