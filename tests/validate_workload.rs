@@ -25,9 +25,9 @@ fn ctmigrate(args: &[&str], env: &[(&str, &str)]) -> (u32, Option<i32>, Option<s
     let out = child.wait_with_output().expect("waiting for ctmigrate");
     let result = String::from_utf8_lossy(&out.stdout)
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"] == "result")
-        .last();
+        .find(|e| e["event"] == "result");
     (pid, out.status.code(), result, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
