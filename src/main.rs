@@ -62,6 +62,31 @@ impl From<StageImages> for migration_engine::scratch::StageMode {
     }
 }
 
+/// What `validate` migrates.
+#[derive(Clone, Copy, ValueEnum)]
+enum ValidateWorkload {
+    /// The busybox counter fixture.
+    Counter,
+    /// Redis with a million keys, a client doing SET/GET on one connection.
+    Redis,
+    /// nginx with www-data workers, a keep-alive client checking each
+    /// download's SHA-256.
+    Nginx,
+    /// PostgreSQL 15 under pgbench (4 clients).
+    Postgres,
+}
+
+impl From<ValidateWorkload> for validate::ValidateWorkload {
+    fn from(w: ValidateWorkload) -> Self {
+        match w {
+            ValidateWorkload::Counter => Self::Counter,
+            ValidateWorkload::Redis => Self::Redis,
+            ValidateWorkload::Nginx => Self::Nginx,
+            ValidateWorkload::Postgres => Self::Postgres,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// Pre-copy where the kernel tracks dirty memory, else stop-copy.
@@ -266,9 +291,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Migrate a fixture container between two local network-namespace
-    /// hosts, check it survived, and remove everything.
+    /// Migrate a container between two local network-namespace hosts (a
+    /// fixture, or a real service under its client), check it survived,
+    /// and remove everything.
     Validate {
+        /// What to migrate: the busybox counter, or a real service in a
+        /// Debian rootfs under a client that checks every answer (the
+        /// rootfs is built by mmdebstrap on first use, about a minute, and
+        /// cached in /var/cache/ctmigrate/rootfs).
+        #[arg(long, value_enum, default_value = "counter")]
+        workload: ValidateWorkload,
         #[arg(long)]
         json: bool,
     },
@@ -473,9 +505,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(format!("hook for container `{}`: {e}", state.id), exit::INTERNAL),
             }
         }
-        Command::Validate { json } => {
+        Command::Validate { workload, json } => {
             let rep = Reporter::new(json);
-            match validate::run(&validate::ValidateOptions::default(), &rep) {
+            let opts = validate::ValidateOptions { workload: workload.into() };
+            match validate::run(&opts, &rep) {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => fail(e, exit::INTERNAL),
             }

@@ -103,6 +103,18 @@ pub struct ResultEvent {
     /// CPU and memory this process used, measured as the result is sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<ResourceUsage>,
+    /// `validate`: what it migrated (`counter`, `redis`, `nginx`,
+    /// `postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// `validate --workload`: answers its client checked (Redis rounds,
+    /// HTTP downloads, committed pgbench transactions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answers_checked: Option<u64>,
+    /// `validate --workload`: the longest time the client waited between
+    /// two answers, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_longest_gap_ms: Option<u64>,
 }
 
 /// What the rootfs copy did.
@@ -206,6 +218,10 @@ pub enum Event {
     Warning {
         message: String,
     },
+    /// What `validate` is doing.
+    Note {
+        message: String,
+    },
     /// A pre-dump round finished.
     Round(crate::precopy::RoundReport),
     /// Destination: a verified pre-dump round's pages were copied into
@@ -292,6 +308,10 @@ impl Reporter {
         self.emit(Event::Warning { message: message.into() });
     }
 
+    pub fn note(&self, message: impl Into<String>) {
+        self.emit(Event::Note { message: message.into() });
+    }
+
     pub fn emit(&self, event: Event) {
         match self.mode {
             ReportMode::Quiet => {}
@@ -364,6 +384,7 @@ fn human_line(event: &Event) -> Option<String> {
             format!("{}: {:.1} MB at {mb_per_s} MB/s", phase.label(), *bytes as f64 / 1e6)
         }
         Event::Warning { message } => format!("warning: {message}"),
+        Event::Note { message } => message.clone(),
         Event::Round(r) => format!(
             "round {}: {} pages ({:.1} MB) in {} ms, {} MB/s{}",
             r.round,
@@ -380,6 +401,9 @@ fn human_line(event: &Event) -> Option<String> {
             format!("round {round} kept as its own image layer: {}", kept_because.as_deref().unwrap_or("-"))
         }
         Event::PrecopyStop { rounds, detail, .. } => format!("pre-copy stops after {rounds} rounds: {detail}"),
+        // validate's failure is the one line its caller prints.
+        Event::Result(r) if r.role == "validate" && !r.ok => return None,
+        Event::Result(r) if r.role == "validate" => validate_summary(r),
         Event::Result(r) => {
             if r.ok {
                 format!(
@@ -400,4 +424,25 @@ fn human_line(event: &Event) -> Option<String> {
             }
         }
     })
+}
+
+/// `validate`'s summary of a migration it checked.
+fn validate_summary(r: &ResultEvent) -> String {
+    let frozen = r.frozen_ms.map(|f| format!("{f} ms")).unwrap_or_else(|| "-".into());
+    let sent = format!("{:.1} MB sent", r.bytes_sent as f64 / 1e6);
+    let workload = r.workload.as_deref().unwrap_or("counter");
+    let Some(answers) = r.answers_checked else {
+        return format!("validated: the {workload} fixture moved to the other host and kept counting; frozen {frozen}, {sent}; everything removed");
+    };
+    let what = match workload {
+        "redis" => "SET/GET rounds on one connection",
+        "nginx" => "4 MiB downloads on one keep-alive connection",
+        "postgres" => "pgbench transactions committed, none failed",
+        _ => "answers",
+    };
+    let gap = r.client_longest_gap_ms.map(|g| format!("{g} ms")).unwrap_or_else(|| "-".into());
+    format!(
+        "validated: {workload} moved to the other host under its client: {answers} {what}, every answer right, \
+         longest wait {gap}; frozen {frozen}, {sent}; one copy left, everything removed"
+    )
 }

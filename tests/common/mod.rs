@@ -37,13 +37,23 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-/// A testbed, or None (skip) when prerequisites are missing and not required.
-pub fn testbed(prefix: &str) -> Option<Testbed> {
-    if let Some(why) = missing_prerequisite() {
+/// Whether a root test can run here: false (skip) after saying why when a
+/// prerequisite, or `also` (a further one of the test's own), is missing;
+/// with CTMIGRATE_REQUIRE_ROOT_TESTS=1 that fails the test instead.
+pub fn can_run(also: Option<String>) -> bool {
+    if let Some(why) = missing_prerequisite().or(also) {
         if std::env::var("CTMIGRATE_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
             panic!("root test cannot run: {why} (CTMIGRATE_REQUIRE_ROOT_TESTS=1)");
         }
         eprintln!("SKIPPED: {why}; set up with ./install.sh and run as root");
+        return false;
+    }
+    true
+}
+
+/// A testbed, or None (skip) when prerequisites are missing and not required.
+pub fn testbed(prefix: &str) -> Option<Testbed> {
+    if !can_run(None) {
         return None;
     }
     Some(Testbed::create(prefix, Path::new(EXE)).expect("creating the testbed"))

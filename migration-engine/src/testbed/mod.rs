@@ -4,6 +4,17 @@
 //! Each host is a network namespace joined to the other by a veth pair;
 //! commands run in a host through `nsenter --net`, which keeps the
 //! machine's mounts (and so its cgroup filesystems) as they are.
+//!
+//! Real services (`validate --workload`, tests/workloads.rs): [`debian`]
+//! builds and caches their Debian rootfs, [`services`] sets one up with a
+//! client namespace and moves it, [`redis`], [`nginx`] and [`postgres`]
+//! hold each service and its checking client.
+
+pub mod debian;
+pub mod nginx;
+pub mod postgres;
+pub mod redis;
+pub mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -155,7 +166,8 @@ pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Resu
     cfg["process"]["args"] = args.into();
     cfg["root"]["readonly"] = false.into();
     cfg["hostname"] = "ctmigrate-fixture".into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(MigrationError::io("writing config.json"))?;
+    let text = serde_json::to_vec_pretty(&cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
+    std::fs::write(&path, text).map_err(MigrationError::io("writing config.json"))?;
     Ok(())
 }
 
@@ -168,7 +180,8 @@ pub fn join_network_namespace(bundle: &Path, netns: &Path) -> Result<(), Migrati
     let namespaces = cfg["linux"]["namespaces"].as_array_mut().ok_or_else(|| MigrationError::Other("config.json has no namespaces".into()))?;
     namespaces.retain(|n| n["type"] != "network");
     namespaces.push(serde_json::json!({"type": "network", "path": netns}));
-    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(MigrationError::io("writing config.json"))
+    let text = serde_json::to_vec_pretty(&cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
+    std::fs::write(&path, text).map_err(MigrationError::io("writing config.json"))
 }
 
 /// The network of the TCP-connection tests: a bridge `br-ct` on each host
@@ -641,7 +654,11 @@ impl ChildProcess {
             .stderr(stderr)
             .spawn()
             .map_err(MigrationError::io(format!("spawning {cmd:?}")))?;
-        let stdout = child.stdout.take().expect("piped");
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(MigrationError::Other(format!("{cmd:?}: no stdout")));
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;

@@ -1,6 +1,7 @@
-//! Debian root filesystems for the real-workload tests, built at test time
-//! from Debian's own packages with `mmdebstrap` and cached between runs
-//! (never committed).
+//! Debian root filesystems for real services (`ctmigrate validate
+//! --workload` and tests/workloads.rs), built on first use from Debian's
+//! own packages with `mmdebstrap` and cached between runs (never
+//! committed).
 //!
 //! A rootfs is built once into `/var/cache/ctmigrate/rootfs/.build-…` and
 //! renamed to `/var/cache/ctmigrate/rootfs/<name>-<hash>` only when
@@ -11,8 +12,8 @@
 //! inherit the lock, so a build left running by a killed test keeps it
 //! until it is gone, and the next build then removes what it left
 //! (unmounting the /proc, /sys and /dev/pts mmdebstrap mounted in it
-//! first). Tests never write to the cache:
-//! they copy a rootfs into their bundle (`cp -a`, which keeps hard links,
+//! first). Nothing ever writes to the cache:
+//! users copy a rootfs into their bundle (`cp -a`, which keeps hard links,
 //! owners, modes, device nodes and extended attributes) or mount it
 //! read-only.
 //!
@@ -20,13 +21,13 @@
 //! name (deb.debian.org when there is none); `CTMIGRATE_DEBIAN_MIRROR`
 //! overrides it.
 
-#![allow(dead_code)]
-
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::MigrationError;
 
 /// Bump when the way a rootfs is built changes: every cached rootfs is
 /// then rebuilt.
@@ -50,14 +51,16 @@ pub struct RootfsSpec {
 pub const SERVICES: RootfsSpec =
     RootfsSpec { name: "services", packages: &["postgresql-15", "redis-server", "nginx-light", "python3"] };
 
-/// Why the real-workload tests cannot run here, if they cannot.
+/// Why a Debian rootfs cannot be built or used here, if it cannot: a
+/// missing tool, and what to do about it.
 pub fn missing_tool() -> Option<String> {
     for tool in ["mmdebstrap", "cp", "mount", "umount"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
         if !found {
-            return Some(format!("{tool} not installed (run ./install.sh)"));
+            let how = if tool == "mmdebstrap" { "run ./install.sh, or `apt-get install mmdebstrap`" } else { "run ./install.sh" };
+            return Some(format!("{tool} not installed ({how})"));
         }
     }
     None
@@ -81,8 +84,9 @@ impl RootfsSpec {
     }
 
     /// The cached rootfs, built first if it is not there. Returns its path
-    /// and how long the build took (zero when it was cached).
-    pub fn get(&self) -> Result<(PathBuf, Duration), String> {
+    /// and how long the build took (zero when it was cached). `note` gets
+    /// one line when a build starts and one when it is done.
+    pub fn get(&self, note: &dyn Fn(&str)) -> Result<(PathBuf, Duration), MigrationError> {
         let dir = self.cache_dir();
         if is_complete(&dir) {
             return Ok((dir, Duration::ZERO));
@@ -90,29 +94,29 @@ impl RootfsSpec {
         // One build at a time, in this process and across processes.
         static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
-        std::fs::create_dir_all(CACHE_ROOT).map_err(|e| format!("creating {CACHE_ROOT}: {e}"))?;
+        std::fs::create_dir_all(CACHE_ROOT).map_err(MigrationError::io(format!("creating {CACHE_ROOT}")))?;
         let lock = FileLock::take(&Path::new(CACHE_ROOT).join(".lock"))?;
         if is_complete(&dir) {
             return Ok((dir, Duration::ZERO));
         }
         if dir.exists() {
-            return Err(format!("{} exists but is not a complete rootfs: remove it by hand", dir.display()));
+            return Err(MigrationError::Other(format!("{} exists but is not a complete rootfs: remove it by hand", dir.display())));
         }
-        remove_stale_builds(&self.cache_name())?;
+        remove_stale_builds(&self.cache_name(), note)?;
         let started = Instant::now();
         let tmp = Path::new(CACHE_ROOT).join(format!(".build-{}-{}", self.cache_name(), std::process::id()));
         let log = Path::new(CACHE_ROOT).join(format!("{}.build.log", self.cache_name()));
-        if let Err(e) = self.build(&tmp, &log, &lock) {
+        if let Err(e) = self.build(&tmp, &log, &lock, note) {
             let _ = remove_build_dir(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, &dir).map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), dir.display()))?;
+        std::fs::rename(&tmp, &dir).map_err(MigrationError::io(format!("renaming {} to {}", tmp.display(), dir.display())))?;
         let took = started.elapsed();
-        eprintln!("built the Debian rootfs {} in {:.1} s (log: {})", dir.display(), took.as_secs_f64(), log.display());
+        note(&format!("built the Debian rootfs {} in {:.1} s (log: {})", dir.display(), took.as_secs_f64(), log.display()));
         Ok((dir, took))
     }
 
-    fn build(&self, target: &Path, log: &Path, lock: &FileLock) -> Result<(), String> {
+    fn build(&self, target: &Path, log: &Path, lock: &FileLock, note: &dyn Fn(&str)) -> Result<(), MigrationError> {
         let sources = apt_sources();
         let mut cmd = Command::new("mmdebstrap");
         cmd.arg("--mode=root")
@@ -121,9 +125,13 @@ impl RootfsSpec {
             .arg(SUITE)
             .arg(target)
             .args(&sources);
-        let mut logf = std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let mut logf = std::fs::File::create(log).map_err(MigrationError::io(format!("creating {}", log.display())))?;
         let _ = writeln!(logf, "{cmd:?}");
-        eprintln!("building a Debian {SUITE} rootfs with mmdebstrap ({}), from {sources:?}; takes a minute or two", self.packages.join(", "));
+        note(&format!(
+            "building a Debian {SUITE} rootfs with mmdebstrap ({}) from {}: once, about a minute, cached in {CACHE_ROOT}",
+            self.packages.join(", "),
+            mirror_of(&sources)
+        ));
         let lock_fd = {
             use std::os::fd::AsRawFd;
             lock.0.as_raw_fd()
@@ -143,11 +151,11 @@ impl RootfsSpec {
         }
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(logf.try_clone().map_err(|e| e.to_string())?)
+            .stdout(logf.try_clone().map_err(MigrationError::io("opening the build log"))?)
             .stderr(logf)
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("running mmdebstrap: {e} (install it: ./install.sh)"))?;
+            .map_err(|e| MigrationError::Preflight(format!("running mmdebstrap: {e} (install it: ./install.sh, or `apt-get install mmdebstrap`)")))?;
         let deadline = Instant::now() + BUILD_TIMEOUT;
         let status = loop {
             match child.try_wait() {
@@ -155,22 +163,70 @@ impl RootfsSpec {
                 Ok(None) if Instant::now() > deadline => {
                     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
                     let _ = child.wait();
-                    return Err(format!("mmdebstrap did not finish within {BUILD_TIMEOUT:?}; log: {}", log.display()));
+                    return Err(MigrationError::Other(format!(
+                        "mmdebstrap did not finish within {BUILD_TIMEOUT:?}: check access to the Debian mirror {}; log: {}",
+                        mirror_of(&sources),
+                        log.display()
+                    )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(200)),
-                Err(e) => return Err(format!("waiting for mmdebstrap: {e}")),
+                Err(e) => return Err(MigrationError::io("waiting for mmdebstrap")(e)),
             }
         };
         if !status.success() {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-            return Err(format!("mmdebstrap failed ({status}); log {}:\n{}", log.display(), tail.join("\n")));
+            return Err(build_failure(&text, &sources, &status.to_string(), log));
         }
         if !is_complete(target) {
-            return Err(format!("mmdebstrap succeeded but {} has no /usr/bin/env", target.display()));
+            return Err(MigrationError::Other(format!("mmdebstrap succeeded but {} has no /usr/bin/env", target.display())));
         }
         Ok(())
     }
+}
+
+/// The mirror a set of `deb` lines names first.
+fn mirror_of(sources: &[String]) -> String {
+    sources.first().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?").to_string()
+}
+
+/// What apt says when it cannot reach a mirror.
+const UNREACHABLE: &[&str] = &[
+    "Temporary failure resolving",
+    "Could not resolve",
+    "Could not connect",
+    "Unable to connect",
+    "Connection refused",
+    "Connection timed out",
+    "Network is unreachable",
+    "No route to host",
+    "Failed to fetch",
+];
+
+/// One line for a failed mmdebstrap: the mirror it could not reach and
+/// what to do, or else the last error its log holds; the log's path
+/// either way.
+fn build_failure(log_text: &str, sources: &[String], status: &str, log: &Path) -> MigrationError {
+    let mirror = mirror_of(sources);
+    let unreachable = log_text.lines().find(|l| UNREACHABLE.iter().any(|p| l.contains(p)));
+    if let Some(line) = unreachable {
+        return MigrationError::Preflight(format!(
+            "cannot download Debian's packages from {mirror} ({}): building the Debian {SUITE} rootfs needs network access to a Debian mirror; \
+             allow it, or set CTMIGRATE_DEBIAN_MIRROR to one that is reachable (log: {})",
+            line.trim(),
+            log.display()
+        ));
+    }
+    let last_error = log_text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("E: "))
+        .or_else(|| log_text.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("no output")
+        .trim();
+    MigrationError::Other(format!(
+        "mmdebstrap could not build the Debian {SUITE} rootfs from {mirror} ({status}): {last_error}; see the log {}",
+        log.display()
+    ))
 }
 
 fn is_complete(dir: &Path) -> bool {
@@ -242,7 +298,8 @@ fn host_apt_entries() -> Vec<(String, Vec<String>)> {
                     continue;
                 }
                 if words.peek().is_some_and(|w| w.starts_with('[')) {
-                    while let Some(w) = words.next() {
+                    // Skip the options, `[...]`.
+                    for w in words.by_ref() {
                         if w.ends_with(']') {
                             break;
                         }
@@ -258,12 +315,12 @@ fn host_apt_entries() -> Vec<(String, Vec<String>)> {
 }
 
 /// Removes what interrupted builds of `cache_name` left (the lock is held).
-fn remove_stale_builds(cache_name: &str) -> Result<(), String> {
+fn remove_stale_builds(cache_name: &str, note: &dyn Fn(&str)) -> Result<(), MigrationError> {
     let prefix = format!(".build-{cache_name}-");
     let Ok(rd) = std::fs::read_dir(CACHE_ROOT) else { return Ok(()) };
     for e in rd.flatten() {
         if e.file_name().to_string_lossy().starts_with(&prefix) {
-            eprintln!("removing an interrupted rootfs build: {}", e.path().display());
+            note(&format!("removing an interrupted rootfs build: {}", e.path().display()));
             remove_build_dir(&e.path())?;
         }
     }
@@ -287,17 +344,17 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 /// inside it while it runs; a build that was killed may leave them, and
 /// removing through them would reach the host's: unmount first, and never
 /// cross into another file system.
-fn remove_build_dir(dir: &Path) -> Result<(), String> {
+fn remove_build_dir(dir: &Path) -> Result<(), MigrationError> {
     for m in mounts_under(dir) {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
     let left = mounts_under(dir);
     if !left.is_empty() {
-        return Err(format!("cannot unmount {left:?}; remove {} by hand", dir.display()));
+        return Err(MigrationError::Other(format!("cannot unmount {left:?}; remove {} by hand", dir.display())));
     }
-    let st = Command::new("rm").arg("-rf").arg("--one-file-system").arg(dir).status().map_err(|e| format!("rm: {e}"))?;
+    let st = Command::new("rm").arg("-rf").arg("--one-file-system").arg(dir).status().map_err(MigrationError::io("running rm"))?;
     if !st.success() || dir.exists() {
-        return Err(format!("could not remove {}", dir.display()));
+        return Err(MigrationError::Other(format!("could not remove {}", dir.display())));
     }
     Ok(())
 }
@@ -306,17 +363,17 @@ fn remove_build_dir(dir: &Path) -> Result<(), String> {
 struct FileLock(std::fs::File);
 
 impl FileLock {
-    fn take(path: &Path) -> Result<Self, String> {
+    fn take(path: &Path) -> Result<Self, MigrationError> {
         use std::os::fd::AsRawFd;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+            .map_err(MigrationError::io(format!("opening {}", path.display())))?;
         // Blocks while another process builds.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(format!("locking {}: {}", path.display(), std::io::Error::last_os_error()));
+            return Err(MigrationError::io(format!("locking {}", path.display()))(std::io::Error::last_os_error()));
         }
         Ok(Self(f))
     }
@@ -325,7 +382,7 @@ impl FileLock {
 /// Copies a cached rootfs to `dest` (which must not exist) with `cp -a`:
 /// hard links, owners, modes, timestamps, device nodes, FIFOs and extended
 /// attributes (security.capability included) are kept.
-pub fn copy_rootfs(src: &Path, dest: &Path) -> Result<Duration, String> {
+pub fn copy_rootfs(src: &Path, dest: &Path) -> Result<Duration, MigrationError> {
     let started = Instant::now();
     let out = Command::new("cp")
         .arg("-a")
@@ -333,9 +390,14 @@ pub fn copy_rootfs(src: &Path, dest: &Path) -> Result<Duration, String> {
         .arg(dest)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("running cp: {e}"))?;
+        .map_err(MigrationError::io("running cp"))?;
     if !out.status.success() {
-        return Err(format!("cp -a {} {}: {}", src.display(), dest.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(MigrationError::Other(format!(
+            "cp -a {} {}: {}",
+            src.display(),
+            dest.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(started.elapsed())
 }
@@ -348,14 +410,14 @@ pub struct ReadOnlyRoot {
 }
 
 impl ReadOnlyRoot {
-    pub fn mount(src: &Path, at: &Path) -> Result<Self, String> {
-        std::fs::create_dir_all(at).map_err(|e| format!("creating {}: {e}", at.display()))?;
-        let run = |args: &[&std::ffi::OsStr]| -> Result<(), String> {
-            let out = Command::new("mount").args(args).stdin(Stdio::null()).output().map_err(|e| format!("mount: {e}"))?;
+    pub fn mount(src: &Path, at: &Path) -> Result<Self, MigrationError> {
+        std::fs::create_dir_all(at).map_err(MigrationError::io(format!("creating {}", at.display())))?;
+        let run = |args: &[&std::ffi::OsStr]| -> Result<(), MigrationError> {
+            let out = Command::new("mount").args(args).stdin(Stdio::null()).output().map_err(MigrationError::io("running mount"))?;
             if out.status.success() {
                 Ok(())
             } else {
-                Err(format!("mount {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+                Err(MigrationError::Other(format!("mount {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim())))
             }
         };
         run(&["--bind".as_ref(), src.as_os_str(), at.as_os_str()])?;
@@ -378,13 +440,61 @@ impl Drop for ReadOnlyRoot {
 }
 
 /// `(uid, gid)` of `user` in the rootfs's /etc/passwd.
-pub fn user_ids(rootfs: &Path, user: &str) -> Result<(u32, u32), String> {
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).map_err(|e| format!("reading etc/passwd: {e}"))?;
+pub fn user_ids(rootfs: &Path, user: &str) -> Result<(u32, u32), MigrationError> {
+    let passwd = passwd_entry(rootfs, user)?;
+    match (passwd[2].parse(), passwd[3].parse()) {
+        (Ok(uid), Ok(gid)) => Ok((uid, gid)),
+        _ => Err(MigrationError::Other(format!("{user}'s entry in {}/etc/passwd has no numeric ids", rootfs.display()))),
+    }
+}
+
+/// `user`'s home directory in the rootfs's /etc/passwd.
+pub fn user_home(rootfs: &Path, user: &str) -> Result<String, MigrationError> {
+    Ok(passwd_entry(rootfs, user)?[5].clone())
+}
+
+/// The seven fields of `user`'s line in the rootfs's /etc/passwd.
+fn passwd_entry(rootfs: &Path, user: &str) -> Result<Vec<String>, MigrationError> {
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).map_err(MigrationError::io("reading etc/passwd"))?;
     passwd
         .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == user).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-        })
-        .ok_or_else(|| format!("no user {user} in {}/etc/passwd", rootfs.display()))
+        .map(|l| l.split(':').map(String::from).collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && f[0] == user)
+        .ok_or_else(|| MigrationError::Other(format!("no user {user} in {}/etc/passwd", rootfs.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources() -> Vec<String> {
+        vec!["deb http://mirror.example/debian bookworm main".into(), "deb http://mirror.example/debian bookworm-updates main".into()]
+    }
+
+    #[test]
+    fn an_unreachable_mirror_is_one_line_that_says_what_to_do() {
+        let log = "I: running apt-get update...\n\
+                   W: Failed to fetch http://mirror.example/debian/dists/bookworm/InRelease  Temporary failure resolving 'mirror.example'\n\
+                   E: apt-get update -oAPT::Status-Fd=<$fd> -oDpkg::Use-Pty=false failed\n";
+        let e = build_failure(log, &sources(), "exit status: 1", Path::new("/x/build.log"));
+        let text = e.to_string();
+        assert!(matches!(e, MigrationError::Preflight(_)), "{e:?}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("http://mirror.example/debian") && text.contains("Temporary failure resolving"), "{text}");
+        assert!(text.contains("CTMIGRATE_DEBIAN_MIRROR") && text.contains("/x/build.log"), "{text}");
+    }
+
+    #[test]
+    fn another_failure_names_the_last_error_and_the_log() {
+        let log = "I: something\nE: Unable to locate package redis-server\nE: mmdebstrap failed\nI: removing tempdir\n";
+        let text = build_failure(log, &sources(), "exit status: 1", Path::new("/x/build.log")).to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("E: mmdebstrap failed") && text.contains("/x/build.log") && text.contains("exit status: 1"), "{text}");
+    }
+
+    #[test]
+    fn the_cache_key_is_the_one_built_rootfs_have() {
+        // Changing it rebuilds every cached rootfs (about a minute).
+        assert_eq!(SERVICES.cache_name(), "services-a901abd17027");
+    }
 }
