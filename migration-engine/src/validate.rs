@@ -102,8 +102,17 @@ pub fn run(opts: &ValidateOptions, rep: &Reporter) -> Result<(), MigrationError>
     outcome.map(|_| ())
 }
 
+/// A testbed whose migrations keep their failure logs where the host's
+/// audit logs do (/var/log/ctmigrate/validate/, failures in its failed/),
+/// since the testbed is removed at the end.
+fn validate_testbed(exe: &Path) -> Result<Testbed, MigrationError> {
+    let mut bed = Testbed::create("val", exe)?;
+    bed.audit_dir = Path::new(crate::audit::DEFAULT_AUDIT_LOG).parent().expect("an absolute path").join("validate");
+    Ok(bed)
+}
+
 fn counter(exe: &Path, rep: &Reporter) -> Result<Checked, MigrationError> {
-    let bed = Testbed::create("val", exe)?;
+    let bed = validate_testbed(exe)?;
     let id = format!("ctmigrate-validate-{}", bed.tag);
     let src = bed.start_fixture(&id, &Workload::Counter)?;
     let (token, before) = wait_for(Duration::from_secs(10), || read_counter(&src.rootfs()).filter(|(_, n)| *n >= 10))
@@ -162,7 +171,7 @@ fn service(workload: ValidateWorkload, exe: &Path, rep: &Reporter) -> Result<Che
         "starting {name} in a copy of {} on one of two local hosts, its client in a third",
         rootfs.display()
     ));
-    let bed = Testbed::create("val", exe)?;
+    let bed = validate_testbed(exe)?;
     let checked = match workload {
         ValidateWorkload::Redis => validate_redis(bed, rep)?,
         ValidateWorkload::Nginx => validate_nginx(bed, rep)?,

@@ -443,6 +443,11 @@ pub struct Testbed {
     pub src_runc: Runc,
     pub dst_runc: Runc,
     pub cgroup_parent: String,
+    /// Where both sides write their audit logs, and so keep a failed
+    /// migration's CRIU logs (`failed/` beside them): the testbed's own
+    /// directory, or the host's (`validate`, whose failures a user reads
+    /// after the testbed is gone).
+    pub audit_dir: PathBuf,
 }
 
 impl Testbed {
@@ -471,6 +476,7 @@ impl Testbed {
             cgroup_parent: format!("/ctmigrate-{tag}"),
             runc_binary,
             hosts,
+            audit_dir: dir.clone(),
             dir,
             tag,
             exe: exe.to_path_buf(),
@@ -492,7 +498,7 @@ impl Testbed {
     }
 
     pub fn audit_log(&self, side: &str) -> PathBuf {
-        self.dir.join(format!("audit-{side}.log"))
+        self.audit_dir.join(format!("audit-{side}.log"))
     }
 
     pub fn src_work(&self) -> PathBuf {
