@@ -684,41 +684,58 @@ fn bench_one(service: Service, how: MoveBy) -> Option<serde_json::Value> {
 #[ignore]
 fn bench_workloads() {
     let wanted = |var: &str, name: &str| std::env::var(var).map(|v| v.split(',').any(|w| w.trim() == name)).unwrap_or(true);
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let mut samples = Vec::new();
-    for service in [Service::Postgres, Service::Redis, Service::Nginx] {
-        if !wanted("CTMIGRATE_BENCH_WORKLOADS", &format!("{service:?}").to_lowercase()) {
-            continue;
-        }
-        for how in [MoveBy::Ctmigrate, MoveBy::Floor] {
-            if !wanted("CTMIGRATE_BENCH_METHODS", &format!("{how:?}").to_lowercase()) {
+    // Interleaved: each run moves every service once by each method.
+    for run in 0..runs {
+        for service in [Service::Postgres, Service::Redis, Service::Nginx] {
+            if !wanted("CTMIGRATE_BENCH_WORKLOADS", &format!("{service:?}").to_lowercase()) {
                 continue;
             }
-            let Some(sample) = bench_one(service, how) else { return };
-            eprintln!("BENCH {sample}");
-            samples.push(sample);
+            for how in [MoveBy::Ctmigrate, MoveBy::Floor] {
+                if !wanted("CTMIGRATE_BENCH_METHODS", &format!("{how:?}").to_lowercase()) {
+                    continue;
+                }
+                let Some(mut sample) = bench_one(service, how) else { return };
+                sample["run"] = run.into();
+                eprintln!("BENCH {sample}");
+                samples.push(sample);
+            }
         }
     }
-    let mut table = String::from("| service | method | frozen ms | client's longest gap ms | sent MB | images MB | phases |\n|---|---|---:|---:|---:|---:|---|\n");
-    let mb = |v: &serde_json::Value| v.as_u64().map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or_else(|| "-".into());
-    for s in &samples {
-        table += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
-            s["service"].as_str().unwrap(),
-            s["method"].as_str().unwrap(),
-            s["frozen_ms"],
-            s["client_gap_ms"],
-            mb(&s["bytes_sent"]),
-            mb(&s["image_bytes"]),
-            s["frozen_phases"]
-        );
-    }
+    let median = |mut v: Vec<u64>| -> Option<u64> {
+        v.sort_unstable();
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    let mut table = String::from(
+        "| service | method | runs | frozen ms (median) | client's longest gap ms (median) | sent MB | images MB |\n|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    let mb = |v: Option<u64>| v.map(|b| format!("{:.1}", b as f64 / 1e6)).unwrap_or_else(|| "-".into());
+    let mut ratios = String::new();
     for service in ["postgres", "redis", "nginx"] {
-        let frozen = |m: &str| samples.iter().find(|s| s["service"] == service && s["method"] == m).and_then(|s| s["frozen_ms"].as_u64());
-        if let (Some(c), Some(f)) = (frozen("ctmigrate"), frozen("floor")) {
-            table += &format!("\n{service}: ctmigrate's frozen time is {:.2} times the floor's", c as f64 / f.max(1) as f64);
+        let of = |m: &str, field: &str| -> Vec<u64> {
+            samples.iter().filter(|s| s["service"] == service && s["method"] == m).filter_map(|s| s[field].as_u64()).collect()
+        };
+        for m in ["ctmigrate", "floor"] {
+            let n = samples.iter().filter(|s| s["service"] == service && s["method"] == m).count();
+            if n == 0 {
+                continue;
+            }
+            table += &format!(
+                "| {service} | {m} | {n} | {} | {} | {} | {} |\n",
+                median(of(m, "frozen_ms")).map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                median(of(m, "client_gap_ms")).map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                mb(median(of(m, "bytes_sent"))),
+                mb(median(of(m, "image_bytes"))),
+            );
         }
+        let ratio = |field: &str| match (median(of("ctmigrate", field)), median(of("floor", field))) {
+            (Some(c), Some(f)) => format!("{:.2}", c as f64 / f.max(1) as f64),
+            _ => "-".into(),
+        };
+        ratios += &format!("\n{service}: ctmigrate / floor, frozen time {}, client's longest gap {}", ratio("frozen_ms"), ratio("client_gap_ms"));
     }
-    eprintln!("\n{table}\n");
+    eprintln!("\n{table}{ratios}\n");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("workloads-bench.json"), serde_json::to_vec_pretty(&samples).unwrap()).unwrap();
