@@ -98,7 +98,7 @@ fn write_file(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>) {
 /// messages if it fails (the clients' guards then stop them).
 fn migrate(sb: &mut ServiceBed) -> serde_json::Value {
     let migrated = sb.migrate(common::port()).or_panic();
-    let result = migrated.sender;
+    let mut result = migrated.sender;
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(result["rootfs_verified"], true, "the destination proved its rootfs the source's: {result}");
     assert_eq!(migrated.receiver["rootfs_verified"], true);
@@ -106,6 +106,9 @@ fn migrate(sb: &mut ServiceBed) -> serde_json::Value {
         "migrated {} in {:?}: frozen_ms={} bytes_sent={} rootfs_verified={} frozen_phases={}",
         sb.id, migrated.took, result["frozen_ms"], result["bytes_sent"], result["rootfs_verified"], result["frozen_phases"]
     );
+    // For the benchmark: where the receiver's time went.
+    result["receiver_rootfs"] = migrated.receiver["rootfs"].clone();
+    result["receiver_phases"] = migrated.receiver_phases.into();
     result
 }
 
@@ -663,7 +666,7 @@ fn bench_one(service: Service, how: MoveBy) -> Option<serde_json::Value> {
         "client_gap_ms": gap.as_millis() as u64,
         "timings_s": timings.iter().map(|(w, d)| (w.to_string(), serde_json::json!(d.as_secs_f64()))).collect::<serde_json::Map<_, _>>(),
     });
-    for field in ["frozen_ms", "frozen_phases", "bytes_sent", "total_ms", "image_bytes", "rootfs_verified"] {
+    for field in ["frozen_ms", "frozen_phases", "bytes_sent", "total_ms", "image_bytes", "rootfs_verified", "rootfs", "receiver_rootfs", "receiver_phases"] {
         if !result[field].is_null() {
             sample[field] = result[field].clone();
         }

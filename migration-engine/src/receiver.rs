@@ -272,7 +272,7 @@ impl<'a> Session<'a> {
             mode: manifest.mode.clone(),
             mode_reason: None,
         });
-        let (spec, criu_config) = self.check_manifest(&manifest, version)?;
+        let (spec, criu_config) = self.check_manifest(&manifest)?;
         let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
@@ -393,7 +393,7 @@ impl<'a> Session<'a> {
     }
 
     /// Everything is checked before the sender freezes anything.
-    fn check_manifest(&self, m: &Manifest, version: u32) -> Result<(container_runtime::Spec, String), (MigrationError, Outcome)> {
+    fn check_manifest(&self, m: &Manifest) -> Result<(container_runtime::Spec, String), (MigrationError, Outcome)> {
         validate_container_id(&m.dest_id).map_err(|e| refused(e.to_string()))?;
         if m.arch != std::env::consts::ARCH {
             return Err(refused(format!(
@@ -450,9 +450,6 @@ impl<'a> Session<'a> {
             // When the container is deleted, runc runs this and the
             // namespace built for it goes too.
             policy.poststop_hook = Some((exe, vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()]));
-        }
-        if version < migration_protocol::VERSION_EMPTY_TMPFS && !m.empty_tmpfs.is_empty() {
-            return Err(refused(format!("the manifest lists empty tmpfs mounts, which protocol version {version} does not have")));
         }
         if m.empty_tmpfs.len() > container_runtime::tmpfs::MAX_EMPTY_TMPFS {
             return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));

@@ -349,10 +349,6 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
             ack.software, ack.version
         )));
     }
-    // An older receiver cannot make the empty tmpfs mounts: CRIU keeps them.
-    if ack.version < migration_protocol::VERSION_EMPTY_TMPFS {
-        plan.empty_tmpfs.clear();
-    }
     let uts = nix::sys::utsname::uname().map_err(|e| MigrationError::Other(e.to_string()))?;
     let manifest = Manifest {
         container_id: opts.container.clone(),

@@ -25,11 +25,6 @@ pub use rootfs::{RootfsEnd, RootfsPhase};
 pub const PROTOCOL_VERSION_MIN: u32 = 3;
 pub const PROTOCOL_VERSION_MAX: u32 = 3;
 
-/// The first version whose manifest may list `empty_tmpfs` (tmpfs mounts
-/// the receiver makes anew, named external in the final dump's images).
-/// With version 1 the sender leaves them to CRIU.
-pub const VERSION_EMPTY_TMPFS: u32 = 2;
-
 /// Errors reading or writing the stream.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

@@ -104,6 +104,8 @@ impl Timings {
 pub struct Migrated {
     pub sender: serde_json::Value,
     pub receiver: serde_json::Value,
+    /// The receiver's phase events (`phase`, `elapsed_ms`), for benchmarks.
+    pub receiver_phases: Vec<serde_json::Value>,
     /// From the receiver's start to the sender's exit.
     pub took: Duration,
 }
@@ -331,7 +333,8 @@ impl ServiceBed {
             )));
         }
         self.net.route_via(Side::Destination)?;
-        Ok(Migrated { sender: result, receiver: received, took })
+        let receiver_phases = receiver.events.iter().filter(|e| e["event"] == "phase").cloned().collect();
+        Ok(Migrated { sender: result, receiver: received, receiver_phases, took })
     }
 
     /// Exactly one copy: runc on the source no longer knows the container
