@@ -221,6 +221,14 @@ enum Command {
         /// once either way).
         #[arg(long, value_enum, default_value = "auto")]
         stage_images: StageImages,
+        /// Seconds to keep asking a destination that did not acknowledge
+        /// the Commit; the source stays frozen meanwhile, and after it
+        /// until `ctmigrate resolve` settles the migration (exit 6).
+        #[arg(long, default_value_t = 120)]
+        in_doubt_timeout: u64,
+        /// This host's migration journal.
+        #[arg(long, default_value = migration_engine::journal::DEFAULT_DIR)]
+        journal_dir: PathBuf,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
@@ -274,9 +282,37 @@ enum Command {
         /// Where to append one JSON line per migration.
         #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
         audit_log: PathBuf,
+        /// This host's migration journal.
+        #[arg(long, default_value = migration_engine::journal::DEFAULT_DIR)]
+        journal_dir: PathBuf,
         /// Newline-delimited JSON events on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// List the migrations on this host that are in flight or in doubt.
+    Status {
+        /// Also those that are settled (the journal keeps the newest 200).
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value = migration_engine::journal::DEFAULT_DIR)]
+        journal_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle a migration left in doubt: ask the other host what it did
+    /// and act on it, or keep one copy by hand.
+    Resolve {
+        /// The migration id (`ctmigrate status` lists them).
+        id: String,
+        /// Keep this copy and remove the other one's claim here; refused
+        /// if the other host is reachable and says otherwise.
+        #[arg(long, value_enum)]
+        keep: Option<KeepCopy>,
+        /// Seconds to wait for the other host's answer.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        #[arg(long, default_value = migration_engine::journal::DEFAULT_DIR)]
+        journal_dir: PathBuf,
     },
     /// Certificates for authenticated, encrypted migrations.
     Certs {
@@ -312,7 +348,13 @@ enum Command {
     /// Internal: the freeze guard a sender starts (see migration-engine's
     /// guard module).
     #[command(name = "__guard", hide = true)]
-    Guard { version: String, freezer: PathBuf, work_dir: PathBuf },
+    Guard { version: String, freezer: PathBuf, work_dir: PathBuf, journal_entry: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeepCopy {
+    Source,
+    Destination,
 }
 
 fn runc_binary() -> PathBuf {
@@ -353,6 +395,8 @@ fn main() -> ExitCode {
             remote_command,
             tcp_established,
             stage_images,
+            in_doubt_timeout,
+            journal_dir,
             json,
         } => {
             let bwlimit = match bwlimit.as_deref().map(migration_engine::transport::parse_rate).transpose() {
@@ -390,6 +434,8 @@ fn main() -> ExitCode {
                 remote_command,
                 tcp_established,
                 stage_images: stage_images.into(),
+                journal_dir,
+                in_doubt_timeout: Duration::from_secs(in_doubt_timeout),
             };
             let rep = Reporter::new(json);
             match send(&opts, &rep) {
@@ -419,6 +465,7 @@ fn main() -> ExitCode {
             stage_images,
             security,
             audit_log,
+            journal_dir,
             json,
         } => {
             if let Some(b) = &bridge {
@@ -444,6 +491,7 @@ fn main() -> ExitCode {
                 unpack: migration_engine::rootfs::UnpackPolicy { strip_setuid },
                 bridge,
                 stage_images: stage_images.into(),
+                journal_dir,
             };
             if stdio {
                 // stdout carries the migration stream.
@@ -484,7 +532,43 @@ fn main() -> ExitCode {
                 ExitCode::from(outcome_code(Outcome::NothingTouched))
             }
         }
-        Command::Guard { version, freezer, work_dir } => match migration_engine::guard::run_guard(&version, freezer, work_dir) {
+        Command::Status { all, journal_dir, json } => {
+            let journal = migration_engine::journal::Journal::new(journal_dir);
+            let (lines, damaged) = migration_engine::resolve::status(&journal, all);
+            if json {
+                for l in &lines {
+                    println!("{}", serde_json::to_string(l).unwrap_or_default());
+                }
+            } else if lines.is_empty() {
+                println!("no migrations {}in {}", if all { "" } else { "in flight or in doubt " }, journal.dir().display());
+            } else {
+                println!("{:<18} {:<11} {:<20} {:<14} {:<9} PEER", "ID", "ROLE", "CONTAINER", "STATE", "");
+                for l in &lines {
+                    let flag = if l.in_doubt { "IN DOUBT" } else if l.active { "active" } else { "" };
+                    println!("{:<18} {:<11} {:<20} {:<14} {:<9} {}", l.id, l.role, l.container, l.state, flag, l.peer);
+                }
+            }
+            for d in &damaged {
+                eprintln!("ctmigrate: warning: {d}");
+            }
+            ExitCode::from(exit::OK)
+        }
+        Command::Resolve { id, keep, timeout, journal_dir } => {
+            let journal = migration_engine::journal::Journal::new(journal_dir);
+            let keep = keep.map(|k| match k {
+                KeepCopy::Source => migration_engine::resolve::Keep::Source,
+                KeepCopy::Destination => migration_engine::resolve::Keep::Destination,
+            });
+            let note = |m: &str| eprintln!("ctmigrate: {m}");
+            match migration_engine::resolve::resolve(&journal, &id, keep, Duration::from_secs(timeout), &note) {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::from(exit::OK)
+                }
+                Err((e, o)) => fail(e, outcome_code(o)),
+            }
+        }
+        Command::Guard { version, freezer, work_dir, journal_entry } => match migration_engine::guard::run_guard(&version, freezer, work_dir, journal_entry) {
             Ok(()) => ExitCode::from(exit::OK),
             Err(e) => fail(e, exit::INTERNAL),
         },

@@ -204,26 +204,44 @@ fn abort_after_restore_removes_the_destination_copy() {
     assert_clean(&bed, &id);
 }
 
+/// The receiver dies after journalling the Commit and before letting its
+/// copy run: the sender cannot learn the outcome and keeps the source
+/// frozen (exit 6, in doubt); the next receiver start finishes the
+/// committed copy (its tasks run), and `ctmigrate resolve` on the source
+/// host, told so by that receiver, removes the source.
 #[test]
-fn receiver_dying_before_commit_ack_is_reported_uncertain_and_swept() {
+fn receiver_dying_after_commit_is_in_doubt_and_its_restart_finishes_the_copy() {
     let Some(bed) = testbed("unc") else { return };
     let (src, id, token) = counter(&bed, "uc");
     let port = port();
     let mut receiver =
-        bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-commit-ack=exit")]).unwrap();
-    let sent = bed.run_sender(&id, port, &["--timeout", "5"], &[]).unwrap();
+        bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=exit")]).unwrap();
+    let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
+    let sent = bed.run_sender(&id, port, &["--timeout", "5", "--in-doubt-timeout", "2"], &[]).unwrap();
     assert_eq!(sent.code, Some(6), "{}", sent.stderr);
-    assert_eq!(sent.result().unwrap()["source_state"], "uncertain");
-    assert!(sent.stderr.contains("check whether"), "{}", sent.stderr);
+    assert_eq!(sent.result().unwrap()["source_state"], "in-doubt");
+    let migration = sent.result().unwrap()["migration_id"].as_str().unwrap().to_string();
     let _ = receiver.wait(Duration::from_secs(10));
-    // Never lost: the source was resumed.
-    assert_source_runs(&bed, &src, &token);
-    // The receiver died holding an uncommitted copy; the next receiver
-    // start removes it.
-    assert!(bed.dst_runc.exists(&id).unwrap(), "the destination copy should still exist before the sweep");
-    let mut next = bed.spawn_receiver(port + 100, &[], &[]).unwrap();
+    // Neither copy runs: the source frozen, the destination's stopped.
+    assert_eq!(frozen_state(&bed, &id), "FROZEN");
+    assert!(bed.dst_runc.exists(&id).unwrap(), "the committed copy was removed");
+    // (A FixtureContainer removes its container when dropped: paths only.)
+    let dst_rootfs = bed.dst_bundles().join(&id).join("rootfs");
+    let (_, dst_n) = read_counter(&dst_rootfs).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(read_counter(&dst_rootfs).unwrap().1, dst_n, "the destination ran before its receiver finished the commit");
+    // The receiver's restart lets the committed copy run.
+    let mut next = bed.spawn_receiver(port, &[], &[]).unwrap();
+    assert_counting_on(&dst_rootfs, &token, dst_n);
+    let r = migration_engine::testbed::CommandResult::run(bed.resolve_command("src", &migration, &[])).unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(!bed.src_runc.exists(&id).unwrap(), "the source was not removed");
+    let (_, src_moves, dst_moves) = watch.finish("receiver died after commit");
+    assert!(dst_moves > 0 && src_moves > 0);
     next.child.kill().unwrap();
     let _ = next.child.wait();
+    migration_engine::testbed::force_remove(&bed.dst_runc, &id);
+    let _ = std::fs::remove_dir_all(bed.dst_bundles().join(&id));
     assert_clean(&bed, &id);
 }
 

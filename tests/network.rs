@@ -198,7 +198,8 @@ fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
         ("sender-after-dump", false),
         ("receiver-before-restore", true),
         ("sender-before-commit", false),
-        ("receiver-before-commit-ack", true),
+        // (A failure after the destination committed leaves its copy
+        // running and the source in doubt, frozen: tests/fenced_commit.rs.)
     ];
     for (failpoint, on_receiver) in failures {
         let fp = format!("{failpoint}=error");
@@ -207,9 +208,8 @@ fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
         let port = common::port();
         let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], recv_env).unwrap();
         let sent = bed.run_sender(id, port, &["--tcp-established"], send_env).unwrap();
-        // 3 before the freeze, 4 after it, 6 when the commit was not
-        // acknowledged: the source runs in each case.
-        assert!(matches!(sent.code, Some(3) | Some(4) | Some(6)), "{failpoint}: exit {:?}: {}", sent.code, sent.stderr);
+        // 3 before the freeze, 4 after it: the source runs in each case.
+        assert!(matches!(sent.code, Some(3) | Some(4)), "{failpoint}: exit {:?}: {}", sent.code, sent.stderr);
         receiver.wait(Duration::from_secs(30));
 
         assert_eq!(common::frozen_state(&bed, id), "THAWED", "{failpoint}: the source is still frozen");

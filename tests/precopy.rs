@@ -192,8 +192,10 @@ fn guest_destination_killed_between_rounds_leaves_the_source_running() {
         bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-after-round=exit")]).unwrap();
     let sent = bed.run_sender(&id, port, &["--mode", "precopy"], &[]).unwrap();
     let _ = receiver.wait(Duration::from_secs(30));
-    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
-    assert_eq!(sent.result().unwrap()["source_state"], "running");
+    // Never frozen: exit 3 with the source untouched (not 4, "failed after
+    // the source was frozen"); the state machine says so.
+    assert_eq!(sent.code, Some(3), "{}", sent.stderr);
+    assert_eq!(sent.result().unwrap()["source_state"], "untouched");
     // It failed where it was meant to: round 1 was sent and verified, and
     // then the receiver was gone.
     // (A receiver that dies with our data unread answers with a reset.)

@@ -143,6 +143,7 @@ impl Hostile {
 
     fn manifest_with_tmpfs(&mut self, id: &str, config: serde_json::Value, empty_tmpfs: Vec<container_runtime::EmptyTmpfs>) -> Frame {
         let m = Manifest {
+            migration_id: migration_engine::journal::new_migration_id(),
             container_id: id.into(),
             dest_id: id.into(),
             oci_config: config,

@@ -140,6 +140,17 @@ impl DestinationNetwork {
         netns.remove()
     }
 
+    /// The network [`build`](Self::build) made for container `id` from
+    /// `record`, found by name: for a process other than the one that
+    /// built it (a restarted receiver finishing a committed migration).
+    pub fn existing(record: &NetworkRecord, id: &str) -> Self {
+        DestinationNetwork {
+            netns: Netns::Named(Self::netns_name(id)),
+            host_ends: (0..record.interfaces.len()).map(|index| crate::host_ifname("ctm", id, index)).collect(),
+            record: record.clone(),
+        }
+    }
+
     pub fn netns_path(&self) -> PathBuf {
         self.netns.path()
     }

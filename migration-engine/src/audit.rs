@@ -28,6 +28,7 @@ pub fn record(path: &Path, peer: &str, result: &ResultEvent) -> Result<(), std::
         "frozen_ms": result.frozen_ms,
         "total_ms": result.total_ms,
         "source_state": result.source_state,
+        "migration_id": result.migration_id,
         "error": result.error,
         "rootfs_verified": result.rootfs_verified,
         "rootfs_digest": result.rootfs.as_ref().map(|r| r.digest.as_str()).filter(|d| !d.is_empty()),

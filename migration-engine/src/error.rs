@@ -16,10 +16,23 @@ pub enum Outcome {
     SourceResumed,
     /// The source could not be resumed. Exit 5: needs an operator now.
     SourceNotResumed,
-    /// The destination may or may not run the container (its commit
-    /// acknowledgement was lost); the source was resumed, so a copy may run
-    /// on both hosts. Exit 6.
+    /// In doubt: the Commit went out and the destination did not say what
+    /// it did in time. The source stays frozen (never running while the
+    /// destination might); `ctmigrate resolve` settles it. Exit 6.
     Uncertain,
+}
+
+impl From<migration_protocol::SourceFate> for Outcome {
+    fn from(fate: migration_protocol::SourceFate) -> Self {
+        use migration_protocol::SourceFate::*;
+        match fate {
+            // Not a failure; never turned into one.
+            Migrated | Untouched => Outcome::NothingTouched,
+            Resumed => Outcome::SourceResumed,
+            NotResumed => Outcome::SourceNotResumed,
+            InDoubt => Outcome::Uncertain,
+        }
+    }
 }
 
 impl Outcome {

@@ -50,6 +50,10 @@ impl Phase {
 pub struct ResultEvent {
     pub ok: bool,
     pub role: &'static str,
+    /// Names the migration in both hosts' journals (`ctmigrate status`,
+    /// `ctmigrate resolve`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
     pub container: String,
     pub dest_id: String,
     pub mode: String,

@@ -7,6 +7,10 @@
 //! - `criu <pid>`: a CRIU process that is dumping the container;
 //! - `netns-lock <path>`: the container's network namespace is locked;
 //!   unlock it when thawing;
+//! - `commit-sent`: the Commit may reach the destination: if the sender
+//!   dies now the source is neither thawed nor killed until the
+//!   destination says what it did (the guard asks it, as the journal
+//!   entry says, see [`crate::resolve::settle_source`]);
 //! - `committed`: the destination acknowledged; the source must die;
 //! - `resolved`: the sender itself finished (source removed, or rolled
 //!   back): exit quietly.
@@ -27,7 +31,9 @@ use std::time::{Duration, Instant};
 use container_runtime::cgroup::CgroupVersion;
 use container_runtime::Freezer;
 
+use crate::journal::{Journal, Side};
 use crate::MigrationError;
+use migration_protocol::SourceState;
 
 /// The hidden subcommand that runs the guard.
 pub const SUBCOMMAND: &str = "__guard";
@@ -42,7 +48,8 @@ pub struct FreezeGuard {
 
 impl FreezeGuard {
     /// `work_dir` (images and logs) is removed if the guard has to act.
-    pub fn spawn(exe: &Path, freezer: &Freezer, work_dir: &Path) -> Result<Self, MigrationError> {
+    /// `journal_entry` is the migration's journal file, for settling it.
+    pub fn spawn(exe: &Path, freezer: &Freezer, work_dir: &Path, journal_entry: &Path) -> Result<Self, MigrationError> {
         let version = match freezer.version {
             CgroupVersion::V1 => "v1",
             CgroupVersion::V2 => "v2",
@@ -52,6 +59,7 @@ impl FreezeGuard {
             .arg(version)
             .arg(&freezer.path)
             .arg(work_dir)
+            .arg(journal_entry)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -74,6 +82,12 @@ impl FreezeGuard {
         self.tell(&format!("criu {pid}"));
     }
 
+    /// The Commit may go out: if the sender dies now, the destination's
+    /// word decides.
+    pub fn commit_sent(&mut self) {
+        self.tell("commit-sent");
+    }
+
     /// The destination owns the container: if the sender dies now, the
     /// source must be killed, not thawed.
     pub fn committed(&mut self) {
@@ -90,7 +104,7 @@ impl FreezeGuard {
 
 /// Runs the guard (in the `__guard` process). Returns when there is
 /// nothing left to guard.
-pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Result<(), MigrationError> {
+pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf, journal_entry: PathBuf) -> Result<(), MigrationError> {
     use nix::sys::signal::{signal, SigHandler, Signal};
     // SAFETY: setting the disposition to SIG_IGN installs no handler code;
     // it cannot race with Rust code in this single-threaded process.
@@ -106,6 +120,7 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
     };
     let mut criu_pids = Vec::new();
     let mut committed = false;
+    let mut commit_sent = false;
     let mut locked_netns = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -113,9 +128,15 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
             Some(("criu", pid)) => criu_pids.extend(pid.trim().parse::<i32>().ok()),
             Some(("netns-lock", path)) => locked_netns = Some(PathBuf::from(path.trim())),
             _ if line.trim() == "committed" => committed = true,
+            _ if line.trim() == "commit-sent" => commit_sent = true,
             _ if line.trim() == "resolved" => return Ok(()),
             _ => {}
         }
+    }
+    if commit_sent && !committed {
+        // CRIU is done by now (the images were all sent).
+        crate::scratch::remove_work_dir(&work_dir);
+        return settle_in_doubt(&journal_entry);
     }
     eprintln!(
         "ctmigrate guard: the sender ended without settling the migration; {} {}",
@@ -147,7 +168,40 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf) -> Res
     }
     // CRIU has exited: its images and logs are no one's now.
     crate::scratch::remove_work_dir(&work_dir);
+    journal_end(&journal_entry, if committed { SourceState::Migrated } else if thawed.is_ok() { SourceState::Resumed } else { SourceState::NotResumed });
     thawed?;
+    Ok(())
+}
+
+/// Records how the guard ended the migration, if it has a journal entry.
+fn journal_end(journal_entry: &Path, state: SourceState) {
+    let Some(dir) = journal_entry.parent() else { return };
+    if let Ok(mut entry) = Journal::read(journal_entry) {
+        entry.owner_pid = std::process::id();
+        entry.set_source_state(state);
+        if let Err(e) = Journal::new(dir).write(&entry) {
+            eprintln!("ctmigrate guard: cannot journal the outcome: {e}");
+        }
+    }
+}
+
+/// The sender died after deciding to commit: the source stays frozen
+/// while the guard asks the destination what it did, and acts on that.
+fn settle_in_doubt(journal_entry: &Path) -> Result<(), MigrationError> {
+    let dir = journal_entry.parent().unwrap_or(Path::new("."));
+    let journal = Journal::new(dir);
+    let mut entry = Journal::read(journal_entry).map_err(|e| MigrationError::Other(e.to_string()))?;
+    entry.owner_pid = std::process::id();
+    let Side::Source { plan, .. } = &entry.side else {
+        return Err(MigrationError::Other(format!("{} is not a source entry", journal_entry.display())));
+    };
+    let limits = crate::resolve::AskLimits {
+        io: Duration::from_millis(plan.io_timeout_ms),
+        total: Duration::from_millis(plan.in_doubt_timeout_ms),
+    };
+    eprintln!("ctmigrate guard: the sender ended after its Commit; asking the destination what it did (the source stays frozen)");
+    let (fate, last) = crate::resolve::settle_source(&journal, &mut entry, limits, &|m: &str| eprintln!("ctmigrate guard: {m}"));
+    eprintln!("ctmigrate guard: migration {}: {fate:?} ({last})", entry.id);
     Ok(())
 }
 

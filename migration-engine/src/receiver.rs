@@ -16,8 +16,12 @@ use container_runtime::{validate_container_id, BundlePolicy, EmptyTmpfs, Runc};
 use migration_protocol::{
     RootfsPhase,
     negotiate_version, ErrorCode, ErrorMessage, Frame, FrameReader, FrameWriter, Hello, HelloAck, ImagesDone,
-    Manifest, ManifestAccepted, MessageKind, ProtocolError, Restored, RoundBegin, RoundDone, RoundKind,
+    Manifest, ManifestAccepted, MessageKind, ProtocolError, Query, QueryAnswer, Ready, RoundBegin, RoundDone, RoundKind,
 };
+use migration_protocol::state::DestinationEvent;
+use migration_protocol::{DestinationMachine, DestinationState};
+
+use crate::journal::{DestinationPlan, Entry, Journal, Role, Side};
 
 use container_network::DestinationNetwork;
 
@@ -53,10 +57,16 @@ pub struct ReceiveOptions {
     pub bridge: Option<String>,
     /// Where received images wait for the restore (`--stage-images`).
     pub stage_images: crate::scratch::StageMode,
+    /// This host's migration journal (`--journal-dir`).
+    pub journal_dir: PathBuf,
 }
 
 /// Marker in a bundle that is not committed yet: holds the receiver's pid.
-const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
+pub(crate) const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
+
+/// The line of the bundle's CRIU configuration that makes the restore
+/// leave every task stopped.
+const LEAVE_STOPPED: &str = "leave-stopped\n";
 
 /// Listens and serves migrations. With `once`, returns the first
 /// migration's outcome.
@@ -105,8 +115,12 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
             }
         };
         crate::interrupt::unregister();
+        // A source's query is not the migration --once waits for.
+        if matches!(outcome, Ok(Served::Query)) && !crate::interrupt::interrupted() {
+            continue;
+        }
         if opts.once || crate::interrupt::interrupted() {
-            return outcome;
+            return outcome.map(|_| ());
         }
     }
     Ok(())
@@ -144,11 +158,11 @@ pub fn receive_stdio(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (Migra
     let who = std::env::var("SSH_CONNECTION").ok().and_then(|c| c.split_whitespace().next().map(str::to_string));
     let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
     let identity = format!("ssh:{user}@{}", who.unwrap_or_else(|| "local".into()));
-    serve_as(opts, &runc, conn, identity, rep)
+    serve_as(opts, &runc, conn, identity, rep).map(|_| ())
 }
 
 /// Serves one connection and emits its result event.
-fn serve(opts: &ReceiveOptions, runc: &Runc, conn: crate::tls::Conn, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
+fn serve(opts: &ReceiveOptions, runc: &Runc, conn: crate::tls::Conn, rep: &Reporter) -> Result<Served, (MigrationError, Outcome)> {
     let identity = conn.peer_identity();
     serve_as(opts, runc, conn, identity, rep)
 }
@@ -159,11 +173,14 @@ fn serve_as(
     conn: crate::tls::Conn,
     identity: String,
     rep: &Reporter,
-) -> Result<(), (MigrationError, Outcome)> {
+) -> Result<Served, (MigrationError, Outcome)> {
     let started = Instant::now();
     let mut result = ResultEvent { role: "receiver", mode: "stop-copy".into(), ..Default::default() };
     let mut session = Session::new(opts, runc, conn, rep).map_err(|e| (e, Outcome::NothingTouched))?;
     let outcome = session.run(&mut result, &identity);
+    if session.query_only {
+        return outcome.map(|()| Served::Query);
+    }
     result.total_ms = started.elapsed().as_millis() as u64;
     result.bytes_sent = session.reader.wire_bytes;
     result.bytes_raw = session.sink_bytes;
@@ -197,14 +214,32 @@ fn serve_as(
             let _ = session.writer.flush();
         }
     }
-    // Whatever was not committed goes now, before the next connection.
+    // Whatever was not committed goes now, before the next connection:
+    // journalled first, so that a source asking from now on hears
+    // "aborted", and a receiver dying midway finishes the removal.
+    if outcome.is_err() && !session.machine.copy_may_run() && session.machine.on(DestinationEvent::Failed).is_ok() {
+        if let Some(entry) = session.entry.as_mut() {
+            entry.set_destination_state(session.machine.state());
+            if let Err(e) = session.journal.write(entry) {
+                rep.warn(format!("cannot journal the abort: {e}"));
+            }
+        }
+    }
     drop(session.staging.take());
     if let Err(e) = crate::audit::record(&opts.audit_log, &identity, &result) {
         rep.warn(format!("cannot write the audit log {}: {e}", opts.audit_log.display()));
     }
     result.usage = Some(crate::events::ResourceUsage::measure());
     rep.emit(Event::Result(result));
-    outcome
+    outcome.map(|()| Served::Migration)
+}
+
+/// What a connection was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Migration,
+    /// A source in doubt asked about a migration.
+    Query,
 }
 
 struct Session<'a> {
@@ -216,6 +251,13 @@ struct Session<'a> {
     writer: FrameWriter<BufWriter<crate::tls::Conn>>,
     staging: Option<Staging>,
     sink_bytes: u64,
+    /// Where the migration stands; decides what a failure does.
+    machine: DestinationMachine,
+    journal: Journal,
+    /// This migration's journal entry, once admitted.
+    entry: Option<Entry>,
+    /// The connection was a source's query, not a migration.
+    query_only: bool,
 }
 
 fn refused(msg: String) -> (MigrationError, Outcome) {
@@ -238,7 +280,32 @@ impl<'a> Session<'a> {
             writer: FrameWriter::new(BufWriter::new(conn)),
             staging: None,
             sink_bytes: 0,
+            machine: DestinationMachine::new(),
+            journal: Journal::new(&opts.journal_dir),
+            entry: None,
+            query_only: false,
         })
+    }
+
+    /// Moves the machine on and journals the new state (before the act it
+    /// allows: the caller acts after this returns).
+    fn step(&mut self, event: DestinationEvent) -> Result<(), MigrationError> {
+        let state = self.machine.on(event).map_err(|e| MigrationError::Other(format!("internal: {e}")))?;
+        if let Some(entry) = self.entry.as_mut() {
+            entry.set_destination_state(state);
+            self.journal.write(entry).map_err(|e| MigrationError::Other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Answers a source in doubt about one of its migrations.
+    fn answer_query(&mut self, frame: Frame) -> Result<(), MigrationError> {
+        let q: Query = frame.json()?;
+        let decision = crate::resolve::answer_query(&self.journal, self.runc, &q);
+        self.rep.warn(format!("a source asked about migration {}: answered {decision:?}", q.migration_id));
+        self.writer.write_json(MessageKind::QueryAnswer, &QueryAnswer { migration_id: q.migration_id, decision })?;
+        self.writer.flush()?;
+        Ok(())
     }
 
     fn read(&mut self) -> Result<Frame, MigrationError> {
@@ -260,8 +327,13 @@ impl<'a> Session<'a> {
             .write_json(MessageKind::HelloAck, &HelloAck { version, software: crate::software() })
             .map_err(|e| nothing(e.into()))?;
         self.writer.flush().map_err(|e| nothing(e.into()))?;
-        let manifest: Manifest =
-            self.read().and_then(|f| Ok(f.expect(MessageKind::Manifest, "Manifest")?.json()?)).map_err(nothing)?;
+        self.machine.on(DestinationEvent::Hello).map_err(|e| nothing(MigrationError::Other(e.to_string())))?;
+        let first = self.read().map_err(nothing)?;
+        if first.kind == MessageKind::Query {
+            self.query_only = true;
+            return self.answer_query(first).map_err(nothing);
+        }
+        let manifest: Manifest = first.expect(MessageKind::Manifest, "Manifest").map_err(|e| nothing(e.into()))?.json().map_err(|e| nothing(e.into()))?;
         result.container = manifest.container_id.clone();
         result.dest_id = manifest.dest_id.clone();
         self.rep.emit(Event::Start {
@@ -273,7 +345,29 @@ impl<'a> Session<'a> {
             mode_reason: None,
         });
         let (spec, criu_config) = self.check_manifest(&manifest)?;
-        let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        migration_protocol::validate_migration_id(&manifest.migration_id).map_err(refused)?;
+        result.migration_id = Some(manifest.migration_id.clone());
+        if self.journal.load(Role::Destination, &manifest.migration_id).ok().flatten().is_some() {
+            return Err(refused(format!("migration {} was already received here: a sender reusing an id is refused", manifest.migration_id)));
+        }
+        let staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        let plan = DestinationPlan {
+            runtime_root: self.opts.runtime_root.clone(),
+            runc_binary: self.opts.runc_binary.clone(),
+            bundle: staging.bundle.clone(),
+            work_dir: staging.work_dir.clone(),
+            network: manifest.network.clone(),
+        };
+        self.entry = Some(Entry::new(
+            &manifest.migration_id,
+            &manifest.container_id,
+            &manifest.dest_id,
+            peer,
+            Side::Destination { state: DestinationState::AwaitingManifest, plan },
+        ));
+        self.staging = Some(staging);
+        self.step(DestinationEvent::Admitted).map_err(nothing)?;
+        let mut staging = self.staging.take().expect("just set");
         if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
             staging.reserve =
@@ -302,6 +396,8 @@ impl<'a> Session<'a> {
         let config_path = staging.bundle.join("config.json");
         spec.save(&config_path)
             .map_err(|e| nothing(MigrationError::Other(format!("writing {}: {e}", config_path.display()))))?;
+        // The fence: the restore leaves every task stopped until Commit.
+        criu_config.push_str(LEAVE_STOPPED);
         std::fs::write(staging.bundle.join(container_runtime::bundle::CRIU_RESTORE_CONFIG), criu_config)
             .map_err(|e| nothing(MigrationError::io("writing the CRIU restore configuration")(e)))?;
         let bundle = staging.bundle.display().to_string();
@@ -338,6 +434,7 @@ impl<'a> Session<'a> {
             let _ = std::fs::remove_file(st.images.join(round_dir(RoundKind::Final, 0)).join("inventory.img"));
         }
 
+        self.step(DestinationEvent::StateVerified).map_err(resumed)?;
         self.rep.phase(Phase::Restore);
         let restore_started = Instant::now();
         let st = self.staging.as_mut().expect("staging exists");
@@ -361,31 +458,49 @@ impl<'a> Session<'a> {
         );
         drop(handover);
         restored.map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
+        // The fence: CRIU left every task stopped (the bundle's CRIU
+        // configuration says so); none may run before the Commit.
         let pid = self
             .runc
             .live_init_pid(&manifest.dest_id)
             .map_err(|e| resumed(MigrationError::Remote(format!("the restored container is not running: {e}"))))?;
-        if let Some(net) = &st.network {
-            net.activate()
-                .map_err(|e| resumed(MigrationError::Remote(format!("cannot bring up the restored container's network: {e}"))))?;
-        }
+        let tasks = crate::settle::check_stopped(self.runc, &manifest.dest_id).map_err(|e| resumed(MigrationError::Remote(e.to_string())))?;
+        // Later checkpoints of this container (runc reads the same file)
+        // must not leave their tasks stopped.
+        st.drop_leave_stopped().map_err(resumed)?;
         let restore_ms = restore_started.elapsed().as_millis() as u64;
+        self.step(DestinationEvent::RestoredStopped).map_err(resumed)?;
+        self.rep.warn(format!("restored `{}` with its {tasks} task(s) stopped; waiting for the sender's Commit", manifest.dest_id));
+        failpoints::hit("receiver-after-restore").map_err(resumed)?;
         self.writer
-            .write_json(MessageKind::Restored, &Restored { pid, restore_ms })
+            .write_json(MessageKind::Ready, &Ready { pid, restore_ms })
             .map_err(|e| resumed(e.into()))?;
         self.writer.flush().map_err(|e| resumed(e.into()))?;
 
-        // Wait for the sender's Commit; anything else rolls back.
+        // Wait for the sender's Commit; anything else (an Abort, silence
+        // past --timeout, a lost connection) removes the stopped copy.
         self.rep.phase(Phase::Commit);
+        failpoints::hit("receiver-after-ready").map_err(resumed)?;
         let commit = self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?));
         if let Err(e) = commit {
             return Err(resumed(MigrationError::Aborted(format!("no commit from the sender ({e}); the restored copy was removed"))));
         }
-        failpoints::hit("receiver-before-commit-ack").map_err(resumed)?;
-        // Committed: from here the container is ours to keep.
+        // Committed, journalled before anything runs: from here the copy
+        // is the container, never removed by this receiver.
+        self.step(DestinationEvent::CommitReceived).map_err(resumed)?;
+        failpoints::hit("receiver-after-commit-journalled").map_err(resumed)?;
+        let plan = match &self.entry.as_ref().expect("admitted").side {
+            Side::Destination { plan, .. } => plan.clone(),
+            Side::Source { .. } => unreachable!("a receiver's entry is a destination entry"),
+        };
         if let Some(st) = self.staging.take() {
             st.commit();
         }
+        crate::settle::run_destination(&plan, &manifest.dest_id).map_err(|e| {
+            (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
+        })?;
+        self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;
+        failpoints::hit("receiver-before-commit-ack").map_err(|e| (e, Outcome::SourceNotResumed))?;
         let _ = self.writer.write_frame(MessageKind::CommitAck, b"");
         let _ = self.writer.flush();
         self.control.shutdown();
@@ -687,6 +802,14 @@ impl Staging {
         Ok(dir)
     }
 
+    /// Removes the leave-stopped line from the bundle's CRIU
+    /// configuration once the restore is done.
+    fn drop_leave_stopped(&self) -> Result<(), MigrationError> {
+        let path = self.bundle.join(container_runtime::bundle::CRIU_RESTORE_CONFIG);
+        let config = std::fs::read_to_string(&path).map_err(MigrationError::io(format!("reading {}", path.display())))?;
+        std::fs::write(&path, config.replace(LEAVE_STOPPED, "")).map_err(MigrationError::io(format!("writing {}", path.display())))
+    }
+
     fn commit(mut self) {
         self.committed = true;
         let _ = std::fs::remove_file(self.bundle.join(INCOMPLETE_MARKER));
@@ -727,9 +850,28 @@ fn pid_is_live_receiver(pid: u32) -> bool {
 /// bundles (and any container restored from them, since its sender has
 /// rolled back) and image directories.
 pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
+    // First what the journal says: a committed copy is finished and let
+    // run, anything before that removed.
+    let journal = Journal::new(&opts.journal_dir);
+    for line in crate::resolve::recover_destinations(&journal) {
+        rep.warn(line);
+    }
+    // Bundles a journal entry still answers for are not the marker's to remove.
+    let claimed: std::collections::HashSet<PathBuf> = journal
+        .list()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| match e.side {
+            Side::Destination { state: DestinationState::Committed | DestinationState::Running, plan } => Some(plan.bundle),
+            _ => None,
+        })
+        .collect();
     if let Ok(rd) = std::fs::read_dir(&opts.bundle_root) {
         for e in rd.flatten() {
             let marker = e.path().join(INCOMPLETE_MARKER);
+            if claimed.contains(&e.path()) {
+                continue;
+            }
             let Ok(pid) = std::fs::read_to_string(&marker) else { continue };
             let pid: u32 = pid.trim().parse().unwrap_or(0);
             if pid == std::process::id() || pid_is_live_receiver(pid) {

@@ -21,10 +21,14 @@ use container_runtime::{validate_container_id, DumpPlan, EmptyTmpfs, FreezerStat
 use criu_bindings::{CriuSession, DumpOptions, ExternalMount, NotifyAction};
 use migration_protocol::{
     RootfsPhase, CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
-    MessageKind, Restored, RoundBegin, RoundDone, RoundKind, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    MessageKind, Ready, RoundBegin, RoundDone, RoundKind, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
 use crate::error::{Failure, Outcome};
+use crate::journal::{Entry, Journal, Role, Side, SourcePlan};
+use crate::settle;
+use migration_protocol::state::SourceEvent;
+use migration_protocol::{SourceFate, SourceMachine, SourceState};
 use crate::events::{Event, Phase, ResultEvent};
 use crate::transport::{connect, Destination};
 use crate::guard::FreezeGuard;
@@ -70,6 +74,11 @@ pub struct SendOptions {
     pub tcp_established: bool,
     /// Where CRIU's images wait before they are sent (`--stage-images`).
     pub stage_images: crate::scratch::StageMode,
+    /// This host's migration journal (`--journal-dir`).
+    pub journal_dir: PathBuf,
+    /// How long to keep asking a destination that did not acknowledge the
+    /// Commit, the source frozen meanwhile (`--in-doubt-timeout`).
+    pub in_doubt_timeout: Duration,
 }
 
 /// The source container's network namespace, when ctmigrate moves it
@@ -103,9 +112,9 @@ impl Mode {
 pub type SendReport = ResultEvent;
 
 /// An open, handshaken connection to a receiver.
-struct Peer {
+pub(crate) struct Peer {
     reader: FrameReader<Conn>,
-    writer: FrameWriter<BufWriter<crate::transport::Throttle<Conn>>>,
+    pub(crate) writer: FrameWriter<BufWriter<crate::transport::Throttle<Conn>>>,
     /// For timeouts and shutdown.
     control: Conn,
     identity: String,
@@ -129,12 +138,12 @@ impl Drop for Peer {
 }
 
 impl Peer {
-    fn flush(&mut self) -> Result<(), MigrationError> {
+    pub(crate) fn flush(&mut self) -> Result<(), MigrationError> {
         self.writer.flush()?;
         Ok(())
     }
 
-    fn read_with_timeout(&mut self, t: Duration) -> Result<migration_protocol::Frame, MigrationError> {
+    pub(crate) fn read_with_timeout(&mut self, t: Duration) -> Result<migration_protocol::Frame, MigrationError> {
         self.control.set_read_timeout(Some(t))?;
         let frame = match self.reader.read_frame() {
             Ok(f) => f,
@@ -178,7 +187,8 @@ impl Peer {
 
 /// What preflight found.
 struct Prepared {
-    runc: Runc,
+    /// Names the migration in both journals.
+    migration_id: String,
     state: RuncState,
     plan: DumpPlan,
     dest_id: String,
@@ -216,6 +226,7 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
             result.mode_reason = prepared.mode_reason.clone();
             result.network = prepared.network_handling.clone();
             peer = prepared.peer.identity.clone();
+            result.migration_id = Some(prepared.migration_id.clone());
             Migration::new(opts, prepared, rep).run(&mut result)
         }
     };
@@ -233,7 +244,7 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
                     Outcome::NothingTouched => "untouched",
                     Outcome::SourceResumed => "running",
                     Outcome::SourceNotResumed => "not-resumed",
-                    Outcome::Uncertain => "uncertain",
+                    Outcome::Uncertain => "in-doubt",
                 }
                 .into(),
             );
@@ -289,68 +300,19 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         mode_reason: mode_reason.clone(),
     });
     rep.phase(Phase::Connect);
-    // TLS material is read before connecting: a missing certificate fails
-    // here, with nothing touched.
-    let tls = match &opts.security {
-        _ if matches!(opts.to, crate::transport::Destination::Ssh { .. }) => None, // ssh authenticates and encrypts
-        Security::Tls(dir) => Some(crate::tls::client_config(dir)?),
-        Security::Insecure => {
-            rep.warn("--insecure: the migration stream is neither authenticated nor encrypted");
-            None
-        }
+    let link = PeerLink {
+        to: &opts.to,
+        security: &opts.security,
+        io_timeout: opts.io_timeout,
+        bwlimit: opts.bwlimit,
+        ssh_options: &opts.ssh_options,
+        remote_command: &opts.remote_command,
     };
-    let mut peer = match &opts.to {
-        crate::transport::Destination::Tcp { host, .. } => {
-            let stream = connect(&opts.to, opts.io_timeout)?;
-            interrupt::register(&stream);
-            let conn = match tls {
-                Some(cfg) => Conn::client(stream, cfg, host)?,
-                None => Conn::plain(stream)?,
-            };
-            conn.set_write_timeout(Some(opts.io_timeout))?;
-            Peer {
-                identity: conn.peer_identity(),
-                reader: FrameReader::new(conn.handle()?),
-                control: conn.handle()?,
-                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, opts.bwlimit))),
-                ssh: None,
-            }
-        }
-        ssh_dest @ crate::transport::Destination::Ssh { .. } => {
-            // ssh's stderr, for the reason it gives when it fails.
-            let stderr = tempfile::NamedTempFile::new().map_err(MigrationError::io("creating ssh's stderr file"))?;
-            let err_file = stderr.reopen().map_err(MigrationError::io("opening ssh's stderr file"))?;
-            let mut child = crate::transport::spawn_ssh(ssh_dest, &opts.ssh_options, &opts.remote_command, err_file)?;
-            let pid = child.id() as i32;
-            interrupt::register_cut(move || {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-            });
-            let read: std::fs::File = std::os::fd::OwnedFd::from(child.stdout.take().expect("piped")).into();
-            let write: std::fs::File = std::os::fd::OwnedFd::from(child.stdin.take().expect("piped")).into();
-            let conn = Conn::pipes(read, write);
-            Peer {
-                identity: ssh_dest.to_string(),
-                reader: FrameReader::new(conn.handle()?),
-                control: conn.handle()?,
-                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, opts.bwlimit))),
-                ssh: Some((child, stderr)),
-            }
-        }
-    };
-    peer.writer.write_json(
-        MessageKind::Hello,
-        &Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() },
-    )?;
-    peer.flush()?;
-    let ack: HelloAck = peer.read_with_timeout(opts.io_timeout)?.expect(MessageKind::HelloAck, "HelloAck")?.json()?;
-    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&ack.version) {
-        return Err(MigrationError::Preflight(format!(
-            "the receiver ({}) chose protocol version {}, which this build does not speak",
-            ack.software, ack.version
-        )));
-    }
+    let (mut peer, _ack) = connect_peer(&link, Some(rep), true)?;
     let uts = nix::sys::utsname::uname().map_err(|e| MigrationError::Other(e.to_string()))?;
+    let migration_id = crate::journal::new_migration_id();
     let manifest = Manifest {
+        migration_id: migration_id.clone(),
         container_id: opts.container.clone(),
         dest_id: dest_id.to_string(),
         oci_config: config,
@@ -375,7 +337,89 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e),
     }
-    Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
+    Ok(Prepared { migration_id, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
+}
+
+/// How to reach a receiver: what `send` was given.
+pub(crate) struct PeerLink<'a> {
+    pub to: &'a Destination,
+    pub security: &'a Security,
+    pub io_timeout: Duration,
+    pub bwlimit: Option<u64>,
+    pub ssh_options: &'a [String],
+    pub remote_command: &'a str,
+}
+
+/// Connects (TCP with TLS, or ssh), says Hello and checks the version the
+/// receiver chose. `register_interrupt`: a signal cuts this connection.
+pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register_interrupt: bool) -> Result<(Peer, HelloAck), MigrationError> {
+    // TLS material is read before connecting: a missing certificate fails
+    // here, with nothing touched.
+    let tls = match link.security {
+        _ if matches!(link.to, crate::transport::Destination::Ssh { .. }) => None, // ssh authenticates and encrypts
+        Security::Tls(dir) => Some(crate::tls::client_config(dir)?),
+        Security::Insecure => {
+            if let Some(rep) = rep {
+                rep.warn("--insecure: the migration stream is neither authenticated nor encrypted");
+            }
+            None
+        }
+    };
+    let mut peer = match &link.to {
+        crate::transport::Destination::Tcp { host, .. } => {
+            let stream = connect(&link.to, link.io_timeout)?;
+            if register_interrupt {
+                interrupt::register(&stream);
+            }
+            let conn = match tls {
+                Some(cfg) => Conn::client(stream, cfg, host)?,
+                None => Conn::plain(stream)?,
+            };
+            conn.set_write_timeout(Some(link.io_timeout))?;
+            Peer {
+                identity: conn.peer_identity(),
+                reader: FrameReader::new(conn.handle()?),
+                control: conn.handle()?,
+                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit))),
+                ssh: None,
+            }
+        }
+        ssh_dest @ crate::transport::Destination::Ssh { .. } => {
+            // ssh's stderr, for the reason it gives when it fails.
+            let stderr = tempfile::NamedTempFile::new().map_err(MigrationError::io("creating ssh's stderr file"))?;
+            let err_file = stderr.reopen().map_err(MigrationError::io("opening ssh's stderr file"))?;
+            let mut child = crate::transport::spawn_ssh(ssh_dest, link.ssh_options, link.remote_command, err_file)?;
+            let pid = child.id() as i32;
+            if register_interrupt {
+                interrupt::register_cut(move || {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                });
+            }
+            let read: std::fs::File = std::os::fd::OwnedFd::from(child.stdout.take().expect("piped")).into();
+            let write: std::fs::File = std::os::fd::OwnedFd::from(child.stdin.take().expect("piped")).into();
+            let conn = Conn::pipes(read, write);
+            Peer {
+                identity: ssh_dest.to_string(),
+                reader: FrameReader::new(conn.handle()?),
+                control: conn.handle()?,
+                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit))),
+                ssh: Some((child, stderr)),
+            }
+        }
+    };
+    peer.writer.write_json(
+        MessageKind::Hello,
+        &Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() },
+    )?;
+    peer.flush()?;
+    let ack: HelloAck = peer.read_with_timeout(link.io_timeout)?.expect(MessageKind::HelloAck, "HelloAck")?.json()?;
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&ack.version) {
+        return Err(MigrationError::Preflight(format!(
+            "the receiver ({}) chose protocol version {}, which this build does not speak",
+            ack.software, ack.version
+        )));
+    }
+    Ok((peer, ack))
 }
 
 /// CRIU reads every task's resource limits with prlimit(), which for a
@@ -511,7 +555,11 @@ struct Migration<'a> {
     rep: &'a Reporter,
     compressor: Compressor,
     work_dir: PathBuf,
-    frozen: bool,
+    /// Where the migration stands; decides what a failure does.
+    machine: SourceMachine,
+    /// This migration's record in the journal (see [`crate::journal`]).
+    entry: Entry,
+    journal: Journal,
     guard: Option<FreezeGuard>,
     /// Staging memory set aside before the freeze, given to CRIU's first dump.
     reserve: Option<crate::scratch::Reserve>,
@@ -525,7 +573,84 @@ impl<'a> Migration<'a> {
     fn new(opts: &'a SendOptions, mut p: Prepared, rep: &'a Reporter) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
         let tree = rootfs::TreeSender::new(&p.state.rootfs, std::mem::take(&mut p.hidden_mounts));
-        Self { opts, p, rep, compressor: Compressor::new(opts.compression), work_dir, frozen: false, guard: None, reserve: None, tmpfs_made_anew: Vec::new(), tree }
+        let plan = SourcePlan {
+            runtime_root: opts.runtime_root.clone(),
+            runc_binary: opts.runc_binary.clone(),
+            freezer_path: p.plan.freezer.path.clone(),
+            cgroup_version: p.plan.freezer.version.as_u8(),
+            init_pid: p.state.pid,
+            netns: p.network.as_ref().map(|n| n.netns.path()),
+            network: p.network.as_ref().map(|n| n.record.clone()),
+            remove_netns: p.network.as_ref().map(|n| n.remove_after_migration).unwrap_or(false),
+            destination: opts.to.to_string(),
+            tls_dir: match &opts.security {
+                Security::Tls(dir) => Some(dir.clone()),
+                Security::Insecure => None,
+            },
+            ssh_options: opts.ssh_options.clone(),
+            remote_command: opts.remote_command.clone(),
+            io_timeout_ms: opts.io_timeout.as_millis() as u64,
+            in_doubt_timeout_ms: opts.in_doubt_timeout.as_millis() as u64,
+        };
+        let entry = Entry::new(&p.migration_id, &opts.container, &p.dest_id, &p.peer.identity, Side::Source { state: SourceState::Syncing, plan });
+        let mut machine = SourceMachine::new();
+        for step in [SourceEvent::HelloAck, SourceEvent::ManifestAccepted] {
+            machine.on(step).expect("preflight ends with the manifest accepted");
+        }
+        Self {
+            opts,
+            p,
+            rep,
+            compressor: Compressor::new(opts.compression),
+            work_dir,
+            machine,
+            entry,
+            journal: Journal::new(&opts.journal_dir),
+            guard: None,
+            reserve: None,
+            tmpfs_made_anew: Vec::new(),
+            tree,
+        }
+    }
+
+    fn plan(&self) -> &SourcePlan {
+        match &self.entry.side {
+            Side::Source { plan, .. } => plan,
+            Side::Destination { .. } => unreachable!("a sender's entry is a source entry"),
+        }
+    }
+
+    /// Moves the machine on, and journals the states that matter to a
+    /// process settling the migration after this one.
+    fn step(&mut self, event: SourceEvent) -> Result<(), MigrationError> {
+        let state = self.machine.on(event).map_err(|e| MigrationError::Other(format!("internal: {e}")))?;
+        if journalled(state) {
+            self.entry.set_source_state(state);
+            self.journal.write(&self.entry).map_err(|e| MigrationError::Other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The failure of the step under way, handled as the state says:
+    /// nothing to undo before the freeze, a thaw up to the Commit, and
+    /// after it the destination's word.
+    fn fail(&mut self, error: MigrationError) -> Failure {
+        use migration_protocol::state::SourceRecovery;
+        match self.machine.on_failure() {
+            SourceRecovery::NothingToUndo => {
+                self.tell_receiver_abort(&error);
+                let _ = self.step(SourceEvent::Failed);
+            }
+            SourceRecovery::Thaw => return self.rollback(error),
+            SourceRecovery::AskPeer => return self.settle_in_doubt(Some(error)).err().unwrap_or_else(|| Failure { error: MigrationError::Other("migrated after a failure".into()), outcome: Outcome::NothingTouched }),
+            SourceRecovery::FinishRemoval => {
+                self.destroy_source();
+                let _ = self.step(SourceEvent::SourceRemoved);
+            }
+            SourceRecovery::None => {}
+        }
+        let outcome = self.machine.fate().map(Outcome::from).unwrap_or(Outcome::SourceNotResumed);
+        Failure { error, outcome }
     }
 
     fn run(mut self, result: &mut ResultEvent) -> Result<(), Failure> {
@@ -553,103 +678,153 @@ impl<'a> Migration<'a> {
     }
 
     fn run_inner(&mut self, result: &mut ResultEvent) -> Result<(), Failure> {
-        let not_touched = |error| Failure { error, outcome: Outcome::NothingTouched };
+        if let Err(e) = self.journal.write(&self.entry) {
+            return Err(self.fail(MigrationError::Other(e.to_string())));
+        }
         // Initial rootfs sync, container running.
         self.rep.phase(Phase::RootfsSync);
         let since = Instant::now();
         let mut sent = 0u64;
         let rep = self.rep;
-        let initial = self
-            .tree
-            .initial_pass(&mut self.p.peer.writer, &mut self.compressor, &mut |n| {
-                sent += n;
-                rep.progress(Phase::RootfsSync, sent, since);
-            })
-            .map_err(|e| self.explain_send_error(e))
-            .map_err(not_touched)?;
+        let initial = self.tree.initial_pass(&mut self.p.peer.writer, &mut self.compressor, &mut |n| {
+            sent += n;
+            rep.progress(Phase::RootfsSync, sent, since);
+        });
+        let initial = match initial {
+            Ok(i) => i,
+            Err(e) => {
+                let e = self.explain_send_error(e);
+                return Err(self.fail(e));
+            }
+        };
         result.rootfs = Some(crate::events::RootfsReport {
             initial_entries: Some(initial.entries),
             initial_file_bytes: Some(initial.file_bytes),
             ..Default::default()
         });
-
-        self.prepare_work_dir().map_err(not_touched)?;
-
-        // Pre-copy rounds, container running: a failure here leaves the
-        // source as it was (it was never frozen by us).
-        let still_running = |error| Failure { error, outcome: Outcome::SourceResumed };
+        if let Err(e) = self.prepare_work_dir() {
+            return Err(self.fail(e));
+        }
+        // Pre-copy rounds, container running.
         if self.p.mode == Mode::Precopy {
-            self.precopy(result).map_err(|e| self.explain_send_error(e)).map_err(still_running)?;
+            if let Err(e) = self.precopy(result) {
+                let e = self.explain_send_error(e);
+                return Err(self.fail(e));
+            }
         }
         // What changed during the initial pass goes now, so that little is
         // left for the frozen one.
         self.rep.phase(Phase::RootfsDelta);
-        self.tree
-            .delta_pass(&mut self.p.peer.writer, &mut self.compressor, RootfsPhase::Delta)
-            .map_err(|e| self.explain_send_error(e))
-            .map_err(still_running)?;
+        if let Err(e) = self.tree.delta_pass(&mut self.p.peer.writer, &mut self.compressor, RootfsPhase::Delta) {
+            let e = self.explain_send_error(e);
+            return Err(self.fail(e));
+        }
 
-        // Freeze: from here on, every failure thaws, and the guard thaws
-        // if this process dies.
-        self.guard = Some(FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir).map_err(not_touched)?);
+        // Freeze: from here on, every failure thaws (until the Commit),
+        // and the guard acts if this process dies.
+        match FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir, &self.journal.path_of(Role::Source, &self.entry.id)) {
+            Ok(g) => self.guard = Some(g),
+            Err(e) => return Err(self.fail(e)),
+        }
         self.rep.phase(Phase::Freeze);
         // Lock before freezing: a frozen container's sockets would still
         // take connections and data that the dump would not carry.
         if let Err(e) = self.lock_network() {
             self.unlock_network();
-            return Err(not_touched(e));
+            return Err(self.fail(e));
         }
         if let Err(e) = self.p.plan.freezer.freeze(self.opts.freeze_timeout) {
             self.unlock_network();
-            return Err(not_touched(e.into()));
+            return Err(self.fail(e.into()));
         }
-        self.frozen = true;
         let frozen_at = Instant::now();
-
-        if let Err(e) = self.frozen_phase(result) {
-            return Err(self.rollback(e));
+        if let Err(e) = self.step(SourceEvent::Froze) {
+            return Err(self.fail(e));
         }
-        result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
+        if let Err(e) = self.frozen_phase(result) {
+            return Err(self.fail(e));
+        }
 
-        // Commit.
+        // Commit: journalled first, so that whoever settles the migration
+        // after this process knows the destination may run it.
         self.rep.phase(Phase::Commit);
         if let Err(e) = failpoints::hit("sender-before-commit") {
-            return Err(self.rollback(e));
+            return Err(self.fail(e));
+        }
+        if let Err(e) = self.step(SourceEvent::CommitSent) {
+            return Err(self.fail(e));
+        }
+        if let Some(g) = self.guard.as_mut() {
+            g.commit_sent();
         }
         let commit = (|| -> Result<(), MigrationError> {
+            failpoints::hit("sender-after-commit-journalled")?;
             self.p.peer.writer.write_frame(MessageKind::Commit, b"")?;
             self.p.peer.flush()?;
+            failpoints::hit("sender-after-commit")?;
+            self.p.peer.read_with_timeout(self.opts.io_timeout)?.expect(MessageKind::CommitAck, "CommitAck")?;
             Ok(())
         })();
-        if let Err(e) = commit {
-            // The receiver never saw Commit: it will remove its copy.
-            return Err(self.rollback(e));
-        }
-        match self.p.peer.read_with_timeout(self.opts.io_timeout).and_then(|f| Ok(f.expect(MessageKind::CommitAck, "CommitAck")?)) {
-            Ok(_) => {
+        match commit {
+            Ok(()) => {
                 if let Some(g) = self.guard.as_mut() {
                     g.committed();
                 }
+                if let Err(e) = self.step(SourceEvent::Running) {
+                    self.rep.warn(format!("migrated, but {e}"));
+                }
             }
             Err(e) => {
-                // The receiver may have committed; keeping the source alive
-                // risks two copies but never zero.
-                let thawed = self.thaw_and_verify();
-                return Err(Failure {
-                    error: MigrationError::Other(format!(
-                        "no commit acknowledgement from the destination ({e}); the source was {}: check whether `{}` runs on the destination and remove one copy",
-                        if thawed.is_ok() { "resumed" } else { "NOT resumed" },
-                        self.p.dest_id
-                    )),
-                    outcome: if thawed.is_ok() { Outcome::Uncertain } else { Outcome::SourceNotResumed },
-                });
+                self.rep.warn(format!("no commit acknowledgement from the destination ({e}); the source stays frozen until the destination says what it did"));
+                self.settle_in_doubt(None)?;
+                result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
+                return Ok(());
             }
         }
+        result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
 
-        // The destination owns the container now: remove the source.
+        // The destination runs the container: remove the source.
         self.rep.phase(Phase::Cleanup);
         self.destroy_source();
+        if let Err(e) = self.step(SourceEvent::SourceRemoved) {
+            self.rep.warn(format!("migrated, but {e}"));
+        }
         Ok(())
+    }
+
+    /// After a Commit that got no answer: asks the destination until it
+    /// says, for `--in-doubt-timeout` at most. Ok when it committed (the
+    /// source is then removed).
+    fn settle_in_doubt(&mut self, cause: Option<MigrationError>) -> Result<(), Failure> {
+        self.p.peer.control.shutdown();
+        let limits = crate::resolve::AskLimits { io: self.opts.io_timeout, total: self.opts.in_doubt_timeout };
+        let rep = self.rep;
+        let (fate, last) = crate::resolve::settle_source(&self.journal, &mut self.entry, limits, &|m: &str| rep.warn(m));
+        // The machine follows the journal that settle_source kept.
+        if let Side::Source { state, .. } = &self.entry.side {
+            self.machine = SourceMachine::at(*state);
+        }
+        let cause = cause.map(|c| format!("{c}; ")).unwrap_or_default();
+        match fate {
+            SourceFate::Migrated => {
+                self.rep.warn(format!("{cause}migration {} settled after a lost acknowledgement: {last}", self.entry.id));
+                if let Some(g) = self.guard.take() {
+                    g.resolved();
+                }
+                Ok(())
+            }
+            SourceFate::InDoubt => {
+                // Leave the source frozen: the guard must not thaw it.
+                if let Some(g) = self.guard.take() {
+                    g.resolved();
+                }
+                Err(Failure { error: MigrationError::Other(format!("{cause}{}", crate::resolve::in_doubt_message(&self.entry, &last))), outcome: Outcome::Uncertain })
+            }
+            other => Err(Failure {
+                error: MigrationError::Other(format!("{cause}the commit did not complete: {last}")),
+                outcome: Outcome::from(other),
+            }),
+        }
     }
 
     fn prepare_work_dir(&mut self) -> Result<(), MigrationError> {
@@ -695,6 +870,7 @@ impl<'a> Migration<'a> {
                     done.round, done.bytes
                 )));
             }
+            self.step(SourceEvent::RoundDone(round))?;
             let report = RoundReport::new(round, "pre-dump", bytes, started.elapsed(), &rounds);
             self.rep.emit(Event::Round(report.clone()));
             rounds.push(report);
@@ -803,8 +979,10 @@ impl<'a> Migration<'a> {
 
         let phase_started = Instant::now();
         self.rep.phase(Phase::Restore);
+        self.step(SourceEvent::ImagesSent)?;
         let frame = self.p.peer.read_with_timeout(self.opts.restore_timeout)?;
-        let restored: Restored = frame.expect(MessageKind::Restored, "Restored")?.json()?;
+        let restored: Ready = frame.expect(MessageKind::Ready, "Ready")?.json()?;
+        self.step(SourceEvent::Ready)?;
         // The receiver restores only after proving its rootfs equal to
         // the digest sent with the frozen pass.
         result.rootfs_verified = true;
@@ -977,17 +1155,24 @@ impl<'a> Migration<'a> {
         e
     }
 
+    /// Tells the receiver to give up, if it still listens.
+    fn tell_receiver_abort(&mut self, error: &MigrationError) {
+        let _ = self.p.peer.writer.write_json(MessageKind::Abort, &migration_protocol::Abort { reason: error.to_string() });
+        let _ = self.p.peer.flush();
+        self.p.peer.control.shutdown_write();
+    }
+
     /// Tells the receiver to drop its copy, thaws the source and checks it.
     fn rollback(&mut self, error: MigrationError) -> Failure {
         self.rep.phase(Phase::Rollback);
-        let _ = self
-            .p
-            .peer
-            .writer
-            .write_json(MessageKind::Abort, &migration_protocol::Abort { reason: error.to_string() });
-        let _ = self.p.peer.flush();
-        self.p.peer.control.shutdown_write();
-        match self.thaw_and_verify() {
+        self.tell_receiver_abort(&error);
+        let _ = self.step(SourceEvent::Failed);
+        let thawed = settle::thaw_source(self.plan(), &self.opts.container);
+        if let Some(net) = self.p.network.as_mut() {
+            net.locked = thawed.is_err();
+        }
+        let _ = self.step(if thawed.is_ok() { SourceEvent::Thawed } else { SourceEvent::ThawFailed });
+        match thawed {
             Ok(()) => Failure { error, outcome: Outcome::SourceResumed },
             Err(resume) => Failure {
                 error: MigrationError::Other(format!(
@@ -1001,57 +1186,10 @@ impl<'a> Migration<'a> {
         }
     }
 
-    fn thaw_and_verify(&mut self) -> Result<(), MigrationError> {
-        if self.frozen {
-            self.p.plan.freezer.thaw()?;
-            self.frozen = false;
-        }
-        self.unlock_network();
-        let state = self.p.runc.state(&self.opts.container)?;
-        if state.status != "running" {
-            return Err(MigrationError::Other(format!("the source is {} after thawing", state.status)));
-        }
-        if self.p.plan.freezer.state()? != FreezerState::Thawed {
-            return Err(MigrationError::Other("the source's cgroup is still frozen".into()));
-        }
-        if !Path::new(&format!("/proc/{}", self.p.state.pid)).exists() {
-            return Err(MigrationError::Other("the source's init process is gone".into()));
-        }
-        Ok(())
-    }
-
     /// Kills and deletes the (frozen) source after the destination committed.
     fn destroy_source(&mut self) {
-        let id = &self.opts.container;
-        // First the links (while the namespace can still be named), so
-        // the source's bridge port goes now, not when the last orphaned
-        // socket of the dead container gives up.
-        if let Some(net) = &self.p.network {
-            if let Err(e) = container_network::destination::remove_interfaces(&net.netns, &net.record) {
-                self.rep.warn(format!("migrated, but removing the source's interfaces failed: {e}"));
-            }
-        }
-        // A frozen task acts on SIGKILL as soon as it is thawed, before it
-        // returns to user space: it never runs again.
-        if let Err(e) = self.p.runc.kill(id, "KILL") {
-            self.rep.warn(format!("migrated, but killing the source failed: {e}"));
-        }
-        if let Err(e) = self.p.plan.freezer.thaw() {
-            self.rep.warn(format!("migrated, but thawing the killed source failed: {e}"));
-        }
-        self.frozen = false;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", self.p.state.pid)).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if let Err(e) = self.p.runc.delete_force(id) {
-            self.rep.warn(format!("migrated, but `runc delete` of the source failed: {e}"));
-        }
-        // A named namespace belonged to the container: it goes too.
-        if let Some(net) = self.p.network.as_ref().filter(|n| n.remove_after_migration) {
-            if let Err(e) = net.netns.remove() {
-                self.rep.warn(format!("migrated, but removing the source's network namespace {} failed: {e}", net.netns.path().display()));
-            }
+        for w in settle::remove_source(self.plan(), &self.opts.container) {
+            self.rep.warn(format!("migrated, but {w}"));
         }
         self.p.peer.control.shutdown();
     }
@@ -1075,6 +1213,11 @@ impl<'a> Migration<'a> {
             Err(e) => self.rep.warn(format!("cannot unlock the container's network {}: {e}", net.netns.path().display())),
         }
     }
+}
+
+/// The states a settling process needs to find in the journal.
+fn journalled(state: SourceState) -> bool {
+    !matches!(state, SourceState::Connecting | SourceState::Negotiated | SourceState::PreCopy { .. } | SourceState::Thawing)
 }
 
 /// Directory of a round's images, on both sides.

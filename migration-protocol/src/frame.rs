@@ -41,7 +41,8 @@ pub enum MessageKind {
     RootfsEnd = 6,
     ImageData = 7,
     ImagesDone = 8,
-    Restored = 9,
+    /// The destination restored the container with its tasks stopped.
+    Ready = 9,
     Commit = 10,
     CommitAck = 11,
     Abort = 12,
@@ -52,6 +53,9 @@ pub enum MessageKind {
     RootfsFileData = 17,
     RootfsFileEnd = 18,
     RootfsDelete = 19,
+    /// A source in doubt asks what became of a migration.
+    Query = 20,
+    QueryAnswer = 21,
 }
 
 impl MessageKind {
@@ -66,7 +70,7 @@ impl MessageKind {
             6 => RootfsEnd,
             7 => ImageData,
             8 => ImagesDone,
-            9 => Restored,
+            9 => Ready,
             10 => Commit,
             11 => CommitAck,
             12 => Abort,
@@ -77,6 +81,8 @@ impl MessageKind {
             17 => RootfsFileData,
             18 => RootfsFileEnd,
             19 => RootfsDelete,
+            20 => Query,
+            21 => QueryAnswer,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }

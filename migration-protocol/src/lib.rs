@@ -11,19 +11,24 @@ pub mod crc;
 pub mod frame;
 pub mod messages;
 pub mod rootfs;
+pub mod state;
 
 pub use compress::{CompressionMode, Compressor};
 pub use frame::{Frame, FrameReader, FrameWriter, MessageKind, FRAME_HEADER_LEN, MAX_PAYLOAD};
 pub use messages::*;
 pub use rootfs::{RootfsEnd, RootfsPhase};
+pub use state::{PeerDecision, SourceFate, SourceMachine, SourceState, DestinationMachine, DestinationState};
 
 /// Protocol versions this build speaks; the handshake picks the highest
 /// version both peers share.
 ///
 /// Version 3 replaced the rootfs tar stream with entry records and the
-/// tree digest ([`rootfs`]); older peers are refused at the handshake.
-pub const PROTOCOL_VERSION_MIN: u32 = 3;
-pub const PROTOCOL_VERSION_MAX: u32 = 3;
+/// tree digest ([`rootfs`]). Version 4 fences the commit: the destination
+/// restores with its tasks stopped, runs them only after Commit, and
+/// answers queries about a migration's outcome ([`state`]). Older peers
+/// are refused at the handshake: they would run the copy before Commit.
+pub const PROTOCOL_VERSION_MIN: u32 = 4;
+pub const PROTOCOL_VERSION_MAX: u32 = 4;
 
 /// Errors reading or writing the stream.
 #[derive(Debug, thiserror::Error)]

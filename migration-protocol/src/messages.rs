@@ -25,6 +25,8 @@ pub struct HelloAck {
 /// source is frozen, and may refuse.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Names this migration in both hosts' journals and in queries.
+    pub migration_id: String,
     pub container_id: String,
     /// Id the container gets on the destination.
     pub dest_id: String,
@@ -172,11 +174,43 @@ pub struct ImagesDone {
     pub dump_ms: u64,
 }
 
-/// The destination runs the container.
+/// The destination restored the container; every task is stopped until
+/// the Commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Restored {
+pub struct Ready {
     pub pid: i32,
     pub restore_ms: u64,
+}
+
+/// What became of migration `migration_id`? Sent by a source in doubt
+/// instead of a Manifest, on a connection of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    pub migration_id: String,
+    /// The container's id on the destination, for a destination that has
+    /// no record of the migration.
+    pub dest_id: String,
+}
+
+/// The destination's answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    pub migration_id: String,
+    pub decision: crate::state::PeerDecision,
+}
+
+/// Longest migration id accepted.
+pub const MAX_MIGRATION_ID: usize = 64;
+
+/// A migration id is 1 to 64 of `[0-9a-z-]`: it names journal files.
+pub fn validate_migration_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_MIGRATION_ID {
+        return Err(format!("migration id of {} bytes (1 to {MAX_MIGRATION_ID} expected)", id.len()));
+    }
+    if !id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-') {
+        return Err(format!("migration id {id:?} holds characters other than 0-9, a-z and -"));
+    }
+    Ok(())
 }
 
 /// Either side gives up; the other rolls back.
@@ -208,6 +242,14 @@ pub struct ErrorMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_ids_cannot_name_other_files() {
+        assert!(validate_migration_id("1f2e3d4c5b6a7988-web").is_ok());
+        for bad in ["", "../x", "a/b", "A", "x y", &"a".repeat(65)] {
+            assert!(validate_migration_id(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn image_data_crc_comes_from_the_payload_crc() {

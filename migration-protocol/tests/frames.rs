@@ -16,6 +16,7 @@ fn read_one(bytes: &[u8]) -> Result<Frame, ProtocolError> {
 #[test]
 fn control_messages_round_trip() {
     let manifest = Manifest {
+        migration_id: "0123456789abcdef".into(),
         container_id: "web".into(),
         dest_id: "web2".into(),
         oci_config: serde_json::json!({"ociVersion": "1.0.2", "process": {"args": ["sh"]}}),

@@ -109,3 +109,58 @@ pub fn migrate_ok(bed: &Testbed, id: &str, dest_id: &str) -> migration_engine::t
     assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
     sent
 }
+
+/// Samples both copies of a container every 100 ms while a migration
+/// runs, to show that they never both make progress: the source's counter
+/// (in its rootfs) and the destination's (once runc knows the restored
+/// container; before that its counter file is only the migration's copy).
+pub struct TwoCopyWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(Option<u64>, Option<u64>)>>>,
+}
+
+impl TwoCopyWatch {
+    pub fn start(bed: &Testbed, src_rootfs: &Path, dest_id: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let src_rootfs = src_rootfs.to_path_buf();
+        let dst_rootfs = bed.dst_bundles().join(dest_id).join("rootfs");
+        let dst_state = bed.dst_runc.root.join(dest_id).join("state.json");
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                let src = read_counter(&src_rootfs).map(|(_, n)| n);
+                let dst = if dst_state.exists() { read_counter(&dst_rootfs).map(|(_, n)| n) } else { None };
+                samples.push((src, dst));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops sampling; panics if both copies advanced between the same two
+    /// samples. Returns the number of samples, and how many showed the
+    /// source and the destination advancing.
+    pub fn finish(mut self, what: &str) -> (usize, usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let samples = self.thread.take().unwrap().join().unwrap();
+        let advanced = |a: Option<u64>, b: Option<u64>| matches!((a, b), (Some(a), Some(b)) if b > a);
+        let (mut src_moves, mut dst_moves) = (0, 0);
+        for (i, w) in samples.windows(2).enumerate() {
+            let s = advanced(w[0].0, w[1].0);
+            let d = advanced(w[0].1, w[1].1);
+            src_moves += s as usize;
+            dst_moves += d as usize;
+            assert!(!(s && d), "{what}: both copies made progress between samples {i} and {} ({:?} -> {:?}): two copies ran at once", i + 1, w[0], w[1]);
+        }
+        (samples.len(), src_moves, dst_moves)
+    }
+}
+
+impl Drop for TwoCopyWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -501,6 +501,47 @@ impl Testbed {
         self.audit_dir.join(format!("audit-{side}.log"))
     }
 
+    /// Each host's migration journal (`--journal-dir`): "src" or "dst".
+    pub fn journal_dir(&self, side: &str) -> PathBuf {
+        self.dir.join(format!("journal-{side}"))
+    }
+
+    /// Drops every packet between the two hosts (both directions), as a
+    /// cable pulled: nothing is refused or reset, it just goes nowhere.
+    pub fn cut_link(&self) -> Result<(), MigrationError> {
+        let rules = "table inet ctmigrate_test_cut {\n\
+            chain in { type filter hook input priority -300; policy accept; iif != \"lo\" drop; }\n\
+            chain out { type filter hook output priority -300; policy accept; oif != \"lo\" drop; }\n}\n";
+        let mut child = HostPair::command_in(&self.hosts.dst, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(MigrationError::io("starting nft"))?;
+        std::io::Write::write_all(child.stdin.as_mut().expect("piped"), rules.as_bytes()).map_err(MigrationError::io("writing nft rules"))?;
+        drop(child.stdin.take());
+        match child.wait() {
+            Ok(s) if s.success() => Ok(()),
+            other => Err(MigrationError::Other(format!("nft could not cut the link: {other:?}"))),
+        }
+    }
+
+    /// Undoes [`cut_link`](Self::cut_link).
+    pub fn restore_link(&self) {
+        let _ = HostPair::command_in(&self.hosts.dst, "nft")
+            .args(["delete", "table", "inet", "ctmigrate_test_cut"])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// `ctmigrate resolve ID` on host `side` ("src" or "dst"), run in that
+    /// host's namespace.
+    pub fn resolve_command(&self, side: &str, id: &str, extra: &[&str]) -> Command {
+        let host = if side == "src" { &self.hosts.src } else { &self.hosts.dst };
+        let mut c = HostPair::command_in(host, &self.exe);
+        c.arg("resolve").arg(id).arg("--journal-dir").arg(self.journal_dir(side)).args(extra);
+        c
+    }
+
     pub fn src_work(&self) -> PathBuf {
         self.dir.join("src-work")
     }
@@ -547,6 +588,8 @@ impl Testbed {
             .args(tls_args(extra, &self.dst_tls()))
             .arg("--audit-log")
             .arg(self.audit_log("dst"))
+            .arg("--journal-dir")
+            .arg(self.journal_dir("dst"))
             .arg("--json")
             .args(extra);
         c
@@ -578,6 +621,8 @@ impl Testbed {
             .args(tls_args(extra, &self.src_tls()))
             .arg("--audit-log")
             .arg(self.audit_log("src"))
+            .arg("--journal-dir")
+            .arg(self.journal_dir("src"))
             .arg("--json")
             .args(extra);
         c
@@ -611,6 +656,16 @@ impl Testbed {
             out.extend(
                 mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&under)).map(|m| format!("mount {m}")),
             );
+        }
+        // A migration either host's journal still holds open.
+        for side in ["src", "dst"] {
+            for entry in crate::journal::Journal::new(self.journal_dir(side)).list() {
+                match entry {
+                    Ok(e) if !e.is_finished() => out.push(format!("{side} journal: migration {} of {} is {}", e.id, e.container, e.state_name())),
+                    Ok(_) => {}
+                    Err(e) => out.push(format!("{side} journal: {e}")),
+                }
+            }
         }
         let cg = format!("{}/{dest_id}", self.cgroup_parent.trim_start_matches('/'));
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
@@ -709,6 +764,15 @@ impl ChildProcess {
         std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
     }
 
+    /// Takes in the events written so far, without waiting.
+    pub fn poll_events(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            if let Ok(v) = serde_json::from_str(&line) {
+                self.events.push(v);
+            }
+        }
+    }
+
     /// Waits for exit (up to `timeout`, then kills); returns the exit code.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
@@ -750,6 +814,7 @@ impl Drop for ChildProcess {
 pub struct CommandResult {
     pub code: Option<i32>,
     pub events: Vec<serde_json::Value>,
+    pub stdout: String,
     pub stderr: String,
 }
 
@@ -757,7 +822,12 @@ impl CommandResult {
     pub fn run(mut cmd: Command) -> Result<Self, MigrationError> {
         let out = cmd.stdin(Stdio::null()).output().map_err(MigrationError::io(format!("running {cmd:?}")))?;
         let events = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        Ok(Self { code: out.status.code(), events, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+        Ok(Self {
+            code: out.status.code(),
+            events,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
     pub fn result(&self) -> Option<&serde_json::Value> {

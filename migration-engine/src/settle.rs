@@ -1,0 +1,167 @@
+//! Acting on one host's copy of a container as its journal entry allows:
+//! thaw or remove the source, let the destination's stopped copy run or
+//! remove it. The sender and receiver call these as they go; the freeze
+//! guard, a restarted receiver and `ctmigrate resolve` call them from a
+//! journal entry alone, with no migration running.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use container_runtime::cgroup::CgroupVersion;
+use container_runtime::{Freezer, FreezerState, Runc};
+
+use crate::journal::{DestinationPlan, SourcePlan};
+use crate::MigrationError;
+
+impl SourcePlan {
+    pub fn runc(&self) -> Runc {
+        Runc::new(&self.runc_binary, &self.runtime_root)
+    }
+
+    pub fn freezer(&self) -> Freezer {
+        Freezer {
+            path: self.freezer_path.clone(),
+            version: if self.cgroup_version == 1 { CgroupVersion::V1 } else { CgroupVersion::V2 },
+        }
+    }
+
+    fn netns(&self) -> Option<container_network::Netns> {
+        self.netns.clone().map(container_network::Netns::Path)
+    }
+}
+
+/// Thaws the source, gives it its network back, and checks that it runs.
+pub fn thaw_source(plan: &SourcePlan, container: &str) -> Result<(), MigrationError> {
+    let freezer = plan.freezer();
+    freezer.thaw()?;
+    if let Some(netns) = plan.netns() {
+        if let Err(e) = container_network::lock::unlock(&netns) {
+            return Err(MigrationError::Other(format!("cannot unlock the container's network {}: {e}", netns.path().display())));
+        }
+    }
+    let state = plan.runc().state(container)?;
+    if state.status != "running" {
+        return Err(MigrationError::Other(format!("the source is {} after thawing", state.status)));
+    }
+    if freezer.state()? != FreezerState::Thawed {
+        return Err(MigrationError::Other("the source's cgroup is still frozen".into()));
+    }
+    if !Path::new(&format!("/proc/{}", plan.init_pid)).exists() {
+        return Err(MigrationError::Other("the source's init process is gone".into()));
+    }
+    Ok(())
+}
+
+/// Kills and deletes the (frozen) source once the destination runs it.
+/// Returns what could not be done, as warnings: the migration itself is
+/// decided.
+pub fn remove_source(plan: &SourcePlan, container: &str) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let runc = plan.runc();
+    // First the links (while the namespace can still be named), so the
+    // source's bridge port goes now, not when the last orphaned socket of
+    // the dead container gives up.
+    if let (Some(netns), Some(record)) = (plan.netns(), plan.network.as_ref()) {
+        if let Err(e) = container_network::destination::remove_interfaces(&netns, record) {
+            warnings.push(format!("removing the source's interfaces failed: {e}"));
+        }
+    }
+    // A frozen task acts on SIGKILL as soon as it is thawed, before it
+    // returns to user space: it never runs again.
+    let freezer = plan.freezer();
+    if let Err(e) = runc.kill(container, "KILL") {
+        // runc may have lost track of it; the cgroup has not.
+        for pid in freezer.pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        warnings.push(format!("`runc kill` of the source failed ({e}); its tasks were killed through the cgroup"));
+    }
+    if let Err(e) = freezer.thaw() {
+        warnings.push(format!("thawing the killed source failed: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", plan.init_pid)).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Err(e) = runc.delete_force(container) {
+        warnings.push(format!("`runc delete` of the source failed: {e}"));
+    }
+    if let Some(netns) = plan.netns().filter(|_| plan.remove_netns) {
+        if let Err(e) = netns.remove() {
+            warnings.push(format!("removing the source's network namespace {} failed: {e}", netns.path().display()));
+        }
+    }
+    warnings
+}
+
+impl DestinationPlan {
+    pub fn runc(&self) -> Runc {
+        Runc::new(&self.runc_binary, &self.runtime_root)
+    }
+}
+
+/// The tasks of restored container `id`, from its cgroup.
+fn container_tasks(runc: &Runc, id: &str) -> Result<Vec<i32>, MigrationError> {
+    let state = runc.internal_state(id)?;
+    Ok(Freezer::for_container(&state)?.pids())
+}
+
+/// Whether task `pid` is stopped (state `T`).
+fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// Checks that every task of the restored container `id` is stopped, as
+/// the restore was asked to leave them: a copy that runs before Commit
+/// would break the fence.
+pub fn check_stopped(runc: &Runc, id: &str) -> Result<usize, MigrationError> {
+    let tasks = container_tasks(runc, id)?;
+    if tasks.is_empty() {
+        return Err(MigrationError::Other(format!("the restored container {id} has no tasks")));
+    }
+    // CRIU stops each task as it lets go of it; give the last ones a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let running: Vec<i32> = tasks.iter().copied().filter(|p| !is_stopped(*p)).collect();
+        if running.is_empty() {
+            return Ok(tasks.len());
+        }
+        if Instant::now() > deadline {
+            return Err(MigrationError::Other(format!(
+                "the restored container {id} has tasks that are not stopped ({running:?}): the restore did not leave them stopped"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Lets the committed copy run: network up, then every task continued.
+pub fn run_destination(plan: &DestinationPlan, id: &str) -> Result<(), MigrationError> {
+    if let Some(record) = &plan.network {
+        container_network::DestinationNetwork::existing(record, id)
+            .activate()
+            .map_err(|e| MigrationError::Other(format!("cannot bring up the restored container's network: {e}")))?;
+    }
+    for pid in container_tasks(&plan.runc(), id)? {
+        // A task that exited meanwhile is no error.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
+    }
+    Ok(())
+}
+
+/// Removes an uncommitted copy and everything staged for it.
+pub fn remove_destination(plan: &DestinationPlan, id: &str) {
+    let runc = plan.runc();
+    if runc.exists(id).unwrap_or(false) {
+        let _ = runc.kill(id, "KILL");
+        let _ = runc.delete_force(id);
+    }
+    if plan.network.is_some() {
+        let _ = container_network::DestinationNetwork::remove_for(id);
+    }
+    let _ = std::fs::remove_dir_all(&plan.bundle);
+    crate::scratch::remove_work_dir(&plan.work_dir);
+}
