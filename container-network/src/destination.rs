@@ -120,24 +120,41 @@ impl DestinationNetwork {
     /// a receiver that died.
     pub fn remove_for(id: &str) -> Result<(), NetworkError> {
         let netns = Netns::Named(Self::netns_name(id));
+        // Every step is tried whatever the one before did: a namespace
+        // left behind is the worst outcome here.
+        let mut first_error = None;
         if netns.exists() {
             // From inside: the hook may run in another namespace than the
             // host ends, and the namespace itself may outlive its last
             // process (orphaned sockets), keeping its links alive.
-            for link in ip_json(Some(&netns), &["link", "show"])? {
-                let name = link["ifname"].as_str().unwrap_or("lo");
-                if name != "lo" {
-                    ip(Some(&netns), &["link", "del", name])?;
+            match ip_json(Some(&netns), &["link", "show"]) {
+                Ok(links) => {
+                    for link in links {
+                        let name = link["ifname"].as_str().unwrap_or("lo");
+                        if name != "lo" {
+                            if let Err(e) = ip(Some(&netns), &["link", "del", name]) {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }
         for index in 0..crate::record::MAX_INTERFACES {
             let h = crate::host_ifname("ctm", id, index);
             if link_exists(&h) {
-                ip(None, &["link", "del", &h])?;
+                if let Err(e) = ip(None, &["link", "del", &h]) {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        netns.remove()
+        if let Err(e) = netns.remove() {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The network [`build`](Self::build) made for container `id` from

@@ -59,6 +59,8 @@ pub enum CriuError {
     NotifyRejected { script: String, reason: String },
     #[error("CRIU exited with {0}")]
     Exited(std::process::ExitStatus),
+    #[error("CRIU (pid {pid}) died before answering (killed?){}", if helpers.is_empty() { String::new() } else { format!("; its helpers {helpers:?} that still held its socket were killed") })]
+    Died { pid: u32, helpers: Vec<i32> },
 }
 
 /// CRIU's version as reported over RPC.

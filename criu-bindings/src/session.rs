@@ -38,7 +38,14 @@ pub enum NotifyAction {
 pub struct CriuSession {
     child: Option<Child>,
     socket: OwnedFd,
+    /// Inode of CRIU's end of the RPC socket: a CRIU process that still
+    /// holds it after `criu swrk` itself died (a forked helper) keeps our
+    /// reads from ever seeing end of file, and is found by it.
+    peer_inode: u64,
 }
+
+/// How often a read of CRIU's answer checks that CRIU is still alive.
+const LIVENESS_POLL_MS: u16 = 200;
 
 impl CriuSession {
     /// Starts `BINARY swrk 3` with the RPC socket at descriptor 3.
@@ -53,6 +60,7 @@ impl CriuSession {
         extra_fds: Vec<(i32, OwnedFd)>,
     ) -> Result<Self, CriuError> {
         let (ours, theirs) = sys::seqpacket_pair()?;
+        let peer_inode = nix::sys::stat::fstat(theirs.as_raw_fd())?.st_ino;
         let mut cmd = Command::new(binary);
         cmd.arg("swrk")
             .arg(sys::SWRK_FD.to_string())
@@ -72,6 +80,7 @@ impl CriuSession {
         Ok(Self {
             child: Some(child),
             socket: ours,
+            peer_inode,
         })
     }
 
@@ -205,7 +214,55 @@ impl CriuSession {
         Ok(())
     }
 
+    /// Whether `criu swrk` has exited (a zombie counts: it is not reaped
+    /// until the session ends).
+    fn criu_gone(&self) -> bool {
+        let Some(pid) = self.pid() else { return true };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(true),
+            Err(_) => true,
+        }
+    }
+
+    /// Kills every process still holding CRIU's end of the RPC socket:
+    /// helpers of a `criu swrk` that died, which would otherwise keep it
+    /// open (and the container's tasks seized) for ever.
+    fn kill_orphaned_helpers(&self) -> Vec<i32> {
+        let target = format!("socket:[{}]", self.peer_inode);
+        let mut killed = Vec::new();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return killed };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+            let holds = fds.flatten().any(|fd| std::fs::read_link(fd.path()).map(|l| l.as_os_str() == target.as_str()).unwrap_or(false));
+            if holds {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                killed.push(pid);
+            }
+        }
+        killed
+    }
+
     fn receive(&self) -> Result<CriuResp, CriuError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        // Wait for the answer, checking meanwhile that CRIU lives: if it
+        // was killed, a helper it forked may hold the socket open.
+        loop {
+            let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(LIVENESS_POLL_MS)) {
+                Ok(0) if self.criu_gone() => {
+                    let helpers = self.kill_orphaned_helpers();
+                    return Err(CriuError::Died { pid: self.pid().unwrap_or(0), helpers });
+                }
+                Ok(0) | Err(nix::Error::EINTR) => continue,
+                Ok(_) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
         let mut buf = vec![0u8; MAX_MESSAGE];
         let n = loop {
             match recv(self.socket.as_raw_fd(), &mut buf, MsgFlags::empty()) {

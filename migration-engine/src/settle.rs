@@ -152,16 +152,48 @@ pub fn run_destination(plan: &DestinationPlan, id: &str) -> Result<(), Migration
     Ok(())
 }
 
+/// Processes whose command line names `bundle`: a `runc restore` that
+/// outlived the receiver that started it.
+fn processes_naming(bundle: &Path) -> Vec<i32> {
+    let needle = bundle.as_os_str().as_encoded_bytes().to_vec();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| *pid != std::process::id() as i32)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|arg| arg == needle.as_slice()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Stops a restore of `bundle` still under way (its receiver died while
+/// CRIU restored): a restore finishing after the copy was removed would
+/// leave a container no journal answers for. Killing runc ends CRIU's
+/// RPC session, and CRIU then kills what it had restored.
+fn stop_restore_in_flight(bundle: &Path) {
+    let pids = processes_naming(bundle);
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Removes an uncommitted copy and everything staged for it.
 pub fn remove_destination(plan: &DestinationPlan, id: &str) {
+    stop_restore_in_flight(&plan.bundle);
     let runc = plan.runc();
     if runc.exists(id).unwrap_or(false) {
         let _ = runc.kill(id, "KILL");
         let _ = runc.delete_force(id);
     }
-    if plan.network.is_some() {
-        let _ = container_network::DestinationNetwork::remove_for(id);
-    }
+    // Whether or not the manifest had a network record: a namespace of
+    // this name is the migration's either way.
+    let _ = container_network::DestinationNetwork::remove_for(id);
     let _ = std::fs::remove_dir_all(&plan.bundle);
     crate::scratch::remove_work_dir(&plan.work_dir);
 }
