@@ -299,12 +299,27 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
             None
         }
     };
+    // One deadline, --timeout, for connect, the TLS handshake and the
+    // HelloAck: a receiver that accepts and then says nothing (busy,
+    // stalled) cannot hold us longer. A watchdog keeps it whole, however
+    // the receiver trickles its bytes.
+    let handshake_deadline = Instant::now() + opts.io_timeout;
+    let left = || handshake_deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let watchdog = std::sync::Arc::new(crate::listener::Deadlines::new());
+    let _watching = {
+        let w = watchdog.clone();
+        StopOnDrop(watchdog.clone(), Some(std::thread::spawn(move || w.watch())))
+    };
+    let mut armed = None;
     let mut peer = match &opts.to {
         crate::transport::Destination::Tcp { host, .. } => {
             let stream = connect(&opts.to, opts.io_timeout)?;
             interrupt::register(&stream);
+            armed = Some(watchdog.arm(&stream, handshake_deadline).map_err(MigrationError::io("socket"))?);
+            stream.set_read_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
+            stream.set_write_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
             let conn = match tls {
-                Some(cfg) => Conn::client(stream, cfg, host)?,
+                Some(cfg) => Conn::client(stream, cfg, host).map_err(|e| no_handshake(e, &opts.to, opts.io_timeout, Instant::now() >= handshake_deadline))?,
                 None => Conn::plain(stream)?,
             };
             conn.set_write_timeout(Some(opts.io_timeout))?;
@@ -337,12 +352,24 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
             }
         }
     };
-    peer.writer.write_json(
-        MessageKind::Hello,
-        &Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() },
-    )?;
-    peer.flush()?;
-    let ack: HelloAck = peer.read_with_timeout(opts.io_timeout)?.expect(MessageKind::HelloAck, "HelloAck")?.json()?;
+    let hello = Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() };
+    let ack: HelloAck = (|| -> Result<HelloAck, MigrationError> {
+        peer.writer.write_json(MessageKind::Hello, &hello)?;
+        peer.flush()?;
+        let wait = if armed.is_some() { left() } else { opts.io_timeout };
+        let ack = match peer.read_with_timeout(wait) {
+            // The receiver refused before the manifest (busy, say).
+            Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
+            other => other?,
+        };
+        Ok(ack.expect(MessageKind::HelloAck, "HelloAck")?.json()?)
+    })()
+    .map_err(|e| no_handshake(e, &opts.to, opts.io_timeout, armed.is_some() && Instant::now() >= handshake_deadline))?;
+    if let Some(armed) = armed.take() {
+        if !armed.disarm() {
+            return Err(no_handshake(MigrationError::Other("handshake deadline".into()), &opts.to, opts.io_timeout, true));
+        }
+    }
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&ack.version) {
         return Err(MigrationError::Preflight(format!(
             "the receiver ({}) chose protocol version {}, which this build does not speak",
@@ -376,6 +403,43 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(e) => return Err(e),
     }
     Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
+}
+
+/// Stops a [`crate::listener::Deadlines`] watchdog and waits for its thread.
+struct StopOnDrop(std::sync::Arc<crate::listener::Deadlines>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection or handshake that failed for want of the receiver: one
+/// line naming the destination and what to do (never `os error 11`).
+fn no_handshake(e: MigrationError, to: &Destination, timeout: Duration, expired: bool) -> MigrationError {
+    use std::io::ErrorKind as K;
+    let kind = match &e {
+        // The watchdog shut the socket down: the reads saw an end.
+        _ if expired => Some(K::TimedOut),
+        MigrationError::Io { source, .. } | MigrationError::Protocol(migration_protocol::ProtocolError::Io(source)) => Some(source.kind()),
+        MigrationError::Protocol(migration_protocol::ProtocolError::Closed | migration_protocol::ProtocolError::Truncated(_)) => Some(K::UnexpectedEof),
+        _ => None,
+    };
+    match kind {
+        Some(K::WouldBlock | K::TimedOut) => MigrationError::Preflight(format!(
+            "the receiver at {to} accepted the connection but did not answer within --timeout {} s (busy or stalled): \
+             try again later, or check `ctmigrate receive` there",
+            timeout.as_secs()
+        )),
+        Some(K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe) => MigrationError::Preflight(format!(
+            "the receiver at {to} closed the connection during the handshake: it is busy (over its connection bounds) \
+             or stopping; try again later, and see its events or audit log for why"
+        )),
+        _ => e,
+    }
 }
 
 /// CRIU reads every task's resource limits with prlimit(), which for a
