@@ -138,6 +138,7 @@ fn assert_source_untouched(bed: &Testbed, src: &FixtureContainer, token: &str) {
 }
 
 fn assert_one_clear_line(stderr: &str) {
+    eprintln!("sender said: {}", stderr.trim());
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     for bad in ["os error 11", "Resource temporarily unavailable"] {
         assert!(!stderr.contains(bad), "{bad} shown: {stderr}");
@@ -320,6 +321,34 @@ fn conc_same_destination_id_twice_at_once_is_refused() {
     assert_landed(&bed, &id_a, &dest, &tok_a);
     drop(receiver);
     assert_clean(&bed, &dest);
+}
+
+/// One migration more than --max-migrations is refused (the sender says
+/// the receiver is busy, in one line, its source untouched) while the one
+/// in flight lands.
+#[test]
+fn conc_one_over_max_migrations_is_refused() {
+    let Some(bed) = testbed("cmm") else { return };
+    let (_a, id_a, tok_a) = counter(&bed, "mma");
+    let (b, id_b, tok_b) = counter(&bed, "mmb");
+    let port = port();
+    let receiver = bed
+        .spawn_receiver(port, &["--max-migrations", "1"], &[("CTMIGRATE_FAILPOINTS", "receiver-after-manifest=sleep:4000")])
+        .unwrap();
+    let mut first = ChildProcess::spawn(bed.send_command(&id_a, port, &[])).unwrap();
+    wait_for(Duration::from_secs(20), || bed.dst_bundles().join(&id_a).exists().then_some(())).expect("never staged");
+    let started = Instant::now();
+    let second = bed.run_sender(&id_b, port, &[], &[]).unwrap();
+    assert_eq!(second.code, Some(3), "{}", second.stderr);
+    assert!(started.elapsed() < Duration::from_secs(3), "refused only after the first finished");
+    assert_one_clear_line(&second.stderr);
+    assert!(second.stderr.contains("busy") && second.stderr.contains("--max-migrations 1"), "{}", second.stderr);
+    assert_source_untouched(&bed, &b, &tok_b);
+    assert_eq!(first.wait(Duration::from_secs(60)), Some(0), "{}", first.stderr());
+    assert_landed(&bed, &id_a, &id_a, &tok_a);
+    drop(receiver);
+    assert_clean(&bed, &id_a);
+    assert_clean(&bed, &id_b);
 }
 
 /// A TCP listener in the destination host that accepts and never reads.

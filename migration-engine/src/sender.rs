@@ -359,7 +359,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         let wait = if armed.is_some() { left() } else { opts.io_timeout };
         let ack = match peer.read_with_timeout(wait) {
             // The receiver refused before the manifest (busy, say).
-            Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
+            Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(format!("{} says: {reason}", opts.to))),
             other => other?,
         };
         Ok(ack.expect(MessageKind::HelloAck, "HelloAck")?.json()?)
@@ -399,7 +399,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Ok(f) => {
             let _accepted: ManifestAccepted = f.expect(MessageKind::ManifestAccepted, "ManifestAccepted")?.json()?;
         }
-        Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
+        Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(format!("{} says: {reason}", opts.to))),
         Err(e) => return Err(e),
     }
     Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
