@@ -129,7 +129,8 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
         }
     })
     .map_err(|e| (MigrationError::io("listening")(e), Outcome::NothingTouched))?;
-    if opts.once || !crate::interrupt::interrupted() {
+    if !crate::interrupt::interrupted() {
+        // With --once, the first migration's; else the loop never ends.
         return results.into_iter().next().unwrap_or(Ok(()));
     }
     // Interrupted: every migration in flight was cut and rolled back.
