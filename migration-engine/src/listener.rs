@@ -201,6 +201,34 @@ impl Drop for Armed<'_> {
     }
 }
 
+/// A [`Deadlines`] with its own watching thread, stopped on drop (the
+/// sender's, for its connect-to-HelloAck deadline).
+pub struct Watchdog {
+    deadlines: std::sync::Arc<Deadlines>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn start() -> Self {
+        let deadlines = std::sync::Arc::new(Deadlines::new());
+        let watching = deadlines.clone();
+        Self { deadlines, thread: Some(std::thread::spawn(move || watching.watch())) }
+    }
+
+    pub fn arm(&self, socket: &TcpStream, at: Instant) -> std::io::Result<Armed<'_>> {
+        self.deadlines.arm(socket, at)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.deadlines.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A connection in its handshake: its slot and its deadline. The handler
 /// calls [`finish`](Self::finish) when the sender's Hello has arrived.
 pub struct Handshake<'a> {

@@ -305,11 +305,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
     // the receiver trickles its bytes.
     let handshake_deadline = Instant::now() + opts.io_timeout;
     let left = || handshake_deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    let watchdog = std::sync::Arc::new(crate::listener::Deadlines::new());
-    let _watching = {
-        let w = watchdog.clone();
-        StopOnDrop(watchdog.clone(), Some(std::thread::spawn(move || w.watch())))
-    };
+    let watchdog = crate::listener::Watchdog::start();
     let mut armed = None;
     let mut peer = match &opts.to {
         crate::transport::Destination::Tcp { host, .. } => {
@@ -319,7 +315,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
             stream.set_read_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
             stream.set_write_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
             let conn = match tls {
-                Some(cfg) => Conn::client(stream, cfg, host).map_err(|e| no_handshake(e, &opts.to, opts.io_timeout, Instant::now() >= handshake_deadline))?,
+                Some(cfg) => Conn::client(stream, cfg, host).map_err(|e| crate::transport::no_answer(e, &opts.to, opts.io_timeout, Instant::now() >= handshake_deadline))?,
                 None => Conn::plain(stream)?,
             };
             conn.set_write_timeout(Some(opts.io_timeout))?;
@@ -364,10 +360,10 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         };
         Ok(ack.expect(MessageKind::HelloAck, "HelloAck")?.json()?)
     })()
-    .map_err(|e| no_handshake(e, &opts.to, opts.io_timeout, armed.is_some() && Instant::now() >= handshake_deadline))?;
+    .map_err(|e| crate::transport::no_answer(e, &opts.to, opts.io_timeout, armed.is_some() && Instant::now() >= handshake_deadline))?;
     if let Some(armed) = armed.take() {
         if !armed.disarm() {
-            return Err(no_handshake(MigrationError::Other("handshake deadline".into()), &opts.to, opts.io_timeout, true));
+            return Err(crate::transport::no_answer(MigrationError::Other("handshake deadline".into()), &opts.to, opts.io_timeout, true));
         }
     }
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&ack.version) {
@@ -403,43 +399,6 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Err(e) => return Err(e),
     }
     Ok(Prepared { runc, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
-}
-
-/// Stops a [`crate::listener::Deadlines`] watchdog and waits for its thread.
-struct StopOnDrop(std::sync::Arc<crate::listener::Deadlines>, Option<std::thread::JoinHandle<()>>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.stop();
-        if let Some(t) = self.1.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A connection or handshake that failed for want of the receiver: one
-/// line naming the destination and what to do (never `os error 11`).
-fn no_handshake(e: MigrationError, to: &Destination, timeout: Duration, expired: bool) -> MigrationError {
-    use std::io::ErrorKind as K;
-    let kind = match &e {
-        // The watchdog shut the socket down: the reads saw an end.
-        _ if expired => Some(K::TimedOut),
-        MigrationError::Io { source, .. } | MigrationError::Protocol(migration_protocol::ProtocolError::Io(source)) => Some(source.kind()),
-        MigrationError::Protocol(migration_protocol::ProtocolError::Closed | migration_protocol::ProtocolError::Truncated(_)) => Some(K::UnexpectedEof),
-        _ => None,
-    };
-    match kind {
-        Some(K::WouldBlock | K::TimedOut) => MigrationError::Preflight(format!(
-            "the receiver at {to} accepted the connection but did not answer within --timeout {} s (busy or stalled): \
-             try again later, or check `ctmigrate receive` there",
-            timeout.as_secs()
-        )),
-        Some(K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe) => MigrationError::Preflight(format!(
-            "the receiver at {to} closed the connection during the handshake: it is busy (over its connection bounds) \
-             or stopping; try again later, and see its events or audit log for why"
-        )),
-        _ => e,
-    }
 }
 
 /// CRIU reads every task's resource limits with prlimit(), which for a
