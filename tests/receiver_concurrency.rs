@@ -226,6 +226,38 @@ fn conc_handshake_bound_refuses_then_deadline_frees_it() {
     assert_clean(&bed, &id);
 }
 
+/// Before the peer is known, nothing larger than a Hello is read: a first
+/// frame that claims 8 MiB is refused at once (without --insecure's peer
+/// being able to make the receiver wait for, or allocate, its payload).
+#[test]
+fn conc_oversized_hello_is_refused_before_it_is_read() {
+    let Some(bed) = testbed("cho") else { return };
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--insecure"], &[]).unwrap();
+    let mut hello = Vec::new();
+    {
+        let mut w = migration_protocol::FrameWriter::new(&mut hello);
+        let h = migration_protocol::Hello { min_version: 3, max_version: 3, software: "test".into() };
+        w.write_json(migration_protocol::MessageKind::Hello, &h).unwrap();
+        w.flush().unwrap();
+    }
+    // wire_len and raw_len (little-endian at 12 and 16): 8 MiB.
+    for at in [12, 16] {
+        hello[at..at + 4].copy_from_slice(&(8u32 << 20).to_le_bytes());
+    }
+    let mut peer = connect_from(&bed.hosts.src, receiver_addr(&bed, port)).unwrap();
+    let started = Instant::now();
+    peer.write_all(&hello[..24]).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let ended = peer.read(&mut [0u8; 16]);
+    assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "closed only after {:?}", started.elapsed());
+    let result = receiver.wait_for_event("result", Duration::from_secs(5)).unwrap();
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("a Hello is at most"), "{result}");
+    eprintln!("closed after {:?}: {error}", started.elapsed());
+}
+
 /// Two senders, two containers, one receiver, at the same time: both run
 /// at once (both received before either finished) and both land.
 #[test]

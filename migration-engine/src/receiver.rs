@@ -136,7 +136,7 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
     // Interrupted: every migration in flight was cut and rolled back.
     match results.into_iter().find(Result::is_err) {
         Some(failed) => failed,
-        None => Err((MigrationError::Aborted("interrupted by a signal".into()), Outcome::NothingTouched)),
+        None => Err((MigrationError::Other("interrupted by a signal".into()), Outcome::NothingTouched)),
     }
 }
 

@@ -106,8 +106,9 @@ impl std::str::FromStr for Destination {
     }
 }
 
-/// Connects with a deadline, trying each resolved address.
+/// Connects within `timeout` in all, trying each resolved address.
 pub fn connect(dest: &Destination, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    let deadline = std::time::Instant::now() + timeout;
     let Destination::Tcp { host, port } = dest else {
         return Err(MigrationError::Usage("not a tcp:// destination".into()));
     };
@@ -118,7 +119,12 @@ pub fn connect(dest: &Destination, timeout: Duration) -> Result<TcpStream, Migra
         .collect();
     let mut last = String::from("no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            last = format!("no connection within --timeout {} s", timeout.as_secs());
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
