@@ -277,6 +277,24 @@ enum Command {
         /// Where received images wait for the restore.
         #[arg(long, value_enum, default_value = "auto")]
         stage_images: StageImages,
+        /// Seconds a connection has, from accept, to finish the TLS
+        /// handshake and send its Hello; then it is closed.
+        #[arg(long, default_value_t = 10)]
+        handshake_timeout: u64,
+        /// Connections in their handshake at once; more are closed at once.
+        #[arg(long, default_value_t = migration_engine::listener::DEFAULT_MAX_HANDSHAKES)]
+        max_handshakes: usize,
+        /// Connections in their handshake at once from one IP address.
+        #[arg(long, default_value_t = migration_engine::listener::DEFAULT_MAX_HANDSHAKES_PER_IP)]
+        max_handshakes_per_ip: usize,
+        /// Migrations served at once; another sender is refused (exit 3,
+        /// its source untouched).
+        #[arg(long, default_value_t = migration_engine::admission::DEFAULT_MAX_MIGRATIONS)]
+        max_migrations: usize,
+        /// Memory all migrations in flight may reserve for staging images
+        /// (e.g. 2G); default three quarters of MemAvailable.
+        #[arg(long, value_parser = migration_engine::admission::parse_size)]
+        staging_memory: Option<u64>,
         #[command(flatten)]
         security: SecurityArgs,
         /// Where to append one JSON line per migration.
@@ -463,6 +481,11 @@ fn main() -> ExitCode {
             strip_setuid,
             bridge,
             stage_images,
+            handshake_timeout,
+            max_handshakes,
+            max_handshakes_per_ip,
+            max_migrations,
+            staging_memory,
             security,
             audit_log,
             journal_dir,
@@ -492,6 +515,11 @@ fn main() -> ExitCode {
                 bridge,
                 stage_images: stage_images.into(),
                 journal_dir,
+                handshake_timeout: Duration::from_secs(handshake_timeout.max(1)),
+                max_handshakes,
+                max_handshakes_per_ip,
+                max_migrations,
+                staging_memory,
             };
             if stdio {
                 // stdout carries the migration stream.

@@ -210,6 +210,12 @@ pub enum Event {
     Accepted {
         peer: String,
     },
+    /// Receiver: a connection closed as soon as it was accepted, being over
+    /// one of the handshake's bounds.
+    Rejected {
+        peer: String,
+        reason: String,
+    },
     Phase {
         phase: Phase,
         elapsed_ms: u64,
@@ -383,6 +389,7 @@ fn human_line(event: &Event) -> Option<String> {
         }
         Event::Listening { addr } => format!("listening on {addr}"),
         Event::Accepted { peer } => format!("connection from {peer}"),
+        Event::Rejected { peer, reason } => format!("connection from {peer} refused: {reason}"),
         Event::Phase { phase, elapsed_ms } => format!("{} (at {elapsed_ms} ms)", phase.label()),
         Event::Progress { phase, bytes, mb_per_s } => {
             format!("{}: {:.1} MB at {mb_per_s} MB/s", phase.label(), *bytes as f64 / 1e6)

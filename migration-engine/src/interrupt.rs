@@ -1,21 +1,26 @@
 //! SIGINT and SIGTERM during a migration.
 //!
 //! The signals are blocked in every thread and taken by one thread with
-//! sigwait. Before the sender has a connection, a signal ends the process at
-//! once (nothing is touched yet); after, it shuts the connection down, which
-//! makes the blocked step fail and the sender roll back as for any other
-//! failure, and report it.
+//! sigwait. With no connection registered, a signal ends the process at
+//! once (nothing is touched yet). Otherwise it cuts every registered
+//! connection (a receiver serves several at once; a sender has one), which
+//! makes each blocked step fail and each migration roll back as for any
+//! other failure, and report it.
 
+use std::collections::BTreeMap;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use nix::sys::signal::{SigSet, Signal};
 
-/// What a signal does to the migration under way: cut its connection.
+/// What a signal does to one migration under way: cut its connection.
 type Cut = Box<dyn Fn() + Send>;
 
-static CONNECTION: Mutex<Option<Cut>> = Mutex::new(None);
+/// The connections a signal cuts, by registration key. Key 0 is the
+/// sender's single connection ([`register`], [`register_cut`]).
+static CONNECTIONS: Mutex<BTreeMap<u64, Cut>> = Mutex::new(BTreeMap::new());
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Call first thing in the process, before any other thread exists.
@@ -29,33 +34,68 @@ pub fn install() {
     std::thread::spawn(move || loop {
         let Ok(sig) = set.wait() else { return };
         INTERRUPTED.store(true, Ordering::SeqCst);
-        match CONNECTION.lock().unwrap().as_ref() {
-            Some(cut) => {
-                eprintln!("ctmigrate: {sig:?}: stopping the migration and rolling back");
-                cut();
-            }
-            None => std::process::exit(130),
+        let connections = CONNECTIONS.lock().unwrap();
+        if connections.is_empty() {
+            std::process::exit(130);
+        }
+        eprintln!("ctmigrate: {sig:?}: stopping {} connection(s) and rolling back", connections.len());
+        for cut in connections.values() {
+            cut();
         }
     });
 }
 
-/// The connection a signal should cut.
+fn shutdown_cut(conn: &TcpStream) -> Option<Cut> {
+    let c = conn.try_clone().ok()?;
+    Some(Box::new(move || {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }))
+}
+
+/// The (single) connection a signal should cut.
 pub fn register(conn: &TcpStream) {
-    if let Ok(c) = conn.try_clone() {
-        register_cut(move || {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        });
+    if let Some(cut) = shutdown_cut(conn) {
+        CONNECTIONS.lock().unwrap().insert(0, cut);
     }
 }
 
 /// What to do to cut the connection, where it is not a socket (an `ssh`
 /// child to stop, say).
 pub fn register_cut(cut: impl Fn() + Send + 'static) {
-    *CONNECTION.lock().unwrap() = Some(Box::new(cut));
+    CONNECTIONS.lock().unwrap().insert(0, Box::new(cut));
 }
 
 pub fn unregister() {
-    *CONNECTION.lock().unwrap() = None;
+    CONNECTIONS.lock().unwrap().remove(&0);
+}
+
+/// One of several connections a signal cuts (a receiver's); unregistered
+/// when dropped.
+pub struct Registration(Option<u64>);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(key) = self.0 {
+            CONNECTIONS.lock().unwrap().remove(&key);
+        }
+    }
+}
+
+/// Adds `conn` to the connections a signal cuts, until the returned
+/// registration is dropped. A connection registered after a signal came
+/// is cut at once.
+pub fn register_connection(conn: &TcpStream) -> Registration {
+    let Some(cut) = shutdown_cut(conn) else { return Registration(None) };
+    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+    CONNECTIONS.lock().unwrap().insert(key, cut);
+    // The signal thread sets the flag before it takes the lock: checked
+    // after our insert, a signal is never missed.
+    if interrupted() {
+        if let Some(cut) = CONNECTIONS.lock().unwrap().get(&key) {
+            cut();
+        }
+    }
+    Registration(Some(key))
 }
 
 pub fn interrupted() -> bool {

@@ -5,6 +5,7 @@
 //! The command-line binary is a thin layer over these functions; each
 //! returns a typed error whose [`Outcome`] decides the exit code.
 
+pub mod admission;
 pub mod audit;
 pub mod check;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod failure_logs;
 pub mod guard;
 pub mod images;
 pub mod interrupt;
+pub mod listener;
 pub mod precopy;
 pub mod receiver;
 pub mod record;

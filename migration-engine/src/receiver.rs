@@ -1,6 +1,7 @@
 //! The destination side of a migration.
 //!
-//! A receiver answers one connection at a time. Everything it creates for a
+//! A receiver serves several connections at once ([`crate::listener`],
+//! [`crate::admission`]). Everything it creates for a
 //! migration (bundle, images, runtime state) belongs to a [`Staging`] that
 //! removes it all unless the sender's Commit arrived. A receiver that was
 //! killed cannot clean up after itself, so every receiver start sweeps what
@@ -59,6 +60,17 @@ pub struct ReceiveOptions {
     pub stage_images: crate::scratch::StageMode,
     /// This host's migration journal (`--journal-dir`).
     pub journal_dir: PathBuf,
+    /// From accept to the sender's Hello, in all (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Connections in their handshake at once (`--max-handshakes`), and
+    /// from one address (`--max-handshakes-per-ip`).
+    pub max_handshakes: usize,
+    pub max_handshakes_per_ip: usize,
+    /// Migrations served at once (`--max-migrations`).
+    pub max_migrations: usize,
+    /// Bytes all migrations in flight may reserve for images in memory
+    /// (`--staging-memory`); None: three quarters of MemAvailable.
+    pub staging_memory: Option<u64>,
 }
 
 /// Marker in a bundle that is not committed yet: holds the receiver's pid.
@@ -68,8 +80,10 @@ pub(crate) const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
 /// leave every task stopped.
 const LEAVE_STOPPED: &str = "leave-stopped\n";
 
-/// Listens and serves migrations. With `once`, returns the first
-/// migration's outcome.
+/// Listens and serves migrations, several at once (see
+/// [`crate::listener`] for the handshake's bounds and [`crate::admission`]
+/// for what is admitted after it). With `once`, returns the outcome of the
+/// first migration that got past the handshake.
 pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
     let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
     let tls = match &opts.security {
@@ -88,57 +102,129 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
     })?;
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.listen.clone());
     rep.emit(Event::Listening { addr: local });
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                rep.warn(format!("accept failed: {e}"));
-                continue;
-            }
-        };
+    let limits = crate::admission::AdmissionLimits::from(opts);
+    let handshake_limits = crate::listener::HandshakeLimits {
+        timeout: opts.handshake_timeout,
+        max_total: opts.max_handshakes,
+        max_per_ip: opts.max_handshakes_per_ip,
+    };
+    // One thread per connection: each returns Some(outcome) for a
+    // migration that got past the handshake.
+    let results = crate::listener::serve(&listener, &handshake_limits, opts.once, rep, &opts.audit_log, |stream, handshake| {
         let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         rep.emit(Event::Accepted { peer: peer.clone() });
-        // A signal cuts this connection; the session then cleans up.
-        crate::interrupt::register(&stream);
-        let outcome = match establish(opts, tls.clone(), stream) {
-            Ok(conn) => serve(opts, &runc, conn, rep),
+        // A signal cuts this connection (and every other); the session
+        // then cleans up.
+        let _cut = crate::interrupt::register_connection(&stream);
+        let established = establish(opts, tls.clone(), stream, handshake.timeout())
+            .and_then(|conn| handshake.finish().map(|()| conn).map_err(|e| MigrationError::Refused(e.to_string())));
+        let conn = match established {
+            Ok(conn) => conn,
             Err(e) => {
                 // Until the peer is authenticated nothing is stored and
                 // nothing but a TLS alert is answered.
-                let mut result = ResultEvent { role: "receiver", ..Default::default() };
-                result.error = Some(e.to_string());
-                result.exit_code = Some(Outcome::NothingTouched.exit_code());
-                let _ = crate::audit::record(&opts.audit_log, &format!("unauthenticated:{peer}"), &result);
-                result.usage = Some(crate::events::ResourceUsage::measure());
-                rep.emit(Event::Result(result));
-                Err((e, Outcome::NothingTouched))
+                not_served(opts, rep, &format!("unauthenticated:{peer}"), &e, None);
+                return None;
             }
         };
-        crate::interrupt::unregister();
-        // A source's query is not the migration --once waits for.
-        if matches!(outcome, Ok(Served::Query)) && !crate::interrupt::interrupted() {
-            continue;
+        match crate::admission::REGISTRY.begin(&limits) {
+            Ok(slot) => match serve(opts, &runc, conn, rep) {
+                // A source's query is not a migration: it neither counts
+                // for --once nor holds a migration slot.
+                Ok(Served::Query) => {
+                    slot.not_a_migration();
+                    None
+                }
+                other => Some(other.map(|_| ())),
+            },
+            Err(refusal) => {
+                // Told why in the sender's place of HelloAck: it stops
+                // with nothing touched.
+                let identity = conn.peer_identity();
+                not_served(opts, rep, &identity, &MigrationError::Refused(refusal.to_string()), Some(conn));
+                None
+            }
         }
-        if opts.once || crate::interrupt::interrupted() {
-            return outcome.map(|_| ());
-        }
+    })
+    .map_err(|e| (MigrationError::io("listening")(e), Outcome::NothingTouched))?;
+    if !crate::interrupt::interrupted() {
+        // With --once, the first migration's; else the loop never ends.
+        return results.into_iter().next().unwrap_or(Ok(()));
     }
-    Ok(())
+    // Interrupted: every migration in flight was cut and rolled back.
+    match results.into_iter().find(Result::is_err) {
+        Some(failed) => failed,
+        None => Err((MigrationError::Other("interrupted by a signal".into()), Outcome::NothingTouched)),
+    }
 }
 
-/// Timeouts, then the TLS handshake (and client certificate check).
+/// A connection that is not served: its result event and audit line, and
+/// (when `conn` is given, the peer authenticated) an Error message telling
+/// the sender why.
+fn not_served(opts: &ReceiveOptions, rep: &Reporter, identity: &str, e: &MigrationError, conn: Option<crate::tls::Conn>) {
+    if let Some(conn) = conn {
+        let message = match e {
+            MigrationError::Refused(m) => m.clone(),
+            other => other.to_string(),
+        };
+        let mut writer = FrameWriter::new(BufWriter::new(conn));
+        let _ = writer.write_json(MessageKind::Error, &ErrorMessage { code: ErrorCode::Refused, message });
+        let _ = writer.flush();
+    }
+    let mut result = ResultEvent { role: "receiver", ..Default::default() };
+    result.error = Some(e.to_string());
+    result.exit_code = Some(Outcome::NothingTouched.exit_code());
+    let _ = crate::audit::record(&opts.audit_log, identity, &result);
+    result.usage = Some(crate::events::ResourceUsage::measure());
+    rep.emit(Event::Result(result));
+}
+
+/// The largest Hello accepted: nothing larger is read (or allocated for)
+/// before the peer's first frame has been checked.
+const MAX_HELLO: u32 = 64 * 1024;
+
+/// Timeouts, the TLS handshake (and client certificate check), then the
+/// sender's Hello, read under the handshake's deadline and given back to
+/// the session ([`crate::tls::Conn::unread`]) that answers it.
 fn establish(
     opts: &ReceiveOptions,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     stream: TcpStream,
+    handshake_timeout: Duration,
 ) -> Result<crate::tls::Conn, MigrationError> {
-    stream.set_read_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
-    stream.set_write_timeout(Some(opts.io_timeout)).map_err(MigrationError::io("socket"))?;
+    // The listener's watchdog keeps the handshake's one deadline; these
+    // bound each read and write within it.
+    stream.set_read_timeout(Some(handshake_timeout)).map_err(MigrationError::io("socket"))?;
+    stream.set_write_timeout(Some(handshake_timeout)).map_err(MigrationError::io("socket"))?;
     let _ = stream.set_nodelay(true);
-    match tls {
-        Some(cfg) => crate::tls::Conn::server(stream, cfg),
-        None => crate::tls::Conn::plain(stream),
+    let mut conn = match tls {
+        Some(cfg) => crate::tls::Conn::server(stream, cfg)?,
+        None => crate::tls::Conn::plain(stream)?,
+    };
+    // The Hello's header first: its claimed sizes are checked before a
+    // byte more is read.
+    use std::io::Read;
+    let mut hello = vec![0u8; migration_protocol::FRAME_HEADER_LEN];
+    conn.read_exact(&mut hello).map_err(|e| MigrationError::Io { context: "reading the sender's Hello".into(), source: e })?;
+    // Frame header: magic, format, kind, flags, then wire_len and raw_len
+    // (little-endian u32 at 12 and 16; docs/protocol.md).
+    let len = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
+    let (wire_len, raw_len) = (len(12), len(16));
+    if wire_len > MAX_HELLO || raw_len > MAX_HELLO {
+        return Err(MigrationError::Refused(format!(
+            "the peer's first frame claims {} bytes; a Hello is at most {MAX_HELLO}",
+            wire_len.max(raw_len)
+        )));
     }
+    hello.resize(migration_protocol::FRAME_HEADER_LEN + wire_len as usize, 0);
+    conn.read_exact(&mut hello[migration_protocol::FRAME_HEADER_LEN..])
+        .map_err(|e| MigrationError::Io { context: "reading the sender's Hello".into(), source: e })?;
+    // Checked whole (magic, checksum, kind) now; parsed by the session.
+    FrameReader::new(&hello[..]).read_frame()?.expect(MessageKind::Hello, "Hello")?;
+    conn.unread(&hello);
+    conn.set_read_timeout(Some(opts.io_timeout))?;
+    conn.set_write_timeout(Some(opts.io_timeout))?;
+    Ok(conn)
 }
 
 /// `receive --stdio`: one migration over stdin and stdout, as run by a
@@ -344,13 +430,21 @@ impl<'a> Session<'a> {
             mode: manifest.mode.clone(),
             mode_reason: None,
         });
+        // Admitted beside the migrations in flight: its destination id, and
+        // the memory its images reserve. Refused here, the source is never
+        // frozen.
+        let admitted = crate::admission::REGISTRY
+            .admit(&self.opts.into(), &manifest.dest_id, self.opts.stage_images, manifest.memory_bytes)
+            .map_err(|e| refused(e.to_string()))?;
         let (spec, criu_config) = self.check_manifest(&manifest)?;
         migration_protocol::validate_migration_id(&manifest.migration_id).map_err(refused)?;
         result.migration_id = Some(manifest.migration_id.clone());
         if self.journal.load(Role::Destination, &manifest.migration_id).ok().flatten().is_some() {
             return Err(refused(format!("migration {} was already received here: a sender reusing an id is refused", manifest.migration_id)));
         }
-        let staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        let in_memory = admitted.in_memory();
+        staging.admission = Some(admitted);
         let plan = DestinationPlan {
             runtime_root: self.opts.runtime_root.clone(),
             runc_binary: self.opts.runc_binary.clone(),
@@ -368,7 +462,7 @@ impl<'a> Session<'a> {
         self.staging = Some(staging);
         self.step(DestinationEvent::Admitted).map_err(nothing)?;
         let mut staging = self.staging.take().expect("just set");
-        if let Some(size) = crate::scratch::memory_stage_size(self.opts.stage_images, manifest.memory_bytes) {
+        if let Some(size) = crate::scratch::memory_stage_size(crate::scratch::StageMode::Memory, manifest.memory_bytes).filter(|_| in_memory) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
             staging.reserve =
                 Some(crate::scratch::Reserve::create(&staging.images, manifest.memory_bytes).map_err(|e| refused(e.to_string()))?);
@@ -742,6 +836,9 @@ struct Staging {
     reserve: Option<crate::scratch::Reserve>,
     /// Memory for the restore's first read block, set aside with `reserve`.
     restore_block: Option<crate::scratch::Reserve>,
+    /// The migration's admission (destination id, staging memory), given
+    /// back when everything above is gone.
+    admission: Option<crate::admission::Ticket>,
 }
 
 impl Staging {
@@ -760,6 +857,7 @@ impl Staging {
             reserve: None,
             restore_block: None,
             network: None,
+            admission: None,
         };
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -819,17 +917,19 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if self.committed {
-            return;
+        if !self.committed {
+            if self.restore_attempted {
+                remove_container(&self.runc, &self.dest_id);
+            }
+            if let Some(net) = &self.network {
+                net.remove();
+            }
+            let _ = std::fs::remove_dir_all(&self.bundle);
+            crate::scratch::remove_work_dir(&self.work_dir);
         }
-        if self.restore_attempted {
-            remove_container(&self.runc, &self.dest_id);
-        }
-        if let Some(net) = &self.network {
-            net.remove();
-        }
-        let _ = std::fs::remove_dir_all(&self.bundle);
-        crate::scratch::remove_work_dir(&self.work_dir);
+        // The reserves go before the admission that counted them.
+        drop((self.reserve.take(), self.restore_block.take()));
+        drop(self.admission.take());
     }
 }
 

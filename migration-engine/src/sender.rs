@@ -334,7 +334,7 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         Ok(f) => {
             let _accepted: ManifestAccepted = f.expect(MessageKind::ManifestAccepted, "ManifestAccepted")?.json()?;
         }
-        Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(reason)),
+        Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(format!("{} says: {reason}", opts.to))),
         Err(e) => return Err(e),
     }
     Ok(Prepared { migration_id, state, plan, dest_id: dest_id.to_string(), peer, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
@@ -365,14 +365,26 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
             None
         }
     };
-    let mut peer = match &link.to {
+    // One deadline, --timeout, for connect, the TLS handshake and the
+    // HelloAck: a receiver that accepts and then says nothing (busy,
+    // stalled) cannot hold us longer. A watchdog keeps it whole, however
+    // the receiver trickles its bytes.
+    let handshake_deadline = Instant::now() + link.io_timeout;
+    let left = || handshake_deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let watchdog = crate::listener::Watchdog::start();
+    let mut armed = None;
+    let mut peer = match link.to {
         crate::transport::Destination::Tcp { host, .. } => {
-            let stream = connect(&link.to, link.io_timeout)?;
+            let stream = connect(link.to, link.io_timeout)?;
             if register_interrupt {
                 interrupt::register(&stream);
             }
+            armed = Some(watchdog.arm(&stream, handshake_deadline).map_err(MigrationError::io("socket"))?);
+            stream.set_read_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
+            stream.set_write_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
             let conn = match tls {
-                Some(cfg) => Conn::client(stream, cfg, host)?,
+                Some(cfg) => Conn::client(stream, cfg, host)
+                    .map_err(|e| crate::transport::no_answer(e, link.to, link.io_timeout, Instant::now() >= handshake_deadline))?,
                 None => Conn::plain(stream)?,
             };
             conn.set_write_timeout(Some(link.io_timeout))?;
@@ -407,12 +419,24 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
             }
         }
     };
-    peer.writer.write_json(
-        MessageKind::Hello,
-        &Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() },
-    )?;
-    peer.flush()?;
-    let ack: HelloAck = peer.read_with_timeout(link.io_timeout)?.expect(MessageKind::HelloAck, "HelloAck")?.json()?;
+    let hello = Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() };
+    let ack: HelloAck = (|| -> Result<HelloAck, MigrationError> {
+        peer.writer.write_json(MessageKind::Hello, &hello)?;
+        peer.flush()?;
+        let wait = if armed.is_some() { left() } else { link.io_timeout };
+        let ack = match peer.read_with_timeout(wait) {
+            // The receiver refused before the manifest (busy, say).
+            Err(MigrationError::Remote(reason)) => return Err(MigrationError::Refused(format!("{} says: {reason}", link.to))),
+            other => other?,
+        };
+        Ok(ack.expect(MessageKind::HelloAck, "HelloAck")?.json()?)
+    })()
+    .map_err(|e| crate::transport::no_answer(e, link.to, link.io_timeout, armed.is_some() && Instant::now() >= handshake_deadline))?;
+    if let Some(armed) = armed.take() {
+        if !armed.disarm() {
+            return Err(crate::transport::no_answer(MigrationError::Other("handshake deadline".into()), link.to, link.io_timeout, true));
+        }
+    }
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&ack.version) {
         return Err(MigrationError::Preflight(format!(
             "the receiver ({}) chose protocol version {}, which this build does not speak",

@@ -129,12 +129,15 @@ pub struct Conn {
     inner: std::rc::Rc<std::cell::RefCell<Inner>>,
     /// The socket, for timeouts and shutdown (None for pipes).
     pub socket: Option<TcpStream>,
+    /// Bytes already read that the next reads return first (see
+    /// [`Conn::unread`]).
+    pending: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
 }
 
 impl Conn {
     pub fn plain(socket: TcpStream) -> Result<Self, MigrationError> {
         let clone = socket.try_clone().map_err(MigrationError::io("socket"))?;
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Plain(socket))), socket: Some(clone) })
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Plain(socket))), socket: Some(clone), pending: Default::default() })
     }
 
     /// A connection over two pipes (`read` from the peer, `write` to it).
@@ -142,6 +145,7 @@ impl Conn {
         Self {
             inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Pipes { read, write: Some(write), read_timeout: None })),
             socket: None,
+            pending: Default::default(),
         }
     }
 
@@ -207,13 +211,15 @@ impl Conn {
 
     fn tls(mut sock: TcpStream, mut conn: rustls::Connection) -> Result<Self, MigrationError> {
         let clone = sock.try_clone().map_err(MigrationError::io("socket"))?;
-        let failed = |e: std::io::Error| MigrationError::Refused(format!("TLS handshake failed: {e}"));
+        // I/O errors keep their kind (a peer that closed, or sent nothing
+        // in time, is not one that failed TLS); TLS's own are refusals.
+        let failed = |e: std::io::Error| MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(e, &clone, Direction::Read) };
         // rustls gets the peer's records one at a time, so that it reads
         // nothing past the handshake's last: what follows is ours.
         let mut records = OneRecordAtATime::new(sock.try_clone().map_err(MigrationError::io("socket"))?);
         while conn.is_handshaking() {
             while conn.wants_write() {
-                conn.write_tls(&mut sock).map_err(failed)?;
+                conn.write_tls(&mut sock).map_err(|e| failed_write(e, &clone))?;
             }
             if conn.read_tls(&mut records).map_err(failed)? == 0 {
                 return Err(failed(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection")));
@@ -221,11 +227,11 @@ impl Conn {
             if let Err(e) = conn.process_new_packets() {
                 // Tell the peer why (the alert rustls queued), then fail.
                 let _ = conn.write_tls(&mut sock);
-                return Err(failed(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+                return Err(MigrationError::Refused(format!("TLS handshake failed: {e}")));
             }
         }
         while conn.wants_write() {
-            conn.write_tls(&mut sock).map_err(failed)?;
+            conn.write_tls(&mut sock).map_err(|e| failed_write(e, &clone))?;
         }
         let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
         let peer_name = conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
@@ -236,7 +242,7 @@ impl Conn {
             .map_err(MigrationError::io("TLS session"))?;
         let writer = RecordWriter::new(secrets.tx.0, secrets.tx.1).map_err(MigrationError::io("TLS session"))?;
         let inner = Inner::Tls { sock, reader, writer, suite, peer_name };
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(inner)), socket: Some(clone) })
+        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(inner)), socket: Some(clone), pending: Default::default() })
     }
 
     /// Another handle on the same connection.
@@ -245,7 +251,18 @@ impl Conn {
             Some(s) => Some(s.try_clone().map_err(MigrationError::io("socket"))?),
             None => None,
         };
-        Ok(Conn { inner: self.inner.clone(), socket })
+        Ok(Conn { inner: self.inner.clone(), socket, pending: self.pending.clone() })
+    }
+
+    /// Puts `bytes` back: the next reads, on any handle, return them
+    /// before anything more from the peer. (The receiver reads the
+    /// sender's Hello under the handshake's deadline, then gives it back
+    /// to the session that answers it.)
+    pub fn unread(&self, bytes: &[u8]) {
+        let mut pending = self.pending.borrow_mut();
+        let mut put = bytes.to_vec();
+        put.extend_from_slice(&pending);
+        *pending = put;
     }
 
     /// Fault injection (failpoint `sender-corrupt-wire`): the next TLS
@@ -275,8 +292,63 @@ impl Conn {
     }
 }
 
+/// Which way a socket timed out.
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// A socket timeout's error says what happened, not `os error 11`
+/// ("Resource temporarily unavailable", what a blocking socket's timeout
+/// returns).
+fn explain_io(e: std::io::Error, socket: &TcpStream, dir: Direction) -> std::io::Error {
+    if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+        return e;
+    }
+    let timeout = match dir {
+        Direction::Read => socket.read_timeout(),
+        Direction::Write => socket.write_timeout(),
+    };
+    let waited = timeout.ok().flatten().map(|t| format!(" for {:.0} s", t.as_secs_f64().max(1.0))).unwrap_or_default();
+    let what = match dir {
+        Direction::Read => format!("nothing came from the peer{waited} (timeout)"),
+        Direction::Write => format!("the peer took nothing of what was sent{waited} (timeout)"),
+    };
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what)
+}
+
+fn failed_write(e: std::io::Error, socket: &TcpStream) -> MigrationError {
+    MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(e, socket, Direction::Write) }
+}
+
+impl Conn {
+    fn explain(&self, e: std::io::Error, dir: Direction) -> std::io::Error {
+        match &self.socket {
+            Some(s) => explain_io(e, s, dir),
+            None => e,
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        {
+            let mut pending = self.pending.borrow_mut();
+            if !pending.is_empty() {
+                let n = buf.len().min(pending.len());
+                buf[..n].copy_from_slice(&pending[..n]);
+                pending.drain(..n);
+                return Ok(n);
+            }
+        }
+        let r = self.read_inner(buf);
+        r.map_err(|e| self.explain(e, Direction::Read))
+    }
+}
+
+impl Conn {
+    fn read_inner(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.read(buf),
             Inner::Pipes { read, read_timeout, .. } => {
@@ -298,6 +370,18 @@ impl Read for Conn {
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.write_inner(buf);
+        r.map_err(|e| self.explain(e, Direction::Write))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.flush_inner();
+        r.map_err(|e| self.explain(e, Direction::Write))
+    }
+}
+
+impl Conn {
+    fn write_inner(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.write(buf),
             Inner::Pipes { write, .. } => match write {
@@ -311,7 +395,7 @@ impl Write for Conn {
         }
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn flush_inner(&mut self) -> std::io::Result<()> {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
             Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),

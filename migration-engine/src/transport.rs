@@ -106,8 +106,9 @@ impl std::str::FromStr for Destination {
     }
 }
 
-/// Connects with a deadline, trying each resolved address.
+/// Connects within `timeout` in all, trying each resolved address.
 pub fn connect(dest: &Destination, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    let deadline = std::time::Instant::now() + timeout;
     let Destination::Tcp { host, port } = dest else {
         return Err(MigrationError::Usage("not a tcp:// destination".into()));
     };
@@ -118,7 +119,12 @@ pub fn connect(dest: &Destination, timeout: Duration) -> Result<TcpStream, Migra
         .collect();
     let mut last = String::from("no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            last = format!("no connection within --timeout {} s", timeout.as_secs());
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -127,6 +133,31 @@ pub fn connect(dest: &Destination, timeout: Duration) -> Result<TcpStream, Migra
         }
     }
     Err(unreachable(last))
+}
+
+/// A connection or handshake that failed for want of the receiver: one
+/// line naming the destination and what to do (never `os error 11`).
+pub fn no_answer(e: MigrationError, to: &Destination, timeout: Duration, expired: bool) -> MigrationError {
+    use std::io::ErrorKind as K;
+    let kind = match &e {
+        // The watchdog shut the socket down: the reads saw an end.
+        _ if expired => Some(K::TimedOut),
+        MigrationError::Io { source, .. } | MigrationError::Protocol(migration_protocol::ProtocolError::Io(source)) => Some(source.kind()),
+        MigrationError::Protocol(migration_protocol::ProtocolError::Closed | migration_protocol::ProtocolError::Truncated(_)) => Some(K::UnexpectedEof),
+        _ => None,
+    };
+    match kind {
+        Some(K::WouldBlock | K::TimedOut) => MigrationError::Preflight(format!(
+            "the receiver at {to} accepted the connection but did not answer within --timeout {} s (busy or stalled): \
+             try again later, or check `ctmigrate receive` there",
+            timeout.as_secs()
+        )),
+        Some(K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe) => MigrationError::Preflight(format!(
+            "the receiver at {to} closed the connection during the handshake: it is busy (over its connection bounds) \
+             or stopping; try again later, and see its events or audit log for why"
+        )),
+        _ => e,
+    }
 }
 
 #[cfg(test)]
@@ -232,5 +263,30 @@ mod throttle_tests {
         t.write_all(&vec![0u8; 200_000]).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
         assert_eq!(t.inner.len(), 200_000);
+    }
+}
+
+#[cfg(test)]
+mod no_answer_tests {
+    use super::*;
+    use migration_protocol::ProtocolError;
+
+    #[test]
+    fn a_receiver_that_is_busy_or_silent_is_one_clear_line() {
+        let to: Destination = "tcp://10.0.0.2:7000".parse().unwrap();
+        let t = Duration::from_secs(3);
+        let eagain = std::io::Error::from_raw_os_error(11);
+        for (e, expired, says) in [
+            (MigrationError::Protocol(ProtocolError::Io(eagain)), false, "did not answer within --timeout 3 s"),
+            (MigrationError::Protocol(ProtocolError::Closed), true, "did not answer within --timeout 3 s"),
+            (MigrationError::Protocol(ProtocolError::Closed), false, "closed the connection during the handshake"),
+            (MigrationError::io("TLS handshake failed")(std::io::ErrorKind::ConnectionReset.into()), false, "busy"),
+        ] {
+            let msg = no_answer(e, &to, t, expired).to_string();
+            assert!(msg.contains(says) && msg.contains("tcp://10.0.0.2:7000") && !msg.contains("os error"), "{msg}");
+            assert!(!msg.contains('\n'));
+        }
+        let other = no_answer(MigrationError::Refused("no".into()), &to, t, false);
+        assert!(matches!(other, MigrationError::Refused(_)), "other errors pass through");
     }
 }
