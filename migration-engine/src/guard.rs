@@ -67,6 +67,10 @@ impl FreezeGuard {
         Ok(Self { child })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn tell(&mut self, line: &str) {
         if let Some(stdin) = self.child.stdin.as_mut() {
             let _ = writeln!(stdin, "{line}");
@@ -143,22 +147,45 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf, journa
         if committed { "killing (it was committed) and thawing" } else { "thawing" },
         freezer.path.display()
     );
-    for pid in criu_pids {
-        let deadline = Instant::now() + CRIU_GRACE;
-        while Path::new(&format!("/proc/{pid}")).exists() && is_criu(pid) {
-            if Instant::now() > deadline {
+    // CRIU must be done before the thaw: a dump still running when the
+    // cgroup is thawed puts the freezer back as it found it (frozen) when
+    // it ends. Its pid may not have reached us (the sender died right
+    // after starting it): a task it is dumping names it as its tracer.
+    let deadline = Instant::now() + CRIU_GRACE;
+    let thawed = loop {
+        for pid in criu_pids.iter().copied().chain(tracers_of(&freezer)) {
+            while Path::new(&format!("/proc/{pid}")).exists() && is_criu(pid) {
+                if Instant::now() > deadline {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if committed {
+            // A frozen task dies of SIGKILL as soon as it thaws.
+            for pid in freezer.pids() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-    }
+        let thawed = freezer.thaw();
+        // Thawed, and staying so: no CRIU took the tasks meanwhile.
+        std::thread::sleep(Duration::from_millis(300));
+        let settled = tracers_of(&freezer).is_empty() && matches!(freezer.state(), Ok(container_runtime::FreezerState::Thawed));
+        if settled || thawed.is_err() || Instant::now() > deadline {
+            break thawed;
+        }
+    };
+    // A committed source goes whole, as the sender would have removed it:
+    // runtime state, interfaces, a named namespace.
     if committed {
-        // A frozen task dies of SIGKILL as soon as it thaws.
-        for pid in freezer.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        if let Ok(entry) = Journal::read(&journal_entry) {
+            if let Side::Source { plan, .. } = &entry.side {
+                for w in crate::settle::remove_source(plan, &entry.container) {
+                    eprintln!("ctmigrate guard: {w}");
+                }
+            }
         }
     }
-    let thawed = freezer.thaw();
     // A resumed source gets its network back; a committed one keeps the
     // lock until its namespace goes.
     if let (Some(path), false) = (locked_netns, committed) {
@@ -203,6 +230,21 @@ fn settle_in_doubt(journal_entry: &Path) -> Result<(), MigrationError> {
     let (fate, last) = crate::resolve::settle_source(&journal, &mut entry, limits, &|m: &str| eprintln!("ctmigrate guard: {m}"));
     eprintln!("ctmigrate guard: migration {}: {fate:?} ({last})", entry.id);
     Ok(())
+}
+
+/// The processes tracing a task of `freezer`'s cgroup (a CRIU dumping it).
+fn tracers_of(freezer: &Freezer) -> Vec<i32> {
+    let mut tracers: Vec<i32> = freezer
+        .pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|t| t.trim().parse::<i32>().ok()).filter(|t| *t != 0)
+        })
+        .collect();
+    tracers.sort_unstable();
+    tracers.dedup();
+    tracers
 }
 
 fn is_criu(pid: i32) -> bool {

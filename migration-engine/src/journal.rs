@@ -118,6 +118,10 @@ pub struct Entry {
     /// The process that acts on this migration now; another process acts
     /// on it only once this one is gone.
     pub owner_pid: u32,
+    /// A process acting for the owner if it dies (the sender's freeze
+    /// guard): while it lives, nothing else acts on the migration either.
+    #[serde(default)]
+    pub helper_pid: Option<u32>,
     /// Every state journalled, with its time (Unix ms).
     pub history: Vec<(String, u64)>,
     #[serde(flatten)]
@@ -140,6 +144,7 @@ impl Entry {
             dest_id: dest_id.into(),
             peer: peer.into(),
             owner_pid: std::process::id(),
+            helper_pid: None,
             history: Vec::new(),
             side,
         };
@@ -187,12 +192,16 @@ impl Entry {
         }
     }
 
-    /// Whether the process that owns the entry is still at it.
+    /// Whether the process that owns the entry, or its helper, is still
+    /// at it.
     pub fn owner_alive(&self) -> bool {
-        self.owner_pid == std::process::id()
-            || std::fs::read(format!("/proc/{}/cmdline", self.owner_pid))
-                .map(|c| String::from_utf8_lossy(&c).contains("ctmigrate"))
-                .unwrap_or(false)
+        let alive = |pid: u32| {
+            pid == std::process::id()
+                || std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains("ctmigrate"))
+                    .unwrap_or(false)
+        };
+        alive(self.owner_pid) || self.helper_pid.is_some_and(|p| p != std::process::id() && alive(p))
     }
 
     /// When the last state was journalled (Unix ms).

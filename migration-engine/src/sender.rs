@@ -747,7 +747,11 @@ impl<'a> Migration<'a> {
         // Freeze: from here on, every failure thaws (until the Commit),
         // and the guard acts if this process dies.
         match FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir, &self.journal.path_of(Role::Source, &self.entry.id)) {
-            Ok(g) => self.guard = Some(g),
+            Ok(g) => {
+                // While the guard lives, nothing else acts on the migration.
+                self.entry.helper_pid = Some(g.pid());
+                self.guard = Some(g);
+            }
             Err(e) => return Err(self.fail(e)),
         }
         self.rep.phase(Phase::Freeze);
