@@ -46,7 +46,10 @@ impl Rng {
 enum Fault {
     KillSender,
     KillReceiver,
+    /// CRIU's dump on the source.
     KillCriu,
+    /// CRIU's restore on the destination (started by runc).
+    KillCriuRestore,
     StopSender,
     StopReceiver,
     CutLink,
@@ -75,8 +78,16 @@ fn reached(sender: &mut ChildProcess, step: &str) -> bool {
     false
 }
 
-const FAULTS: [Fault; 7] =
-    [Fault::KillSender, Fault::KillReceiver, Fault::KillCriu, Fault::StopSender, Fault::StopReceiver, Fault::CutLink, Fault::LosePackets];
+const FAULTS: [Fault; 8] = [
+    Fault::KillSender,
+    Fault::KillReceiver,
+    Fault::KillCriu,
+    Fault::KillCriuRestore,
+    Fault::StopSender,
+    Fault::StopReceiver,
+    Fault::CutLink,
+    Fault::LosePackets,
+];
 
 fn signal(pid: u32, sig: Signal) {
     let _ = kill(Pid::from_raw(pid as i32), sig);
@@ -198,7 +209,7 @@ fn campaign_random_faults_keep_exactly_one_copy() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
-    eprintln!("campaign: {runs} migrations, CTMIGRATE_CAMPAIGN_SEED={seed}");
+    eprintln!("campaign: at least {runs} migrations, CTMIGRATE_CAMPAIGN_SEED={seed}");
     // CTMIGRATE_CAMPAIGN_FAULTS=KillCriu,CutLink narrows the faults drawn.
     let only: Option<String> = std::env::var("CTMIGRATE_CAMPAIGN_FAULTS").ok();
     let faults: Vec<Fault> = FAULTS.iter().copied().filter(|f| only.as_ref().map(|o| o.split(',').any(|x| x == format!("{f:?}"))).unwrap_or(true)).collect();
@@ -209,8 +220,23 @@ fn campaign_random_faults_keep_exactly_one_copy() {
     // the sender ended before the step aimed at)
     let mut counts: BTreeMap<Fault, (u32, u32, u32)> = BTreeMap::new();
     let started = Instant::now();
-    for i in 0..runs {
-        let fault = faults[rng.below(faults.len() as u64) as usize];
+    // First every fault at every step it can be aimed at, then random
+    // draws up to `runs` (unless CTMIGRATE_CAMPAIGN_RUNS is set, which
+    // makes the whole campaign random).
+    let mut plan: Vec<(Fault, &str)> = Vec::new();
+    if std::env::var("CTMIGRATE_CAMPAIGN_RUNS").is_err() {
+        for f in &faults {
+            match f {
+                Fault::KillCriu | Fault::KillCriuRestore => plan.push((*f, "-")),
+                _ => plan.extend(STEPS.iter().map(|st| (*f, *st))),
+            }
+        }
+    }
+    while plan.len() < runs as usize {
+        let f = faults[rng.below(faults.len() as u64) as usize];
+        plan.push((f, STEPS[rng.below(STEPS.len() as u64) as usize]));
+    }
+    for (i, (fault, step)) in plan.into_iter().enumerate() {
         let began = Instant::now();
         let what_base = format!("migration {i} ({fault:?}");
         let id = format!("c{i}-{}", bed.tag);
@@ -224,12 +250,15 @@ fn campaign_random_faults_keep_exactly_one_copy() {
             &["--timeout", "2", "--restore-timeout", "8", "--in-doubt-timeout", "10", "--mode", "stop-copy"],
         ))
         .unwrap();
-        let step = STEPS[rng.below(STEPS.len() as u64) as usize];
         let mut missed_criu = false;
         let mut on_time = true;
         match fault {
-            Fault::KillCriu => {
-                // At a random moment of CRIU's work (dump or restore).
+            Fault::KillCriu | Fault::KillCriuRestore => {
+                // At a random moment of CRIU's work: its dump, or (once
+                // the sender waits for it) its restore.
+                if fault == Fault::KillCriuRestore {
+                    on_time = reached(&mut sender, "restore");
+                }
                 let found = wait_for(Duration::from_secs(10), || Some(criu_of(&bed.tag)).filter(|c| !c.is_empty()));
                 std::thread::sleep(Duration::from_millis(rng.below(40)));
                 match found {
@@ -265,9 +294,9 @@ fn campaign_random_faults_keep_exactly_one_copy() {
                 std::thread::sleep(Duration::from_millis(1000 + rng.below(3000)));
                 clear_lossy_link(&bed);
             }
-            Fault::KillCriu => {}
+            Fault::KillCriu | Fault::KillCriuRestore => {}
         }
-        let what = if fault == Fault::KillCriu { format!("{what_base}, seed {seed})") } else { format!("{what_base} at {step}, seed {seed})") };
+        let what = if matches!(fault, Fault::KillCriu | Fault::KillCriuRestore) { format!("{what_base}, seed {seed})") } else { format!("{what_base} at {step}, seed {seed})") };
         let waited = Instant::now();
         // (None: ended by a signal, as a killed sender does.)
         let code = sender.wait(Duration::from_secs(120));
@@ -315,16 +344,25 @@ fn campaign_random_faults_keep_exactly_one_copy() {
         let _ = std::fs::remove_dir_all(bed.dst_bundles().join(&id));
         let left = bed.leftovers(&id);
         assert!(left.is_empty(), "{what}: left behind: {left:#?}");
-        let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-        let netns = String::from_utf8_lossy(&netns.stdout);
-        assert!(!netns.contains(&format!("ctmigrate-{id}")), "{what}: the destination's network namespace was left: {netns}");
+        let netns_left = || {
+            let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+            String::from_utf8_lossy(&list.stdout).lines().any(|l| l.split_whitespace().next() == Some(&format!("ctmigrate-{id}")))
+        };
+        if netns_left() {
+            let receiver_log = receiver.child.as_ref().map(|c| c.stderr()).unwrap_or_default();
+            let events: Vec<String> = receiver.child.as_mut().map(|c| {
+                c.poll_events();
+                c.events.iter().rev().take(15).map(|e| e.to_string()).collect()
+            }).unwrap_or_default();
+            panic!("{what}: the destination's network namespace ctmigrate-{id} was left; sender: {}; receiver: {receiver_log}; its last events: {events:#?}", sender.stderr());
+        }
         eprintln!(
             "{what}: sender exit {code:?}, {} in {:.1} s",
             if on_destination { "migrated" } else { "source kept" },
             began.elapsed().as_secs_f64()
         );
     }
-    eprintln!("campaign: {runs} migrations in {:.0} s, seed {seed}", started.elapsed().as_secs_f64());
+    eprintln!("campaign: {} migrations in {:.0} s, seed {seed}", counts.values().map(|c| c.0 + c.1).sum::<u32>(), started.elapsed().as_secs_f64());
     eprintln!("{:<14} {:>9} {:>12} {:>16}", "fault", "migrated", "source kept", "missed its step");
     for (fault, (m, k, c)) in &counts {
         eprintln!("{:<14} {:>9} {:>12} {:>16}", format!("{fault:?}"), m, k, c);

@@ -235,3 +235,44 @@ fn fence_link_cut_before_commit_arrives_rolls_back_when_it_returns() {
     let _ = receiver.child.wait();
     assert_clean(&bed, &id);
 }
+
+/// The sender is killed while in doubt (the link cut after its Commit):
+/// its guard takes over asking, with the source still frozen, and once the
+/// link returns removes the source, the destination having committed.
+#[test]
+fn fence_sender_killed_while_in_doubt_is_settled_by_its_guard() {
+    let Some(bed) = testbed("fsd") else { return };
+    let (src, id, token) = counter(&bed, "fd");
+    let port = port();
+    let mut receiver =
+        bed.spawn_receiver(port, &[], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=sleep:1500")]).unwrap();
+    let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
+    let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "2", "--in-doubt-timeout", "60"])).unwrap();
+    wait_for(Duration::from_secs(60), || {
+        receiver.poll_events();
+        receiver.events.iter().any(|e| e["event"] == "phase" && e["phase"] == "commit").then_some(())
+    })
+    .expect("the receiver never reached the commit");
+    std::thread::sleep(Duration::from_millis(300));
+    bed.cut_link().unwrap();
+    // In doubt: the sender says so, then dies.
+    wait_for(Duration::from_secs(30), || {
+        sender.poll_events();
+        sender.events.iter().any(|e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("in doubt")).then_some(())
+    })
+    .expect("the sender never reported being in doubt");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sender.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = sender.wait(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(frozen_state(&bed, &id), "FROZEN", "the source ran while the outcome was unknown");
+    bed.restore_link();
+    wait_for(Duration::from_secs(60), || (!bed.src_runc.exists(&id).unwrap_or(true)).then_some(()))
+        .expect("the guard did not settle the migration once the destination answered");
+    let (_, _, dst_moves) = watch.finish("sender killed in doubt");
+    assert!(dst_moves > 0);
+    assert_destination_runs(&bed, &id, &token);
+    receiver.child.kill().unwrap();
+    let _ = receiver.child.wait();
+    remove_destination_copy(&bed, &id);
+    assert_clean(&bed, &id);
+}

@@ -16,7 +16,12 @@
 //! | `receiver-after-manifest` | receiver, after accepting the manifest |
 //! | `receiver-during-images` | receiver, after the first image chunk |
 //! | `receiver-before-restore` | receiver, with all images received (`corrupt`: the final images' inventory.img removed, so that CRIU's restore fails) |
-//! | `receiver-before-commit-ack` | receiver, restored, before acknowledging Commit |
+//! | `receiver-after-restore` | receiver, restored with every task stopped, before Ready |
+//! | `receiver-after-ready` | receiver, Ready sent, before reading the Commit |
+//! | `receiver-after-commit-journalled` | receiver, Commit journalled, before the copy runs |
+//! | `receiver-before-commit-ack` | receiver, the committed copy runs, before CommitAck |
+//! | `sender-after-commit-journalled` | sender, commit-sent journalled, before the Commit is written |
+//! | `sender-after-commit` | sender, Commit written, before reading the CommitAck |
 //! | `sender-rootfs-mid-file` | sender, initial rootfs pass, after the first chunk of the first file larger than a chunk |
 //! | `sender-rootfs-unsent-change` | sender, frozen rootfs pass: the tree digest covers a change no record carried (`corrupt`) |
 //! | `sender-after-round` | sender, after a pre-copy round was acknowledged |

@@ -192,6 +192,31 @@ pub fn recover_destinations(journal: &Journal) -> Vec<String> {
     lines
 }
 
+/// What a sender starting up does with migrations its journal holds open
+/// whose sender and guard are gone (both killed, or the host rebooted):
+/// each is settled as `ctmigrate resolve` would (one question to the
+/// destination for those in doubt). Returns one line per migration.
+pub fn recover_sources(journal: &Journal, io_timeout: Duration, note: &dyn Fn(&str)) -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in journal.list().into_iter().flatten() {
+        if entry.role() != Role::Source || entry.is_finished() || entry.owner_alive() {
+            continue;
+        }
+        let line = match resolve(journal, &entry.id, None, io_timeout, note) {
+            Ok(done) => done,
+            Err((e, _)) => e.to_string(),
+        };
+        lines.push(line);
+    }
+    lines
+}
+
+/// An unsettled migration of `container` in this host's journal, if any:
+/// it must be settled before the container moves again.
+pub fn open_migration_of(journal: &Journal, container: &str) -> Option<Entry> {
+    journal.list().into_iter().flatten().find(|e| e.role() == Role::Source && e.container == container && !e.is_finished())
+}
+
 /// The destination's answer to a source asking about `q`.
 pub fn answer_query(journal: &Journal, runc: &container_runtime::Runc, q: &Query) -> PeerDecision {
     if migration_protocol::validate_migration_id(&q.migration_id).is_err() || container_runtime::validate_container_id(&q.dest_id).is_err() {

@@ -219,7 +219,25 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
         ..Default::default()
     };
     let mut peer = format!("{}", opts.to);
-    let outcome = match preflight(opts, &dest_id, rep) {
+    // What killed senders left open on this host is settled first.
+    let journal = Journal::new(&opts.journal_dir);
+    for line in crate::resolve::recover_sources(&journal, opts.io_timeout, &|m: &str| rep.warn(m)) {
+        rep.warn(format!("settling a migration a previous sender left open: {line}"));
+    }
+    let outcome = match crate::resolve::open_migration_of(&journal, &opts.container) {
+        Some(open) => Err(Failure {
+            error: MigrationError::Preflight(format!(
+                "migration {} of `{}` is not settled ({}): `ctmigrate resolve {}` first",
+                open.id,
+                open.container,
+                open.state_name(),
+                open.id
+            )),
+            outcome: Outcome::NothingTouched,
+        }),
+        None => Ok(()),
+    };
+    let outcome = outcome.and_then(|()| match preflight(opts, &dest_id, rep) {
         Err(error) => Err(Failure { error, outcome: Outcome::NothingTouched }),
         Ok(prepared) => {
             result.mode = prepared.mode.name().into();
@@ -229,7 +247,7 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
             result.migration_id = Some(prepared.migration_id.clone());
             Migration::new(opts, prepared, rep).run(&mut result)
         }
-    };
+    });
     result.total_ms = started.elapsed().as_millis() as u64;
     match &outcome {
         Ok(()) => {
