@@ -374,9 +374,15 @@ impl<'a> Session<'a> {
     }
 
     /// Moves the machine on and journals the new state (before the act it
-    /// allows: the caller acts after this returns).
+    /// allows: the caller acts after this returns). Restoring and
+    /// ready-stopped are not written (each write is an fsync, and these sit
+    /// in the source's frozen window): for a process settling the migration
+    /// they mean what receiving means, remove the copy.
     fn step(&mut self, event: DestinationEvent) -> Result<(), MigrationError> {
         let state = self.machine.on(event).map_err(|e| MigrationError::Other(format!("internal: {e}")))?;
+        if matches!(state, DestinationState::Restoring | DestinationState::ReadyStopped) {
+            return Ok(());
+        }
         if let Some(entry) = self.entry.as_mut() {
             entry.set_destination_state(state);
             self.journal.write(entry).map_err(|e| MigrationError::Other(e.to_string()))?;

@@ -766,9 +766,13 @@ impl<'a> Migration<'a> {
         // and the guard acts if this process dies.
         match FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir, &self.journal.path_of(Role::Source, &self.entry.id)) {
             Ok(g) => {
-                // While the guard lives, nothing else acts on the migration.
+                // While the guard lives, nothing else acts on the migration
+                // (journalled now, before the frozen window).
                 self.entry.helper_pid = Some(g.pid());
                 self.guard = Some(g);
+                if let Err(e) = self.journal.write(&self.entry) {
+                    return Err(self.fail(MigrationError::Other(e.to_string())));
+                }
             }
             Err(e) => return Err(self.fail(e)),
         }
@@ -1261,9 +1265,12 @@ impl<'a> Migration<'a> {
     }
 }
 
-/// The states a settling process needs to find in the journal.
+/// The states a settling process needs to find in the journal. Inside
+/// the frozen window only `commit-sent` is written (each write is an
+/// fsync): before it, whatever the journal says, the answer is to thaw.
 fn journalled(state: SourceState) -> bool {
-    !matches!(state, SourceState::Connecting | SourceState::Negotiated | SourceState::PreCopy { .. } | SourceState::Thawing)
+    use SourceState::*;
+    matches!(state, Syncing | CommitSent | InDoubt | LeftInDoubt | Committed | Migrated | Untouched | Resumed | NotResumed)
 }
 
 /// Directory of a round's images, on both sides.
