@@ -61,23 +61,6 @@ enum Fault {
 /// instant of a sub-second migration would mostly land before or after.
 const STEPS: [&str; 9] = ["connect", "rootfs-sync", "rootfs-delta", "freeze", "dump", "transfer", "restore", "commit", "cleanup"];
 
-/// Waits for the sender's `phase` event `step`; false if the sender ended
-/// (or took 30 s) first.
-fn reached(sender: &mut ChildProcess, step: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        sender.poll_events();
-        if sender.events.iter().any(|e| e["event"] == "phase" && e["phase"] == step) {
-            return true;
-        }
-        if !matches!(sender.child.try_wait(), Ok(None)) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    false
-}
-
 const FAULTS: [Fault; 8] = [
     Fault::KillSender,
     Fault::KillReceiver,
@@ -257,7 +240,7 @@ fn campaign_random_faults_keep_exactly_one_copy() {
                 // At a random moment of CRIU's work: its dump, or (once
                 // the sender waits for it) its restore.
                 if fault == Fault::KillCriuRestore {
-                    on_time = reached(&mut sender, "restore");
+                    on_time = sender.reached_phase("restore", Duration::from_secs(30));
                 }
                 let found = wait_for(Duration::from_secs(10), || Some(criu_of(&bed.tag)).filter(|c| !c.is_empty()));
                 std::thread::sleep(Duration::from_millis(rng.below(40)));
@@ -267,7 +250,7 @@ fn campaign_random_faults_keep_exactly_one_copy() {
                 }
             }
             _ => {
-                on_time = reached(&mut sender, step);
+                on_time = sender.reached_phase(step, Duration::from_secs(30));
                 std::thread::sleep(Duration::from_millis(rng.below(150)));
             }
         }
@@ -315,6 +298,10 @@ fn campaign_random_faults_keep_exactly_one_copy() {
         let rootfs = if on_source { src.rootfs() } else { bed.dst_bundles().join(&id).join("rootfs") };
         if on_source {
             assert_eq!(frozen_state(&bed, &id), "THAWED", "{what}: the source is left frozen; {notes:?}");
+            // Its network lock (nftables, in its namespace) is gone too.
+            let pid = bed.src_runc.internal_state(&id).unwrap().init_process_pid;
+            let locked = container_network::lock::is_locked(&container_network::Netns::Process(pid)).unwrap_or(false);
+            assert!(!locked, "{what}: the source runs with its network still locked");
         }
         let (_, now) = read_counter(&rootfs).unwrap_or_else(|| panic!("{what}: no counter"));
         let moving = wait_for(Duration::from_secs(10), || read_counter(&rootfs).filter(|(_, n)| *n > now + 5));

@@ -10,25 +10,10 @@ use std::time::Duration;
 use common::*;
 use migration_engine::testbed::ChildProcess;
 
-/// A running counter fixture and its token.
-fn counter(bed: &Testbed, name: &str) -> (migration_engine::testbed::FixtureContainer, String, String) {
-    let id = format!("{name}-{}", bed.tag);
-    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
-    let (token, _) = counter_at_least(&src.rootfs(), 5);
-    (src, id, token)
-}
-
-fn assert_source_runs(bed: &Testbed, src: &migration_engine::testbed::FixtureContainer, token: &str) {
-    assert_eq!(frozen_state(bed, &src.id), "THAWED", "source left frozen");
-    assert_eq!(bed.src_runc.state(&src.id).unwrap().status, "running");
-    let (_, now) = read_counter(&src.rootfs()).unwrap();
-    assert_counting_on(&src.rootfs(), token, now);
-}
-
 #[test]
 fn sender_killed_while_frozen_is_thawed_by_its_guard() {
     let Some(bed) = testbed("skl") else { return };
-    let (src, id, token) = counter(&bed, "sk");
+    let (src, id, token) = start_counter(&bed, "sk");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
     let mut cmd = bed.send_command(&id, port, &[]);
@@ -50,7 +35,7 @@ fn sender_killed_while_frozen_is_thawed_by_its_guard() {
 #[test]
 fn sender_interrupted_rolls_back_and_reports() {
     let Some(bed) = testbed("sin") else { return };
-    let (src, id, token) = counter(&bed, "si");
+    let (src, id, token) = start_counter(&bed, "si");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
     let mut cmd = bed.send_command(&id, port, &[]);
@@ -71,7 +56,7 @@ fn sender_interrupted_rolls_back_and_reports() {
 #[test]
 fn link_cut_during_transfer_times_out_and_rolls_back() {
     let Some(bed) = testbed("cut") else { return };
-    let (src, id, token) = counter(&bed, "ct");
+    let (src, id, token) = start_counter(&bed, "ct");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once", "--timeout", "4"], &[]).unwrap();
     let mut cmd = bed.send_command(&id, port, &["--timeout", "4", "--restore-timeout", "6"]);
@@ -128,7 +113,7 @@ fn destination_disk_full_is_refused_and_source_resumes() {
 #[test]
 fn restore_failure_on_destination_rolls_back() {
     let Some(bed) = testbed("rsf") else { return };
-    let (src, id, token) = counter(&bed, "rf");
+    let (src, id, token) = start_counter(&bed, "rf");
     let port = port();
     let mut receiver =
         bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-restore=error")]).unwrap();
@@ -143,7 +128,7 @@ fn restore_failure_on_destination_rolls_back() {
 #[test]
 fn a_failed_restore_keeps_criu_logs_and_the_errors_name_them() {
     let Some(bed) = testbed("rlg") else { return };
-    let (src, id, token) = counter(&bed, "lg");
+    let (src, id, token) = start_counter(&bed, "lg");
     let port = port();
     let mut receiver =
         bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-restore=corrupt")]).unwrap();
@@ -175,7 +160,7 @@ fn a_failed_restore_keeps_criu_logs_and_the_errors_name_them() {
 #[test]
 fn relay_failing_mid_dump_stops_criu_and_source_resumes() {
     let Some(bed) = testbed("rly") else { return };
-    let (src, id, token) = counter(&bed, "rl");
+    let (src, id, token) = start_counter(&bed, "rl");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
     // The relay stops after CRIU's first run of pages, CRIU still sending:
@@ -191,7 +176,7 @@ fn relay_failing_mid_dump_stops_criu_and_source_resumes() {
 #[test]
 fn abort_after_restore_removes_the_destination_copy() {
     let Some(bed) = testbed("abr") else { return };
-    let (src, id, token) = counter(&bed, "ab");
+    let (src, id, token) = start_counter(&bed, "ab");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
     // The destination restored and runs the container; then the sender
@@ -212,7 +197,7 @@ fn abort_after_restore_removes_the_destination_copy() {
 #[test]
 fn receiver_dying_after_commit_is_in_doubt_and_its_restart_finishes_the_copy() {
     let Some(bed) = testbed("unc") else { return };
-    let (src, id, token) = counter(&bed, "uc");
+    let (src, id, token) = start_counter(&bed, "uc");
     let port = port();
     let mut receiver =
         bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=exit")]).unwrap();
@@ -258,7 +243,7 @@ fn tmpfs_mounts_under(dir: &std::path::Path) -> Vec<String> {
 #[test]
 fn images_wait_in_memory_on_both_sides_and_the_mounts_go() {
     let Some(bed) = testbed("stg") else { return };
-    let (src, id, token) = counter(&bed, "st");
+    let (src, id, token) = start_counter(&bed, "st");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-restore=sleep:1500")]).unwrap();
     let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--dest-id", &format!("{id}-d")])).unwrap();

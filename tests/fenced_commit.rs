@@ -14,17 +14,9 @@ use std::time::Duration;
 use common::*;
 use migration_engine::testbed::{ChildProcess, FixtureContainer};
 
-fn counter(bed: &Testbed, name: &str) -> (FixtureContainer, String, String) {
-    let id = format!("{name}-{}", bed.tag);
-    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
-    let (token, _) = counter_at_least(&src.rootfs(), 5);
-    (src, id, token)
-}
-
-fn assert_source_runs(bed: &Testbed, src: &FixtureContainer, token: &str) {
-    assert_eq!(frozen_state(bed, &src.id), "THAWED", "source left frozen");
-    let (_, now) = read_counter(&src.rootfs()).unwrap();
-    assert_counting_on(&src.rootfs(), token, now);
+/// The source runs as it was, and the destination has no copy.
+fn assert_only_source_runs(bed: &Testbed, src: &FixtureContainer, token: &str) {
+    assert_source_runs(bed, src, token);
     assert!(!bed.dst_runc.exists(&src.id).unwrap(), "the destination still has a copy");
 }
 
@@ -59,7 +51,7 @@ fn run(cmd: std::process::Command) -> migration_engine::testbed::CommandResult {
 #[test]
 fn fence_hung_receiver_after_restore_never_runs_a_second_copy() {
     let Some(bed) = testbed("fhr") else { return };
-    let (src, id, token) = counter(&bed, "fh");
+    let (src, id, token) = start_counter(&bed, "fh");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-after-restore=sleep:6000")]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
@@ -73,7 +65,7 @@ fn fence_hung_receiver_after_restore_never_runs_a_second_copy() {
     assert!(held.is_some(), "the destination never held a restored copy: the fault was not where intended");
     assert_eq!(dst_moves, 0, "the destination's stopped copy made progress");
     assert!(src_moves > 5 && samples > 30, "{samples} samples, source moved in {src_moves}");
-    assert_source_runs(&bed, &src, &token);
+    assert_only_source_runs(&bed, &src, &token);
     assert_clean(&bed, &id);
 }
 
@@ -84,7 +76,7 @@ fn fence_hung_receiver_after_restore_never_runs_a_second_copy() {
 #[test]
 fn fence_lost_acknowledgement_leaves_the_source_frozen_until_resolved() {
     let Some(bed) = testbed("fla") else { return };
-    let (src, id, token) = counter(&bed, "fl");
+    let (src, id, token) = start_counter(&bed, "fl");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-before-commit-ack=exit")]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
@@ -131,7 +123,7 @@ fn fence_lost_acknowledgement_leaves_the_source_frozen_until_resolved() {
 #[test]
 fn fence_sender_killed_after_commit_is_settled_by_its_guard() {
     let Some(bed) = testbed("fsk") else { return };
-    let (src, id, token) = counter(&bed, "fs");
+    let (src, id, token) = start_counter(&bed, "fs");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &[], &[]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
@@ -154,7 +146,7 @@ fn fence_sender_killed_after_commit_is_settled_by_its_guard() {
 #[test]
 fn fence_sender_killed_before_its_commit_left_is_rolled_back_by_its_guard() {
     let Some(bed) = testbed("fsb") else { return };
-    let (src, id, token) = counter(&bed, "fb");
+    let (src, id, token) = start_counter(&bed, "fb");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &[], &[]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
@@ -164,7 +156,7 @@ fn fence_sender_killed_before_its_commit_left_is_rolled_back_by_its_guard() {
         .expect("the guard did not thaw the source after the destination aborted");
     let (_, _, dst_moves) = watch.finish("sender killed before its commit left");
     assert_eq!(dst_moves, 0, "the destination's copy ran without a Commit");
-    assert_source_runs(&bed, &src, &token);
+    assert_only_source_runs(&bed, &src, &token);
     receiver.child.kill().unwrap();
     let _ = receiver.child.wait();
     assert_clean(&bed, &id);
@@ -177,17 +169,13 @@ fn fence_sender_killed_before_its_commit_left_is_rolled_back_by_its_guard() {
 #[test]
 fn fence_link_cut_after_commit_is_settled_when_it_returns() {
     let Some(bed) = testbed("flc") else { return };
-    let (src, id, token) = counter(&bed, "fc");
+    let (src, id, token) = start_counter(&bed, "fc");
     let port = port();
     let mut receiver =
         bed.spawn_receiver(port, &[], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=sleep:1500")]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
     let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "3", "--in-doubt-timeout", "60"])).unwrap();
-    wait_for(Duration::from_secs(60), || {
-        receiver.poll_events();
-        receiver.events.iter().any(|e| e["event"] == "phase" && e["phase"] == "commit").then_some(())
-    })
-    .expect("the receiver never reached the commit");
+    assert!(receiver.reached_phase("commit", Duration::from_secs(60)), "the receiver never reached the commit");
     // The Commit is on its way or in: cut before the acknowledgement.
     std::thread::sleep(Duration::from_millis(300));
     bed.cut_link().unwrap();
@@ -210,18 +198,14 @@ fn fence_link_cut_after_commit_is_settled_when_it_returns() {
 #[test]
 fn fence_link_cut_before_commit_arrives_rolls_back_when_it_returns() {
     let Some(bed) = testbed("flb") else { return };
-    let (src, id, token) = counter(&bed, "fk");
+    let (src, id, token) = start_counter(&bed, "fk");
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--timeout", "3"], &[]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
     let mut cmd = bed.send_command(&id, port, &["--timeout", "3", "--in-doubt-timeout", "60"]);
     cmd.env("CTMIGRATE_FAILPOINTS", "sender-before-commit=sleep:2000");
     let mut sender = ChildProcess::spawn(cmd).unwrap();
-    wait_for(Duration::from_secs(60), || {
-        sender.poll_events();
-        sender.events.iter().any(|e| e["event"] == "phase" && e["phase"] == "commit").then_some(())
-    })
-    .expect("the sender never reached the commit");
+    assert!(sender.reached_phase("commit", Duration::from_secs(60)), "the sender never reached the commit");
     bed.cut_link().unwrap();
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(frozen_state(&bed, &id), "FROZEN", "the source ran while the outcome was unknown");
@@ -230,7 +214,7 @@ fn fence_link_cut_before_commit_arrives_rolls_back_when_it_returns() {
     assert_eq!(sender.wait(Duration::from_secs(60)), Some(4), "{}", sender.stderr());
     let (_, _, dst_moves) = watch.finish("link cut before commit");
     assert_eq!(dst_moves, 0);
-    assert_source_runs(&bed, &src, &token);
+    assert_only_source_runs(&bed, &src, &token);
     receiver.child.kill().unwrap();
     let _ = receiver.child.wait();
     assert_clean(&bed, &id);
@@ -242,25 +226,20 @@ fn fence_link_cut_before_commit_arrives_rolls_back_when_it_returns() {
 #[test]
 fn fence_sender_killed_while_in_doubt_is_settled_by_its_guard() {
     let Some(bed) = testbed("fsd") else { return };
-    let (src, id, token) = counter(&bed, "fd");
+    let (src, id, token) = start_counter(&bed, "fd");
     let port = port();
     let mut receiver =
         bed.spawn_receiver(port, &[], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=sleep:1500")]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
     let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "2", "--in-doubt-timeout", "60"])).unwrap();
-    wait_for(Duration::from_secs(60), || {
-        receiver.poll_events();
-        receiver.events.iter().any(|e| e["event"] == "phase" && e["phase"] == "commit").then_some(())
-    })
-    .expect("the receiver never reached the commit");
+    assert!(receiver.reached_phase("commit", Duration::from_secs(60)), "the receiver never reached the commit");
     std::thread::sleep(Duration::from_millis(300));
     bed.cut_link().unwrap();
     // In doubt: the sender says so, then dies.
-    wait_for(Duration::from_secs(30), || {
-        sender.poll_events();
-        sender.events.iter().any(|e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("in doubt")).then_some(())
-    })
-    .expect("the sender never reported being in doubt");
+    assert!(
+        sender.wait_until(Duration::from_secs(30), |e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("in doubt")),
+        "the sender never reported being in doubt"
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(sender.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let _ = sender.wait(Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(2));

@@ -267,6 +267,17 @@ fn serve_as(
     if session.query_only {
         return outcome.map(|()| Served::Query);
     }
+    // The exit code follows from the state the failure left.
+    let outcome = outcome.map_err(|(e, o)| {
+        use migration_protocol::state::DestinationRecovery::*;
+        let from_state = match session.machine.on_failure() {
+            NothingStored => Outcome::NothingTouched,
+            RemoveAll => Outcome::SourceResumed,
+            KeepCopy => Outcome::SourceNotResumed,
+            None => o,
+        };
+        (e, from_state)
+    });
     result.total_ms = started.elapsed().as_millis() as u64;
     result.bytes_sent = session.reader.wire_bytes;
     result.bytes_raw = session.sink_bytes;

@@ -66,6 +66,22 @@ pub fn port() -> u16 {
     7000 + (std::process::id() % 1000) as u16 * 8 % 2000 + NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A running counter fixture on the source host, its id and its token.
+pub fn start_counter(bed: &Testbed, name: &str) -> (migration_engine::testbed::FixtureContainer, String, String) {
+    let id = format!("{name}-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
+    let (token, _) = counter_at_least(&src.rootfs(), 5);
+    (src, id, token)
+}
+
+/// The source runs as it was: thawed, running, counting on with its token.
+pub fn assert_source_runs(bed: &Testbed, src: &migration_engine::testbed::FixtureContainer, token: &str) {
+    assert_eq!(frozen_state(bed, &src.id), "THAWED", "source left frozen");
+    assert_eq!(bed.src_runc.state(&src.id).unwrap().status, "running");
+    let (_, now) = read_counter(&src.rootfs()).unwrap();
+    assert_counting_on(&src.rootfs(), token, now);
+}
+
 /// Waits until the counter in `rootfs` reaches at least `min`.
 pub fn counter_at_least(rootfs: &Path, min: u64) -> (String, u64) {
     wait_for(Duration::from_secs(15), || read_counter(rootfs).filter(|(_, n)| *n >= min))

@@ -764,6 +764,29 @@ impl ChildProcess {
         std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
     }
 
+    /// Waits (up to `timeout`) for an event that `matches`; false if the
+    /// process ended or the time ran out first.
+    pub fn wait_until(&mut self, timeout: std::time::Duration, matches: impl Fn(&serde_json::Value) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            self.poll_events();
+            if self.events.iter().any(&matches) {
+                return true;
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                self.poll_events();
+                return self.events.iter().any(&matches);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        false
+    }
+
+    /// Waits for the `phase` event `phase` (see [`wait_until`](Self::wait_until)).
+    pub fn reached_phase(&mut self, phase: &str, timeout: std::time::Duration) -> bool {
+        self.wait_until(timeout, |e| e["event"] == "phase" && e["phase"] == phase)
+    }
+
     /// Takes in the events written so far, without waiting.
     pub fn poll_events(&mut self) {
         while let Ok(line) = self.lines.try_recv() {
