@@ -18,6 +18,8 @@
 #     kernel (which tracks dirty memory) unpacked under $GUEST_DIR
 #   - for the real-workload tests: mmdebstrap, which builds Debian root
 #     filesystems at test time (cached under /var/cache/ctmigrate/rootfs)
+#   - clippy, which the README's test command runs first: with rustup,
+#     `rustup component add clippy` when `cargo clippy` is missing
 #   - ctmigrate itself at /usr/local/bin/ctmigrate, and the static test
 #     fixture at /usr/local/libexec/ctmigrate/pattern-fixture
 set -euo pipefail
@@ -256,6 +258,21 @@ build_fixtures() {
     gcc -O2 -static -pthread -Wall -Wextra -o "$FIXTURE_DIR/pattern-fixture" "$REPO_DIR/fixtures/pattern-fixture.c"
 }
 
+# The README's test command runs `cargo clippy` before the tests.
+install_clippy() {
+    command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
+    cd "$REPO_DIR"
+    if cargo clippy --version >/dev/null 2>&1; then
+        log "$(cargo clippy --version) is installed"
+        return
+    fi
+    command -v rustup >/dev/null \
+        || die "cargo clippy not found and no rustup to add it: install clippy for $(cargo --version) (the test command runs it)"
+    log "adding clippy to the Rust toolchain (rustup component add clippy)"
+    rustup component add clippy >&2 || die "'rustup component add clippy' failed: the test command needs cargo clippy"
+    cargo clippy --version >/dev/null 2>&1 || die "cargo clippy still does not run after 'rustup component add clippy'"
+}
+
 build_ctmigrate() {
     command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
     log "building ctmigrate"
@@ -287,5 +304,6 @@ install_sshd_for_tests
 install_criu
 install_guest_kernel
 build_fixtures
+install_clippy
 build_ctmigrate
 log "done: try 'sudo ctmigrate check' and 'sudo ctmigrate validate'"

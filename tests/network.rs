@@ -148,7 +148,7 @@ fn assert_no_network_leftovers(net: &ContainerNetwork, dest_id: &str, source_net
 fn tcp_connection_survives_migration_with_the_network() {
     let Some(e) = echo_bed("nt") else { return };
     let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
-    let client = EchoClient::connect(&net);
+    let client = EchoClient::connect(net);
     client.assert_flowing(2_000, Duration::from_secs(20), "before migrating");
 
     let port = common::port();
@@ -179,16 +179,16 @@ fn tcp_connection_survives_migration_with_the_network() {
     // Deleting the container runs the receiver's poststop hook, which
     // removes the namespace it built.
     drop(dst);
-    assert_no_network_leftovers(&net, id, false, "after success and delete");
+    assert_no_network_leftovers(net, id, false, "after success and delete");
     std::fs::remove_dir_all(bed.dst_bundles().join(id)).expect("the committed bundle");
-    common::assert_clean(&bed, id);
+    common::assert_clean(bed, id);
 }
 
 #[test]
 fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
     let Some(e) = echo_bed("nf") else { return };
     let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
-    let client = EchoClient::connect(&net);
+    let client = EchoClient::connect(net);
     client.assert_flowing(1_000, Duration::from_secs(20), "before migrating");
 
     // One failure in each phase, on the side where it happens.
@@ -204,7 +204,8 @@ fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
     for (failpoint, on_receiver) in failures {
         let fp = format!("{failpoint}=error");
         let env = [("CTMIGRATE_FAILPOINTS", fp.as_str())];
-        let (recv_env, send_env): (&[(&str, &str)], &[(&str, &str)]) = if on_receiver { (&env, &[]) } else { (&[], &env) };
+        type Env<'a> = &'a [(&'a str, &'a str)];
+        let (recv_env, send_env): (Env, Env) = if on_receiver { (&env, &[]) } else { (&[], &env) };
         let port = common::port();
         let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], recv_env).unwrap();
         let sent = bed.run_sender(id, port, &["--tcp-established"], send_env).unwrap();
@@ -212,11 +213,11 @@ fn failed_migrations_keep_the_connection_and_leave_no_network_state() {
         assert!(matches!(sent.code, Some(3) | Some(4)), "{failpoint}: exit {:?}: {}", sent.code, sent.stderr);
         receiver.wait(Duration::from_secs(30));
 
-        assert_eq!(common::frozen_state(&bed, id), "THAWED", "{failpoint}: the source is still frozen");
+        assert_eq!(common::frozen_state(bed, id), "THAWED", "{failpoint}: the source is still frozen");
         bed.src_runc.running(id).unwrap_or_else(|e| panic!("{failpoint}: the source is not running: {e}"));
         client.assert_flowing(1_000, Duration::from_secs(60), &format!("after a failure at {failpoint}"));
-        assert_no_network_leftovers(&net, id, true, failpoint);
-        common::assert_clean(&bed, id);
+        assert_no_network_leftovers(net, id, true, failpoint);
+        common::assert_clean(bed, id);
     }
     client.finish();
 }
@@ -241,10 +242,10 @@ fn a_missing_bridge_is_refused_before_the_source_is_frozen() {
     assert!(sent.stderr.contains("--bridge"), "{}", sent.stderr);
     let froze = sent.events.iter().any(|e| e["event"] == "phase" && e["phase"] == "freeze");
     assert!(!froze, "the sender reached the freeze: {:?}", sent.events);
-    assert_eq!(common::frozen_state(&bed, id), "THAWED");
+    assert_eq!(common::frozen_state(bed, id), "THAWED");
     bed.src_runc.running(id).unwrap();
-    assert_no_network_leftovers(&net, id, true, "after the refusal");
-    common::assert_clean(&bed, id);
+    assert_no_network_leftovers(net, id, true, "after the refusal");
+    common::assert_clean(bed, id);
 }
 
 /// The `hooks` block of docs/hooks.md, with this test's binary, bridge and
@@ -342,10 +343,10 @@ fn documented_hooks_wire_plain_runc_and_the_container_migrates() {
 fn killed_sides_leave_the_network_as_it_was() {
     let Some(e) = echo_bed("nk") else { return };
     let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
-    let client = EchoClient::connect(&net);
+    let client = EchoClient::connect(net);
     client.assert_flowing(1_000, Duration::from_secs(20), "before migrating");
     let kill = |pid: u32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let frozen = || common::wait_for(Duration::from_secs(20), || (common::frozen_state(&bed, id) == "FROZEN").then_some(()));
+    let frozen = || common::wait_for(Duration::from_secs(20), || (common::frozen_state(bed, id) == "FROZEN").then_some(()));
 
     // The sender is killed while the source is frozen and its network
     // locked: the guard thaws the source and unlocks its network.
@@ -358,11 +359,11 @@ fn killed_sides_leave_the_network_as_it_was() {
     assert!(container_network::lock::is_locked(&container_network::Netns::Path(net.container_netns_path())).unwrap(), "frozen but not locked");
     kill(sender.child.id());
     let _ = sender.wait(Duration::from_secs(5));
-    common::wait_for(Duration::from_secs(20), || (common::frozen_state(&bed, id) == "THAWED").then_some(())).expect("the guard did not thaw");
+    common::wait_for(Duration::from_secs(20), || (common::frozen_state(bed, id) == "THAWED").then_some(())).expect("the guard did not thaw");
     receiver.wait(Duration::from_secs(60));
     client.assert_flowing(1_000, Duration::from_secs(60), "after the sender was killed");
-    assert_no_network_leftovers(&net, id, true, "after the sender was killed");
-    common::assert_clean(&bed, id);
+    assert_no_network_leftovers(net, id, true, "after the sender was killed");
+    common::assert_clean(bed, id);
 
     // The receiver is killed mid-transfer: the source resumes; what the
     // receiver built stays until the next receiver starts, which sweeps it.
@@ -377,10 +378,10 @@ fn killed_sides_leave_the_network_as_it_was() {
     let left = net.leftovers(id, true);
     assert!(left.iter().any(|l| l.contains(&format!("ctmigrate-{id}"))), "expected the killed receiver's namespace: {left:?}");
     let mut next = bed.spawn_receiver(common::port(), &["--bridge", &net.bridge], &[]).unwrap();
-    assert_no_network_leftovers(&net, id, true, "after the next receiver started");
+    assert_no_network_leftovers(net, id, true, "after the next receiver started");
     kill(next.child.id());
     let _ = next.wait(Duration::from_secs(5));
-    common::assert_clean(&bed, id);
+    common::assert_clean(bed, id);
     client.finish();
 }
 

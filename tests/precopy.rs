@@ -118,7 +118,7 @@ fn precopy_suite_in_soft_dirty_guest() {
     let exe = std::env::current_exe().unwrap();
     let mut command = format!("{} --include-ignored --test-threads=1 --exact", exe.display());
     let only = std::env::var("CTMIGRATE_GUEST_TESTS").ok();
-    for t in GUEST_TESTS.iter().filter(|t| only.as_deref().map_or(true, |o| o.split(',').any(|x| x == **t))) {
+    for t in GUEST_TESTS.iter().filter(|t| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == **t))) {
         command.push(' ');
         command.push_str(t);
     }
@@ -126,7 +126,7 @@ fn precopy_suite_in_soft_dirty_guest() {
     eprintln!("--- guest output ({:.0} s) ---\n{}", run.elapsed.as_secs_f64(), run.output);
     let console_tail: String = run.console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     assert_eq!(run.exit_code, Some(0), "guest tests failed; console:\n{console_tail}");
-    for t in GUEST_TESTS.iter().filter(|t| only.as_deref().map_or(true, |o| o.split(',').any(|x| x == **t))) {
+    for t in GUEST_TESTS.iter().filter(|t| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == **t))) {
         assert!(run.output.contains(&format!("test {t} ... ok")), "{t} did not pass in the guest");
     }
 }

@@ -220,6 +220,7 @@ fn rootfs_flock_held_before_is_held_after() {
 ///    on one copy of the tree, with a few files changed before each;
 /// 2. whole migrations of an idle container from that rootfs: the frozen
 ///    pass's share of the frozen time, and the receiver's verification.
+///
 /// `CTMIGRATE_BENCH_ROOTFS=DIR cargo test --release --test rootfs -- --ignored bench_rootfs_frozen_pass --nocapture`
 #[test]
 #[ignore = "benchmark: run by hand, see docs/performance.md"]

@@ -67,7 +67,7 @@ fn unauthenticated_peers_are_refused_before_anything_is_stored() {
 
     // The receiver said why, stored nothing, and audited both attempts.
     let refusals = (0..2)
-        .map(|_| receiver.wait_for_event("result", Duration::from_secs(10)).map(|e| { receiver.events.retain(|x| x != &e); e }))
+        .map(|_| receiver.wait_for_event("result", Duration::from_secs(10)).inspect(|e| receiver.events.retain(|x| x != e)))
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     for r in &refusals {

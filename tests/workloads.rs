@@ -386,6 +386,8 @@ const IDLE_FIFO_OWNER: (u32, u32) = (1234, 4321);
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `p` and `n` are NUL-terminated and live across the call;
+    // `value` is readable for `value.len()` bytes.
     let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     assert_eq!(rc, 0, "setting {name} on {}: {}", path.display(), std::io::Error::last_os_error());
 }
@@ -394,6 +396,8 @@ fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
     let mut buf = vec![0u8; 4096];
+    // SAFETY: `p` and `n` are NUL-terminated and live across the call;
+    // `buf` is writable for `buf.len()` bytes.
     let rc = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (rc >= 0).then(|| {
         buf.truncate(rc as usize);
@@ -469,9 +473,12 @@ struct LockProbe {
 fn getlk(path: &Path, cmd: libc::c_int) -> libc::flock {
     use std::os::fd::AsRawFd;
     let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    // SAFETY: `flock` is plain integers; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as i16;
     fl.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: `cmd` is F_GETLK or F_OFD_GETLK, which read and write one
+    // `struct flock`: `fl` is one, initialized; `f` is open for the call.
     let rc = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
     assert_eq!(rc, 0, "fcntl on {}: {}", path.display(), std::io::Error::last_os_error());
     // Closing `f` drops no lock of the container's: this process holds none.
@@ -484,7 +491,10 @@ fn probe_locks(rootfs: &Path) -> LockProbe {
     let posix = getlk(&d.join("posix.lock"), libc::F_GETLK);
     let ofd = getlk(&d.join("ofd.lock"), libc::F_OFD_GETLK);
     let f = std::fs::File::open(d.join("flock.lock")).unwrap();
+    // SAFETY: flock(2) on the descriptor `f` owns, open for the call; no
+    // memory is passed.
     let flock_held = if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // SAFETY: as above.
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
         false
     } else {

@@ -83,7 +83,7 @@ impl PagemapImageBuilder {
     /// a run that is unaligned, overflows or goes back in the address space.
     pub fn push(&mut self, vaddr: u64, pages: u64, flags: u32) -> Result<(), String> {
         let end = pages.checked_mul(PAGE_SIZE).and_then(|len| vaddr.checked_add(len));
-        let Some(end) = end.filter(|_| vaddr % PAGE_SIZE == 0 && pages > 0) else {
+        let Some(end) = end.filter(|_| vaddr.is_multiple_of(PAGE_SIZE) && pages > 0) else {
             return Err(format!("pagemap run of {pages} pages at {vaddr:#x} is empty, unaligned or past the address space"));
         };
         if vaddr < self.next_vaddr {

@@ -192,6 +192,8 @@ impl ResourceUsage {
     }
 }
 
+// One event is built, serialized once and dropped: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {

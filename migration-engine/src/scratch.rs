@@ -291,7 +291,7 @@ impl BusiestTask {
 
     pub fn seen(&mut self) -> Option<TaskSeen> {
         self.calls += 1;
-        if self.task.is_none() || self.calls % 32 == 0 {
+        if self.task.is_none() || self.calls.is_multiple_of(32) {
             self.task = descendants(self.root)
                 .into_iter()
                 .filter_map(|pid| task_stat(pid).map(|st| (pid, st)))
@@ -463,7 +463,7 @@ mod tests {
     #[test]
     fn the_busiest_task_of_a_tree_is_found_on_its_cpu() {
         let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
-        let last = (0..nix::sched::CpuSet::count()).filter(|c| cpus.is_set(*c).unwrap_or(false)).last().unwrap();
+        let last = (0..nix::sched::CpuSet::count()).rfind(|c| cpus.is_set(*c).unwrap_or(false)).unwrap();
         // A shell that waits for a busy grandchild pinned to `last`: the
         // shell sleeps, so the busy one is found, below it.
         let mut tree = std::process::Command::new("sh")

@@ -118,7 +118,7 @@ enum Inner {
     Plain(TcpStream),
     /// After rustls's handshake: records sealed and opened by crate::record
     /// with the keys it agreed.
-    Tls { sock: TcpStream, reader: RecordReader<TcpStream>, writer: RecordWriter, suite: Option<rustls::CipherSuite>, peer_name: Option<String> },
+    Tls { sock: TcpStream, reader: Box<RecordReader<TcpStream>>, writer: Box<RecordWriter>, suite: Option<rustls::CipherSuite>, peer_name: Option<String> },
     /// A pipe pair: an `ssh` child's stdio, or our own with `--stdio`.
     Pipes { read: std::fs::File, write: Option<std::fs::File>, read_timeout: Option<std::time::Duration> },
 }
@@ -241,7 +241,7 @@ impl Conn {
         let reader = RecordReader::new(sock.try_clone().map_err(MigrationError::io("socket"))?, secrets.rx.0, secrets.rx.1)
             .map_err(MigrationError::io("TLS session"))?;
         let writer = RecordWriter::new(secrets.tx.0, secrets.tx.1).map_err(MigrationError::io("TLS session"))?;
-        let inner = Inner::Tls { sock, reader, writer, suite, peer_name };
+        let inner = Inner::Tls { sock, reader: Box::new(reader), writer: Box::new(writer), suite, peer_name };
         Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(inner)), socket: Some(clone), pending: Default::default() })
     }
 

@@ -310,7 +310,7 @@ mod tests {
         let mut i = 0;
         while out.len() < len {
             out.extend_from_slice(WORDS[(noise[i % len] % 8) as usize].as_bytes());
-            if noise[(i + 1) % len] % 4 == 0 {
+            if noise[(i + 1) % len].is_multiple_of(4) {
                 out.push(b'0' + noise[(i + 2) % len] % 10);
             }
             i += 3;

@@ -138,8 +138,11 @@ pub fn migrate_ok(bed: &Testbed, id: &str, dest_id: &str) -> migration_engine::t
 /// container; before that its counter file is only the migration's copy).
 pub struct TwoCopyWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(Option<u64>, Option<u64>)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<CounterSample>>>,
 }
+
+/// One sample of both counters: the source's and the destination's.
+type CounterSample = (Option<u64>, Option<u64>);
 
 impl TwoCopyWatch {
     pub fn start(bed: &Testbed, src_rootfs: &Path, dest_id: &str) -> Self {

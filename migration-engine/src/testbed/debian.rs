@@ -141,6 +141,10 @@ impl RootfsSpec {
         // so the next build never removes a directory still being written.
         // It dies with the test's thread, and has a process group of its
         // own, so that a timeout kills apt and dpkg too.
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only fcntl and prctl, which are async-signal-safe, and allocates
+        // nothing (an OS error is a code, not an allocation); `lock_fd` is
+        // open in the parent until after the spawn, since `lock` outlives it.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::fcntl(lock_fd, libc::F_SETFD, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -372,6 +376,8 @@ impl FileLock {
             .open(path)
             .map_err(MigrationError::io(format!("opening {}", path.display())))?;
         // Blocks while another process builds.
+        // SAFETY: flock(2) on the descriptor `f` owns, open for the call; no
+        // memory is passed.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(MigrationError::io(format!("locking {}", path.display()))(std::io::Error::last_os_error()));
         }
