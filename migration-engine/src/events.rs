@@ -159,10 +159,14 @@ pub struct FrozenPhases {
     pub dump_and_transfer_ms: u64,
     /// Of that, how long CRIU's dump ran; the rest is the transfer's tail.
     pub criu_dump_ms: u64,
-    /// From the last image sent to Restored.
+    /// From the last image sent to Ready (restored, tasks stopped).
     pub restore_wait_ms: u64,
     /// The destination's own measure of `runc restore`.
     pub restore_ms: u64,
+    /// The fenced commit: from Ready to the CommitAck (commit-sent
+    /// journalled, Commit, the destination's journal, its network up and
+    /// its tasks continued).
+    pub commit_ms: u64,
 }
 
 /// CPU time and peak resident memory of this process, and of the child

@@ -797,6 +797,7 @@ impl<'a> Migration<'a> {
 
         // Commit: journalled first, so that whoever settles the migration
         // after this process knows the destination may run it.
+        let commit_started = Instant::now();
         self.rep.phase(Phase::Commit);
         if let Err(e) = failpoints::hit("sender-before-commit") {
             return Err(self.fail(e));
@@ -817,6 +818,9 @@ impl<'a> Migration<'a> {
         })();
         match commit {
             Ok(()) => {
+                if let Some(phases) = result.frozen_phases.as_mut() {
+                    phases.commit_ms = commit_started.elapsed().as_millis() as u64;
+                }
                 if let Some(g) = self.guard.as_mut() {
                     g.committed();
                 }
