@@ -1,5 +1,10 @@
 //! Fault injection for tests: `CTMIGRATE_FAILPOINTS=name=action[,name=action]`.
 //!
+//! Only in builds with the `failpoints` feature (the workspace's test
+//! builds): elsewhere the [`failpoint!`](crate::failpoint) and
+//! [`corrupt_at!`](crate::corrupt_at) macros at the named places expand to
+//! nothing, and a release binary holds none of these names.
+//!
 //! Actions: `error` (the step fails as if it had failed for real), `exit`
 //! (the process dies on the spot, as if killed), `sleep:MS` (stall), and
 //! `corrupt` (the step damages the data it sends). Only tests set the
@@ -26,6 +31,8 @@
 //! | `sender-rootfs-unsent-change` | sender, frozen rootfs pass: the tree digest covers a change no record carried (`corrupt`) |
 //! | `sender-after-round` | sender, after a pre-copy round was acknowledged |
 //! | `receiver-after-round` | receiver, after verifying a pre-copy round, before RoundDone |
+
+#![cfg(feature = "failpoints")]
 
 use std::time::Duration;
 

@@ -17,7 +17,7 @@ use migration_protocol::frame::encode_header;
 use migration_protocol::{Compressor, Frame, FrameWriter, ImageData, ImageFileSummary, ImagesDone, MessageKind};
 
 use crate::scratch::Reserve;
-use crate::{failpoints, MigrationError};
+use crate::{MigrationError};
 
 const CHUNK: usize = 1 << 20;
 /// Room for the longest ImageData prefix: name length, name, offset.
@@ -74,6 +74,9 @@ pub struct ImageStreamer {
     /// Images that come from CRIU's page-server socket, not from files.
     relayed: BTreeSet<String>,
     frame: Vec<u8>,
+    /// Fault injection (`sender-corrupt-image`): the next chunk is damaged
+    /// after its checksum was taken.
+    #[cfg(feature = "failpoints")]
     corrupt_next: bool,
 }
 
@@ -84,7 +87,8 @@ impl ImageStreamer {
             sent: BTreeMap::new(),
             relayed: BTreeSet::new(),
             frame: vec![0u8; FRAME_ROOM + CHUNK],
-            corrupt_next: failpoints::should_corrupt("sender-corrupt-image"),
+            #[cfg(feature = "failpoints")]
+            corrupt_next: corrupt_at!("sender-corrupt-image"),
         }
     }
 
@@ -270,7 +274,11 @@ impl ImageStreamer {
         let data_crc = crc32c::crc32c(&frame[prefix_len..]);
         state.crc = migration_protocol::crc::combine(state.crc, data_crc, n);
         state.offset += n as u64;
-        if std::mem::take(&mut self.corrupt_next) {
+        #[cfg(feature = "failpoints")]
+        let corrupt = std::mem::take(&mut self.corrupt_next);
+        #[cfg(not(feature = "failpoints"))]
+        let corrupt = false;
+        if corrupt {
             // Fault injection: the frame's checksum is for the intact
             // bytes, then one byte flips, as a bad link would do.
             let header = encode_header(MessageKind::ImageData, frame, frame.len() as u32, false);

@@ -5,6 +5,31 @@
 //! The command-line binary is a thin layer over these functions; each
 //! returns a typed error whose [`Outcome`] decides the exit code.
 
+/// A named fault-injection point (see [`failpoints`]): fails, exits or
+/// stalls as `CTMIGRATE_FAILPOINTS` says, in builds with the `failpoints`
+/// feature; `Ok(())`, and nothing in the binary, in others.
+macro_rules! failpoint {
+    ($name:literal) => {{
+        #[cfg(feature = "failpoints")]
+        let hit = $crate::failpoints::hit($name);
+        #[cfg(not(feature = "failpoints"))]
+        let hit: Result<(), $crate::MigrationError> = Ok(());
+        hit
+    }};
+}
+
+/// Whether the failpoint `name` asks for corruption (`name=corrupt`); false
+/// without the `failpoints` feature.
+macro_rules! corrupt_at {
+    ($name:literal) => {{
+        #[cfg(feature = "failpoints")]
+        let corrupt = $crate::failpoints::should_corrupt($name);
+        #[cfg(not(feature = "failpoints"))]
+        let corrupt = false;
+        corrupt
+    }};
+}
+
 pub mod admission;
 pub mod audit;
 pub mod check;

@@ -30,7 +30,7 @@ use crate::error::Outcome;
 use crate::events::{Event, Phase, ResultEvent};
 use crate::images::ImageSink;
 use crate::sender::round_dir;
-use crate::{failpoints, rootfs, MigrationError, Reporter};
+use crate::{rootfs, MigrationError, Reporter};
 
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
@@ -517,7 +517,7 @@ impl<'a> Session<'a> {
             .write_json(MessageKind::ManifestAccepted, &ManifestAccepted { bundle })
             .map_err(|e| resumed(e.into()))?;
         self.writer.flush().map_err(|e| resumed(e.into()))?;
-        failpoints::hit("receiver-after-manifest").map_err(resumed)?;
+        failpoint!("receiver-after-manifest").map_err(resumed)?;
 
         // Rootfs passes and images, in whatever order the sender sends them.
         self.rep.phase(Phase::Transfer);
@@ -537,8 +537,8 @@ impl<'a> Session<'a> {
             verify_wait_ms: Some(wait_started.elapsed().as_millis() as u64),
             ..Default::default()
         });
-        failpoints::hit("receiver-before-restore").map_err(resumed)?;
-        if failpoints::should_corrupt("receiver-before-restore") {
+        failpoint!("receiver-before-restore").map_err(resumed)?;
+        if corrupt_at!("receiver-before-restore") {
             // As a disk that lost a file after it was verified: CRIU's
             // restore fails for real, with a log to keep.
             let st = self.staging.as_ref().expect("staging exists");
@@ -582,7 +582,7 @@ impl<'a> Session<'a> {
         let restore_ms = restore_started.elapsed().as_millis() as u64;
         self.step(DestinationEvent::RestoredStopped).map_err(resumed)?;
         self.rep.warn(format!("restored `{}` with its {tasks} task(s) stopped; waiting for the sender's Commit", manifest.dest_id));
-        failpoints::hit("receiver-after-restore").map_err(resumed)?;
+        failpoint!("receiver-after-restore").map_err(resumed)?;
         self.writer
             .write_json(MessageKind::Ready, &Ready { pid, restore_ms })
             .map_err(|e| resumed(e.into()))?;
@@ -591,7 +591,7 @@ impl<'a> Session<'a> {
         // Wait for the sender's Commit; anything else (an Abort, silence
         // past --timeout, a lost connection) removes the stopped copy.
         self.rep.phase(Phase::Commit);
-        failpoints::hit("receiver-after-ready").map_err(resumed)?;
+        failpoint!("receiver-after-ready").map_err(resumed)?;
         let commit = self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?));
         if let Err(e) = commit {
             return Err(resumed(MigrationError::Aborted(format!("no commit from the sender ({e}); the restored copy was removed"))));
@@ -599,7 +599,7 @@ impl<'a> Session<'a> {
         // Committed, journalled before anything runs: from here the copy
         // is the container, never removed by this receiver.
         self.step(DestinationEvent::CommitReceived).map_err(resumed)?;
-        failpoints::hit("receiver-after-commit-journalled").map_err(resumed)?;
+        failpoint!("receiver-after-commit-journalled").map_err(resumed)?;
         let plan = match &self.entry.as_ref().expect("admitted").side {
             Side::Destination { plan, .. } => plan.clone(),
             Side::Source { .. } => unreachable!("a receiver's entry is a destination entry"),
@@ -611,7 +611,7 @@ impl<'a> Session<'a> {
             (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
         })?;
         self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;
-        failpoints::hit("receiver-before-commit-ack").map_err(|e| (e, Outcome::SourceNotResumed))?;
+        failpoint!("receiver-before-commit-ack").map_err(|e| (e, Outcome::SourceNotResumed))?;
         let _ = self.writer.write_frame(MessageKind::CommitAck, b"");
         let _ = self.writer.flush();
         self.control.shutdown();
@@ -765,7 +765,7 @@ impl<'a> Session<'a> {
                     self.reader.recycle(frame);
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
                     if std::mem::take(&mut first_image) {
-                        failpoints::hit("receiver-during-images")?;
+                        failpoint!("receiver-during-images")?;
                     }
                 }
                 MessageKind::ImagesDone => {
@@ -783,7 +783,7 @@ impl<'a> Session<'a> {
                         return Ok((done, check));
                     }
                     let bytes = done.files.iter().map(|f| f.size).sum();
-                    failpoints::hit("receiver-after-round")?;
+                    failpoint!("receiver-after-round")?;
                     self.writer.write_json(MessageKind::RoundDone, &RoundDone { round: begin.round, bytes })?;
                     self.writer.flush()?;
                     // While the sender's next round runs.

@@ -77,17 +77,24 @@ pub struct RecordWriter {
     /// Sealed records waiting to be written; reused.
     out: Vec<u8>,
     /// Fault injection: damage the next record after sealing it.
+    #[cfg(feature = "failpoints")]
     corrupt_next: bool,
 }
 
 impl RecordWriter {
     /// `seq` and `secrets` are the transmit half of rustls's extracted secrets.
     pub fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> io::Result<Self> {
-        Ok(Self { dir: Direction::new(seq, secrets)?, out: Vec::new(), corrupt_next: false })
+        Ok(Self {
+            dir: Direction::new(seq, secrets)?,
+            out: Vec::new(),
+            #[cfg(feature = "failpoints")]
+            corrupt_next: false,
+        })
     }
 
     /// Fault injection for tests: one byte of the next record sealed is
     /// flipped on its way out, as a bad link would do.
+    #[cfg(feature = "failpoints")]
     pub fn corrupt_next_record(&mut self) {
         self.corrupt_next = true;
     }
@@ -111,6 +118,7 @@ impl RecordWriter {
                 .seal_in_place_separate_tag(nonce, Aad::from(head), &mut self.out[start + HEADER_LEN..])
                 .map_err(|_| io::Error::other("sealing a TLS record failed"))?;
             self.out.extend_from_slice(tag.as_ref());
+            #[cfg(feature = "failpoints")]
             if std::mem::take(&mut self.corrupt_next) {
                 self.out[start + HEADER_LEN] ^= 0x01;
             }
@@ -358,6 +366,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "failpoints")]
     fn injected_corruption_damages_one_record() {
         let mut w = RecordWriter::new(7, secrets(1)).unwrap();
         let mut wire = Vec::new();

@@ -33,7 +33,7 @@ use crate::events::{Event, Phase, ResultEvent};
 use crate::transport::{connect, Destination};
 use crate::guard::FreezeGuard;
 use crate::precopy::{Convergence, ModeRequest, RoundReport};
-use crate::{failpoints, images, interrupt, rootfs, MigrationError, Reporter};
+use crate::{images, interrupt, rootfs, MigrationError, Reporter};
 
 /// Where CRIU finds its end of the page-server socket.
 const PAGE_SERVER_FD: i32 = 4;
@@ -799,7 +799,7 @@ impl<'a> Migration<'a> {
         // after this process knows the destination may run it.
         let commit_started = Instant::now();
         self.rep.phase(Phase::Commit);
-        if let Err(e) = failpoints::hit("sender-before-commit") {
+        if let Err(e) = failpoint!("sender-before-commit") {
             return Err(self.fail(e));
         }
         if let Err(e) = self.step(SourceEvent::CommitSent) {
@@ -809,10 +809,10 @@ impl<'a> Migration<'a> {
             g.commit_sent();
         }
         let commit = (|| -> Result<(), MigrationError> {
-            failpoints::hit("sender-after-commit-journalled")?;
+            failpoint!("sender-after-commit-journalled")?;
             self.p.peer.writer.write_frame(MessageKind::Commit, b"")?;
             self.p.peer.flush()?;
-            failpoints::hit("sender-after-commit")?;
+            failpoint!("sender-after-commit")?;
             self.p.peer.read_with_timeout(self.opts.io_timeout)?.expect(MessageKind::CommitAck, "CommitAck")?;
             Ok(())
         })();
@@ -928,7 +928,7 @@ impl<'a> Migration<'a> {
             let report = RoundReport::new(round, "pre-dump", bytes, started.elapsed(), &rounds);
             self.rep.emit(Event::Round(report.clone()));
             rounds.push(report);
-            failpoints::hit("sender-after-round")?;
+            failpoint!("sender-after-round")?;
             if let Some(reason) = rule.stop_after(&rounds) {
                 self.rep.emit(Event::PrecopyStop { rounds: round, reason, detail: reason.describe() });
                 result.stop_reason = Some(reason);
@@ -1000,8 +1000,9 @@ impl<'a> Migration<'a> {
 
     /// Rootfs delta, dump and transfer, restore on the destination.
     fn frozen_phase(&mut self, result: &mut ResultEvent) -> Result<(), MigrationError> {
-        failpoints::hit("sender-after-freeze")?;
-        if failpoints::should_corrupt("sender-corrupt-wire") {
+        failpoint!("sender-after-freeze")?;
+        #[cfg(feature = "failpoints")]
+        if corrupt_at!("sender-corrupt-wire") {
             self.p.peer.control.corrupt_next_record();
         }
         let phase_started = Instant::now();
@@ -1115,7 +1116,7 @@ impl<'a> Migration<'a> {
         let pagemaps = streamed.expect("errors handled above");
         if !pre_dump {
             self.rep.phase(Phase::Transfer);
-            failpoints::hit("sender-after-dump")?;
+            failpoint!("sender-after-dump")?;
         }
         for (name, bytes) in pagemaps {
             streamer.send_relayed_file(&mut self.p.peer.writer, &mut self.compressor, &name, &bytes)?;
@@ -1182,7 +1183,7 @@ impl<'a> Migration<'a> {
                         let len = nr_pages * 4096;
                         streamer.relay(&mut self.p.peer.writer, &mut self.compressor, &pages_name, conn.data(), len)?;
                         if streamed == 0 {
-                            failpoints::hit("sender-during-relay").map_err(images::RelayError::Send)?;
+                            failpoint!("sender-during-relay").map_err(images::RelayError::Send)?;
                         }
                         streamed += len;
                         self.rep.progress(Phase::Dump, streamed, transfer_start);

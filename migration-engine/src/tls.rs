@@ -267,6 +267,7 @@ impl Conn {
 
     /// Fault injection (failpoint `sender-corrupt-wire`): the next TLS
     /// record sent has one byte flipped. Nothing without TLS.
+    #[cfg(feature = "failpoints")]
     pub fn corrupt_next_record(&self) {
         if let Inner::Tls { writer, .. } = &mut *self.inner.borrow_mut() {
             writer.corrupt_next_record();

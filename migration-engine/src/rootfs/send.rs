@@ -137,7 +137,7 @@ impl TreeSender {
     fn finish<W: Write>(&mut self, mut em: Emit<'_, W>, phase: RootfsPhase) -> Result<PassReport, MigrationError> {
         let mut end = RootfsEnd { phase, entries: em.report.entries, deleted: em.report.deleted, tree_entries: 0, tree_digest: String::new() };
         if phase == RootfsPhase::Frozen {
-            if crate::failpoints::should_corrupt("sender-rootfs-unsent-change") {
+            if corrupt_at!("sender-rootfs-unsent-change") {
                 // A change in the digest that no record carried.
                 if let Some(e) = self.snapshot.entries.values_mut().find(|e| e.record.kind == EntryKind::File as u32) {
                     e.record.mode ^= 0o1;
@@ -459,7 +459,7 @@ fn send_content<W: Write>(em: &mut Emit<'_, W>, f: &File, size_at_open: u64) -> 
         (em.on_bytes)(n as u64);
         if hashed < size_at_open && std::mem::take(&mut em.pause_mid_file) {
             em.out.flush()?;
-            crate::failpoints::hit("sender-rootfs-mid-file")?;
+            failpoint!("sender-rootfs-mid-file")?;
         }
     }
     // A file that grew is sent again by the next pass; one that shrank ends
