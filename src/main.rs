@@ -204,8 +204,8 @@ enum Command {
         #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
         audit_log: PathBuf,
         /// Most bytes per second to send, e.g. 50M (k, M, G: powers of 1000).
-        #[arg(long)]
-        bwlimit: Option<String>,
+        #[arg(long, value_parser = migration_engine::transport::parse_rate)]
+        bwlimit: Option<u64>,
         /// An ssh option for ssh:// destinations, as `ssh -o` takes it
         /// (repeatable), e.g. IdentityFile=/root/.ssh/migrate.
         #[arg(long = "ssh-opt")]
@@ -260,8 +260,9 @@ enum Command {
         /// Seconds of silence from the sender before giving up.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
-        /// Most bytes (before compression) one migration may send.
-        #[arg(long, default_value_t = 256 << 30)]
+        /// Most bytes (before compression) one migration may send, e.g.
+        /// 256G (K, M, G, T: powers of 1024) or a number of bytes.
+        #[arg(long, default_value = "256G", value_parser = migration_engine::admission::parse_size)]
         max_bytes: u64,
         /// Host directory whose contents containers may bind-mount
         /// (repeatable); other host bind mounts are refused.
@@ -417,10 +418,6 @@ fn main() -> ExitCode {
             journal_dir,
             json,
         } => {
-            let bwlimit = match bwlimit.as_deref().map(migration_engine::transport::parse_rate).transpose() {
-                Ok(b) => b,
-                Err(e) => return fail(e, exit::USAGE),
-            };
             let to = match to.parse() {
                 Ok(d) => d,
                 Err(e) => return fail(e, exit::USAGE),
