@@ -13,7 +13,7 @@
 //! Why not rustls's own reader: it reads the socket 4 KiB at a time into its
 //! buffer and copies each decrypted record into a newly allocated one
 //! before the caller copies it out again; on this project's hosts that cost
-//! the receiver more CPU than the decryption (docs/performance.md). Here a
+//! the receiver more CPU than the decryption (docs/performance-history.md, run E). Here a
 //! read fills a large buffer straight from the socket, records are
 //! decrypted where they lie, and the caller copies the plaintext once.
 

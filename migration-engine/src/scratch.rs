@@ -220,7 +220,7 @@ impl Reserve {
     /// step is freed on the restorer's CPU just before it needs it. The
     /// task's own resident memory says what it took: free memory cannot,
     /// since pages on a CPU's lists are not counted free. See
-    /// docs/performance.md, session 8.
+    /// docs/performance-history.md, session 8.
     pub fn hand_over(mut self, mut observe: impl FnMut() -> Option<TaskSeen> + Send + 'static) -> HandOver {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let given = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -42,7 +42,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     // AES-128-GCM first (ring's default order puts AES-256 first): the
     // handshake's X25519 and P-256 certificates give 128-bit security
     // whatever the cipher, and AES-128's 10 rounds to AES-256's 14 cut the
-    // pipeline's CPU by about a tenth on each side (docs/performance.md).
+    // pipeline's CPU by about a tenth on each side (docs/performance-history.md).
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(p)
