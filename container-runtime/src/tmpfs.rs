@@ -13,6 +13,7 @@
 
 use std::path::Path;
 
+use migration_protocol::EmptyTmpfsWire;
 use serde::{Deserialize, Serialize};
 
 /// Most empty tmpfs mounts a manifest may list.
@@ -35,6 +36,24 @@ pub struct EmptyTmpfs {
     /// trusted: the sender uses it to find the same file system again).
     #[serde(skip)]
     pub device: Option<(u64, u64)>,
+}
+
+// Conversions to and from the Manifest's wire format. Infallible: an
+// entry from a peer is checked afterwards, by [`EmptyTmpfs::validate`].
+// The device is the source's own and never travels.
+
+impl From<EmptyTmpfsWire> for EmptyTmpfs {
+    fn from(wire: EmptyTmpfsWire) -> Self {
+        let EmptyTmpfsWire { mountpoint, options, read_only } = wire;
+        EmptyTmpfs { mountpoint, options, read_only, device: None }
+    }
+}
+
+impl From<EmptyTmpfs> for EmptyTmpfsWire {
+    fn from(tmpfs: EmptyTmpfs) -> Self {
+        let EmptyTmpfs { mountpoint, options, read_only, device: _ } = tmpfs;
+        EmptyTmpfsWire { mountpoint, options, read_only }
+    }
 }
 
 impl EmptyTmpfs {
