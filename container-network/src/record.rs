@@ -251,6 +251,17 @@ mod tests {
         }
     }
 
+    /// The Manifest carries the record as migration-protocol's
+    /// `NetworkWire`: converting changes neither the JSON nor the record.
+    #[test]
+    fn the_wire_format_is_the_records_json() {
+        let mut record = good();
+        record.routes[1].gateway = None;
+        let wire = NetworkWire::from(record.clone());
+        assert_eq!(serde_json::to_value(&wire).unwrap(), serde_json::to_value(&record).unwrap());
+        assert_eq!(NetworkRecord::from(wire), record);
+    }
+
     #[test]
     fn a_plain_record_is_valid() {
         good().validate().unwrap();

@@ -191,6 +191,18 @@ mod tests {
         assert_eq!(found[1].device, Some((0, 70)));
     }
 
+    /// The Manifest carries entries as migration-protocol's
+    /// `EmptyTmpfsWire`: the same JSON, without the source's device.
+    #[test]
+    fn the_wire_format_is_the_entrys_json_without_the_device() {
+        let found = candidates(MOUNTINFO);
+        let wire: Vec<EmptyTmpfsWire> = found.iter().cloned().map(Into::into).collect();
+        assert_eq!(serde_json::to_value(&wire).unwrap(), serde_json::to_value(&found).unwrap());
+        let back: Vec<EmptyTmpfs> = wire.into_iter().map(Into::into).collect();
+        assert!(back.iter().all(|t| t.device.is_none()));
+        assert_eq!(back, found.into_iter().map(|t| EmptyTmpfs { device: None, ..t }).collect::<Vec<_>>());
+    }
+
     #[test]
     fn hostile_entries_are_refused() {
         let ok = EmptyTmpfs { mountpoint: "/dev/shm".into(), options: vec!["size=64m".into(), "mode=1777".into()], read_only: false, device: None };

@@ -307,6 +307,41 @@ mod tests {
         }
     }
 
+    /// The Manifest's `network` and `empty_tmpfs` as docs/protocol.md
+    /// describes them: every field name and shape is pinned by parsing the
+    /// documented JSON and writing it back unchanged.
+    #[test]
+    fn manifest_records_keep_the_documented_json() {
+        let network = serde_json::json!({
+            "interfaces": [{"name": "eth0", "mac": "02:42:0a:00:00:05", "mtu": 1500, "addresses": ["10.0.0.5/24", "fd00::5/64"]}],
+            "routes": [
+                {"destination": "default", "gateway": "10.0.0.1", "device": "eth0", "family": 4},
+                {"destination": "fd01::/64", "gateway": null, "device": "eth0", "family": 6}
+            ]
+        });
+        let tmpfs = serde_json::json!([{"mountpoint": "/dev/shm", "options": ["size=65536k", "inode64"], "read_only": false}]);
+        let wire: NetworkWire = serde_json::from_value(network.clone()).unwrap();
+        assert_eq!(wire.routes[1].gateway, None);
+        assert_eq!(serde_json::to_value(&wire).unwrap(), network);
+        let entries: Vec<EmptyTmpfsWire> = serde_json::from_value(tmpfs.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&entries).unwrap(), tmpfs);
+
+        let mut manifest = serde_json::json!({
+            "migration_id": "0123456789abcdef", "container_id": "web", "dest_id": "web", "oci_config": {},
+            "criu_version": "4.2.1", "kernel": "6.18.0", "arch": "x86_64", "cgroup_version": 2, "mode": "stop-copy",
+            "max_rounds": 0, "tcp_established": false, "source_host": "a", "memory_bytes": 0,
+            "network": network, "empty_tmpfs": tmpfs
+        });
+        let m: Manifest = serde_json::from_value(manifest.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&m).unwrap(), manifest);
+        // Both default when absent; a null network is none.
+        let object = manifest.as_object_mut().unwrap();
+        object.remove("empty_tmpfs");
+        object.insert("network".into(), serde_json::Value::Null);
+        let m: Manifest = serde_json::from_value(manifest).unwrap();
+        assert_eq!((m.network, m.empty_tmpfs), (None, Vec::new()));
+    }
+
     #[test]
     fn image_data_crc_comes_from_the_payload_crc() {
         let data: Vec<u8> = (0..100_003u32).map(|i| (i * 13 + 5) as u8).collect();
