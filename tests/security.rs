@@ -156,7 +156,7 @@ impl Hostile {
             tcp_established: false,
             network: None,
             memory_bytes: 0,
-            empty_tmpfs,
+            empty_tmpfs: empty_tmpfs.into_iter().map(Into::into).collect(),
             source_host: "hostile".into(),
         };
         self.writer.write_json(MessageKind::Manifest, &m).unwrap();

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 
+use migration_protocol::{InterfaceWire, NetworkWire, RouteWire};
 use serde::{Deserialize, Serialize};
 
 use crate::{ip_json, Netns, NetworkError};
@@ -39,6 +40,53 @@ pub struct RouteRecord {
     pub device: String,
     /// 4 or 6.
     pub family: u8,
+}
+
+// Conversions to and from the Manifest's wire format. Field for field and
+// infallible: what comes from a peer is checked afterwards, by
+// [`NetworkRecord::validate`]. The destructuring makes a field added on
+// either side fail to compile here until the wire format is decided.
+
+impl From<NetworkWire> for NetworkRecord {
+    fn from(wire: NetworkWire) -> Self {
+        let NetworkWire { interfaces, routes } = wire;
+        NetworkRecord { interfaces: interfaces.into_iter().map(Into::into).collect(), routes: routes.into_iter().map(Into::into).collect() }
+    }
+}
+
+impl From<NetworkRecord> for NetworkWire {
+    fn from(record: NetworkRecord) -> Self {
+        let NetworkRecord { interfaces, routes } = record;
+        NetworkWire { interfaces: interfaces.into_iter().map(Into::into).collect(), routes: routes.into_iter().map(Into::into).collect() }
+    }
+}
+
+impl From<InterfaceWire> for InterfaceRecord {
+    fn from(wire: InterfaceWire) -> Self {
+        let InterfaceWire { name, mac, mtu, addresses } = wire;
+        InterfaceRecord { name, mac, mtu, addresses }
+    }
+}
+
+impl From<InterfaceRecord> for InterfaceWire {
+    fn from(record: InterfaceRecord) -> Self {
+        let InterfaceRecord { name, mac, mtu, addresses } = record;
+        InterfaceWire { name, mac, mtu, addresses }
+    }
+}
+
+impl From<RouteWire> for RouteRecord {
+    fn from(wire: RouteWire) -> Self {
+        let RouteWire { destination, gateway, device, family } = wire;
+        RouteRecord { destination, gateway, device, family }
+    }
+}
+
+impl From<RouteRecord> for RouteWire {
+    fn from(record: RouteRecord) -> Self {
+        let RouteRecord { destination, gateway, device, family } = record;
+        RouteWire { destination, gateway, device, family }
+    }
 }
 
 impl NetworkRecord {
@@ -201,6 +249,17 @@ mod tests {
                 RouteRecord { destination: "fd01::/64".into(), gateway: Some("fd00::1".into()), device: "eth0".into(), family: 6 },
             ],
         }
+    }
+
+    /// The Manifest carries the record as migration-protocol's
+    /// `NetworkWire`: converting changes neither the JSON nor the record.
+    #[test]
+    fn the_wire_format_is_the_records_json() {
+        let mut record = good();
+        record.routes[1].gateway = None;
+        let wire = NetworkWire::from(record.clone());
+        assert_eq!(serde_json::to_value(&wire).unwrap(), serde_json::to_value(&record).unwrap());
+        assert_eq!(NetworkRecord::from(wire), record);
     }
 
     #[test]

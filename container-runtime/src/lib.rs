@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod cgroup;
+#[cfg(feature = "criu")]
 pub mod dump_plan;
 pub mod runc;
 pub mod tmpfs;
@@ -11,6 +12,7 @@ pub mod tmpfs;
 pub use bundle::{validate_container_id, BundlePolicy};
 pub use oci_spec::runtime::Spec;
 pub use cgroup::{cgroup_version, Freezer, FreezerState};
+#[cfg(feature = "criu")]
 pub use dump_plan::DumpPlan;
 pub use runc::{ContainerStatus, Runc, RuncInternalState, RuncState};
 pub use tmpfs::EmptyTmpfs;

@@ -13,6 +13,7 @@
 
 use std::path::Path;
 
+use migration_protocol::EmptyTmpfsWire;
 use serde::{Deserialize, Serialize};
 
 /// Most empty tmpfs mounts a manifest may list.
@@ -35,6 +36,24 @@ pub struct EmptyTmpfs {
     /// trusted: the sender uses it to find the same file system again).
     #[serde(skip)]
     pub device: Option<(u64, u64)>,
+}
+
+// Conversions to and from the Manifest's wire format. Infallible: an
+// entry from a peer is checked afterwards, by [`EmptyTmpfs::validate`].
+// The device is the source's own and never travels.
+
+impl From<EmptyTmpfsWire> for EmptyTmpfs {
+    fn from(wire: EmptyTmpfsWire) -> Self {
+        let EmptyTmpfsWire { mountpoint, options, read_only } = wire;
+        EmptyTmpfs { mountpoint, options, read_only, device: None }
+    }
+}
+
+impl From<EmptyTmpfs> for EmptyTmpfsWire {
+    fn from(tmpfs: EmptyTmpfs) -> Self {
+        let EmptyTmpfs { mountpoint, options, read_only, device: _ } = tmpfs;
+        EmptyTmpfsWire { mountpoint, options, read_only }
+    }
 }
 
 impl EmptyTmpfs {
@@ -170,6 +189,18 @@ mod tests {
         assert!(!found[0].read_only);
         assert!(found[1].read_only);
         assert_eq!(found[1].device, Some((0, 70)));
+    }
+
+    /// The Manifest carries entries as migration-protocol's
+    /// `EmptyTmpfsWire`: the same JSON, without the source's device.
+    #[test]
+    fn the_wire_format_is_the_entrys_json_without_the_device() {
+        let found = candidates(MOUNTINFO);
+        let wire: Vec<EmptyTmpfsWire> = found.iter().cloned().map(Into::into).collect();
+        assert_eq!(serde_json::to_value(&wire).unwrap(), serde_json::to_value(&found).unwrap());
+        let back: Vec<EmptyTmpfs> = wire.into_iter().map(Into::into).collect();
+        assert!(back.iter().all(|t| t.device.is_none()));
+        assert_eq!(back, found.into_iter().map(|t| EmptyTmpfs { device: None, ..t }).collect::<Vec<_>>());
     }
 
     #[test]

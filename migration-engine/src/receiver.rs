@@ -24,7 +24,7 @@ use migration_protocol::{DestinationMachine, DestinationState};
 
 use crate::journal::{DestinationPlan, Entry, Journal, Role, Side};
 
-use container_network::DestinationNetwork;
+use container_network::{DestinationNetwork, NetworkRecord};
 
 use crate::error::Outcome;
 use crate::events::{Event, Phase, ResultEvent};
@@ -462,12 +462,15 @@ impl<'a> Session<'a> {
         let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
         let in_memory = admitted.in_memory();
         staging.admission = Some(admitted);
+        // The manifest's wire records as the domain types (checked by
+        // check_manifest, on the same conversion).
+        let network: Option<NetworkRecord> = manifest.network.clone().map(Into::into);
         let plan = DestinationPlan {
             runtime_root: self.opts.runtime_root.clone(),
             runc_binary: self.opts.runc_binary.clone(),
             bundle: staging.bundle.clone(),
             work_dir: staging.work_dir.clone(),
-            network: manifest.network.clone(),
+            network: network.clone(),
         };
         self.entry = Some(Entry::new(
             &manifest.migration_id,
@@ -492,7 +495,7 @@ impl<'a> Session<'a> {
                 .map_err(|e| refused(e.to_string()))?,
             );
         }
-        if let Some(record) = &manifest.network {
+        if let Some(record) = &network {
             // Built now, before the source freezes; the host ends stay down
             // until the container is restored.
             let built = DestinationNetwork::build(record, &manifest.dest_id, self.opts.bridge.as_deref())
@@ -500,8 +503,8 @@ impl<'a> Session<'a> {
             staging.network = Some(built);
         }
         let mut criu_config = criu_config;
-        for (index, tmpfs) in manifest.empty_tmpfs.iter().enumerate() {
-            let dir = staging.mount_empty_tmpfs(index, tmpfs).map_err(nothing)?;
+        for (index, tmpfs) in manifest.empty_tmpfs.iter().cloned().map(EmptyTmpfs::from).enumerate() {
+            let dir = staging.mount_empty_tmpfs(index, &tmpfs).map_err(nothing)?;
             criu_config.push_str(&format!("external mnt[{}]:{}\n", EmptyTmpfs::external_key(index), dir.display()));
         }
         let config_path = staging.bundle.join("config.json");
@@ -652,7 +655,7 @@ impl<'a> Session<'a> {
             network_namespace: None,
             poststop_hook: None,
         };
-        if let Some(record) = &m.network {
+        if let Some(record) = m.network.clone().map(NetworkRecord::from) {
             record.validate().map_err(|e| refused(e.to_string()))?;
             match (&self.opts.bridge, record.is_empty()) {
                 (Some(bridge), _) => container_network::check_bridge(bridge).map_err(|e| refused(e.to_string()))?,
@@ -681,7 +684,7 @@ impl<'a> Session<'a> {
             return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));
         }
         for (i, tmpfs) in m.empty_tmpfs.iter().enumerate() {
-            tmpfs.validate().map_err(refused)?;
+            EmptyTmpfs::from(tmpfs.clone()).validate().map_err(refused)?;
             if m.empty_tmpfs[..i].iter().any(|t| t.mountpoint == tmpfs.mountpoint) {
                 return Err(refused(format!("the manifest lists the tmpfs at {} twice", tmpfs.mountpoint)));
             }

@@ -341,9 +341,9 @@ fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepar
         mode: mode.name().into(),
         max_rounds: if mode == Mode::Precopy { opts.max_iterations } else { 0 },
         tcp_established: opts.tcp_established,
-        network: network.as_ref().map(|n| n.record.clone()),
+        network: network.as_ref().map(|n| n.record.clone().into()),
         memory_bytes,
-        empty_tmpfs: plan.empty_tmpfs.clone(),
+        empty_tmpfs: plan.empty_tmpfs.iter().cloned().map(Into::into).collect(),
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     peer.writer.write_json(MessageKind::Manifest, &manifest)?;

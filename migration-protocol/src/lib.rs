@@ -5,6 +5,14 @@
 //! a payload that may be zstd-compressed. Control messages carry JSON
 //! payloads ([`messages`]); bulk data (rootfs entries, CRIU images) is
 //! binary. docs/protocol.md describes the format and the message sequence.
+//!
+//! This crate depends on none of the runtime, network or CRIU crates (so
+//! that it and the fuzz targets build anywhere): what a [`Manifest`]
+//! carries of them has wire types of its own here ([`NetworkWire`],
+//! [`InterfaceWire`], [`RouteWire`], [`EmptyTmpfsWire`]), converted at the
+//! edges by `From` impls in the crates that own the domain types
+//! (container-network's `NetworkRecord`, container-runtime's
+//! `EmptyTmpfs`), which also validate what a receiver converted.
 
 pub mod compress;
 pub mod crc;

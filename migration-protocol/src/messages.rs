@@ -48,7 +48,7 @@ pub struct Manifest {
     /// is external to the dump: the receiver rebuilds them (validating
     /// every field) and restores the container into the new namespace.
     #[serde(default)]
-    pub network: Option<container_network::NetworkRecord>,
+    pub network: Option<NetworkWire>,
     /// Resident memory of the container's processes, for the receiver to
     /// decide where to stage the images (an estimate, never trusted as a
     /// limit).
@@ -56,12 +56,68 @@ pub struct Manifest {
     pub memory_bytes: u64,
     /// tmpfs mounts of the container that were empty at preflight. Those
     /// still empty once frozen are external to the final dump under
-    /// [`EmptyTmpfs::external_key`] of their index here, and the receiver
-    /// provides a new tmpfs with the same options for each (validated).
-    ///
-    /// [`EmptyTmpfs::external_key`]: container_runtime::EmptyTmpfs::external_key
+    /// `ctmigrate-tmpfs-<index>` (their index here; container-runtime's
+    /// `EmptyTmpfs::external_key`), and the receiver provides a new tmpfs
+    /// with the same options for each (validated).
     #[serde(default)]
-    pub empty_tmpfs: Vec<container_runtime::EmptyTmpfs>,
+    pub empty_tmpfs: Vec<EmptyTmpfsWire>,
+}
+
+// The records a Manifest carries are wire formats of their own: the
+// protocol crate knows nothing of the crates that record, check and
+// rebuild them (container-network, container-runtime). Those crates
+// convert their domain types to and from these (`From` impls there), and
+// the receiver validates what it converted, as for any peer input. Field
+// names and shapes are the wire format: renaming or retyping one changes
+// the protocol.
+
+/// Wire format of the Manifest's `network`: the container's interfaces
+/// (other than loopback) and the routes added to them.
+/// `{"interfaces": [InterfaceWire], "routes": [RouteWire]}`.
+/// Unchecked as received.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkWire {
+    pub interfaces: Vec<InterfaceWire>,
+    pub routes: Vec<RouteWire>,
+}
+
+/// Wire format of one interface in [`NetworkWire`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceWire {
+    /// Name inside the container, e.g. `eth0`.
+    pub name: String,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub mtu: u32,
+    /// `address/prefix`, IPv4 and global IPv6.
+    pub addresses: Vec<String>,
+}
+
+/// Wire format of one route in [`NetworkWire`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteWire {
+    /// `default` or `address/prefix`.
+    pub destination: String,
+    /// An address, or `null`.
+    pub gateway: Option<String>,
+    /// Name of one of the record's interfaces.
+    pub device: String,
+    /// 4 or 6.
+    pub family: u8,
+}
+
+/// Wire format of one entry of the Manifest's `empty_tmpfs`: a tmpfs of
+/// the container, empty at preflight.
+/// `{"mountpoint": "/dev/shm", "options": ["size=65536k"], "read_only": false}`.
+/// Unchecked as received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmptyTmpfsWire {
+    /// Where it is mounted, as the container sees it.
+    pub mountpoint: String,
+    /// The file system's options (`size=65536k`, `mode=755`, ...).
+    pub options: Vec<String>,
+    /// Whether the file system itself is read-only.
+    pub read_only: bool,
 }
 
 /// The receiver accepts the manifest; the sender may now freeze.
@@ -249,6 +305,41 @@ mod tests {
         for bad in ["", "../x", "a/b", "A", "x y", &"a".repeat(65)] {
             assert!(validate_migration_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// The Manifest's `network` and `empty_tmpfs` as docs/protocol.md
+    /// describes them: every field name and shape is pinned by parsing the
+    /// documented JSON and writing it back unchanged.
+    #[test]
+    fn manifest_records_keep_the_documented_json() {
+        let network = serde_json::json!({
+            "interfaces": [{"name": "eth0", "mac": "02:42:0a:00:00:05", "mtu": 1500, "addresses": ["10.0.0.5/24", "fd00::5/64"]}],
+            "routes": [
+                {"destination": "default", "gateway": "10.0.0.1", "device": "eth0", "family": 4},
+                {"destination": "fd01::/64", "gateway": null, "device": "eth0", "family": 6}
+            ]
+        });
+        let tmpfs = serde_json::json!([{"mountpoint": "/dev/shm", "options": ["size=65536k", "inode64"], "read_only": false}]);
+        let wire: NetworkWire = serde_json::from_value(network.clone()).unwrap();
+        assert_eq!(wire.routes[1].gateway, None);
+        assert_eq!(serde_json::to_value(&wire).unwrap(), network);
+        let entries: Vec<EmptyTmpfsWire> = serde_json::from_value(tmpfs.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&entries).unwrap(), tmpfs);
+
+        let mut manifest = serde_json::json!({
+            "migration_id": "0123456789abcdef", "container_id": "web", "dest_id": "web", "oci_config": {},
+            "criu_version": "4.2.1", "kernel": "6.18.0", "arch": "x86_64", "cgroup_version": 2, "mode": "stop-copy",
+            "max_rounds": 0, "tcp_established": false, "source_host": "a", "memory_bytes": 0,
+            "network": network, "empty_tmpfs": tmpfs
+        });
+        let m: Manifest = serde_json::from_value(manifest.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&m).unwrap(), manifest);
+        // Both default when absent; a null network is none.
+        let object = manifest.as_object_mut().unwrap();
+        object.remove("empty_tmpfs");
+        object.insert("network".into(), serde_json::Value::Null);
+        let m: Manifest = serde_json::from_value(manifest).unwrap();
+        assert_eq!((m.network, m.empty_tmpfs), (None, Vec::new()));
     }
 
     #[test]
