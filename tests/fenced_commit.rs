@@ -34,6 +34,20 @@ fn remove_destination_copy(bed: &Testbed, id: &str) {
     let _ = std::fs::remove_dir_all(bed.dst_bundles().join(id));
 }
 
+/// Starts a migration whose receiver pauses 1.5 s once the Commit is
+/// journalled, and cuts the link then: the Commit is in, its
+/// acknowledgement cannot come out. The sender's `--timeout` is `timeout`.
+fn cut_after_commit(bed: &Testbed, id: &str, port: u16, timeout: &str) -> (ChildProcess, ChildProcess) {
+    let mut receiver =
+        bed.spawn_receiver(port, &[], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=sleep:1500")]).unwrap();
+    let sender = ChildProcess::spawn(bed.send_command(id, port, &["--timeout", timeout, "--in-doubt-timeout", "60"])).unwrap();
+    assert!(receiver.reached_phase("commit", Duration::from_secs(60)), "the receiver never reached the commit");
+    // The Commit is on its way or in: cut before the acknowledgement.
+    std::thread::sleep(Duration::from_millis(300));
+    bed.cut_link().unwrap();
+    (receiver, sender)
+}
+
 fn migration_id(events: &[serde_json::Value]) -> String {
     events
         .iter()
@@ -171,14 +185,8 @@ fn fence_link_cut_after_commit_is_settled_when_it_returns() {
     let Some(bed) = testbed("flc") else { return };
     let (src, id, token) = start_counter(&bed, "fc");
     let port = port();
-    let mut receiver =
-        bed.spawn_receiver(port, &[], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=sleep:1500")]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
-    let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "3", "--in-doubt-timeout", "60"])).unwrap();
-    assert!(receiver.reached_phase("commit", Duration::from_secs(60)), "the receiver never reached the commit");
-    // The Commit is on its way or in: cut before the acknowledgement.
-    std::thread::sleep(Duration::from_millis(300));
-    bed.cut_link().unwrap();
+    let (mut receiver, mut sender) = cut_after_commit(&bed, &id, port, "3");
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(frozen_state(&bed, &id), "FROZEN", "the source ran while the outcome was unknown");
     bed.restore_link();
@@ -228,13 +236,8 @@ fn fence_sender_killed_while_in_doubt_is_settled_by_its_guard() {
     let Some(bed) = testbed("fsd") else { return };
     let (src, id, token) = start_counter(&bed, "fd");
     let port = port();
-    let mut receiver =
-        bed.spawn_receiver(port, &[], &[("CTMIGRATE_FAILPOINTS", "receiver-after-commit-journalled=sleep:1500")]).unwrap();
     let watch = TwoCopyWatch::start(&bed, &src.rootfs(), &id);
-    let mut sender = ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "2", "--in-doubt-timeout", "60"])).unwrap();
-    assert!(receiver.reached_phase("commit", Duration::from_secs(60)), "the receiver never reached the commit");
-    std::thread::sleep(Duration::from_millis(300));
-    bed.cut_link().unwrap();
+    let (mut receiver, mut sender) = cut_after_commit(&bed, &id, port, "2");
     // In doubt: the sender says so, then dies.
     assert!(
         sender.wait_until(Duration::from_secs(30), |e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("in doubt")),
