@@ -944,6 +944,9 @@ impl Drop for Staging {
             if let Some(net) = &self.network {
                 net.remove();
             }
+            if self.restore_attempted {
+                crate::settle::remove_cgroups_of(&self.bundle);
+            }
             let _ = std::fs::remove_dir_all(&self.bundle);
             crate::scratch::remove_work_dir(&self.work_dir);
         }

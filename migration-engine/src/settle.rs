@@ -183,6 +183,45 @@ fn stop_restore_in_flight(bundle: &Path) {
     }
 }
 
+/// Removes the cgroups the bundle's config names (`linux.cgroupsPath`) in
+/// every hierarchy, deepest first: a restore stopped midway (its runc
+/// killed) leaves them without a runc state that `runc delete` would
+/// clean, and a cgroup left there refuses the next migration of that id.
+pub(crate) fn remove_cgroups_of(bundle: &Path) {
+    let Ok(config) = std::fs::read(bundle.join("config.json")) else { return };
+    let Ok(config) = serde_json::from_slice::<serde_json::Value>(&config) else { return };
+    let Some(path) = config["linux"]["cgroupsPath"].as_str() else { return };
+    let rel = Path::new(path.trim_start_matches('/'));
+    if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        return;
+    }
+    let mut roots = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    // Tasks CRIU killed may take a moment to leave their cgroup.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for dir in roots.iter().map(|r| r.join(rel)).filter(|d| d.join("cgroup.procs").exists()) {
+        while remove_cgroup_tree(&dir).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// rmdir of a cgroup and the cgroups below it (a cgroup directory holds
+/// only control files, which go with it).
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_cgroup_tree(&e.path())?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Removes an uncommitted copy and everything staged for it.
 pub fn remove_destination(plan: &DestinationPlan, id: &str) {
     stop_restore_in_flight(&plan.bundle);
@@ -194,6 +233,7 @@ pub fn remove_destination(plan: &DestinationPlan, id: &str) {
     // Whether or not the manifest had a network record: a namespace of
     // this name is the migration's either way.
     let _ = container_network::DestinationNetwork::remove_for(id);
+    remove_cgroups_of(&plan.bundle);
     let _ = std::fs::remove_dir_all(&plan.bundle);
     crate::scratch::remove_work_dir(&plan.work_dir);
 }
