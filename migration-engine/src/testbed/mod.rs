@@ -645,6 +645,21 @@ impl Testbed {
         if let Ok(rd) = std::fs::read_dir(self.dst_bundles()) {
             out.extend(rd.flatten().map(|e| format!("destination bundle {}", e.path().display())));
         }
+        // State runc itself no longer lists (a restore killed midway).
+        if let Ok(rd) = std::fs::read_dir(&self.dst_runc.root) {
+            let listed = self.dst_runc.list().unwrap_or_default();
+            out.extend(
+                rd.flatten()
+                    .filter(|e| e.path().is_dir() && !listed.contains(&e.file_name().to_string_lossy().into_owned()))
+                    .map(|e| format!("destination runtime state {}", e.path().display())),
+            );
+        }
+        // Any mount left below the bundles or the runtime state.
+        let all_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for dir in [self.dst_bundles(), self.dst_runc.root.clone()] {
+            let under = format!("{}/", dir.display());
+            out.extend(all_mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&under)).map(|m| format!("mount {m}")));
+        }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for w in [self.src_work(), self.dst_work()] {
             if let Ok(rd) = std::fs::read_dir(&w) {
