@@ -195,12 +195,7 @@ impl Entry {
     /// Whether the process that owns the entry, or its helper, is still
     /// at it.
     pub fn owner_alive(&self) -> bool {
-        let alive = |pid: u32| {
-            pid == std::process::id()
-                || std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains("ctmigrate"))
-                    .unwrap_or(false)
-        };
+        let alive = |pid: u32| pid == std::process::id() || is_ctmigrate_process(pid);
         alive(self.owner_pid) || self.helper_pid.is_some_and(|p| p != std::process::id() && alive(p))
     }
 
@@ -324,6 +319,12 @@ impl Journal {
             }
         }
     }
+}
+
+/// Whether process `pid` lives and is a ctmigrate (a sender, its guard, a
+/// receiver): a pid reused by another program is not.
+pub fn is_ctmigrate_process(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("ctmigrate")).unwrap_or(false)
 }
 
 /// A new migration id: 16 random hex digits.

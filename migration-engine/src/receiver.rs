@@ -939,7 +939,7 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             if self.restore_attempted {
-                remove_container(&self.runc, &self.dest_id);
+                crate::settle::remove_container(&self.runc, &self.dest_id);
             }
             if let Some(net) = &self.network {
                 net.remove();
@@ -956,18 +956,6 @@ impl Drop for Staging {
     }
 }
 
-fn remove_container(runc: &Runc, id: &str) {
-    if runc.exists(id).unwrap_or(false) {
-        let _ = runc.kill(id, "KILL");
-        let _ = runc.delete_force(id);
-    }
-}
-
-fn pid_is_live_receiver(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("ctmigrate"))
-        .unwrap_or(false)
-}
 
 /// Removes what receivers that died mid-migration left: uncommitted
 /// bundles (and any container restored from them, since its sender has
@@ -997,12 +985,12 @@ pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
             }
             let Ok(pid) = std::fs::read_to_string(&marker) else { continue };
             let pid: u32 = pid.trim().parse().unwrap_or(0);
-            if pid == std::process::id() || pid_is_live_receiver(pid) {
+            if pid == std::process::id() || crate::journal::is_ctmigrate_process(pid) {
                 continue;
             }
             let id = e.file_name().to_string_lossy().into_owned();
             rep.warn(format!("removing {}, left uncommitted by a receiver that died", e.path().display()));
-            remove_container(runc, &id);
+            crate::settle::remove_container(runc, &id);
             let _ = DestinationNetwork::remove_for(&id);
             let _ = std::fs::remove_dir_all(e.path());
         }
@@ -1012,7 +1000,7 @@ pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(rest) = name.strip_prefix("recv-") else { continue };
             let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-            if pid != std::process::id() && !pid_is_live_receiver(pid) {
+            if pid != std::process::id() && !crate::journal::is_ctmigrate_process(pid) {
                 crate::scratch::remove_work_dir(&e.path());
             }
         }

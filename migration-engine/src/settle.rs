@@ -222,6 +222,14 @@ fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Kills and deletes container `id` if runc knows it.
+pub fn remove_container(runc: &Runc, id: &str) {
+    if runc.exists(id).unwrap_or(false) {
+        let _ = runc.kill(id, "KILL");
+        let _ = runc.delete_force(id);
+    }
+}
+
 /// Unmounts everything mounted at or below `dir` (deepest first).
 fn unmount_below(dir: &Path) {
     let prefix = format!("{}/", dir.display());
@@ -238,10 +246,7 @@ fn unmount_below(dir: &Path) {
 pub fn remove_destination(plan: &DestinationPlan, id: &str) {
     stop_restore_in_flight(&plan.bundle);
     let runc = plan.runc();
-    if runc.exists(id).unwrap_or(false) {
-        let _ = runc.kill(id, "KILL");
-        let _ = runc.delete_force(id);
-    }
+    remove_container(&runc, id);
     // A runc restore killed midway leaves its state directory without a
     // state file runc would know, holding the bind mount of the rootfs it
     // prepared for CRIU.
