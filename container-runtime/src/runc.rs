@@ -278,7 +278,7 @@ impl Runc {
             .spawn()
             .and_then(|mut child| {
                 started(child.id());
-                child.wait()
+                wait_unless_criu_died(&mut child)
             })
             .map_err(|source| RuntimeError::Spawn { binary: self.binary.clone(), source });
         let stderr = std::fs::read(&err_path).unwrap_or_default();
@@ -355,6 +355,51 @@ pub fn criu_log_errors(log: &Path) -> Option<String> {
     Some(errs[start..].join("; "))
 }
 
+/// How long runc may wait on a CRIU that is gone before it is stopped.
+const CRIU_GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for `runc`, unless the CRIU it started has died and runc goes on
+/// waiting: a helper CRIU forked can outlive it holding the RPC socket
+/// open, and runc then never sees the end of it (CRIU killed during a
+/// restore). After [`CRIU_GONE_GRACE`] of that, runc is killed, so that
+/// the command fails instead of hanging for ever.
+fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    let pid = runc.id();
+    let mut saw_criu = false;
+    let mut gone_since: Option<std::time::Instant> = None;
+    loop {
+        if let Some(status) = runc.try_wait()? {
+            return Ok(status);
+        }
+        // A CRIU that died stays runc's zombie child until runc reaps it.
+        let criu_child = children_of(pid).into_iter().any(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+            stat.contains("(criu)") && !stat.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with(['Z', 'X'])).unwrap_or(true)
+        });
+        saw_criu |= criu_child;
+        match (saw_criu && !criu_child, gone_since) {
+            (true, None) => gone_since = Some(std::time::Instant::now()),
+            (true, Some(t)) if t.elapsed() > CRIU_GONE_GRACE => {
+                let _ = runc.kill();
+                return runc.wait();
+            }
+            (false, _) => gone_since = None,
+            _ => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The child processes of `pid` (all its threads').
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,3 +430,4 @@ mod tests {
         assert!(matches!(runc.live_init_pid("c1"), Err(RuntimeError::NotRunning { .. })));
     }
 }
+
