@@ -378,25 +378,21 @@ pub const EMPTY_TMPFS_DIR: &str = "empty-tmpfs";
 /// Removes a work directory, unmounting its images tmpfs first if it has
 /// one (lazily: a CRIU that still holds a file there lets go later).
 pub fn remove_work_dir(work_dir: &Path) {
-    let images = work_dir.join("images");
-    if is_mount_point(&images) {
-        let _ = nix::mount::umount2(&images, nix::mount::MntFlags::MNT_DETACH);
-    }
-    // The receiver's empty tmpfs mounts: a restored container holds its
-    // own bind of each, which stays.
-    for entry in std::fs::read_dir(work_dir.join(EMPTY_TMPFS_DIR)).into_iter().flatten().flatten() {
-        if is_mount_point(&entry.path()) {
-            let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
+    // Whatever is mounted below: the images tmpfs, the receiver's empty
+    // tmpfs mounts (a restored container holds its own bind of each, which
+    // stays), and what a CRIU killed midway left (its cgroup yard).
+    unmount_below(work_dir);
     let _ = std::fs::remove_dir_all(work_dir);
 }
 
-fn is_mount_point(dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::symlink_metadata(dir), dir.parent().map(std::fs::symlink_metadata)) {
-        (Ok(d), Some(Ok(p))) => d.dev() != p.dev(),
-        _ => false,
+/// Unmounts everything mounted below `dir` (deepest first).
+pub fn unmount_below(dir: &Path) {
+    let prefix = format!("{}/", dir.display());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = info.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&prefix)).collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in points {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

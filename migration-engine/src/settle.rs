@@ -230,18 +230,6 @@ pub fn remove_container(runc: &Runc, id: &str) {
     }
 }
 
-/// Unmounts everything mounted at or below `dir` (deepest first).
-fn unmount_below(dir: &Path) {
-    let prefix = format!("{}/", dir.display());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> =
-        info.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&prefix) || *m == prefix.trim_end_matches('/')).collect();
-    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in points {
-        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 /// Removes an uncommitted copy and everything staged for it.
 pub fn remove_destination(plan: &DestinationPlan, id: &str) {
     stop_restore_in_flight(&plan.bundle);
@@ -252,10 +240,10 @@ pub fn remove_destination(plan: &DestinationPlan, id: &str) {
     // prepared for CRIU.
     let state_dir = plan.runtime_root.join(id);
     if state_dir.is_dir() && !runc.exists(id).unwrap_or(true) {
-        unmount_below(&state_dir);
+        crate::scratch::unmount_below(&state_dir);
         let _ = std::fs::remove_dir_all(&state_dir);
     }
-    unmount_below(&plan.bundle);
+    crate::scratch::unmount_below(&plan.bundle);
     // Whether or not the manifest had a network record: a namespace of
     // this name is the migration's either way.
     let _ = container_network::DestinationNetwork::remove_for(id);
