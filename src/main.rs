@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use migration_engine::events::Reporter;
 use migration_engine::precopy::ModeRequest;
-use migration_engine::{check, receive, send, validate, MigrationError, Outcome, ReceiveOptions, SendOptions};
+use migration_engine::{check, receive, send, MigrationError, Outcome, ReceiveOptions, SendOptions};
+use migration_testbed::validate;
 use migration_protocol::CompressionMode;
 
 /// Exit codes (documented in the README).

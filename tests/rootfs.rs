@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::{build_bundle, ChildProcess, FixtureContainer};
+use migration_testbed::{build_bundle, ChildProcess, FixtureContainer};
 
 /// Everything the destination must reproduce, read independently of
 /// ctmigrate's own code: per path, type, mode, owner, size, mtime, link
@@ -191,7 +191,7 @@ fn rootfs_flock_held_before_is_held_after() {
     std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/flock")).unwrap();
     let cfg_path = bundle.join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    let script = format!("touch /lockfile; flock -x /lockfile sleep 100000 & {}", migration_engine::testbed::COUNTER_SCRIPT);
+    let script = format!("touch /lockfile; flock -x /lockfile sleep 100000 & {}", migration_testbed::COUNTER_SCRIPT);
     cfg["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
     std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
     let src = FixtureContainer::start(bed.src_runc.clone(), &id, &bundle).unwrap();
@@ -311,6 +311,6 @@ fn bench_rootfs_frozen_pass() {
                 "rootfs_verified": [r["rootfs_verified"].clone(), rr["rootfs_verified"].clone()],
             })
         );
-        migration_engine::testbed::force_remove(&bed.dst_runc, &id);
+        migration_testbed::force_remove(&bed.dst_runc, &id);
     }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::{connect_from, ChildProcess};
+use migration_testbed::{connect_from, ChildProcess};
 use migration_engine::tls::{client_config, Conn};
 use migration_protocol::frame::encode_header;
 use migration_protocol::*;
@@ -209,7 +209,7 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     let mut receiver = bed.spawn_receiver(port, &["--max-bytes", &(8 << 20).to_string()], &[]).unwrap();
     let cfg_dir = bed.dir.join("cfg");
     std::fs::create_dir_all(&cfg_dir).unwrap();
-    migration_engine::testbed::build_bundle(&bed.runc_binary, &cfg_dir, &Workload::Counter).unwrap();
+    migration_testbed::build_bundle(&bed.runc_binary, &cfg_dir, &Workload::Counter).unwrap();
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(cfg_dir.join("config.json")).unwrap()).unwrap();
     let outside = bed.dir.join("outside");
     std::fs::create_dir_all(&outside).unwrap();

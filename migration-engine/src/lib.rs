@@ -1,6 +1,7 @@
 //! Live migration of runc containers: the sender ([`send`]), the receiver
-//! ([`receive`]), the preflight check ([`check`]) and the one-machine
-//! validation ([`validate`]).
+//! ([`receive`]) and the preflight check ([`check`]). The one-machine
+//! validation and the tests' two hosts live in the `migration-testbed`
+//! crate.
 //!
 //! The command-line binary is a thin layer over these functions; each
 //! returns a typed error whose [`Outcome`] decides the exit code.
@@ -51,10 +52,8 @@ pub mod sender;
 pub mod settle;
 pub mod journal;
 pub mod resolve;
-pub mod testbed;
 pub mod tls;
 pub mod transport;
-pub mod validate;
 
 pub use error::{MigrationError, Outcome};
 pub use events::{Event, Reporter};
