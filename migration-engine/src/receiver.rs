@@ -296,13 +296,7 @@ fn serve_as(
             result.error = Some(explain(e.to_string()));
             result.exit_code = Some(o.exit_code());
             // Tell the sender why, if it still listens.
-            let code = match e {
-                MigrationError::Protocol(ProtocolError::NoCommonVersion { .. }) => ErrorCode::IncompatibleVersion,
-                MigrationError::Refused(_) => ErrorCode::Refused,
-                MigrationError::Protocol(_) | MigrationError::RootfsMismatch(_) => ErrorCode::BadStream,
-                MigrationError::Remote(_) => ErrorCode::RestoreFailed,
-                _ => ErrorCode::Internal,
-            };
+            let code = e.peer_code();
             let message = explain(match e {
                 MigrationError::Refused(m) | MigrationError::Remote(m) => m.clone(),
                 other => other.to_string(),
@@ -728,7 +722,7 @@ impl<'a> Session<'a> {
                 | MessageKind::RootfsDelete
                 | MessageKind::RootfsEnd => {
                     if check.is_some() {
-                        return Err(MigrationError::Other("rootfs records after the frozen pass".into()));
+                        return Err(MigrationError::BadStream("rootfs records after the frozen pass".into()));
                     }
                     let (end, bytes) = tree.receive_pass(&mut self.reader, frame)?;
                     self.sink_bytes += bytes;
@@ -739,10 +733,10 @@ impl<'a> Session<'a> {
                 MessageKind::RoundBegin => {
                     let begin: RoundBegin = frame.json()?;
                     if round.is_some() || begin.round != last_round + 1 {
-                        return Err(MigrationError::Other(format!("round {} out of order", begin.round)));
+                        return Err(MigrationError::BadStream(format!("round {} out of order", begin.round)));
                     }
                     if begin.kind == RoundKind::PreDump && begin.round > max_rounds.min(crate::sender::MAX_ITERATIONS) {
-                        return Err(MigrationError::Other(format!("round {} exceeds the announced {max_rounds}", begin.round)));
+                        return Err(MigrationError::BadStream(format!("round {} exceeds the announced {max_rounds}", begin.round)));
                     }
                     let dir = images_dir.join(round_dir(begin.kind, begin.round));
                     std::fs::DirBuilder::new()
@@ -762,7 +756,7 @@ impl<'a> Session<'a> {
                 }
                 MessageKind::ImageData => {
                     let Some((_, sink)) = round.as_mut() else {
-                        return Err(MigrationError::Other("image data outside a round".into()));
+                        return Err(MigrationError::BadStream("image data outside a round".into()));
                     };
                     self.sink_bytes += sink.write_frame(&frame)? as u64;
                     self.reader.recycle(frame);
@@ -773,7 +767,7 @@ impl<'a> Session<'a> {
                 }
                 MessageKind::ImagesDone => {
                     let Some((begin, mut sink)) = round.take() else {
-                        return Err(MigrationError::Other("ImagesDone outside a round".into()));
+                        return Err(MigrationError::BadStream("ImagesDone outside a round".into()));
                     };
                     let done: ImagesDone = frame.json()?;
                     sink.verify(&done)?;
@@ -782,7 +776,7 @@ impl<'a> Session<'a> {
                     }
                     last_round = begin.round;
                     if begin.kind == RoundKind::Final {
-                        let check = check.ok_or_else(|| MigrationError::Other("the final images came before the frozen rootfs pass".into()))?;
+                        let check = check.ok_or_else(|| MigrationError::BadStream("the final images came before the frozen rootfs pass".into()))?;
                         return Ok((done, check));
                     }
                     let bytes = done.files.iter().map(|f| f.size).sum();
