@@ -48,7 +48,7 @@ pub mod record;
 pub mod rlimit_support;
 pub mod rootfs;
 pub mod scratch;
-pub mod sender;
+pub mod source;
 pub mod settle;
 pub mod journal;
 pub mod resolve;
@@ -58,7 +58,7 @@ pub mod transport;
 pub use error::{MigrationError, Outcome};
 pub use events::{Event, Reporter};
 pub use receiver::{receive, receive_stdio, ReceiveOptions};
-pub use sender::{send, SendOptions, SendReport};
+pub use source::{send, SendOptions, SendReport};
 
 /// Default place for working files (image directories): a tmpfs on most
 /// hosts, root-only.

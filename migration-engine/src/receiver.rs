@@ -29,7 +29,7 @@ use container_network::{DestinationNetwork, NetworkRecord};
 use crate::error::Outcome;
 use crate::events::{Event, Phase, ResultEvent};
 use crate::images::ImageSink;
-use crate::sender::round_dir;
+use crate::source::round_dir;
 use crate::{rootfs, MigrationError, Reporter};
 
 #[derive(Debug, Clone)]
@@ -735,7 +735,7 @@ impl<'a> Session<'a> {
                     if round.is_some() || begin.round != last_round + 1 {
                         return Err(MigrationError::BadStream(format!("round {} out of order", begin.round)));
                     }
-                    if begin.kind == RoundKind::PreDump && begin.round > max_rounds.min(crate::sender::MAX_ITERATIONS) {
+                    if begin.kind == RoundKind::PreDump && begin.round > max_rounds.min(crate::source::MAX_ITERATIONS) {
                         return Err(MigrationError::BadStream(format!("round {} exceeds the announced {max_rounds}", begin.round)));
                     }
                     let dir = images_dir.join(round_dir(begin.kind, begin.round));

@@ -17,7 +17,7 @@ use migration_protocol::state::SourceEvent;
 use migration_protocol::{DestinationState, MessageKind, PeerDecision, Query, QueryAnswer, SourceFate, SourceMachine, SourceState};
 
 use crate::journal::{Entry, Journal, Role, Side, SourcePlan};
-use crate::sender::{connect_peer, PeerLink};
+use crate::source::{connect_peer, PeerLink};
 use crate::tls::Security;
 use crate::transport::Destination;
 use crate::{settle, MigrationError, Outcome};
