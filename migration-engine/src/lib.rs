@@ -31,7 +31,6 @@ macro_rules! corrupt_at {
     }};
 }
 
-pub mod admission;
 pub mod audit;
 pub mod check;
 pub mod error;
@@ -41,9 +40,8 @@ pub mod failure_logs;
 pub mod guard;
 pub mod images;
 pub mod interrupt;
-pub mod listener;
 pub mod precopy;
-pub mod receiver;
+pub mod destination;
 pub mod record;
 pub mod rlimit_support;
 pub mod rootfs;
@@ -57,7 +55,7 @@ pub mod transport;
 
 pub use error::{MigrationError, Outcome};
 pub use events::{Event, Reporter};
-pub use receiver::{receive, receive_stdio, ReceiveOptions};
+pub use destination::{admission, listener, receive, receive_stdio, ReceiveOptions};
 pub use source::{send, SendOptions, SendReport};
 
 /// Default place for working files (image directories): a tmpfs on most
