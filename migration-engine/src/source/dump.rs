@@ -58,34 +58,22 @@ impl<'a> Migration<'a> {
     /// Runs CRIU in a thread while this one streams its pages (relayed
     /// from CRIU's page-server socket if `relay_pages`, else read from the
     /// page images as CRIU writes them); then sends the rest and ImagesDone.
-    pub(super) fn dump_and_stream(&mut self, mut dump: DumpOptions, relay_pages: bool) -> Result<images::RoundBytes, MigrationError> {
+    pub(super) fn dump_and_stream(&mut self, dump: DumpOptions, relay_pages: bool) -> Result<images::RoundBytes, MigrationError> {
         let images = dump.images_dir.clone();
         let log = self.work_dir.join(&dump.log_file);
         let pre_dump = dump.pre_dump;
         let what = if pre_dump { "pre-dump" } else { "dump" };
-        let started = Instant::now();
-        let (mut session, relay_socket) = if relay_pages {
+        let (criu_end, relay_socket) = if relay_pages {
             let (ours, theirs) = criu_bindings::page_server_socketpair(RELAY_SOCKET_BUFFER)
                 .map_err(|e| MigrationError::Other(format!("creating CRIU's page-server socket: {e}")))?;
-            dump.page_server_fd = Some(PAGE_SERVER_FD);
-            (CriuSession::start_with_fds(&self.opts.criu_binary, vec![(PAGE_SERVER_FD, theirs)])?, Some(std::os::unix::net::UnixStream::from(ours)))
+            (Some(theirs), Some(std::os::unix::net::UnixStream::from(ours)))
         } else {
-            (CriuSession::start(&self.opts.criu_binary)?, None)
+            (None, None)
         };
-        if let (Some(g), Some(pid)) = (self.guard.as_mut(), session.pid()) {
+        let CriuRun { pid, worker } = self.host.start_dump(dump, criu_end)?;
+        if let (Some(g), Some(pid)) = (self.guard.as_mut(), pid) {
             g.watch_criu(pid);
         }
-        // CRIU's own time is taken in its thread: this one may be busy
-        // sending a backlog when CRIU returns.
-        let worker = std::thread::spawn(move || -> Result<u64, criu_bindings::CriuError> {
-            session.dump(&dump, &mut |_| NotifyAction::Continue)?;
-            if dump.pre_dump {
-                session.finish_after_pre_dump()?;
-            } else {
-                session.finish()?;
-            }
-            Ok(started.elapsed().as_millis() as u64)
-        });
         let mut streamer = images::ImageStreamer::new(&images);
         let streamed = match &relay_socket {
             Some(socket) => {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use container_runtime::{validate_container_id, DumpPlan, EmptyTmpfs, FreezerState, Runc, RuncInternalState, RuncState};
-use criu_bindings::{CriuSession, DumpOptions, ExternalMount, NotifyAction};
+use criu_bindings::{DumpOptions, ExternalMount};
 use migration_protocol::{
     RootfsPhase, CompressionMode, Compressor, ErrorMessage, FrameReader, FrameWriter, Hello, HelloAck, Manifest, ManifestAccepted,
     MessageKind, Ready, RoundBegin, RoundDone, RoundKind, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
@@ -27,7 +27,6 @@ use migration_protocol::{
 
 use crate::error::{Failure, Outcome};
 use crate::journal::{Entry, Journal, Role, Side, SourcePlan};
-use crate::settle;
 use migration_protocol::state::SourceEvent;
 use migration_protocol::{SourceFate, SourceMachine, SourceState};
 use crate::events::{Event, Phase, ResultEvent};
@@ -38,16 +37,18 @@ use crate::{images, interrupt, rootfs, MigrationError, Reporter};
 
 mod commit;
 mod dump;
+mod host;
 mod precopy;
 mod preflight;
 mod rollback;
+#[cfg(test)]
+mod tests;
 
+pub(crate) use host::{CriuRun, RealSourceHost, SourceHost};
 pub use preflight::MAX_ITERATIONS;
 pub(crate) use preflight::{connect_peer, PeerLink};
 use preflight::preflight;
 
-/// Where CRIU finds its end of the page-server socket.
-const PAGE_SERVER_FD: i32 = 4;
 /// CRIU's send buffer on that socket: a few of its page pipes.
 const RELAY_SOCKET_BUFFER: usize = 4 << 20;
 
@@ -256,7 +257,8 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
             result.network = prepared.network_handling.clone();
             peer = prepared.peer.identity.clone();
             result.migration_id = Some(prepared.migration_id.clone());
-            Migration::new(opts, prepared, rep).run(&mut result)
+            let host = RealSourceHost { criu_binary: opts.criu_binary.clone(), guard_exe: opts.guard_exe.clone() };
+            Migration::new(opts, prepared, rep, Box::new(host)).run(&mut result)
         }
     });
     result.total_ms = started.elapsed().as_millis() as u64;
@@ -300,6 +302,8 @@ struct Migration<'a> {
     entry: Entry,
     journal: Journal,
     guard: Option<FreezeGuard>,
+    /// Everything done to the container and its host (see [`host`]).
+    host: Box<dyn SourceHost + 'a>,
     /// Staging memory set aside before the freeze, given to CRIU's first dump.
     reserve: Option<crate::scratch::Reserve>,
     /// Mount points of the empty tmpfs left out of the final dump.
@@ -309,7 +313,7 @@ struct Migration<'a> {
 }
 
 impl<'a> Migration<'a> {
-    fn new(opts: &'a SendOptions, mut p: Prepared, rep: &'a Reporter) -> Self {
+    fn new(opts: &'a SendOptions, mut p: Prepared, rep: &'a Reporter, host: Box<dyn SourceHost + 'a>) -> Self {
         let work_dir = opts.work_root.join(format!("send-{}-{}", opts.container, std::process::id()));
         let tree = rootfs::TreeSender::new(&p.state.rootfs, std::mem::take(&mut p.hidden_mounts));
         let plan = SourcePlan {
@@ -346,16 +350,10 @@ impl<'a> Migration<'a> {
             entry,
             journal: Journal::new(&opts.journal_dir),
             guard: None,
+            host,
             reserve: None,
             tmpfs_made_anew: Vec::new(),
             tree,
-        }
-    }
-
-    fn plan(&self) -> &SourcePlan {
-        match &self.entry.side {
-            Side::Source { plan, .. } => plan,
-            Side::Destination { .. } => unreachable!("a sender's entry is a source entry"),
         }
     }
 
@@ -451,8 +449,9 @@ impl<'a> Migration<'a> {
 
         // Freeze: from here on, every failure thaws (until the Commit),
         // and the guard acts if this process dies.
-        match FreezeGuard::spawn(&self.opts.guard_exe, &self.p.plan.freezer, &self.work_dir, &self.journal.path_of(Role::Source, &self.entry.id)) {
-            Ok(g) => {
+        match self.host.spawn_guard(&self.p.plan.freezer, &self.work_dir, &self.journal.path_of(Role::Source, &self.entry.id)) {
+            Ok(None) => {}
+            Ok(Some(g)) => {
                 // While the guard lives, nothing else acts on the migration
                 // (journalled now, before the frozen window).
                 self.entry.helper_pid = Some(g.pid());
@@ -470,9 +469,9 @@ impl<'a> Migration<'a> {
             self.unlock_network();
             return Err(self.fail(e));
         }
-        if let Err(e) = self.p.plan.freezer.freeze(self.opts.freeze_timeout) {
+        if let Err(e) = self.host.freeze(&self.p.plan.freezer, self.opts.freeze_timeout) {
             self.unlock_network();
-            return Err(self.fail(e.into()));
+            return Err(self.fail(e));
         }
         let frozen_at = Instant::now();
         if let Err(e) = self.step(SourceEvent::Froze) {
@@ -499,6 +498,15 @@ impl<'a> Migration<'a> {
         Ok(())
     }
 
+}
+
+/// A sender's journal entry's plan (taken from the entry alone, so that it
+/// can be borrowed beside the migration's host).
+fn source_plan(entry: &Entry) -> &SourcePlan {
+    match &entry.side {
+        Side::Source { plan, .. } => plan,
+        Side::Destination { .. } => unreachable!("a sender's entry is a source entry"),
+    }
 }
 
 /// The states a settling process needs to find in the journal. Inside

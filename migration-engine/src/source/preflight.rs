@@ -6,6 +6,28 @@
 use super::*;
 
 pub(super) fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Prepared, MigrationError> {
+    let found = inspect(opts, dest_id, rep)?;
+    agree(opts, dest_id, found, rep)
+}
+
+/// What this host knows of the container before anything moves.
+pub(super) struct Inspected {
+    pub state: RuncState,
+    pub plan: DumpPlan,
+    /// Its OCI configuration, as the destination gets it.
+    pub config: serde_json::Value,
+    pub criu_version: String,
+    pub mode: Mode,
+    pub mode_reason: Option<String>,
+    pub network: Option<SourceNetwork>,
+    pub network_handling: Option<String>,
+    pub memory_bytes: u64,
+    pub hidden_mounts: std::collections::BTreeSet<PathBuf>,
+}
+
+/// Finds the container and reads its state: runc's, the cgroup's, CRIU's
+/// version, the network, the mounts.
+fn inspect(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Inspected, MigrationError> {
     rep.phase(Phase::Preflight);
     validate_container_id(&opts.container)?;
     validate_container_id(dest_id)?;
@@ -37,7 +59,13 @@ pub(super) fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Re
     if let Some(reason) = &mode_reason {
         rep.warn(reason.clone());
     }
+    Ok(Inspected { state, plan, config, criu_version: criu_version.to_string(), mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts })
+}
 
+/// Connects, authenticates and has the manifest accepted: the
+/// destination has agreed to take the container.
+pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &Reporter) -> Result<Prepared, MigrationError> {
+    let Inspected { state, plan, config, criu_version, mode, mode_reason, network, network_handling, memory_bytes, hidden_mounts } = found;
     rep.emit(Event::Start {
         role: "sender",
         container: opts.container.clone(),
@@ -63,7 +91,7 @@ pub(super) fn preflight(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Re
         container_id: opts.container.clone(),
         dest_id: dest_id.to_string(),
         oci_config: config,
-        criu_version: criu_version.to_string(),
+        criu_version,
         kernel: uts.release().to_string_lossy().into_owned(),
         arch: std::env::consts::ARCH.to_string(),
         cgroup_version: plan.freezer.version.as_u8(),

@@ -50,7 +50,7 @@ impl<'a> Migration<'a> {
         self.rep.phase(Phase::Rollback);
         self.tell_receiver_abort(&error);
         let _ = self.step(SourceEvent::Failed);
-        let thawed = settle::thaw_source(self.plan(), &self.opts.container);
+        let thawed = self.host.thaw(source_plan(&self.entry), &self.opts.container);
         if let Some(net) = self.p.network.as_mut() {
             net.locked = thawed.is_err();
         }
@@ -71,7 +71,7 @@ impl<'a> Migration<'a> {
 
     /// Kills and deletes the (frozen) source after the destination committed.
     pub(super) fn destroy_source(&mut self) {
-        for w in settle::remove_source(self.plan(), &self.opts.container) {
+        for w in self.host.remove(source_plan(&self.entry), &self.opts.container) {
             self.rep.warn(format!("migrated, but {w}"));
         }
         self.p.peer.control.shutdown();
@@ -81,7 +81,7 @@ impl<'a> Migration<'a> {
     /// moves (it is always external to CRIU's dump).
     pub(super) fn lock_network(&mut self) -> Result<(), MigrationError> {
         let Some(net) = self.p.network.as_mut() else { return Ok(()) };
-        container_network::lock::lock(&net.netns).map_err(|e| MigrationError::Other(format!("cannot lock the container's network: {e}")))?;
+        self.host.lock_network(&net.netns)?;
         net.locked = true;
         if let Some(g) = self.guard.as_mut() {
             g.watch_netns_lock(&net.netns.path());
@@ -91,9 +91,9 @@ impl<'a> Migration<'a> {
 
     pub(super) fn unlock_network(&mut self) {
         let Some(net) = self.p.network.as_mut() else { return };
-        match container_network::lock::unlock(&net.netns) {
+        match self.host.unlock_network(&net.netns) {
             Ok(()) => net.locked = false,
-            Err(e) => self.rep.warn(format!("cannot unlock the container's network {}: {e}", net.netns.path().display())),
+            Err(e) => self.rep.warn(e.to_string()),
         }
     }
 }
