@@ -37,7 +37,7 @@ impl<'a> Session<'a> {
         if self.journal.load(Role::Destination, &manifest.migration_id).ok().flatten().is_some() {
             return Err(refused(format!("migration {} was already received here: a sender reusing an id is refused", manifest.migration_id)));
         }
-        let mut staging = Staging::create(self.opts, self.runc, &manifest.dest_id).map_err(nothing)?;
+        let mut staging = Staging::create(self.opts, self.host.clone(), &manifest.dest_id).map_err(nothing)?;
         let in_memory = admitted.in_memory();
         staging.admission = Some(admitted);
         // The manifest's wire records as the domain types (checked by
@@ -112,7 +112,7 @@ impl<'a> Session<'a> {
                 std::env::consts::ARCH
             )));
         }
-        match self.runc.exists(&m.dest_id) {
+        match self.host.exists(&m.dest_id) {
             Ok(false) => {}
             Ok(true) => {
                 return Err(refused(format!(

@@ -41,6 +41,7 @@ use crate::{rootfs, MigrationError, Reporter};
 
 mod accept;
 pub mod admission;
+mod host;
 pub mod listener;
 mod restore;
 mod staging;
@@ -48,6 +49,10 @@ mod transfer;
 
 pub use staging::sweep_stale;
 use staging::Staging;
+pub(crate) use host::{DestinationHost, RealDestinationHost, RestoreRequest};
+use std::sync::Arc;
+#[cfg(test)]
+mod tests;
 
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
@@ -261,25 +266,30 @@ pub fn receive_stdio(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (Migra
     let who = std::env::var("SSH_CONNECTION").ok().and_then(|c| c.split_whitespace().next().map(str::to_string));
     let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
     let identity = format!("ssh:{user}@{}", who.unwrap_or_else(|| "local".into()));
-    serve_as(opts, &runc, conn, identity, rep).map(|_| ())
+    serve_as(opts, &runc, real_host(&runc), conn, identity, rep).map(|_| ())
 }
 
 /// Serves one connection and emits its result event.
 fn serve(opts: &ReceiveOptions, runc: &Runc, conn: crate::tls::Conn, rep: &Reporter) -> Result<Served, (MigrationError, Outcome)> {
     let identity = conn.peer_identity();
-    serve_as(opts, runc, conn, identity, rep)
+    serve_as(opts, runc, real_host(runc), conn, identity, rep)
+}
+
+fn real_host(runc: &Runc) -> Arc<dyn DestinationHost> {
+    Arc::new(RealDestinationHost { runc: runc.clone() })
 }
 
 fn serve_as(
     opts: &ReceiveOptions,
     runc: &Runc,
+    host: Arc<dyn DestinationHost>,
     conn: crate::tls::Conn,
     identity: String,
     rep: &Reporter,
 ) -> Result<Served, (MigrationError, Outcome)> {
     let started = Instant::now();
     let mut result = ResultEvent { role: "receiver", mode: "stop-copy".into(), ..Default::default() };
-    let mut session = Session::new(opts, runc, conn, rep).map_err(|e| (e, Outcome::NothingTouched))?;
+    let mut session = Session::new(opts, runc, host, conn, rep).map_err(|e| (e, Outcome::NothingTouched))?;
     let outcome = session.run(&mut result, &identity);
     if session.query_only {
         return outcome.map(|()| Served::Query);
@@ -352,7 +362,10 @@ pub enum Served {
 
 struct Session<'a> {
     opts: &'a ReceiveOptions,
+    /// For answering a source's query about a finished migration.
     runc: &'a Runc,
+    /// Everything done to the container and the host (see [`host`]).
+    host: Arc<dyn DestinationHost>,
     rep: &'a Reporter,
     control: crate::tls::Conn,
     reader: FrameReader<crate::tls::Conn>,
@@ -376,12 +389,14 @@ impl<'a> Session<'a> {
     fn new(
         opts: &'a ReceiveOptions,
         runc: &'a Runc,
+        host: Arc<dyn DestinationHost>,
         conn: crate::tls::Conn,
         rep: &'a Reporter,
     ) -> Result<Self, MigrationError> {
         Ok(Self {
             opts,
             runc,
+            host,
             rep,
             reader: FrameReader::new(conn.handle()?).with_limit(opts.max_bytes),
             control: conn.handle()?,

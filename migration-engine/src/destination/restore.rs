@@ -19,28 +19,19 @@ impl<'a> Session<'a> {
         st.reserve = None;
         // The restore's first read block is handed over as CRIU takes it,
         // on the CPU CRIU's restorer runs on.
-        let block = st.restore_block.take();
+        let mut block = st.restore_block.take();
         let mut handover = None;
-        let restored = self.runc.restore(
-            &manifest.dest_id,
-            &st.bundle,
-            &st.images.join(round_dir(RoundKind::Final, 0)),
-            &st.work,
-            manifest.tcp_established,
-            |runc_pid| {
-                let mut restorer = crate::scratch::BusiestTask::new(runc_pid);
-                handover = block.map(|b| b.hand_over(move || restorer.seen()));
-            },
-        );
+        let images = st.images.join(round_dir(RoundKind::Final, 0));
+        let request = RestoreRequest { dest_id: &manifest.dest_id, bundle: &st.bundle, images: &images, work: &st.work, tcp_established: manifest.tcp_established };
+        let restored = self.host.restore(&request, &mut |runc_pid| {
+            let mut restorer = crate::scratch::BusiestTask::new(runc_pid);
+            handover = block.take().map(|b| b.hand_over(move || restorer.seen()));
+        });
         drop(handover);
         restored.map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
         // The fence: CRIU left every task stopped (the bundle's CRIU
         // configuration says so); none may run before the Commit.
-        let pid = self
-            .runc
-            .live_init_pid(&manifest.dest_id)
-            .map_err(|e| resumed(MigrationError::Remote(format!("the restored container is not running: {e}"))))?;
-        let tasks = crate::settle::check_stopped(self.runc, &manifest.dest_id).map_err(|e| resumed(MigrationError::Remote(e.to_string())))?;
+        let (pid, tasks) = self.host.check_stopped(&manifest.dest_id).map_err(resumed)?;
         // Later checkpoints of this container (runc reads the same file)
         // must not leave their tasks stopped.
         st.drop_leave_stopped().map_err(resumed)?;
@@ -78,7 +69,7 @@ impl<'a> Session<'a> {
         if let Some(st) = self.staging.take() {
             st.commit();
         }
-        crate::settle::run_destination(&plan, &manifest.dest_id).map_err(|e| {
+        self.host.run(&plan, &manifest.dest_id).map_err(|e| {
             (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
         })?;
         self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;

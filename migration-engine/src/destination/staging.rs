@@ -16,7 +16,8 @@ pub(super) fn existing_cgroup(path: &Path) -> Option<PathBuf> {
 
 /// What one incoming migration created; removed on drop unless committed.
 pub(super) struct Staging {
-    pub(super) runc: Runc,
+    /// Removes a restored copy (see [`super::host`]).
+    pub(super) host: Arc<dyn DestinationHost>,
     pub(super) dest_id: String,
     pub(super) bundle: PathBuf,
     /// `work_root/recv-<id>-<pid>`, holding images/ and CRIU's logs.
@@ -36,11 +37,11 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    pub(super) fn create(opts: &ReceiveOptions, runc: &Runc, dest_id: &str) -> Result<Self, MigrationError> {
+    pub(super) fn create(opts: &ReceiveOptions, host: Arc<dyn DestinationHost>, dest_id: &str) -> Result<Self, MigrationError> {
         let bundle = opts.bundle_root.join(dest_id);
         let work_dir = opts.work_root.join(format!("recv-{dest_id}-{}", std::process::id()));
         let st = Staging {
-            runc: runc.clone(),
+            host,
             dest_id: dest_id.to_string(),
             images: work_dir.join("images"),
             work: work_dir.join("work"),
@@ -113,13 +114,10 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             if self.restore_attempted {
-                crate::settle::remove_container(&self.runc, &self.dest_id);
+                self.host.remove(&self.dest_id, &self.bundle);
             }
             if let Some(net) = &self.network {
                 net.remove();
-            }
-            if self.restore_attempted {
-                crate::settle::remove_cgroups_of(&self.bundle);
             }
             let _ = std::fs::remove_dir_all(&self.bundle);
             crate::scratch::remove_work_dir(&self.work_dir);
