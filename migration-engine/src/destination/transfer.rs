@@ -4,6 +4,7 @@
 //! runs. A failure here removes the staged copy; the source is thawed.
 
 use super::*;
+use migration_protocol::transfer::{TransferError, TransferOrder};
 
 impl<'a> Session<'a> {
     /// Rootfs passes and image rounds, in whatever order the sender sends
@@ -48,14 +49,11 @@ impl<'a> Session<'a> {
         let mut tree = rootfs::Applier::new(&rootfs_dir, self.opts.unpack.clone())?;
         // The frozen pass's verification, run while the images arrive.
         let mut check: Option<RootfsCheck> = None;
-        let mut round: Option<(RoundBegin, ImageSink)> = None;
-        let mut last_round = 0u32;
-        // The round the next one restores against: round 1 for as long as
-        // each later pre-dump round folds into it.
-        let mut parent_round = 1u32;
-        let mut folding = true;
+        let mut order = TransferOrder::new(max_rounds.min(crate::source::MAX_ITERATIONS));
+        let mut sink: Option<ImageSink> = None;
         let mut first_image = true;
         let since = Instant::now();
+        let bad = |e: TransferError| MigrationError::BadStream(e.to_string());
         loop {
             let frame = self.read()?;
             match frame.kind {
@@ -64,23 +62,17 @@ impl<'a> Session<'a> {
                 | MessageKind::RootfsFileEnd
                 | MessageKind::RootfsDelete
                 | MessageKind::RootfsEnd => {
-                    if check.is_some() {
-                        return Err(MigrationError::BadStream("rootfs records after the frozen pass".into()));
-                    }
+                    order.rootfs_record().map_err(bad)?;
                     let (end, bytes) = tree.receive_pass(&mut self.reader, frame)?;
                     self.sink_bytes += bytes;
                     if end.phase == RootfsPhase::Frozen {
+                        order.frozen_pass_ended();
                         check = Some(rootfs::verify::start(&mut tree, end));
                     }
                 }
                 MessageKind::RoundBegin => {
                     let begin: RoundBegin = frame.json()?;
-                    if round.is_some() || begin.round != last_round + 1 {
-                        return Err(MigrationError::BadStream(format!("round {} out of order", begin.round)));
-                    }
-                    if begin.kind == RoundKind::PreDump && begin.round > max_rounds.min(crate::source::MAX_ITERATIONS) {
-                        return Err(MigrationError::BadStream(format!("round {} exceeds the announced {max_rounds}", begin.round)));
-                    }
+                    let parent = order.begin_round(begin).map_err(bad)?;
                     let dir = images_dir.join(round_dir(begin.kind, begin.round));
                     std::fs::DirBuilder::new()
                         .mode(0o700)
@@ -88,19 +80,17 @@ impl<'a> Session<'a> {
                         .map_err(MigrationError::io(format!("creating {}", dir.display())))?;
                     // The parent link is ours to make: CRIU follows it to
                     // the previous round's pages.
-                    if begin.round > 1 {
-                        let parent = format!("../{}", round_dir(RoundKind::PreDump, parent_round));
+                    if let Some(parent) = parent {
+                        let parent = format!("../{}", round_dir(RoundKind::PreDump, parent));
                         std::os::unix::fs::symlink(parent, dir.join("parent"))
                             .map_err(MigrationError::io("linking the parent images"))?;
                     }
                     let reserve = self.staging.as_mut().and_then(|st| st.reserve.take());
-                    let sink = ImageSink::new(&dir, self.opts.max_image_files, self.opts.max_image_file).with_reserve(reserve);
-                    round = Some((begin, sink));
+                    sink = Some(ImageSink::new(&dir, self.opts.max_image_files, self.opts.max_image_file).with_reserve(reserve));
                 }
                 MessageKind::ImageData => {
-                    let Some((_, sink)) = round.as_mut() else {
-                        return Err(MigrationError::BadStream("image data outside a round".into()));
-                    };
+                    order.image_data().map_err(bad)?;
+                    let sink = sink.as_mut().expect("a round is open");
                     self.sink_bytes += sink.write_frame(&frame)? as u64;
                     self.reader.recycle(frame);
                     self.rep.progress(Phase::Transfer, self.sink_bytes, since);
@@ -109,30 +99,24 @@ impl<'a> Session<'a> {
                     }
                 }
                 MessageKind::ImagesDone => {
-                    let Some((begin, mut sink)) = round.take() else {
-                        return Err(MigrationError::BadStream("ImagesDone outside a round".into()));
-                    };
+                    let begin = order.end_round().map_err(bad)?;
+                    let mut sink = sink.take().expect("a round was open");
                     let done: ImagesDone = frame.json()?;
                     sink.verify(&done)?;
                     if let Some(st) = self.staging.as_mut() {
                         st.reserve = sink.take_reserve();
                     }
-                    last_round = begin.round;
                     if begin.kind == RoundKind::Final {
-                        let check = check.ok_or_else(|| MigrationError::BadStream("the final images came before the frozen rootfs pass".into()))?;
-                        return Ok((done, check));
+                        return Ok((done, check.expect("the frozen pass ended before the final round")));
                     }
                     let bytes = done.files.iter().map(|f| f.size).sum();
                     failpoint!("receiver-after-round")?;
                     self.writer.write_json(MessageKind::RoundDone, &RoundDone { round: begin.round, bytes })?;
                     self.writer.flush()?;
                     // While the sender's next round runs.
-                    parent_round = begin.round;
-                    if begin.round > 1 && folding {
-                        folding = self.fold_round(&images_dir, begin.round);
-                        if folding {
-                            parent_round = 1;
-                        }
+                    if order.wants_fold(begin.round) {
+                        let folded = self.fold_round(&images_dir, begin.round);
+                        order.folded(begin.round, folded);
                     }
                 }
                 other => {
