@@ -342,6 +342,22 @@ impl ImageSink {
         self.reserve.take()
     }
 
+    /// A new, empty image file (never one that exists, never through a
+    /// link), received from now on.
+    fn create_file(&mut self, name: &str) -> Result<(), MigrationError> {
+        let path = self.dir.join(name);
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(MigrationError::io(format!("creating {}", path.display())))?;
+        self.files.insert(name.to_string(), Received { file, size: 0, crc: Some(0), adopted: false });
+        Ok(())
+    }
+
     /// Writes one chunk; `data_crc` is the CRC-32C of its data when the
     /// caller has it (from the frame check), else it is computed here.
     fn write(&mut self, chunk: &ImageData<'_>, data_crc: Option<u32>) -> Result<(), MigrationError> {
@@ -359,16 +375,7 @@ impl ImageSink {
             if self.files.len() >= self.max_files {
                 return Err(MigrationError::BadStream(format!("more than {} image files", self.max_files)));
             }
-            let path = self.dir.join(chunk.name);
-            let file = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-            self.files.insert(chunk.name.to_string(), Received { file, size: 0, crc: Some(0), adopted: false });
+            self.create_file(chunk.name)?;
         }
         let r = self.files.get_mut(chunk.name).expect("inserted above");
         if !r.adopted {
@@ -421,16 +428,7 @@ impl ImageSink {
             // An empty file is listed but never sent as a chunk: made here,
             // and kept as received (so that verifying twice is alike).
             if f.size == 0 && !self.files.contains_key(&f.name) {
-                let path = self.dir.join(&f.name);
-                let file = OpenOptions::new()
-                    .write(true)
-                    .read(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-                self.files.insert(f.name.clone(), Received { file, size: 0, crc: Some(0), adopted: false });
+                self.create_file(&f.name)?;
             }
             let crc = match self.files.get_mut(&f.name) {
                 None => return Err(MigrationError::BadStream(format!("image {} listed but never received", f.name))),
