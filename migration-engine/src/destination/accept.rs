@@ -76,9 +76,10 @@ impl<'a> Session<'a> {
         if let Some(record) = &network {
             // Built now, before the source freezes; the host ends stay down
             // until the container is restored.
-            let built = DestinationNetwork::build(record, &manifest.dest_id, self.opts.bridge.as_deref())
+            self.host
+                .build_network(record, &manifest.dest_id, self.opts.bridge.as_deref())
                 .map_err(|e| refused(format!("cannot rebuild the container's network: {e}")))?;
-            staging.network = Some(built);
+            staging.network = Some(record.clone());
         }
         let mut criu_config = criu_config;
         for (index, tmpfs) in manifest.empty_tmpfs.iter().cloned().map(EmptyTmpfs::from).enumerate() {

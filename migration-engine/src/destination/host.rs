@@ -1,12 +1,14 @@
 //! What the destination side does to its host, behind one small trait:
-//! runc's restore (CRIU leaving every task stopped), the check that they
-//! are, letting the copy run after the Commit, and removing a copy that
-//! must not run. [`RealDestinationHost`] acts through runc; the sequence
+//! the container's network built (interfaces down) before the source
+//! freezes, runc's restore (CRIU leaving every task stopped), the check
+//! that they are, letting the copy run after the Commit, and removing a
+//! copy that must not run. [`RealDestinationHost`] acts through runc; the sequence
 //! tests (`destination/tests.rs`) drive a receiver's session through a
 //! recording fake, with no root, CRIU or runc.
 
 use std::path::Path;
 
+use container_network::{DestinationNetwork, NetworkRecord};
 use container_runtime::Runc;
 
 use crate::journal::DestinationPlan;
@@ -25,6 +27,11 @@ pub(crate) struct RestoreRequest<'r> {
 pub(crate) trait DestinationHost: Send + Sync {
     /// Whether the runtime already has a container `dest_id`.
     fn exists(&self, dest_id: &str) -> Result<bool, MigrationError>;
+    /// Builds `record` for container `dest_id`: its namespace, interfaces
+    /// with their host ends on `bridge`, down until [`Self::run`].
+    fn build_network(&self, record: &NetworkRecord, dest_id: &str, bridge: Option<&str>) -> Result<(), MigrationError>;
+    /// Removes what [`Self::build_network`] made.
+    fn remove_network(&self, record: &NetworkRecord, dest_id: &str);
     /// Restores, calling `started` with runc's pid once it runs.
     fn restore(&self, request: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError>;
     /// The restored container's init pid, and how many tasks it has, each
@@ -45,6 +52,14 @@ pub(crate) struct RealDestinationHost {
 impl DestinationHost for RealDestinationHost {
     fn exists(&self, dest_id: &str) -> Result<bool, MigrationError> {
         Ok(self.runc.exists(dest_id)?)
+    }
+
+    fn build_network(&self, record: &NetworkRecord, dest_id: &str, bridge: Option<&str>) -> Result<(), MigrationError> {
+        DestinationNetwork::build(record, dest_id, bridge).map(drop).map_err(|e| MigrationError::Other(e.to_string()))
+    }
+
+    fn remove_network(&self, record: &NetworkRecord, dest_id: &str) {
+        DestinationNetwork::existing(record, dest_id).remove();
     }
 
     fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {

@@ -26,7 +26,8 @@ pub(super) struct Staging {
     pub(super) work: PathBuf,
     pub(super) restore_attempted: bool,
     pub(super) committed: bool,
-    pub(super) network: Option<DestinationNetwork>,
+    /// The network built for the container (removed with the rest).
+    pub(super) network: Option<NetworkRecord>,
     /// Staging memory set aside before the freeze (memory staging only).
     pub(super) reserve: Option<crate::scratch::Reserve>,
     /// Memory for the restore's first read block, set aside with `reserve`.
@@ -116,8 +117,8 @@ impl Drop for Staging {
             if self.restore_attempted {
                 self.host.remove(&self.dest_id, &self.bundle);
             }
-            if let Some(net) = &self.network {
-                net.remove();
+            if let Some(record) = &self.network {
+                self.host.remove_network(record, &self.dest_id);
             }
             let _ = std::fs::remove_dir_all(&self.bundle);
             crate::scratch::remove_work_dir(&self.work_dir);

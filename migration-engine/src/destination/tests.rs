@@ -40,6 +40,15 @@ impl DestinationHost for FakeHost {
         Ok(false)
     }
 
+    fn build_network(&self, record: &NetworkRecord, _: &str, _: Option<&str>) -> Result<(), MigrationError> {
+        self.record(format!("build-network {}", record.interfaces.len()));
+        Ok(())
+    }
+
+    fn remove_network(&self, _: &NetworkRecord, _: &str) {
+        self.record("remove-network");
+    }
+
     fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {
         // What a restore would see: the fence in the bundle's CRIU
         // configuration, the images and the rootfs as the source sent them.
@@ -94,6 +103,11 @@ struct Run {
 }
 
 fn receive_one(fault: HostFault, end: SourceEnd) -> Run {
+    receive(fault, end, None)
+}
+
+/// `network`: the source's network namespace, moved by ctmigrate.
+fn receive(fault: HostFault, end: SourceEnd, network: Option<migration_protocol::NetworkWire>) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let src_rootfs = dir.path().join("src-rootfs");
     std::fs::create_dir_all(src_rootfs.join("etc")).unwrap();
@@ -168,7 +182,7 @@ fn receive_one(fault: HostFault, end: SourceEnd) -> Run {
         mode: "stop-copy".into(),
         max_rounds: 0,
         tcp_established: false,
-        network: None,
+        network,
         memory_bytes: 1 << 20,
         empty_tmpfs: Vec::new(),
         source_host: "scripted".into(),
@@ -253,4 +267,14 @@ fn a_task_running_before_the_commit_fails_the_restore_and_the_copy_goes() {
     assert_eq!(run.error, Some(ErrorCode::RestoreFailed));
     assert_eq!(run.calls, [RESTORED, "remove"]);
     assert!(!run.bundle.exists());
+}
+
+#[test]
+fn the_network_is_built_before_the_restore_and_removed_with_the_copy() {
+    // A namespace with loopback only (interfaces would need a bridge).
+    let loopback_only = || Some(migration_protocol::NetworkWire { interfaces: Vec::new(), routes: Vec::new() });
+    let run = receive(HostFault::None, SourceEnd::Abort, loopback_only());
+    assert_eq!(run.calls, ["build-network 0", RESTORED, "remove", "remove-network"]);
+    let run = receive(HostFault::None, SourceEnd::Commit, loopback_only());
+    assert_eq!(run.calls, ["build-network 0", RESTORED, "run"]);
 }
