@@ -43,7 +43,6 @@ pub mod interrupt;
 pub mod listener;
 pub mod precopy;
 pub mod receiver;
-pub mod record;
 pub mod rlimit_support;
 pub mod rootfs;
 pub mod scratch;

@@ -23,7 +23,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::record::{OneRecordAtATime, RecordReader, RecordWriter};
 use crate::MigrationError;
 
 pub const CA_FILE: &str = "ca.pem";
@@ -83,9 +82,7 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, MigrationError> {
         .with_root_certificates(roots(dir)?)
         .with_client_auth_cert(read_certs(dir, CERT_FILE)?, read_key(dir)?)
         .map_err(|e| tls_err(dir, e))?;
-    // The records after the handshake are crate::record's; nothing may
-    // follow the handshake on rustls's side (no tickets, no resumption).
-    cfg.enable_secret_extraction = true;
+    // One connection per migration: no tickets, no resumption.
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
@@ -101,7 +98,6 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, MigrationError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(read_certs(dir, CERT_FILE)?, read_key(dir)?)
         .map_err(|e| tls_err(dir, e))?;
-    cfg.enable_secret_extraction = true;
     cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
@@ -114,11 +110,197 @@ pub enum Security {
     Insecure,
 }
 
+/// Socket reads on a TLS connection go into a buffer this large, from
+/// which rustls takes its records: one system call brings many records
+/// (rustls's own reads from a socket take at most 4 KiB).
+const READ_BUFFER: usize = 256 * 1024;
+
+/// A TLS connection: rustls's, over a blocking socket.
+struct Tls {
+    sock: TcpStream,
+    conn: rustls::Connection,
+    /// Bytes read from the socket that rustls has not taken yet:
+    /// `incoming[taken..filled]`.
+    incoming: Box<[u8]>,
+    taken: usize,
+    filled: usize,
+    peer_name: Option<String>,
+    /// Why rustls gave up on the connection (it has sent the peer its alert).
+    failed: Option<rustls::Error>,
+    /// Fault injection: damage the next record sent.
+    #[cfg(feature = "failpoints")]
+    corrupt_next: bool,
+}
+
+impl Tls {
+    fn new(sock: TcpStream, mut conn: rustls::Connection) -> Self {
+        // Frames are handed over whole: rustls encrypts each at once and
+        // it goes out before the write returns (see `send`).
+        conn.set_buffer_limit(None);
+        Self {
+            sock,
+            conn,
+            incoming: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            taken: 0,
+            filled: 0,
+            peer_name: None,
+            failed: None,
+            #[cfg(feature = "failpoints")]
+            corrupt_next: false,
+        }
+    }
+
+    /// Gives rustls more of the peer's bytes (reading the socket when none
+    /// are left) and lets it process them; what it has to send in answer
+    /// (an alert, a key update) goes out at once. At the end of the
+    /// stream rustls is told so: its reader then says whether the peer
+    /// closed properly.
+    fn receive(&mut self) -> std::io::Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(tls_error(e.clone()));
+        }
+        if self.taken == self.filled {
+            self.taken = 0;
+            self.filled = self.sock.read(&mut self.incoming)?;
+            if self.filled == 0 {
+                self.conn.read_tls(&mut std::io::empty())?;
+                return Ok(());
+            }
+        }
+        let taken = self.conn.read_tls(&mut &self.incoming[self.taken..self.filled])?;
+        self.taken += taken;
+        if let Err(e) = self.conn.process_new_packets() {
+            // Reported once the records before the failed one are read.
+            self.failed = Some(e);
+        }
+        self.transmit()
+    }
+
+    /// Writes out every record rustls has ready.
+    fn transmit(&mut self) -> std::io::Result<()> {
+        #[cfg(feature = "failpoints")]
+        if self.corrupt_next && self.conn.wants_write() {
+            self.corrupt_next = false;
+            let mut records = Vec::new();
+            while self.conn.wants_write() {
+                self.conn.write_tls(&mut records)?;
+            }
+            // The first byte after the first record's 5-byte header.
+            records[5] ^= 0x01;
+            return self.sock.write_all(&records);
+        }
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut self.sock)? == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.conn.reader().read(buf) {
+                // Data, or 0 after the peer's close_notify: a clean end.
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.receive()?,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the connection ended without the peer's TLS close_notify (truncated)",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Encrypts all of `data` and sends it.
+    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.conn.writer().write_all(data).map_err(|e| match into_tls_error(e) {
+            Ok(tls) => tls_error(tls),
+            Err(io) => io,
+        })?;
+        self.transmit()
+    }
+
+    /// The TLS handshake, to its end: a peer that fails it is told why (the
+    /// alert rustls sends) and is refused here.
+    fn handshake(&mut self) -> Result<(), MigrationError> {
+        let clone = self.sock.try_clone().map_err(MigrationError::io("socket"))?;
+        while self.conn.is_handshaking() {
+            self.transmit().map_err(|e| failed_write(e, &clone))?;
+            self.receive().map_err(|e| match into_tls_error(e) {
+                Ok(tls) => MigrationError::Refused(format!("TLS handshake failed: {tls}")),
+                // I/O errors keep their kind (a peer that closed, or sent
+                // nothing in time, is not one that failed TLS).
+                Err(io) => MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(io, &clone, Direction::Read) },
+            })?;
+            if self.filled == 0 && self.conn.is_handshaking() {
+                return Err(MigrationError::Io {
+                    context: "TLS handshake failed".into(),
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection"),
+                });
+            }
+        }
+        self.transmit().map_err(|e| failed_write(e, &clone))?;
+        self.peer_name = self.conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
+        Ok(())
+    }
+}
+
+/// A TLS failure (rustls's error), said in words where ours are clearer.
+#[derive(Debug)]
+struct TlsError(rustls::Error);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use rustls::AlertDescription as A;
+        match &self.0 {
+            rustls::Error::DecryptError => write!(f, "a TLS record failed authentication (corrupted, replayed or forged)"),
+            rustls::Error::AlertReceived(A::BadRecordMac) => {
+                write!(f, "the peer found a TLS record that failed authentication (corrupted, replayed or forged): TLS alert bad_record_mac")
+            }
+            rustls::Error::AlertReceived(alert) => write!(f, "the peer ended the connection with TLS alert {alert:?}"),
+            other => write!(f, "TLS: {other}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+fn tls_error(e: rustls::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, TlsError(e))
+}
+
+/// The TLS error inside `e`, if that is what it is (rustls reports its own
+/// errors through `std::io::Error` too, once a connection has failed).
+fn into_tls_error(e: std::io::Error) -> Result<rustls::Error, std::io::Error> {
+    if e.get_ref().is_some_and(|inner| inner.is::<TlsError>() || inner.is::<rustls::Error>()) {
+        let inner = e.into_inner().expect("checked above");
+        return match inner.downcast::<TlsError>() {
+            Ok(tls) => Ok(tls.0),
+            Err(inner) => Ok(*inner.downcast::<rustls::Error>().expect("checked above")),
+        };
+    }
+    Err(e)
+}
+
+/// When a read failed because the peer sent a TLS alert: what the alert
+/// says. (A receiver that refuses a damaged record can say nothing more:
+/// the alert is its last word on the connection.)
+pub fn peer_alert(e: &std::io::Error) -> Option<String> {
+    match e.get_ref()?.downcast_ref::<TlsError>()? {
+        err @ TlsError(rustls::Error::AlertReceived(_)) => Some(err.to_string()),
+        _ => None,
+    }
+}
+
 enum Inner {
     Plain(TcpStream),
-    /// After rustls's handshake: records sealed and opened by crate::record
-    /// with the keys it agreed.
-    Tls { sock: TcpStream, reader: Box<RecordReader<TcpStream>>, writer: Box<RecordWriter>, suite: Option<rustls::CipherSuite>, peer_name: Option<String> },
+    Tls(Box<Tls>),
     /// A pipe pair: an `ssh` child's stdio, or our own with `--stdio`.
     Pipes { read: std::fs::File, write: Option<std::fs::File>, read_timeout: Option<std::time::Duration> },
 }
@@ -172,8 +354,9 @@ impl Conn {
     pub fn shutdown_write(&self) {
         match (&self.socket, &mut *self.inner.borrow_mut()) {
             (Some(s), inner) => {
-                if let Inner::Tls { sock, writer, .. } = inner {
-                    let _ = writer.close_notify(sock);
+                if let Inner::Tls(tls) = inner {
+                    tls.conn.send_close_notify();
+                    let _ = tls.transmit();
                 }
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
@@ -209,39 +392,11 @@ impl Conn {
         Self::tls(socket, conn.into())
     }
 
-    fn tls(mut sock: TcpStream, mut conn: rustls::Connection) -> Result<Self, MigrationError> {
+    fn tls(sock: TcpStream, conn: rustls::Connection) -> Result<Self, MigrationError> {
         let clone = sock.try_clone().map_err(MigrationError::io("socket"))?;
-        // I/O errors keep their kind (a peer that closed, or sent nothing
-        // in time, is not one that failed TLS); TLS's own are refusals.
-        let failed = |e: std::io::Error| MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(e, &clone, Direction::Read) };
-        // rustls gets the peer's records one at a time, so that it reads
-        // nothing past the handshake's last: what follows is ours.
-        let mut records = OneRecordAtATime::new(sock.try_clone().map_err(MigrationError::io("socket"))?);
-        while conn.is_handshaking() {
-            while conn.wants_write() {
-                conn.write_tls(&mut sock).map_err(|e| failed_write(e, &clone))?;
-            }
-            if conn.read_tls(&mut records).map_err(failed)? == 0 {
-                return Err(failed(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection")));
-            }
-            if let Err(e) = conn.process_new_packets() {
-                // Tell the peer why (the alert rustls queued), then fail.
-                let _ = conn.write_tls(&mut sock);
-                return Err(MigrationError::Refused(format!("TLS handshake failed: {e}")));
-            }
-        }
-        while conn.wants_write() {
-            conn.write_tls(&mut sock).map_err(|e| failed_write(e, &clone))?;
-        }
-        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
-        let peer_name = conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
-        let secrets = conn
-            .dangerous_extract_secrets()
-            .map_err(|e| MigrationError::Other(format!("taking over the TLS session's keys: {e}")))?;
-        let reader = RecordReader::new(sock.try_clone().map_err(MigrationError::io("socket"))?, secrets.rx.0, secrets.rx.1)
-            .map_err(MigrationError::io("TLS session"))?;
-        let writer = RecordWriter::new(secrets.tx.0, secrets.tx.1).map_err(MigrationError::io("TLS session"))?;
-        let inner = Inner::Tls { sock, reader: Box::new(reader), writer: Box::new(writer), suite, peer_name };
+        let mut tls = Tls::new(sock, conn);
+        tls.handshake()?;
+        let inner = Inner::Tls(Box::new(tls));
         Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(inner)), socket: Some(clone), pending: Default::default() })
     }
 
@@ -269,15 +424,15 @@ impl Conn {
     /// record sent has one byte flipped. Nothing without TLS.
     #[cfg(feature = "failpoints")]
     pub fn corrupt_next_record(&self) {
-        if let Inner::Tls { writer, .. } = &mut *self.inner.borrow_mut() {
-            writer.corrupt_next_record();
+        if let Inner::Tls(tls) = &mut *self.inner.borrow_mut() {
+            tls.corrupt_next = true;
         }
     }
 
     /// The TLS cipher suite in use (None without TLS).
     pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
         match &*self.inner.borrow() {
-            Inner::Tls { suite, .. } => *suite,
+            Inner::Tls(tls) => tls.conn.negotiated_cipher_suite().map(|s| s.suite()),
             _ => None,
         }
     }
@@ -288,7 +443,7 @@ impl Conn {
         match &*self.inner.borrow() {
             Inner::Pipes { .. } => "pipe".into(),
             Inner::Plain(_) => format!("insecure:{addr}"),
-            Inner::Tls { peer_name, .. } => format!("tls:{}@{addr}", peer_name.as_deref().unwrap_or("?")),
+            Inner::Tls(tls) => format!("tls:{}@{addr}", tls.peer_name.as_deref().unwrap_or("?")),
         }
     }
 }
@@ -364,7 +519,7 @@ impl Conn {
                 }
                 read.read(buf)
             }
-            Inner::Tls { reader, .. } => reader.read(buf),
+            Inner::Tls(tls) => tls.read(buf),
         }
     }
 }
@@ -389,8 +544,8 @@ impl Conn {
                 Some(w) => w.write(buf),
                 None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed")),
             },
-            Inner::Tls { sock, writer, .. } => {
-                writer.write_all_to(sock, buf)?;
+            Inner::Tls(tls) => {
+                tls.send(buf)?;
                 Ok(buf.len())
             }
         }
@@ -400,7 +555,7 @@ impl Conn {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
             Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),
-            Inner::Tls { sock, .. } => sock.flush(),
+            Inner::Tls(tls) => tls.transmit(),
         }
     }
 }
@@ -543,29 +698,165 @@ mod tests {
     impl<T: Read + Write> ReadWrite for T {}
 
     #[test]
-    fn our_records_and_rustls_records_interoperate() {
+    fn conn_and_plain_rustls_streams_interoperate() {
         let dir = tempfile::tempdir().unwrap();
         let host = init_certs(dir.path(), &["127.0.0.1".to_string()]).unwrap().remove(0);
         let (c, s) = (client_config(&host).unwrap(), server_config(&host).unwrap());
-        // Ours against ours.
+        // Conn against Conn.
         let (c1, s1) = (c.clone(), s.clone());
         exchange(
             move |sock| Box::new(Conn::client(sock, c1, "127.0.0.1").unwrap()),
             move |sock| Box::new(Conn::server(sock, s1).unwrap()),
         );
-        // Ours as the client, rustls's own record layer as the server.
+        // Conn as the client, rustls's stream as the server.
         let (c2, s2) = (c.clone(), s.clone());
         exchange(
             move |sock| Box::new(Conn::client(sock, c2, "127.0.0.1").unwrap()),
             move |sock| Box::new(rustls::StreamOwned::new(rustls::ServerConnection::new(s2).unwrap(), sock)),
         );
-        // rustls as the client, ours as the server.
+        // rustls's stream as the client, Conn as the server.
         exchange(
-            move |sock| {
-                let name = ServerName::try_from("127.0.0.1").unwrap();
-                Box::new(rustls::StreamOwned::new(rustls::ClientConnection::new(c, name).unwrap(), sock))
-            },
+            move |sock| Box::new(rustls_client(sock, c)),
             move |sock| Box::new(Conn::server(sock, s).unwrap()),
         );
+    }
+
+    fn rustls_client(sock: TcpStream, cfg: Arc<ClientConfig>) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        rustls::StreamOwned::new(rustls::ClientConnection::new(cfg, name).unwrap(), sock)
+    }
+
+    /// A Conn server and a plain rustls client on one loopback
+    /// connection, their handshake done.
+    fn conn_server_and_rustls_client(host: &Path) -> (Conn, rustls::StreamOwned<rustls::ClientConnection, TcpStream>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client_sock = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_sock, _) = listener.accept().unwrap();
+        for s in [&client_sock, &server_sock] {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        }
+        let cfg = client_config(host).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut c = rustls_client(client_sock, cfg);
+            while c.conn.is_handshaking() {
+                c.conn.complete_io(&mut c.sock).unwrap();
+            }
+            c
+        });
+        let server = Conn::server(server_sock, server_config(host).unwrap()).unwrap();
+        (server, client.join().unwrap())
+    }
+
+    #[test]
+    fn data_flows_both_ways_after_the_peer_updates_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = init_certs(dir.path(), &["127.0.0.1".to_string()]).unwrap().remove(0);
+        let (mut server, mut client) = conn_server_and_rustls_client(&host);
+        let before: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let after: Vec<u8> = (0..100_000u32).map(|i| (i % 247) as u8).collect();
+        client.write_all(&before).unwrap();
+        // A KeyUpdate that asks for ours in return: the peer then reads
+        // only what we send under our new keys.
+        client.conn.refresh_traffic_keys().unwrap();
+        client.write_all(&after).unwrap();
+        client.flush().unwrap();
+        let mut got = vec![0u8; before.len() + after.len()];
+        server.read_exact(&mut got).unwrap();
+        assert!(got == [before.clone(), after.clone()].concat(), "the bytes on either side of the key update arrive");
+        server.write_all(&after).unwrap();
+        server.flush().unwrap();
+        let mut back = vec![0u8; after.len()];
+        client.read_exact(&mut back).unwrap();
+        assert!(back == after, "and the reply, sent under the updated keys, arrives");
+        // Again, the other way round in time: the update while we write.
+        client.conn.refresh_traffic_keys().unwrap();
+        client.write_all(b"!").unwrap();
+        server.write_all(&before).unwrap();
+        let mut one = [0u8; 1];
+        server.read_exact(&mut one).unwrap();
+        server.write_all(&before).unwrap();
+        let mut back = vec![0u8; 2 * before.len()];
+        client.read_exact(&mut back).unwrap();
+        assert!(back == [before.clone(), before].concat());
+    }
+
+    #[test]
+    fn a_stream_cut_without_close_notify_is_an_error_and_close_notify_is_a_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = init_certs(dir.path(), &["127.0.0.1".to_string()]).unwrap().remove(0);
+        let (mut server, mut client) = conn_server_and_rustls_client(&host);
+        client.write_all(b"hello").unwrap();
+        client.flush().unwrap();
+        // TCP closed at a record boundary, no close_notify: a truncation.
+        drop(client);
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).unwrap();
+        let e = server.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("without the peer's TLS close_notify"), "{e}");
+
+        let (mut server, mut client) = conn_server_and_rustls_client(&host);
+        client.write_all(b"bye").unwrap();
+        client.conn.send_close_notify();
+        client.flush().unwrap();
+        drop(client);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"bye", "close_notify ends the stream cleanly");
+    }
+
+    #[test]
+    fn a_client_certificate_from_another_ca_is_refused_with_an_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = init_certs(&dir.path().join("ours"), &["127.0.0.1".to_string()]).unwrap().remove(0);
+        let other = init_certs(&dir.path().join("theirs"), &["intruder".to_string()]).unwrap().remove(0);
+        // Trusts our CA, presents a certificate from another.
+        let mixed = dir.path().join("mixed");
+        std::fs::create_dir(&mixed).unwrap();
+        std::fs::copy(host.join(CA_FILE), mixed.join(CA_FILE)).unwrap();
+        std::fs::copy(other.join(CERT_FILE), mixed.join(CERT_FILE)).unwrap();
+        std::fs::copy(other.join(KEY_FILE), mixed.join(KEY_FILE)).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = server_config(&host).unwrap();
+        let serving = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            Conn::server(sock, cfg).err().map(|e| e.to_string())
+        });
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        // In TLS 1.3 the client is done first; the server's verdict on its
+        // certificate comes as an alert, which its first read reports.
+        let mut client = Conn::client(sock, client_config(&mixed).unwrap(), "127.0.0.1").unwrap();
+        let refused = serving.join().unwrap().expect("the server refuses the client");
+        assert!(refused.contains("TLS handshake failed: invalid peer certificate"), "{refused}");
+        let e = client.read(&mut [0u8; 16]).unwrap_err();
+        assert!(e.to_string().contains("the peer ended the connection with TLS alert"), "{e}");
+        assert_eq!(peer_alert(&e).as_deref(), Some(e.to_string().as_str()));
+    }
+
+    #[test]
+    fn a_damaged_record_is_refused_and_the_sender_learns_why_from_the_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = init_certs(dir.path(), &["127.0.0.1".to_string()]).unwrap().remove(0);
+        let (mut server, mut client) = conn_server_and_rustls_client(&host);
+        client.write_all(b"intact").unwrap();
+        client.flush().unwrap();
+        // One bit flipped inside the next record's ciphertext.
+        client.conn.writer().write_all(b"damaged").unwrap();
+        let mut record = Vec::new();
+        client.conn.write_tls(&mut record).unwrap();
+        record[8] ^= 0x10;
+        client.sock.write_all(&record).unwrap();
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).unwrap();
+        let e = server.read(&mut [0u8; 16]).unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        assert!(peer_alert(&e).is_none(), "our own verdict, not the peer's");
+        // The alert went out: the peer's next read reports it.
+        let e = client.read(&mut [0u8; 16]).unwrap_err();
+        assert!(e.to_string().contains("BadRecordMac"), "{e}");
+        // Nothing more is sent on a connection that failed.
+        assert!(server.write_all(b"more").is_err());
     }
 }
