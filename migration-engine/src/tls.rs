@@ -21,6 +21,9 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::MigrationError;
@@ -110,147 +113,326 @@ pub enum Security {
     Insecure,
 }
 
-/// Socket reads on a TLS connection go into a buffer this large, from
-/// which rustls takes its records: one system call brings many records
-/// (rustls's own reads from a socket take at most 4 KiB).
+/// Socket reads on a TLS connection go into a buffer this large (plus
+/// room for one whole record), where rustls decrypts the records: one
+/// system call brings many records.
 const READ_BUFFER: usize = 256 * 1024;
+/// Largest TLS 1.3 record on the wire: header, 16 KiB of plaintext, its
+/// content type, padding and tag (RFC 8446 §5.2).
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
 
-/// A TLS connection: rustls's, over a blocking socket.
-struct Tls {
+/// rustls's unbuffered connection of either side: it works in buffers we
+/// own, and says in each state what it needs (more bytes from the peer,
+/// bytes sent, data read) until it can carry on.
+trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn common(&self) -> &rustls::CommonState;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = rustls::server::ServerConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+/// What a [`Tls::drive`] is for.
+enum Goal<'a> {
+    Handshake,
+    Read(&'a mut [u8]),
+    Send(&'a [u8]),
+    CloseNotify,
+}
+
+/// A TLS connection over a blocking socket: rustls's unbuffered API, its
+/// records read into and decrypted in our buffer.
+struct Tls<C> {
     sock: TcpStream,
-    conn: rustls::Connection,
-    /// Bytes read from the socket that rustls has not taken yet:
-    /// `incoming[taken..filled]`.
+    conn: C,
+    /// The peer's bytes not yet consumed by rustls: `incoming[start..filled]`.
     incoming: Box<[u8]>,
-    taken: usize,
+    start: usize,
     filled: usize,
-    peer_name: Option<String>,
-    /// Why rustls gave up on the connection (it has sent the peer its alert).
+    /// Records rustls encoded or encrypted, to be sent; the first
+    /// `encoded` bytes wait for rustls to say "transmit".
+    outgoing: Vec<u8>,
+    encoded: usize,
+    /// Plaintext a read had no room for: `plain[plain_at..]`.
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// The peer's close_notify arrived: nothing more will.
+    peer_closed: bool,
+    /// Why rustls gave up on the connection (its alert has gone out).
     failed: Option<rustls::Error>,
+    peer_name: Option<String>,
     /// Fault injection: damage the next record sent.
     #[cfg(feature = "failpoints")]
     corrupt_next: bool,
 }
 
-impl Tls {
-    fn new(sock: TcpStream, mut conn: rustls::Connection) -> Self {
-        // Frames are handed over whole: rustls encrypts each at once and
-        // it goes out before the write returns (see `send`).
-        conn.set_buffer_limit(None);
+impl<C: Unbuffered> Tls<C> {
+    fn new(sock: TcpStream, conn: C) -> Self {
         Self {
             sock,
             conn,
-            incoming: vec![0u8; READ_BUFFER].into_boxed_slice(),
-            taken: 0,
+            incoming: vec![0u8; READ_BUFFER + MAX_RECORD].into_boxed_slice(),
+            start: 0,
             filled: 0,
-            peer_name: None,
+            outgoing: Vec::new(),
+            encoded: 0,
+            plain: Vec::new(),
+            plain_at: 0,
+            peer_closed: false,
             failed: None,
+            peer_name: None,
             #[cfg(feature = "failpoints")]
             corrupt_next: false,
         }
     }
 
-    /// Gives rustls more of the peer's bytes (reading the socket when none
-    /// are left) and lets it process them; what it has to send in answer
-    /// (an alert, a key update) goes out at once. At the end of the
-    /// stream rustls is told so: its reader then says whether the peer
-    /// closed properly.
-    fn receive(&mut self) -> std::io::Result<()> {
-        if let Some(e) = &self.failed {
-            return Err(tls_error(e.clone()));
-        }
-        if self.taken == self.filled {
-            self.taken = 0;
-            self.filled = self.sock.read(&mut self.incoming)?;
-            if self.filled == 0 {
-                self.conn.read_tls(&mut std::io::empty())?;
-                return Ok(());
+    /// Runs rustls until `goal` is reached. Returns the bytes read for
+    /// [`Goal::Read`] (0: the peer closed with close_notify).
+    fn drive(&mut self, mut goal: Goal<'_>) -> std::io::Result<usize> {
+        #[cfg(feature = "failpoints")]
+        let corrupt = matches!(goal, Goal::Send(_)) && std::mem::take(&mut self.corrupt_next);
+        #[cfg(not(feature = "failpoints"))]
+        let corrupt = false;
+        loop {
+            if let Some(e) = &self.failed {
+                return Err(tls_error(e.clone()));
+            }
+            if let Goal::Read(buf) = &mut goal {
+                if self.plain_at < self.plain.len() {
+                    let n = buf.len().min(self.plain.len() - self.plain_at);
+                    buf[..n].copy_from_slice(&self.plain[self.plain_at..self.plain_at + n]);
+                    self.plain_at += n;
+                    return Ok(n);
+                }
+            }
+            let Self { sock, conn, incoming, start, filled, outgoing, encoded, plain, plain_at, peer_closed, .. } = self;
+            let status = conn.process(&mut incoming[*start..*filled]);
+            // What rustls is done with: gone from the buffer before the
+            // next call, whatever happens below.
+            *start += status.discard;
+            let mut need_input = false;
+            let mut handshake_over = false;
+            let mut done = None;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => return Err(self.fail(e)),
+            };
+            match state {
+                ConnectionState::EncodeTlsData(mut data) => *encoded += encode(&mut data, outgoing, *encoded)?,
+                ConnectionState::TransmitTlsData(data) => {
+                    sock.write_all(&outgoing[..*encoded])?;
+                    *encoded = 0;
+                    data.done();
+                }
+                ConnectionState::BlockedHandshake => need_input = true,
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    // Each record's plaintext goes to the reader's buffer
+                    // as far as it fits; the rest waits in `plain`.
+                    let mut room = match &mut goal {
+                        Goal::Read(buf) => &mut buf[..],
+                        _ => &mut [][..],
+                    };
+                    let mut got = 0;
+                    while let Some(record) = traffic.next_record() {
+                        let payload = record.map_err(tls_error)?.payload;
+                        let n = room.len().min(payload.len());
+                        room[..n].copy_from_slice(&payload[..n]);
+                        room = &mut room[n..];
+                        got += n;
+                        if n < payload.len() {
+                            if *plain_at == plain.len() {
+                                plain.clear();
+                                *plain_at = 0;
+                            }
+                            plain.extend_from_slice(&payload[n..]);
+                        }
+                    }
+                    if got > 0 {
+                        done = Some(got);
+                    }
+                }
+                ConnectionState::WriteTraffic(mut traffic) => match &goal {
+                    // (A server may send before the client's certificate is checked.)
+                    Goal::Handshake => handshake_over = true,
+                    Goal::Read(_) if *peer_closed => done = Some(0),
+                    Goal::Read(_) => need_input = true,
+                    Goal::Send(data) => {
+                        let n = encrypt(outgoing, |out| traffic.encrypt(data, out))?;
+                        if corrupt {
+                            // The first byte after the first record's header.
+                            outgoing[5] ^= 0x01;
+                        }
+                        sock.write_all(&outgoing[..n])?;
+                        done = Some(data.len());
+                    }
+                    Goal::CloseNotify => {
+                        let n = encrypt(outgoing, |out| traffic.queue_close_notify(out))?;
+                        sock.write_all(&outgoing[..n])?;
+                        done = Some(0);
+                    }
+                },
+                ConnectionState::PeerClosed => *peer_closed = true,
+                ConnectionState::Closed => match goal {
+                    Goal::Send(_) => {
+                        return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the TLS connection is closed"))
+                    }
+                    _ => done = Some(0),
+                },
+                _ => return Err(std::io::Error::other("TLS: unexpected state (early data)")),
+            }
+            if handshake_over {
+                if !self.conn.common().is_handshaking() {
+                    return Ok(0);
+                }
+                need_input = true;
+            }
+            if let Some(n) = done {
+                return Ok(n);
+            }
+            if need_input {
+                self.fill(matches!(goal, Goal::Handshake))?;
             }
         }
-        let taken = self.conn.read_tls(&mut &self.incoming[self.taken..self.filled])?;
-        self.taken += taken;
-        if let Err(e) = self.conn.process_new_packets() {
-            // Reported once the records before the failed one are read.
-            self.failed = Some(e);
-        }
-        self.transmit()
     }
 
-    /// Writes out every record rustls has ready.
-    fn transmit(&mut self) -> std::io::Result<()> {
-        #[cfg(feature = "failpoints")]
-        if self.corrupt_next && self.conn.wants_write() {
-            self.corrupt_next = false;
-            let mut records = Vec::new();
-            while self.conn.wants_write() {
-                self.conn.write_tls(&mut records)?;
-            }
-            // The first byte after the first record's 5-byte header.
-            records[5] ^= 0x01;
-            return self.sock.write_all(&records);
+    /// Reads more of the peer's bytes into `incoming`, first moving what
+    /// is left of a record to the front when a whole one might not fit.
+    fn fill(&mut self, handshaking: bool) -> std::io::Result<()> {
+        if self.start == self.filled {
+            self.start = 0;
+            self.filled = 0;
+        } else if self.incoming.len() - self.filled < MAX_RECORD {
+            self.incoming.copy_within(self.start..self.filled, 0);
+            self.filled -= self.start;
+            self.start = 0;
         }
-        while self.conn.wants_write() {
-            if self.conn.write_tls(&mut self.sock)? == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
+        let n = self.sock.read(&mut self.incoming[self.filled..])?;
+        if n == 0 {
+            let why = if handshaking {
+                "the peer closed the connection"
+            } else {
+                "the connection ended without the peer's TLS close_notify (truncated)"
+            };
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why));
         }
+        self.filled += n;
         Ok(())
+    }
+
+    /// rustls gave up: its alert goes to the peer, and the connection
+    /// fails from now on with `e`.
+    fn fail(&mut self, e: rustls::Error) -> std::io::Error {
+        self.failed = Some(e.clone());
+        // Only the alert is asked for: no more of the peer's bytes.
+        if let Ok(ConnectionState::EncodeTlsData(mut alert)) = self.conn.process(&mut []).state {
+            if let Ok(n) = encode(&mut alert, &mut self.outgoing, 0) {
+                let _ = self.sock.write_all(&self.outgoing[..n]);
+            }
+        }
+        tls_error(e)
     }
 
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        loop {
-            match self.conn.reader().read(buf) {
-                // Data, or 0 after the peer's close_notify: a clean end.
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.receive()?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the connection ended without the peer's TLS close_notify (truncated)",
-                    ))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Encrypts all of `data` and sends it.
-    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.conn.writer().write_all(data).map_err(|e| match into_tls_error(e) {
-            Ok(tls) => tls_error(tls),
-            Err(io) => io,
-        })?;
-        self.transmit()
-    }
-
-    /// The TLS handshake, to its end: a peer that fails it is told why (the
-    /// alert rustls sends) and is refused here.
-    fn handshake(&mut self) -> Result<(), MigrationError> {
-        let clone = self.sock.try_clone().map_err(MigrationError::io("socket"))?;
-        while self.conn.is_handshaking() {
-            self.transmit().map_err(|e| failed_write(e, &clone))?;
-            self.receive().map_err(|e| match into_tls_error(e) {
-                Ok(tls) => MigrationError::Refused(format!("TLS handshake failed: {tls}")),
-                // I/O errors keep their kind (a peer that closed, or sent
-                // nothing in time, is not one that failed TLS).
-                Err(io) => MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(io, &clone, Direction::Read) },
-            })?;
-            if self.filled == 0 && self.conn.is_handshaking() {
-                return Err(MigrationError::Io {
-                    context: "TLS handshake failed".into(),
-                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection"),
-                });
-            }
-        }
-        self.transmit().map_err(|e| failed_write(e, &clone))?;
-        self.peer_name = self.conn.peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
-        Ok(())
+        self.drive(Goal::Read(buf))
     }
 }
 
+/// Encodes a handshake record (or alert) into `out` after its first `at`
+/// bytes, growing it as needed.
+fn encode<D>(data: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>, at: usize) -> std::io::Result<usize> {
+    loop {
+        match data.encode(&mut out[at..]) {
+            Ok(n) => return Ok(n),
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => out.resize(at + required_size, 0),
+            Err(e) => return Err(std::io::Error::other(format!("TLS: {e}"))),
+        }
+    }
+}
+
+/// Encrypts into `out` with `f`, growing it as needed.
+fn encrypt(out: &mut Vec<u8>, mut f: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>) -> std::io::Result<usize> {
+    loop {
+        match f(out) {
+            Ok(n) => return Ok(n),
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => out.resize(required_size, 0),
+            Err(e) => return Err(std::io::Error::other(format!("TLS: {e}"))),
+        }
+    }
+}
+
+/// A TLS connection of either side, as [`Conn`] uses it.
+trait Session {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn send(&mut self, data: &[u8]) -> std::io::Result<()>;
+    fn close_notify(&mut self) -> std::io::Result<()>;
+    fn cipher_suite(&self) -> Option<rustls::CipherSuite>;
+    fn peer_name(&self) -> Option<&str>;
+    #[cfg(feature = "failpoints")]
+    fn corrupt_next_record(&mut self);
+}
+
+impl<C: Unbuffered> Session for Tls<C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Tls::read(self, buf)
+    }
+    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if !data.is_empty() {
+            self.drive(Goal::Send(data))?;
+        }
+        Ok(())
+    }
+    fn close_notify(&mut self) -> std::io::Result<()> {
+        self.drive(Goal::CloseNotify).map(drop)
+    }
+    fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
+        self.conn.common().negotiated_cipher_suite().map(|s| s.suite())
+    }
+    fn peer_name(&self) -> Option<&str> {
+        self.peer_name.as_deref()
+    }
+    #[cfg(feature = "failpoints")]
+    fn corrupt_next_record(&mut self) {
+        self.corrupt_next = true;
+    }
+}
+
+impl<C: Unbuffered + 'static> Tls<C> {
+    /// The handshake, to its end: a peer that fails it is told why (the
+    /// alert rustls sends) and is refused here.
+    fn handshake(sock: TcpStream, conn: C) -> Result<Box<dyn Session>, MigrationError> {
+        let clone = sock.try_clone().map_err(MigrationError::io("socket"))?;
+        let mut tls = Self::new(sock, conn);
+        tls.drive(Goal::Handshake).map_err(|e| match into_tls_error(e) {
+            Ok(tls) => MigrationError::Refused(format!("TLS handshake failed: {tls}")),
+            // I/O errors keep their kind (a peer that closed, or sent
+            // nothing in time, is not one that failed TLS).
+            Err(io) => MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(io, &clone, Direction::Read) },
+        })?;
+        tls.peer_name = tls.conn.common().peer_certificates().and_then(|c| c.first().and_then(|leaf| certificate_names(leaf).into_iter().next()));
+        Ok(Box::new(tls))
+    }
+}
 /// A TLS failure (rustls's error), said in words where ours are clearer.
 #[derive(Debug)]
 struct TlsError(rustls::Error);
@@ -275,15 +457,11 @@ fn tls_error(e: rustls::Error) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, TlsError(e))
 }
 
-/// The TLS error inside `e`, if that is what it is (rustls reports its own
-/// errors through `std::io::Error` too, once a connection has failed).
+/// The TLS error inside `e`, if that is what it is.
 fn into_tls_error(e: std::io::Error) -> Result<rustls::Error, std::io::Error> {
-    if e.get_ref().is_some_and(|inner| inner.is::<TlsError>() || inner.is::<rustls::Error>()) {
+    if e.get_ref().is_some_and(|inner| inner.is::<TlsError>()) {
         let inner = e.into_inner().expect("checked above");
-        return match inner.downcast::<TlsError>() {
-            Ok(tls) => Ok(tls.0),
-            Err(inner) => Ok(*inner.downcast::<rustls::Error>().expect("checked above")),
-        };
+        return Ok(inner.downcast::<TlsError>().expect("checked above").0);
     }
     Err(e)
 }
@@ -300,7 +478,7 @@ pub fn peer_alert(e: &std::io::Error) -> Option<String> {
 
 enum Inner {
     Plain(TcpStream),
-    Tls(Box<Tls>),
+    Tls(Box<dyn Session>),
     /// A pipe pair: an `ssh` child's stdio, or our own with `--stdio`.
     Pipes { read: std::fs::File, write: Option<std::fs::File>, read_timeout: Option<std::time::Duration> },
 }
@@ -355,8 +533,7 @@ impl Conn {
         match (&self.socket, &mut *self.inner.borrow_mut()) {
             (Some(s), inner) => {
                 if let Inner::Tls(tls) = inner {
-                    tls.conn.send_close_notify();
-                    let _ = tls.transmit();
+                    let _ = tls.close_notify();
                 }
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
@@ -378,26 +555,24 @@ impl Conn {
     pub fn client(socket: TcpStream, cfg: Arc<ClientConfig>, host: &str) -> Result<Self, MigrationError> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| MigrationError::Usage(format!("`{host}` is not a valid TLS server name: {e}")))?;
-        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| MigrationError::Other(e.to_string()))?;
-        Self::tls(socket, conn.into()).map_err(|e| match e {
+        let conn = UnbufferedClientConnection::new(cfg, name).map_err(|e| MigrationError::Other(e.to_string()))?;
+        let session = Tls::handshake(socket_clone(&socket)?, conn).map_err(|e| match e {
             MigrationError::Refused(m) => MigrationError::Preflight(format!("{m} (connecting to {host})")),
             other => other,
-        })
+        })?;
+        Ok(Self::tls(socket, session))
     }
 
     /// TLS server; the handshake (and the client's certificate check)
     /// completes before anything else is read.
     pub fn server(socket: TcpStream, cfg: Arc<ServerConfig>) -> Result<Self, MigrationError> {
-        let conn = rustls::ServerConnection::new(cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
-        Self::tls(socket, conn.into())
+        let conn = UnbufferedServerConnection::new(cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
+        let session = Tls::handshake(socket_clone(&socket)?, conn)?;
+        Ok(Self::tls(socket, session))
     }
 
-    fn tls(sock: TcpStream, conn: rustls::Connection) -> Result<Self, MigrationError> {
-        let clone = sock.try_clone().map_err(MigrationError::io("socket"))?;
-        let mut tls = Tls::new(sock, conn);
-        tls.handshake()?;
-        let inner = Inner::Tls(Box::new(tls));
-        Ok(Self { inner: std::rc::Rc::new(std::cell::RefCell::new(inner)), socket: Some(clone), pending: Default::default() })
+    fn tls(socket: TcpStream, session: Box<dyn Session>) -> Self {
+        Self { inner: std::rc::Rc::new(std::cell::RefCell::new(Inner::Tls(session))), socket: Some(socket), pending: Default::default() }
     }
 
     /// Another handle on the same connection.
@@ -425,14 +600,14 @@ impl Conn {
     #[cfg(feature = "failpoints")]
     pub fn corrupt_next_record(&self) {
         if let Inner::Tls(tls) = &mut *self.inner.borrow_mut() {
-            tls.corrupt_next = true;
+            tls.corrupt_next_record();
         }
     }
 
     /// The TLS cipher suite in use (None without TLS).
     pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
         match &*self.inner.borrow() {
-            Inner::Tls(tls) => tls.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Inner::Tls(tls) => tls.cipher_suite(),
             _ => None,
         }
     }
@@ -443,7 +618,7 @@ impl Conn {
         match &*self.inner.borrow() {
             Inner::Pipes { .. } => "pipe".into(),
             Inner::Plain(_) => format!("insecure:{addr}"),
-            Inner::Tls(tls) => format!("tls:{}@{addr}", tls.peer_name.as_deref().unwrap_or("?")),
+            Inner::Tls(tls) => format!("tls:{}@{addr}", tls.peer_name().unwrap_or("?")),
         }
     }
 }
@@ -474,8 +649,8 @@ fn explain_io(e: std::io::Error, socket: &TcpStream, dir: Direction) -> std::io:
     std::io::Error::new(std::io::ErrorKind::TimedOut, what)
 }
 
-fn failed_write(e: std::io::Error, socket: &TcpStream) -> MigrationError {
-    MigrationError::Io { context: "TLS handshake failed".into(), source: explain_io(e, socket, Direction::Write) }
+fn socket_clone(s: &TcpStream) -> Result<TcpStream, MigrationError> {
+    s.try_clone().map_err(MigrationError::io("socket"))
 }
 
 impl Conn {
@@ -555,7 +730,8 @@ impl Conn {
         match &mut *self.inner.borrow_mut() {
             Inner::Plain(s) => s.flush(),
             Inner::Pipes { write, .. } => write.as_mut().map_or(Ok(()), |w| w.flush()),
-            Inner::Tls(tls) => tls.transmit(),
+            // Every write went out whole.
+            Inner::Tls(_) => Ok(()),
         }
     }
 }
