@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use migration_engine::testbed::{connect_from, HostPair};
+use migration_testbed::{connect_from, HostPair};
 
 #[derive(Debug, Clone, Copy)]
 struct Fixture {
@@ -194,7 +194,7 @@ fn tcp_pipe(bed: &Testbed, port: u16, mut producer: Command, mut consumer: Comma
 /// A source fixture, running and verified once, and a copy of its bundle
 /// with its own cgroup for the baselines to restore into.
 struct Prepared {
-    src: migration_engine::testbed::FixtureContainer,
+    src: migration_testbed::FixtureContainer,
     id: String,
     copy: PathBuf,
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use migration_engine::journal::Journal;
-use migration_engine::testbed::{force_remove, ChildProcess, CommandResult};
+use migration_testbed::{force_remove, ChildProcess, CommandResult};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 

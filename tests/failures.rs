@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::ChildProcess;
+use migration_testbed::ChildProcess;
 
 #[test]
 fn sender_killed_while_frozen_is_thawed_by_its_guard() {
@@ -218,14 +218,14 @@ fn receiver_dying_after_commit_is_in_doubt_and_its_restart_finishes_the_copy() {
     // The receiver's restart lets the committed copy run.
     let mut next = bed.spawn_receiver(port, &[], &[]).unwrap();
     assert_counting_on(&dst_rootfs, &token, dst_n);
-    let r = migration_engine::testbed::CommandResult::run(bed.resolve_command("src", &migration, &[])).unwrap();
+    let r = migration_testbed::CommandResult::run(bed.resolve_command("src", &migration, &[])).unwrap();
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(!bed.src_runc.exists(&id).unwrap(), "the source was not removed");
     let (_, src_moves, dst_moves) = watch.finish("receiver died after commit");
     assert!(dst_moves > 0 && src_moves > 0);
     next.child.kill().unwrap();
     let _ = next.child.wait();
-    migration_engine::testbed::force_remove(&bed.dst_runc, &id);
+    migration_testbed::force_remove(&bed.dst_runc, &id);
     let _ = std::fs::remove_dir_all(bed.dst_bundles().join(&id));
     assert_clean(&bed, &id);
 }

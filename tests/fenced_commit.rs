@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::{ChildProcess, FixtureContainer};
+use migration_testbed::{ChildProcess, FixtureContainer};
 
 /// The source runs as it was, and the destination has no copy.
 fn assert_only_source_runs(bed: &Testbed, src: &FixtureContainer, token: &str) {
@@ -30,7 +30,7 @@ fn assert_destination_runs(bed: &Testbed, id: &str, token: &str) {
 /// After a migration that landed: the destination's copy goes too, so that
 /// what is left can be checked.
 fn remove_destination_copy(bed: &Testbed, id: &str) {
-    migration_engine::testbed::force_remove(&bed.dst_runc, id);
+    migration_testbed::force_remove(&bed.dst_runc, id);
     let _ = std::fs::remove_dir_all(bed.dst_bundles().join(id));
 }
 
@@ -55,8 +55,8 @@ fn migration_id(events: &[serde_json::Value]) -> String {
         .expect("a result with a migration id")
 }
 
-fn run(cmd: std::process::Command) -> migration_engine::testbed::CommandResult {
-    migration_engine::testbed::CommandResult::run(cmd).unwrap()
+fn run(cmd: std::process::Command) -> migration_testbed::CommandResult {
+    migration_testbed::CommandResult::run(cmd).unwrap()
 }
 
 /// The receiver stops answering right after its restore (a hung agent):

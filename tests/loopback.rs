@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::FixtureContainer;
+use migration_testbed::FixtureContainer;
 
 fn counter(bed: &Testbed, name: &str) -> (FixtureContainer, String, String) {
     let id = format!("{name}-{}", bed.tag);

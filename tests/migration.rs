@@ -96,7 +96,7 @@ fn receiver_killed_mid_transfer_leaves_source_running_and_destination_clean() {
     let mut receiver = bed
         .spawn_receiver(port, &["--once"], &[("CTMIGRATE_FAILPOINTS", "receiver-during-images=sleep:60000")])
         .unwrap();
-    let mut sender = migration_engine::testbed::ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "10"])).unwrap();
+    let mut sender = migration_testbed::ChildProcess::spawn(bed.send_command(&id, port, &["--timeout", "10"])).unwrap();
     receiver.wait_for_event("phase", Duration::from_secs(20)).unwrap();
     // Wait until the receiver holds image data, i.e. the source is frozen
     // and dumped, then kill it.
@@ -167,8 +167,8 @@ fn destination_id_taken_is_refused_before_the_source_freezes() {
     // Another container already runs under the id on the destination.
     let occupant_bundle = bed.dir.join("occupant");
     std::fs::create_dir_all(&occupant_bundle).unwrap();
-    migration_engine::testbed::build_bundle(&bed.runc_binary, &occupant_bundle, &Workload::Counter).unwrap();
-    let occupant = migration_engine::testbed::FixtureContainer::start(bed.dst_runc.clone(), &id, &occupant_bundle).unwrap();
+    migration_testbed::build_bundle(&bed.runc_binary, &occupant_bundle, &Workload::Counter).unwrap();
+    let occupant = migration_testbed::FixtureContainer::start(bed.dst_runc.clone(), &id, &occupant_bundle).unwrap();
 
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
@@ -211,7 +211,7 @@ fn bad_input_gets_one_clear_line_and_touches_nothing() {
 
     // Malformed destination: a usage error.
     let r = bed.run_sender(&id, port, &[], &[]).map(|_| ()).and_then(|_| {
-        migration_engine::testbed::CommandResult::run({
+        migration_testbed::CommandResult::run({
             let mut c = std::process::Command::new(EXE);
             c.args(["send", &id, "--to", "http://x:1"]);
             c
@@ -237,7 +237,7 @@ fn bad_input_gets_one_clear_line_and_touches_nothing() {
 fn validate_json_passes() {
     // validate builds its own testbed; this only gates on prerequisites.
     let Some(_gate) = testbed("vgt") else { return };
-    let r = migration_engine::testbed::CommandResult::run({
+    let r = migration_testbed::CommandResult::run({
         let mut c = std::process::Command::new(EXE);
         c.args(["validate", "--json"]);
         c

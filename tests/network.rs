@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use migration_engine::testbed::{build_bundle, connect_from, join_network_namespace, ContainerNetwork, FixtureContainer, Side, Testbed, Workload};
+use migration_testbed::{build_bundle, connect_from, join_network_namespace, ContainerNetwork, FixtureContainer, Side, Testbed, Workload};
 
 const ECHO_PORT: u16 = 7070;
 
@@ -354,7 +354,7 @@ fn killed_sides_leave_the_network_as_it_was() {
     let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[]).unwrap();
     let mut cmd = bed.send_command(id, port, &["--tcp-established"]);
     cmd.env("CTMIGRATE_FAILPOINTS", "sender-after-freeze=sleep:60000");
-    let mut sender = migration_engine::testbed::ChildProcess::spawn(cmd).unwrap();
+    let mut sender = migration_testbed::ChildProcess::spawn(cmd).unwrap();
     frozen().expect("the sender never froze the source");
     assert!(container_network::lock::is_locked(&container_network::Netns::Path(net.container_netns_path())).unwrap(), "frozen but not locked");
     kill(sender.child.id());
@@ -369,7 +369,7 @@ fn killed_sides_leave_the_network_as_it_was() {
     // receiver built stays until the next receiver starts, which sweeps it.
     let port = common::port();
     let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[("CTMIGRATE_FAILPOINTS", "receiver-during-images=sleep:60000")]).unwrap();
-    let mut sender = migration_engine::testbed::ChildProcess::spawn(bed.send_command(id, port, &["--tcp-established"])).unwrap();
+    let mut sender = migration_testbed::ChildProcess::spawn(bed.send_command(id, port, &["--tcp-established"])).unwrap();
     frozen().expect("the sender never froze the source");
     kill(receiver.child.id());
     let _ = receiver.wait(Duration::from_secs(5));

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::{FixtureContainer, Workload, COUNTER_SCRIPT};
+use migration_testbed::{FixtureContainer, Workload, COUNTER_SCRIPT};
 
 const NOBODY: u32 = 65534;
 

@@ -19,7 +19,7 @@ fn in_guest() -> bool {
 
 /// Whether CRIU can track memory changes on this kernel, per `ctmigrate check`.
 fn kernel_has_soft_dirty() -> bool {
-    let r = migration_engine::testbed::CommandResult::run({
+    let r = migration_testbed::CommandResult::run({
         let mut c = std::process::Command::new(EXE);
         c.args(["check", "--json"]);
         c
@@ -281,7 +281,7 @@ fn guest_bench_frozen_time() {
                 finals.push(r["final_bytes"].as_u64().unwrap());
             }
             drop(src);
-            migration_engine::testbed::force_remove(&bed.dst_runc, &format!("{id}-d"));
+            migration_testbed::force_remove(&bed.dst_runc, &format!("{id}-d"));
         }
     }
     let median = |v: &mut Vec<u64>| {

@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use migration_engine::testbed::{connect_from, ChildProcess, FixtureContainer};
+use migration_testbed::{connect_from, ChildProcess, FixtureContainer};
 
 /// A running counter fixture, its id and token.
 fn counter(bed: &Testbed, name: &str) -> (FixtureContainer, String, String) {
@@ -126,7 +126,7 @@ fn assert_landed(bed: &Testbed, src_id: &str, dest_id: &str, token: &str) {
     let (tok, n) = read_counter(&dst.rootfs()).expect("counter on the destination");
     assert_eq!(tok, token, "restarted, not resumed");
     assert_counting_on(&dst.rootfs(), token, n);
-    migration_engine::testbed::force_remove(&bed.dst_runc, dest_id);
+    migration_testbed::force_remove(&bed.dst_runc, dest_id);
     let _ = std::fs::remove_dir_all(bed.dst_bundles().join(dest_id));
 }
 

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::{connect_from, ChildProcess};
+use migration_testbed::{connect_from, ChildProcess};
 use migration_engine::tls::{client_config, Conn};
 use migration_protocol::frame::encode_header;
 use migration_protocol::*;
@@ -164,6 +164,16 @@ impl Hostile {
         self.reader.read_frame().unwrap()
     }
 
+    /// The Error message the receiver sent back, before it hung up.
+    fn peer_error(&mut self) -> ErrorMessage {
+        loop {
+            let f = self.reader.read_frame().expect("the receiver hung up without saying why");
+            if f.kind == MessageKind::Error {
+                return f.json().unwrap();
+            }
+        }
+    }
+
     /// Sends raw bytes, ignoring a write error (the receiver may hang up).
     fn send(&mut self, frames: &[u8]) {
         let _ = std::io::Write::write_all(self.writer.get_mut(), frames);
@@ -209,7 +219,7 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     let mut receiver = bed.spawn_receiver(port, &["--max-bytes", &(8 << 20).to_string()], &[]).unwrap();
     let cfg_dir = bed.dir.join("cfg");
     std::fs::create_dir_all(&cfg_dir).unwrap();
-    migration_engine::testbed::build_bundle(&bed.runc_binary, &cfg_dir, &Workload::Counter).unwrap();
+    migration_testbed::build_bundle(&bed.runc_binary, &cfg_dir, &Workload::Counter).unwrap();
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(cfg_dir.join("config.json")).unwrap()).unwrap();
     let outside = bed.dir.join("outside");
     std::fs::create_dir_all(&outside).unwrap();
@@ -226,6 +236,7 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     h.send(&entry_frames(&[entry(b"../../../outside/pwned", rootfs::EntryKind::Fifo, b"")]));
     let why = refusal(&mut receiver, "traversal");
     assert!(why.contains("rootfs path ../../../outside/pwned"), "{why}");
+    assert_eq!(h.peer_error().code, ErrorCode::BadStream, "traversal");
 
     // 2. A symlink out of the rootfs, then a file written through it.
     let mut h = Hostile::connect(&bed, port);
@@ -235,6 +246,16 @@ fn hostile_streams_are_refused_and_the_receiver_keeps_serving() {
     h.send(&entry_frames(&[entry(b"esc", rootfs::EntryKind::Symlink, target), entry(b"esc/pwned", rootfs::EntryKind::Fifo, b"")]));
     let why = refusal(&mut receiver, "symlink");
     assert!(why.contains("not a directory inside the rootfs"), "{why}");
+    assert_eq!(h.peer_error().code, ErrorCode::BadStream, "symlink");
+
+    // 2b. An image round out of order (round 2 first).
+    let mut h = Hostile::connect(&bed, port);
+    h.hello();
+    accepted(&mut h, "round");
+    h.send(&frame(MessageKind::RoundBegin, &serde_json::to_vec(&RoundBegin { round: 2, kind: RoundKind::PreDump }).unwrap()));
+    let why = refusal(&mut receiver, "round");
+    assert!(why.contains("round 2 out of order"), "{why}");
+    assert_eq!(h.peer_error().code, ErrorCode::BadStream, "round");
 
     // 3. An oversized frame (a header claiming 4 GiB).
     let mut h = Hostile::connect(&bed, port);

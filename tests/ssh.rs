@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use migration_engine::testbed::{ChildProcess, HostPair};
+use migration_testbed::{ChildProcess, HostPair};
 
 struct Sshd {
     dir: PathBuf,
@@ -46,7 +46,7 @@ impl Sshd {
         let process = ChildProcess::spawn(cmd).unwrap();
         // Ready when it accepts connections.
         let addr: std::net::SocketAddr = format!("{}:{port}", bed.hosts.dst_ip).parse().unwrap();
-        wait_for(Duration::from_secs(10), || migration_engine::testbed::connect_from(&bed.hosts.src, addr).ok())
+        wait_for(Duration::from_secs(10), || migration_testbed::connect_from(&bed.hosts.src, addr).ok())
             .unwrap_or_else(|| panic!("sshd did not start: {}", process.stderr()));
         let host_pub = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
         std::fs::write(dir.join("known_hosts"), format!("[{}]:{port} {host_pub}", bed.hosts.dst_ip)).unwrap();
@@ -81,7 +81,7 @@ impl Sshd {
     }
 }
 
-fn send_over_ssh(bed: &Testbed, sshd: &Sshd, id: &str, key: &str, known_hosts: &str) -> migration_engine::testbed::CommandResult {
+fn send_over_ssh(bed: &Testbed, sshd: &Sshd, id: &str, key: &str, known_hosts: &str) -> migration_testbed::CommandResult {
     let mut cmd = HostPair::command_in(&bed.hosts.src, EXE);
     cmd.args(["send", id, "--to", &format!("ssh://root@{}:{}", bed.hosts.dst_ip, sshd.port)])
         .arg("--runtime-root")
@@ -92,7 +92,7 @@ fn send_over_ssh(bed: &Testbed, sshd: &Sshd, id: &str, key: &str, known_hosts: &
         .arg(bed.audit_log("src"))
         .arg("--json")
         .args(sshd.send_args(bed, key, known_hosts));
-    migration_engine::testbed::CommandResult::run(cmd).unwrap()
+    migration_testbed::CommandResult::run(cmd).unwrap()
 }
 
 #[test]

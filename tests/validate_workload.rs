@@ -1,14 +1,14 @@
 //! `ctmigrate validate --workload`: a real service migrated under its
 //! client by the built binary, as a user runs it (issue 16). Redis only:
 //! tests/workloads.rs covers nginx and PostgreSQL through the same code
-//! (migration_engine::testbed::services and its neighbours).
+//! (migration_testbed::services and its neighbours).
 
 mod common;
 
 use std::process::{Command, Stdio};
 
 use common::EXE;
-use migration_engine::testbed::debian;
+use migration_testbed::debian;
 
 /// Runs `ctmigrate ARGS` with `env`; returns its pid, exit code, result
 /// event and stderr.

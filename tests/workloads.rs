@@ -3,7 +3,7 @@
 //!
 //! Each test builds (or takes from the cache) a Debian bookworm rootfs
 //! made by mmdebstrap from Debian's own packages
-//! (migration_engine::testbed::debian), copies it into a bundle, starts a
+//! (migration_testbed::debian), copies it into a bundle, starts a
 //! real service in it on the source "host" in a named network namespace
 //! wired to a bridge (as tests/network.rs does), and drives it from a
 //! client in a third namespace that holds its connection across a
@@ -12,7 +12,7 @@
 //! exists (the source's runc state and processes gone, the destination's
 //! running, the testbed clean).
 //!
-//! The beds, services and clients are migration_engine::testbed::services,
+//! The beds, services and clients are migration_testbed::services,
 //! ::redis, ::nginx and ::postgres, which `ctmigrate validate --workload`
 //! runs too; what is here are the tests' own checks and the lock holder.
 //!
@@ -28,14 +28,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migration_engine::testbed::debian;
-use migration_engine::testbed::services::{self, processes_in, pseudo_random, run_token, Client, ServiceBed, ServiceSpec};
-use migration_engine::testbed::{nginx, postgres, redis, FixtureContainer};
+use migration_testbed::debian;
+use migration_testbed::services::{self, processes_in, pseudo_random, run_token, Client, ServiceBed, ServiceSpec};
+use migration_testbed::{nginx, postgres, redis, FixtureContainer};
 use migration_engine::MigrationError;
 
 // ---------------------------------------------------------------------------
 // The bed: testbed, network, a Debian rootfs copy and the service in it
-// (migration_engine::testbed::services), with the tests' failures.
+// (migration_testbed::services), with the tests' failures.
 // ---------------------------------------------------------------------------
 
 /// The shared code's errors, as test failures.
@@ -181,7 +181,7 @@ fn floor(sb: &mut ServiceBed) -> serde_json::Value {
 }
 
 // ---------------------------------------------------------------------------
-// PostgreSQL 15 under pgbench (migration_engine::testbed::postgres).
+// PostgreSQL 15 under pgbench (migration_testbed::postgres).
 // ---------------------------------------------------------------------------
 
 /// A PostgreSQL container, answering, with pgbench's tables (scale 10: a
@@ -243,7 +243,7 @@ fn workload_postgres_pgbench_commits_every_transaction_across_migration() {
 
 // ---------------------------------------------------------------------------
 // Redis with a million keys, one client doing SET/GET
-// (migration_engine::testbed::redis).
+// (migration_testbed::redis).
 // ---------------------------------------------------------------------------
 
 /// A Redis container (as user redis) holding a million keys (key:N =
@@ -288,7 +288,7 @@ fn workload_redis_million_keys_one_connection_every_value_checked() {
 
 // ---------------------------------------------------------------------------
 // nginx with www-data workers, a keep-alive client checking each body
-// (migration_engine::testbed::nginx).
+// (migration_testbed::nginx).
 // ---------------------------------------------------------------------------
 
 /// An nginx container serving a 4 MiB file, with one connection to it;

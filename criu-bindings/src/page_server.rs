@@ -142,6 +142,52 @@ fn pagemap_name(dst_id: u64) -> Result<String, PageServerError> {
     }
 }
 
+/// One request as CRIU writes it.
+fn encode_request(cmd: u32, nr_pages: u64, vaddr: u64, dst_id: u64) -> [u8; REQUEST_LEN] {
+    let mut r = [0u8; REQUEST_LEN];
+    r[0..4].copy_from_slice(&cmd.to_ne_bytes());
+    for (at, v) in [(8, nr_pages), (16, vaddr), (24, dst_id)] {
+        r[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    r
+}
+
+/// CRIU's side of the conversation, for fakes of CRIU in tests (a dump
+/// sending a task's pages); ctmigrate itself only serves.
+pub struct PageServerClient<S> {
+    socket: S,
+    dst_id: u64,
+}
+
+impl<S: Read + Write> PageServerClient<S> {
+    pub fn new(socket: S) -> Self {
+        Self { socket, dst_id: 0 }
+    }
+
+    /// Opens task `id`'s pagemap (`pagemap-<id>.img`).
+    pub fn open_task(&mut self, id: u64) -> std::io::Result<()> {
+        self.dst_id = (id << 8) | 1;
+        self.socket.write_all(&encode_request(PS_IOV_OPEN2, 0, 0, self.dst_id))?;
+        let mut has_parent = [0u8];
+        self.socket.read_exact(&mut has_parent)
+    }
+
+    /// Sends present pages at `vaddr` (`pages`, a whole number of 4 KiB).
+    pub fn send_pages(&mut self, vaddr: u64, pages: &[u8]) -> std::io::Result<()> {
+        let cmd = PS_IOV_ADD_F | (PE_PRESENT << 16);
+        self.socket.write_all(&encode_request(cmd, pages.len() as u64 / 4096, vaddr, self.dst_id))?;
+        self.socket.write_all(pages)
+    }
+
+    /// Ends the dump's pages; returns the server's status (0: all taken).
+    pub fn close(mut self) -> std::io::Result<i32> {
+        self.socket.write_all(&encode_request(PS_IOV_CLOSE, 0, 0, 0))?;
+        let mut status = [0u8; 4];
+        self.socket.read_exact(&mut status)?;
+        Ok(i32::from_ne_bytes(status))
+    }
+}
+
 /// Pages-file ids for relayed pagemaps start here, as CRIU's own page
 /// server does, clear of the ids a dump gives files it writes itself.
 pub const RELAYED_PAGES_ID_BASE: u32 = 0x10000;
@@ -172,13 +218,7 @@ mod tests {
     }
 
     fn request(cmd: u32, nr_pages: u64, vaddr: u64, dst_id: u64) -> Vec<u8> {
-        let mut r = Vec::new();
-        r.extend_from_slice(&cmd.to_ne_bytes());
-        r.extend_from_slice(&[0u8; 4]);
-        for v in [nr_pages, vaddr, dst_id] {
-            r.extend_from_slice(&v.to_ne_bytes());
-        }
-        r
+        encode_request(cmd, nr_pages, vaddr, dst_id).to_vec()
     }
 
     fn conn(requests: &[Vec<u8>]) -> PageServerConn<Duplex> {
@@ -242,5 +282,24 @@ mod tests {
             PageServerError::NotOpen
         ));
         assert!(matches!(err(&[vec![0u8; 10]]), PageServerError::Closed), "a cut request");
+    }
+
+    #[test]
+    fn the_client_speaks_what_the_server_reads() {
+        let (criu, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fake_criu = std::thread::spawn(move || {
+            let mut c = PageServerClient::new(criu);
+            c.open_task(7).unwrap();
+            c.send_pages(0x1000, &[0xcd; 8192]).unwrap();
+            c.close().unwrap()
+        });
+        let mut server = PageServerConn::new(ours);
+        assert_eq!(server.next_request().unwrap(), PageServerRequest::Open { pagemap_name: "pagemap-7.img".into() });
+        assert_eq!(server.next_request().unwrap(), PageServerRequest::Add { vaddr: 0x1000, nr_pages: 2, flags: PE_PRESENT });
+        let mut pages = vec![0u8; 8192];
+        server.data().read_exact(&mut pages).unwrap();
+        assert!(pages.iter().all(|&b| b == 0xcd));
+        assert_eq!(server.next_request().unwrap(), PageServerRequest::Close);
+        assert_eq!(fake_criu.join().unwrap(), 0);
     }
 }

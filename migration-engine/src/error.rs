@@ -75,6 +75,12 @@ pub enum MigrationError {
     /// The destination's rootfs is not the source's: refused before restore.
     #[error("{0}")]
     RootfsMismatch(String),
+    /// What the sender sent breaks the protocol's rules for its place in
+    /// the stream (a round out of order, an image not listed, a checksum
+    /// that differs, a path outside the rootfs): the peer hears
+    /// `bad-stream`.
+    #[error("{0}")]
+    BadStream(String),
     #[error("injected failure at `{0}`")]
     Injected(String),
     #[error("{0}")]
@@ -82,6 +88,19 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// The code the receiver sends its peer in an Error message for this
+    /// failure (docs/protocol.md, message 13).
+    pub fn peer_code(&self) -> migration_protocol::ErrorCode {
+        use migration_protocol::ErrorCode;
+        match self {
+            MigrationError::Protocol(ProtocolError::NoCommonVersion { .. }) => ErrorCode::IncompatibleVersion,
+            MigrationError::Refused(_) => ErrorCode::Refused,
+            MigrationError::Protocol(_) | MigrationError::RootfsMismatch(_) | MigrationError::BadStream(_) => ErrorCode::BadStream,
+            MigrationError::Remote(_) => ErrorCode::RestoreFailed,
+            _ => ErrorCode::Internal,
+        }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
         let context = context.into();
         move |source| MigrationError::Io { context, source }

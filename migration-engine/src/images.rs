@@ -346,18 +346,18 @@ impl ImageSink {
     /// caller has it (from the frame check), else it is computed here.
     fn write(&mut self, chunk: &ImageData<'_>, data_crc: Option<u32>) -> Result<(), MigrationError> {
         if !valid_image_name(chunk.name) {
-            return Err(MigrationError::Other(format!("refusing image file name {:?}", chunk.name)));
+            return Err(MigrationError::BadStream(format!("refusing image file name {:?}", chunk.name)));
         }
         let end = chunk.offset.checked_add(chunk.data.len() as u64).filter(|e| *e <= self.max_file_size);
         let Some(end) = end else {
-            return Err(MigrationError::Other(format!(
+            return Err(MigrationError::BadStream(format!(
                 "image {} would exceed {} bytes",
                 chunk.name, self.max_file_size
             )));
         };
         if !self.files.contains_key(chunk.name) {
             if self.files.len() >= self.max_files {
-                return Err(MigrationError::Other(format!("more than {} image files", self.max_files)));
+                return Err(MigrationError::BadStream(format!("more than {} image files", self.max_files)));
             }
             let path = self.dir.join(chunk.name);
             let file = OpenOptions::new()
@@ -411,26 +411,29 @@ impl ImageSink {
         let listed: BTreeMap<&str, &ImageFileSummary> = done.files.iter().map(|f| (f.name.as_str(), f)).collect();
         for name in self.files.keys() {
             if !listed.contains_key(name.as_str()) {
-                return Err(MigrationError::Other(format!("image {name} was sent but not listed")));
+                return Err(MigrationError::BadStream(format!("image {name} was sent but not listed")));
             }
         }
         for f in &done.files {
             if !valid_image_name(&f.name) {
-                return Err(MigrationError::Other(format!("refusing image file name {:?}", f.name)));
+                return Err(MigrationError::BadStream(format!("refusing image file name {:?}", f.name)));
+            }
+            // An empty file is listed but never sent as a chunk: made here,
+            // and kept as received (so that verifying twice is alike).
+            if f.size == 0 && !self.files.contains_key(&f.name) {
+                let path = self.dir.join(&f.name);
+                let file = OpenOptions::new()
+                    .write(true)
+                    .read(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(MigrationError::io(format!("creating {}", path.display())))?;
+                self.files.insert(f.name.clone(), Received { file, size: 0, crc: Some(0), adopted: false });
             }
             let crc = match self.files.get_mut(&f.name) {
-                // An empty file is listed but never sent as a chunk.
-                None if f.size == 0 => {
-                    let path = self.dir.join(&f.name);
-                    OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .map_err(MigrationError::io(format!("creating {}", path.display())))?;
-                    0
-                }
-                None => return Err(MigrationError::Other(format!("image {} listed but never received", f.name))),
+                None => return Err(MigrationError::BadStream(format!("image {} listed but never received", f.name))),
                 Some(r) => {
                     if r.adopted {
                         // The reserve's length goes; what lies past the
@@ -439,7 +442,7 @@ impl ImageSink {
                         r.adopted = false;
                     }
                     if r.size != f.size {
-                        return Err(MigrationError::Other(format!(
+                        return Err(MigrationError::BadStream(format!(
                             "image {} is {} bytes, the sender's is {}",
                             f.name, r.size, f.size
                         )));
@@ -451,7 +454,7 @@ impl ImageSink {
                 }
             };
             if crc != f.crc32c {
-                return Err(MigrationError::Other(format!(
+                return Err(MigrationError::BadStream(format!(
                     "image {} checksum {crc:#010x} differs from the sender's {:#010x}",
                     f.name, f.crc32c
                 )));
@@ -517,8 +520,11 @@ mod tests {
         sink.verify(&done).unwrap();
         // A tampered list is caught.
         let mut bad = done.clone();
-        bad.files[0].crc32c ^= 1;
-        assert!(sink.verify(&bad).is_err());
+        bad.files.iter_mut().find(|f| f.name == "pages-1.img").unwrap().crc32c ^= 1;
+        assert_bad_stream(sink.verify(&bad));
+        let mut unlisted = done.clone();
+        unlisted.files.retain(|f| f.name != "inventory.img");
+        assert_bad_stream(sink.verify(&unlisted));
         let mut pages = vec![1u8; 3 * CHUNK / 2];
         pages.extend_from_slice(&[2u8; 100]);
         assert_eq!(std::fs::read(dst.path().join("pages-1.img")).unwrap(), pages);
@@ -581,17 +587,29 @@ mod tests {
         assert!(images.path().join("reserve").exists());
     }
 
+    /// The sender broke the stream's rules: its peer is told `bad-stream`
+    /// (docs/protocol.md), not `internal`.
+    fn assert_bad_stream<T: std::fmt::Debug>(r: Result<T, MigrationError>) {
+        let e = r.expect_err("a hostile stream was accepted");
+        assert_eq!(e.peer_code(), migration_protocol::ErrorCode::BadStream, "{e}");
+    }
+
     #[test]
     fn hostile_image_names_and_sizes_are_refused() {
         let dst = tempfile::tempdir().unwrap();
         let mut sink = ImageSink::new(dst.path(), 2, 1000);
         for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
-            assert!(sink.write(&ImageData { name, offset: 0, data: b"x" }, None).is_err(), "{name:?}");
+            assert_bad_stream(sink.write(&ImageData { name, offset: 0, data: b"x" }, None));
         }
-        assert!(sink.write(&ImageData { name: "big.img", offset: 999, data: b"xy" }, None).is_err());
-        assert!(sink.write(&ImageData { name: "wrap.img", offset: u64::MAX, data: b"xy" }, None).is_err());
+        assert_bad_stream(sink.write(&ImageData { name: "big.img", offset: 999, data: b"xy" }, None));
+        assert_bad_stream(sink.write(&ImageData { name: "wrap.img", offset: u64::MAX, data: b"xy" }, None));
         sink.write(&ImageData { name: "a.img", offset: 0, data: b"x" }, None).unwrap();
         sink.write(&ImageData { name: "b.img", offset: 0, data: b"x" }, None).unwrap();
-        assert!(sink.write(&ImageData { name: "c.img", offset: 0, data: b"x" }, None).is_err(), "file count limit");
+        assert_bad_stream(sink.write(&ImageData { name: "c.img", offset: 0, data: b"x" }, None));
+        let never_sent = ImagesDone { files: vec![ImageFileSummary { name: "c.img".into(), size: 5, crc32c: 0 }], dump_ms: 0 };
+        let empty = tempfile::tempdir().unwrap();
+        let err = ImageSink::new(empty.path(), 2, 1000).verify(&never_sent).expect_err("an image never received");
+        assert!(err.to_string().contains("never received"), "{err}");
+        assert_bad_stream::<()>(Err(err));
     }
 }

@@ -1,6 +1,7 @@
 //! Live migration of runc containers: the sender ([`send`]), the receiver
-//! ([`receive`]), the preflight check ([`check`]) and the one-machine
-//! validation ([`validate`]).
+//! ([`receive`]) and the preflight check ([`check`]). The one-machine
+//! validation and the tests' two hosts live in the `migration-testbed`
+//! crate.
 //!
 //! The command-line binary is a thin layer over these functions; each
 //! returns a typed error whose [`Outcome`] decides the exit code.
@@ -30,7 +31,6 @@ macro_rules! corrupt_at {
     }};
 }
 
-pub mod admission;
 pub mod audit;
 pub mod check;
 pub mod error;
@@ -40,25 +40,22 @@ pub mod failure_logs;
 pub mod guard;
 pub mod images;
 pub mod interrupt;
-pub mod listener;
 pub mod precopy;
-pub mod receiver;
+pub mod destination;
 pub mod rlimit_support;
 pub mod rootfs;
 pub mod scratch;
-pub mod sender;
+pub mod source;
 pub mod settle;
 pub mod journal;
 pub mod resolve;
-pub mod testbed;
 pub mod tls;
 pub mod transport;
-pub mod validate;
 
 pub use error::{MigrationError, Outcome};
 pub use events::{Event, Reporter};
-pub use receiver::{receive, receive_stdio, ReceiveOptions};
-pub use sender::{send, SendOptions, SendReport};
+pub use destination::{admission, listener, receive, receive_stdio, ReceiveOptions};
+pub use source::{send, SendOptions, SendReport};
 
 /// Default place for working files (image directories): a tmpfs on most
 /// hosts, root-only.

@@ -17,7 +17,7 @@ use migration_protocol::state::SourceEvent;
 use migration_protocol::{DestinationState, MessageKind, PeerDecision, Query, QueryAnswer, SourceFate, SourceMachine, SourceState};
 
 use crate::journal::{Entry, Journal, Role, Side, SourcePlan};
-use crate::sender::{connect_peer, PeerLink};
+use crate::source::{connect_peer, PeerLink};
 use crate::tls::Security;
 use crate::transport::Destination;
 use crate::{settle, MigrationError, Outcome};
@@ -150,7 +150,7 @@ pub fn recover_destination(journal: &Journal, entry: &mut Entry) -> Result<Desti
     };
     let end = match state {
         DestinationState::Committed => {
-            let _ = std::fs::remove_file(plan.bundle.join(crate::receiver::INCOMPLETE_MARKER));
+            let _ = std::fs::remove_file(plan.bundle.join(crate::destination::INCOMPLETE_MARKER));
             crate::scratch::remove_work_dir(&plan.work_dir);
             settle::run_destination(&plan, &entry.dest_id)?;
             DestinationState::Running
@@ -178,7 +178,7 @@ pub fn recover_destinations(journal: &Journal) -> Vec<String> {
     for entry in journal.list() {
         let Ok(mut entry) = entry else { continue };
         let Side::Destination { state, plan } = &entry.side else { continue };
-        let leftovers = plan.bundle.join(crate::receiver::INCOMPLETE_MARKER).exists();
+        let leftovers = plan.bundle.join(crate::destination::INCOMPLETE_MARKER).exists();
         if entry.owner_alive() || (state.is_final() && !leftovers) || *state == DestinationState::Running {
             continue;
         }

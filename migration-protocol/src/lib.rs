@@ -20,6 +20,7 @@ pub mod frame;
 pub mod messages;
 pub mod rootfs;
 pub mod state;
+pub mod transfer;
 
 pub use compress::{CompressionMode, Compressor};
 pub use frame::{Frame, FrameReader, FrameWriter, MessageKind, FRAME_HEADER_LEN, MAX_PAYLOAD};

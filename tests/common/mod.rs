@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 #[allow(unused_imports)]
-pub use migration_engine::testbed::{read_counter, read_pattern_status, wait_for, Testbed, Workload};
+pub use migration_testbed::{read_counter, read_pattern_status, wait_for, Testbed, Workload};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_ctmigrate");
 
@@ -30,7 +30,7 @@ fn missing_prerequisite() -> Option<String> {
     if !Path::new("/bin/busybox").exists() {
         return Some("busybox-static not installed (run ./install.sh)".into());
     }
-    let fixture = migration_engine::testbed::fixture_dir().join("pattern-fixture");
+    let fixture = migration_testbed::fixture_dir().join("pattern-fixture");
     if !fixture.exists() {
         return Some(format!("{} missing (run ./install.sh)", fixture.display()));
     }
@@ -67,7 +67,7 @@ pub fn port() -> u16 {
 }
 
 /// A running counter fixture on the source host, its id and its token.
-pub fn start_counter(bed: &Testbed, name: &str) -> (migration_engine::testbed::FixtureContainer, String, String) {
+pub fn start_counter(bed: &Testbed, name: &str) -> (migration_testbed::FixtureContainer, String, String) {
     let id = format!("{name}-{}", bed.tag);
     let src = bed.start_fixture(&id, &Workload::Counter).unwrap();
     let (token, _) = counter_at_least(&src.rootfs(), 5);
@@ -75,7 +75,7 @@ pub fn start_counter(bed: &Testbed, name: &str) -> (migration_engine::testbed::F
 }
 
 /// The source runs as it was: thawed, running, counting on with its token.
-pub fn assert_source_runs(bed: &Testbed, src: &migration_engine::testbed::FixtureContainer, token: &str) {
+pub fn assert_source_runs(bed: &Testbed, src: &migration_testbed::FixtureContainer, token: &str) {
     assert_eq!(frozen_state(bed, &src.id), "THAWED", "source left frozen");
     assert_eq!(bed.src_runc.state(&src.id).unwrap().status, "running");
     let (_, now) = read_counter(&src.rootfs()).unwrap();
@@ -123,7 +123,7 @@ pub fn frozen_state(bed: &Testbed, id: &str) -> String {
 
 /// Migrates container `id` to `dest_id` (stop-copy, defaults) and asserts
 /// that both sides succeeded; returns the sender's output.
-pub fn migrate_ok(bed: &Testbed, id: &str, dest_id: &str) -> migration_engine::testbed::CommandResult {
+pub fn migrate_ok(bed: &Testbed, id: &str, dest_id: &str) -> migration_testbed::CommandResult {
     let port = port();
     let mut receiver = bed.spawn_receiver(port, &["--once"], &[]).unwrap();
     let sent = bed.run_sender(id, port, &["--dest-id", dest_id], &[]).unwrap();

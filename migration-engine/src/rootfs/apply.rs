@@ -154,7 +154,7 @@ impl Applier {
             let mut dir = self.root_dir.try_clone().map_err(MigrationError::io("duplicating the rootfs descriptor"))?;
             for c in parent.components() {
                 dir = open_dir_path(&fd_path(&dir, c.as_os_str())).map_err(|e| {
-                    MigrationError::Other(format!(
+                    MigrationError::BadStream(format!(
                         "refusing rootfs entry {}: its parent {} is not a directory inside the rootfs ({e})",
                         rel.display(),
                         parent.display()

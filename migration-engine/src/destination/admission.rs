@@ -1,7 +1,7 @@
 //! Which authenticated migrations a receiver takes on, and with how much
 //! memory.
 //!
-//! A receiver serves several migrations at once (see [`crate::listener`]).
+//! A receiver serves several migrations at once (see [`super::listener`]).
 //! Each one that passed the handshake asks here twice:
 //!
 //! 1. right after the sender's Hello, for a migration slot

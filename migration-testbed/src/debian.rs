@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::MigrationError;
+use migration_engine::MigrationError;
 
 /// Bump when the way a rootfs is built changes: every cached rootfs is
 /// then rebuilt.

@@ -10,7 +10,7 @@
 //! - `--workload redis|nginx|postgres`: a real service in a Debian
 //!   bookworm rootfs (built by mmdebstrap on first use, then cached), run
 //!   and checked as tests/workloads.rs does, through the same code
-//!   ([`crate::testbed::services`]): a client in a third namespace holds
+//!   ([`crate::services`]): a client in a third namespace holds
 //!   its connection across a `--tcp-established` migration and checks
 //!   every answer; afterwards exactly one copy runs (the source's gone, the
 //!   destination's running) and nothing is left on either host.
@@ -18,10 +18,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::events::{Event, ResultEvent};
-use crate::testbed::services::{pid_namespace, run_token, ServiceBed};
-use crate::testbed::{debian, nginx, postgres, read_counter, redis, wait_for, Testbed, Workload};
-use crate::{MigrationError, Reporter};
+use migration_engine::events::{Event, ResultEvent};
+use crate::services::{pid_namespace, run_token, ServiceBed};
+use crate::{debian, nginx, postgres, read_counter, redis, wait_for, Testbed, Workload};
+use migration_engine::{MigrationError, Reporter};
 
 /// What `validate` migrates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub fn run(opts: &ValidateOptions, rep: &Reporter) -> Result<(), MigrationError>
 /// since the testbed is removed at the end.
 fn validate_testbed(exe: &Path) -> Result<Testbed, MigrationError> {
     let mut bed = Testbed::create("val", exe)?;
-    bed.audit_dir = Path::new(crate::audit::DEFAULT_AUDIT_LOG).parent().expect("an absolute path").join("validate");
+    bed.audit_dir = Path::new(migration_engine::audit::DEFAULT_AUDIT_LOG).parent().expect("an absolute path").join("validate");
     Ok(bed)
 }
 
@@ -243,7 +243,7 @@ fn validate_nginx(bed: Testbed, rep: &Reporter) -> Result<Checked, MigrationErro
     drop(stream);
     let served_intact = |rootfs: &Path| {
         let served = std::fs::read(rootfs.join(nginx::BLOB_PATH)).map_err(MigrationError::io("reading the served file on the destination"))?;
-        if crate::testbed::services::sha256_hex(&served) != digest {
+        if crate::services::sha256_hex(&served) != digest {
             return Err(MigrationError::Other("the served file changed on the destination".into()));
         }
         Ok(())

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::services::{Client, ServiceBed, ServiceSpec};
 use super::wait_for;
-use crate::MigrationError;
+use migration_engine::MigrationError;
 
 pub const PORT: u16 = 6379;
 /// Keys `DEBUG POPULATE` makes (`key:N` = `value:N`).

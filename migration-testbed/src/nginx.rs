@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::debian;
 use super::services::{processes_in, pseudo_random, sha256_hex, write_file, Client, Proc, ServiceBed, ServiceSpec};
 use super::wait_for;
-use crate::MigrationError;
+use migration_engine::MigrationError;
 
 pub const PORT: u16 = 80;
 pub const BLOB_LEN: usize = 4 << 20;

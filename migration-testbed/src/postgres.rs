@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::services::{write_file, KillOnDrop, ServiceBed, ServiceSpec};
 use super::wait_for;
-use crate::MigrationError;
+use migration_engine::MigrationError;
 
 pub const PORT: u16 = 5432;
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::debian::{self, ReadOnlyRoot};
 use super::{connect_from, join_network_namespace, wait_for, ChildProcess, ContainerNetwork, FixtureContainer, HostPair, Side, Testbed};
-use crate::MigrationError;
+use migration_engine::MigrationError;
 
 /// What the container runs, as its config.json says.
 #[derive(Debug, Clone)]

@@ -8,13 +8,19 @@
 //! Real services (`validate --workload`, tests/workloads.rs): [`debian`]
 //! builds and caches their Debian rootfs, [`services`] sets one up with a
 //! client namespace and moves it, [`redis`], [`nginx`] and [`postgres`]
-//! hold each service and its checking client.
+//! hold each service and its checking client. [`validate`] is
+//! `ctmigrate validate`: one whole migration between two such hosts.
+//!
+//! This is test machinery: the engine does not depend on it, and a
+//! `ctmigrate` built without the tests' features carries only what
+//! `validate` needs of it.
 
 pub mod debian;
 pub mod nginx;
 pub mod postgres;
 pub mod redis;
 pub mod services;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +28,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use container_runtime::Runc;
 
-use crate::MigrationError;
+use migration_engine::MigrationError;
 
 /// Where install.sh puts the static fixture programs.
 pub const DEFAULT_FIXTURE_DIR: &str = "/usr/local/libexec/ctmigrate";
@@ -454,7 +460,7 @@ impl Testbed {
     /// `exe` is the ctmigrate binary to run on each side.
     pub fn create(prefix: &str, exe: &Path) -> Result<Self, MigrationError> {
         let tag = unique_tag(prefix);
-        let dir = PathBuf::from(crate::DEFAULT_WORK_ROOT).join(format!("testbed-{tag}"));
+        let dir = PathBuf::from(migration_engine::DEFAULT_WORK_ROOT).join(format!("testbed-{tag}"));
         std::fs::create_dir_all(&dir).map_err(MigrationError::io(format!("creating {}", dir.display())))?;
         let hosts = match HostPair::create(&tag) {
             Ok(h) => h,
@@ -466,7 +472,7 @@ impl Testbed {
         let runc_binary = std::env::var_os("CTMIGRATE_RUNC").map(PathBuf::from).unwrap_or_else(|| "runc".into());
         // Each testbed has its own CA: the receiver's certificate names its
         // address, the sender's is "source".
-        if let Err(e) = crate::tls::init_certs(&dir.join("tls"), &[hosts.dst_ip.clone(), "source".into()]) {
+        if let Err(e) = migration_engine::tls::init_certs(&dir.join("tls"), &[hosts.dst_ip.clone(), "source".into()]) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -674,7 +680,7 @@ impl Testbed {
         }
         // A migration either host's journal still holds open.
         for side in ["src", "dst"] {
-            for entry in crate::journal::Journal::new(self.journal_dir(side)).list() {
+            for entry in migration_engine::journal::Journal::new(self.journal_dir(side)).list() {
                 match entry {
                     Ok(e) if !e.is_finished() => out.push(format!("{side} journal: migration {} of {} is {}", e.id, e.container, e.state_name())),
                     Ok(_) => {}

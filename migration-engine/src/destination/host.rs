@@ -1,0 +1,71 @@
+//! What the destination side does to its host, behind one small trait:
+//! runc's restore (CRIU leaving every task stopped), the check that they
+//! are, letting the copy run after the Commit, and removing a copy that
+//! must not run. [`RealDestinationHost`] acts through runc; the sequence
+//! tests (`destination/tests.rs`) drive a receiver's session through a
+//! recording fake, with no root, CRIU or runc.
+
+use std::path::Path;
+
+use container_runtime::Runc;
+
+use crate::journal::DestinationPlan;
+use crate::MigrationError;
+
+/// One restore: the container's id, its bundle (whose CRIU configuration
+/// holds the fence), the images, CRIU's work directory.
+pub(crate) struct RestoreRequest<'r> {
+    pub dest_id: &'r str,
+    pub bundle: &'r Path,
+    pub images: &'r Path,
+    pub work: &'r Path,
+    pub tcp_established: bool,
+}
+
+pub(crate) trait DestinationHost: Send + Sync {
+    /// Whether the runtime already has a container `dest_id`.
+    fn exists(&self, dest_id: &str) -> Result<bool, MigrationError>;
+    /// Restores, calling `started` with runc's pid once it runs.
+    fn restore(&self, request: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError>;
+    /// The restored container's init pid, and how many tasks it has, each
+    /// checked to be stopped: none may run before the Commit.
+    fn check_stopped(&self, dest_id: &str) -> Result<(i32, usize), MigrationError>;
+    /// After the Commit: the network up and the tasks let run.
+    fn run(&self, plan: &DestinationPlan, dest_id: &str) -> Result<(), MigrationError>;
+    /// Removes a restored copy that must not run (killed, deleted, its
+    /// cgroups gone).
+    fn remove(&self, dest_id: &str, bundle: &Path);
+}
+
+/// The machine itself, through runc.
+pub(crate) struct RealDestinationHost {
+    pub runc: Runc,
+}
+
+impl DestinationHost for RealDestinationHost {
+    fn exists(&self, dest_id: &str) -> Result<bool, MigrationError> {
+        Ok(self.runc.exists(dest_id)?)
+    }
+
+    fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {
+        self.runc.restore(r.dest_id, r.bundle, r.images, r.work, r.tcp_established, started).map_err(Into::into)
+    }
+
+    fn check_stopped(&self, dest_id: &str) -> Result<(i32, usize), MigrationError> {
+        let pid = self
+            .runc
+            .live_init_pid(dest_id)
+            .map_err(|e| MigrationError::Remote(format!("the restored container is not running: {e}")))?;
+        let tasks = crate::settle::check_stopped(&self.runc, dest_id).map_err(|e| MigrationError::Remote(e.to_string()))?;
+        Ok((pid, tasks))
+    }
+
+    fn run(&self, plan: &DestinationPlan, dest_id: &str) -> Result<(), MigrationError> {
+        crate::settle::run_destination(plan, dest_id)
+    }
+
+    fn remove(&self, dest_id: &str, bundle: &Path) {
+        crate::settle::remove_container(&self.runc, dest_id);
+        crate::settle::remove_cgroups_of(bundle);
+    }
+}

@@ -1,0 +1,82 @@
+//! The restore, fenced: CRIU leaves every task stopped, Ready goes to the
+//! sender, and only a journalled Commit lets the copy run. Before the
+//! Commit a failure removes the copy (presumed abort); after it the copy
+//! is the container and is never removed by this receiver.
+
+use super::*;
+
+impl<'a> Session<'a> {
+    /// The restore, fenced: every task left stopped, checked, and Ready
+    /// sent.
+    pub(super) fn restore(&mut self, manifest: &Manifest) -> Result<(), (MigrationError, Outcome)> {
+        let resumed = |e: MigrationError| (e, Outcome::SourceResumed);
+        self.step(DestinationEvent::StateVerified).map_err(resumed)?;
+        self.rep.phase(Phase::Restore);
+        let restore_started = Instant::now();
+        let st = self.staging.as_mut().expect("staging exists");
+        st.restore_attempted = true;
+        // What the images did not use goes back before the restore needs it.
+        st.reserve = None;
+        // The restore's first read block is handed over as CRIU takes it,
+        // on the CPU CRIU's restorer runs on.
+        let mut block = st.restore_block.take();
+        let mut handover = None;
+        let images = st.images.join(round_dir(RoundKind::Final, 0));
+        let request = RestoreRequest { dest_id: &manifest.dest_id, bundle: &st.bundle, images: &images, work: &st.work, tcp_established: manifest.tcp_established };
+        let restored = self.host.restore(&request, &mut |runc_pid| {
+            let mut restorer = crate::scratch::BusiestTask::new(runc_pid);
+            handover = block.take().map(|b| b.hand_over(move || restorer.seen()));
+        });
+        drop(handover);
+        restored.map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
+        // The fence: CRIU left every task stopped (the bundle's CRIU
+        // configuration says so); none may run before the Commit.
+        let (pid, tasks) = self.host.check_stopped(&manifest.dest_id).map_err(resumed)?;
+        // Later checkpoints of this container (runc reads the same file)
+        // must not leave their tasks stopped.
+        st.drop_leave_stopped().map_err(resumed)?;
+        let restore_ms = restore_started.elapsed().as_millis() as u64;
+        self.step(DestinationEvent::RestoredStopped).map_err(resumed)?;
+        self.rep.warn(format!("restored `{}` with its {tasks} task(s) stopped; waiting for the sender's Commit", manifest.dest_id));
+        failpoint!("receiver-after-restore").map_err(resumed)?;
+        self.writer
+            .write_json(MessageKind::Ready, &Ready { pid, restore_ms })
+            .map_err(|e| resumed(e.into()))?;
+        self.writer.flush().map_err(|e| resumed(e.into()))?;
+        Ok(())
+    }
+
+    /// Waits for the sender's Commit; only once it is journalled does the
+    /// copy run. Before it, anything else removes the stopped copy.
+    pub(super) fn commit(&mut self, manifest: &Manifest) -> Result<(), (MigrationError, Outcome)> {
+        let resumed = |e: MigrationError| (e, Outcome::SourceResumed);
+        // Wait for the sender's Commit; anything else (an Abort, silence
+        // past --timeout, a lost connection) removes the stopped copy.
+        self.rep.phase(Phase::Commit);
+        failpoint!("receiver-after-ready").map_err(resumed)?;
+        let commit = self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?));
+        if let Err(e) = commit {
+            return Err(resumed(MigrationError::Aborted(format!("no commit from the sender ({e}); the restored copy was removed"))));
+        }
+        // Committed, journalled before anything runs: from here the copy
+        // is the container, never removed by this receiver.
+        self.step(DestinationEvent::CommitReceived).map_err(resumed)?;
+        failpoint!("receiver-after-commit-journalled").map_err(resumed)?;
+        let plan = match &self.entry.as_ref().expect("admitted").side {
+            Side::Destination { plan, .. } => plan.clone(),
+            Side::Source { .. } => unreachable!("a receiver's entry is a destination entry"),
+        };
+        if let Some(st) = self.staging.take() {
+            st.commit();
+        }
+        self.host.run(&plan, &manifest.dest_id).map_err(|e| {
+            (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
+        })?;
+        self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;
+        failpoint!("receiver-before-commit-ack").map_err(|e| (e, Outcome::SourceNotResumed))?;
+        let _ = self.writer.write_frame(MessageKind::CommitAck, b"");
+        let _ = self.writer.flush();
+        self.control.shutdown();
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! `ctmigrate send`: migrate a running container to a receiver.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use migration_engine::events::Reporter;
+use migration_engine::precopy::ModeRequest;
+use migration_engine::transport::Destination;
+use migration_engine::{MigrationError, SendOptions};
+use migration_protocol::CompressionMode;
+
+use super::{exit, fail, outcome_code, runc_binary, SecurityArgs, StageImages};
+
+#[derive(clap::Args)]
+pub struct SendArgs {
+    /// Id of the container in the runtime.
+    pub container: String,
+    /// Destination: tcp://HOST:PORT of a `ctmigrate receive`.
+    #[arg(long, value_parser = |s: &str| s.parse::<Destination>())]
+    pub to: Destination,
+    /// runc's state root on this host.
+    #[arg(long, default_value = "/run/runc")]
+    pub runtime_root: PathBuf,
+    /// Id of the container on the destination (default: the same id).
+    #[arg(long)]
+    pub dest_id: Option<String>,
+    /// Compress chunks with zstd: auto sends a chunk compressed only if
+    /// that saves at least 10%.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub compress: Compress,
+    /// Directory for CRIU's images and logs (root-only, removed after).
+    #[arg(long, default_value = migration_engine::DEFAULT_WORK_ROOT)]
+    pub work_dir: PathBuf,
+    /// Seconds to wait for the receiver at any step but restore.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    /// Seconds to wait for the destination to restore the container.
+    #[arg(long, default_value_t = 300)]
+    pub restore_timeout: u64,
+    /// Migration mode.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    /// Most pre-copy rounds before the final freeze (1 to 32).
+    #[arg(long, default_value_t = 8)]
+    pub max_iterations: u32,
+    /// Frozen time, in milliseconds, pre-copy aims for.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_target: u64,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+    /// Where to append one JSON line per migration.
+    #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
+    pub audit_log: PathBuf,
+    /// Most bytes per second to send, e.g. 50M (k, M, G: powers of 1000).
+    #[arg(long, value_parser = migration_engine::transport::parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// An ssh option for ssh:// destinations, as `ssh -o` takes it
+    /// (repeatable), e.g. IdentityFile=/root/.ssh/migrate.
+    #[arg(long = "ssh-opt")]
+    pub ssh_opt: Vec<String>,
+    /// The command ssh runs on the destination.
+    #[arg(long, default_value = "ctmigrate receive --stdio")]
+    pub remote_command: String,
+    /// Move established TCP connections with the container (CRIU's TCP
+    /// repair); the peers see a pause, not a reset.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Where CRIU's images wait to be sent (sent pages are released at
+    /// once either way).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub stage_images: StageImages,
+    /// Seconds to keep asking a destination that did not acknowledge
+    /// the Commit; the source stays frozen meanwhile, and after it
+    /// until `ctmigrate resolve` settles the migration (exit 6).
+    #[arg(long, default_value_t = 120)]
+    pub in_doubt_timeout: u64,
+    /// This host's migration journal.
+    #[arg(long, default_value = migration_engine::journal::DEFAULT_DIR)]
+    pub journal_dir: PathBuf,
+    /// Newline-delimited JSON events on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Compress {
+    Auto,
+    Always,
+    Never,
+}
+
+impl From<Compress> for CompressionMode {
+    fn from(c: Compress) -> Self {
+        match c {
+            Compress::Auto => CompressionMode::Auto,
+            Compress::Always => CompressionMode::Always,
+            Compress::Never => CompressionMode::Never,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Mode {
+    /// Pre-copy where the kernel tracks dirty memory, else stop-copy.
+    Auto,
+    /// Iterative pre-dumps while the container runs, then a short freeze.
+    Precopy,
+    /// Freeze, dump everything, restore.
+    StopCopy,
+}
+
+impl From<Mode> for ModeRequest {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => ModeRequest::Auto,
+            Mode::Precopy => ModeRequest::Precopy,
+            Mode::StopCopy => ModeRequest::StopCopy,
+        }
+    }
+}
+
+impl SendArgs {
+    /// The library's options; what the command line does not set comes
+    /// from the environment (runc, CRIU, this executable for the guard).
+    pub fn options(self) -> SendOptions {
+        SendOptions {
+            container: self.container,
+            to: self.to,
+            runtime_root: self.runtime_root,
+            dest_id: self.dest_id,
+            compression: self.compress.into(),
+            work_root: self.work_dir,
+            runc_binary: runc_binary(),
+            criu_binary: migration_engine::criu_binary(),
+            io_timeout: Duration::from_secs(self.timeout),
+            restore_timeout: Duration::from_secs(self.restore_timeout),
+            freeze_timeout: Duration::from_secs(10),
+            guard_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ctmigrate")),
+            mode: self.mode.into(),
+            max_iterations: self.max_iterations,
+            downtime_target: Duration::from_millis(self.downtime_target),
+            security: self.security.security(),
+            audit_log: self.audit_log,
+            bwlimit: self.bwlimit,
+            ssh_options: self.ssh_opt,
+            remote_command: self.remote_command,
+            tcp_established: self.tcp_established,
+            stage_images: self.stage_images.into(),
+            journal_dir: self.journal_dir,
+            in_doubt_timeout: Duration::from_secs(self.in_doubt_timeout),
+        }
+    }
+
+    pub fn run(self) -> ExitCode {
+        let rep = Reporter::new(self.json);
+        match migration_engine::send(&self.options(), &rep) {
+            Ok(_) => ExitCode::from(exit::OK),
+            Err(f) => {
+                let code = match f.error {
+                    MigrationError::Usage(_) => exit::USAGE,
+                    _ => outcome_code(f.outcome),
+                };
+                fail(&f.error, code)
+            }
+        }
+    }
+}
