@@ -341,8 +341,9 @@ impl<C: Unbuffered> Tls<C> {
     /// fails from now on with `e`.
     fn fail(&mut self, e: rustls::Error) -> std::io::Error {
         self.failed = Some(e.clone());
-        // Only the alert is asked for: no more of the peer's bytes.
-        if let Ok(ConnectionState::EncodeTlsData(mut alert)) = self.conn.process(&mut []).state {
+        // Only the alert is asked for (rustls hands out what it has to
+        // send before it looks at the peer's bytes again).
+        if let Ok(ConnectionState::EncodeTlsData(mut alert)) = self.conn.process(&mut self.incoming[self.start..self.filled]).state {
             if let Ok(n) = encode(&mut alert, &mut self.outgoing, 0) {
                 let _ = self.sock.write_all(&self.outgoing[..n]);
             }
