@@ -42,7 +42,6 @@ pub mod images;
 pub mod interrupt;
 pub mod precopy;
 pub mod destination;
-pub mod record;
 pub mod rlimit_support;
 pub mod rootfs;
 pub mod scratch;

@@ -190,6 +190,8 @@ impl Peer {
                     return f.json::<migration_protocol::Abort>().ok().map(|a| a.reason)
                 }
                 Ok(_) => continue,
+                // A receiver that refused a TLS record said why in its alert.
+                Err(migration_protocol::ProtocolError::Io(e)) => return crate::tls::peer_alert(&e),
                 Err(_) => return None,
             }
         }
