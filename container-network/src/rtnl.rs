@@ -341,8 +341,7 @@ impl Rtnl {
                     NetlinkPayload::Done(d) if d.code != 0 => return Err(refused(what(), d.code, None)),
                     NetlinkPayload::Done(_) => return Ok(answers),
                     NetlinkPayload::Overrun(_) => return Err(refused(what(), libc::ENOBUFS, Some("answer overrun".into()))),
-                    NetlinkPayload::Noop => {}
-                    _ => {}
+                    _ => {} // NLMSG_NOOP, and kinds added later
                 }
             }
         }

@@ -157,11 +157,10 @@ fn bench_destination_network() {
     for (run, s) in samples.iter().enumerate() {
         println!("run {run}: build {:.2} ms, activate {:.2} ms, record {:.2} ms, remove {:.2} ms", s.0, s.1, s.2, s.3);
     }
+    let m = |f: fn(&(f64, f64, f64, f64)) -> f64| median(samples.iter().map(f).collect());
+    let (build, activate, read, remove) = (m(|s| s.0), m(|s| s.1), m(|s| s.2), m(|s| s.3));
+    println!("median of {runs}: build {build:.2} ms, activate {activate:.2} ms, record {read:.2} ms, remove {remove:.2} ms");
     println!(
-        "median of {runs}: build {:.2} ms, activate {:.2} ms, record {:.2} ms, remove {:.2} ms",
-        median(samples.iter().map(|s| s.0).collect()),
-        median(samples.iter().map(|s| s.1).collect()),
-        median(samples.iter().map(|s| s.2).collect()),
-        median(samples.iter().map(|s| s.3).collect()),
+        "BENCH {{\"bench\":\"destination_network\",\"runs\":{runs},\"build_ms\":{build:.3},\"activate_ms\":{activate:.3},\"record_ms\":{read:.3},\"remove_ms\":{remove:.3}}}"
     );
 }
