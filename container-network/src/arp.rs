@@ -25,24 +25,37 @@ pub fn arp_packet(op: u16, mac: [u8; 6], addr: Ipv4Addr, target_mac: [u8; 6]) ->
 /// Broadcasts, from interface `ifname` inside the namespace at `netns`, a
 /// gratuitous ARP request and reply for each address.
 pub fn announce(netns: &Path, ifname: &str, mac: [u8; 6], addrs: &[Ipv4Addr]) -> Result<(), NetworkError> {
+    announce_many(netns, vec![(ifname.to_string(), mac, addrs.to_vec())])
+}
+
+/// [`announce`] for several interfaces (name, MAC, addresses) of one
+/// namespace at once, through one socket.
+pub fn announce_many(netns: &Path, interfaces: Vec<(String, [u8; 6], Vec<Ipv4Addr>)>) -> Result<(), NetworkError> {
     let netns = netns.to_path_buf();
-    let ifname = ifname.to_string();
-    let addrs = addrs.to_vec();
     // setns changes only the calling thread's namespace: do it in a thread
     // of its own, which then ends.
     std::thread::spawn(move || -> Result<(), NetworkError> {
         let io = |context: String| move |source| NetworkError::Io { context, source };
-        let ns = std::fs::File::open(&netns).map_err(io(format!("opening {}", netns.display())))?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| io(format!("entering {}", netns.display()))(e.into()))?;
-        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).map_err(|e| io(format!("finding {ifname}"))(e.into()))?;
-        for addr in &addrs {
-            for (op, target) in [(1u16, [0u8; 6]), (2u16, [0xff; 6])] {
-                crate::sys::send_arp(ifindex, &arp_packet(op, mac, *addr, target))
-                    .map_err(io(format!("sending gratuitous ARP for {addr} on {ifname}")))?;
+        crate::netns::enter(&netns)?;
+        let socket = crate::sys::ArpSocket::open().map_err(io(format!("opening a packet socket in {}", netns.display())))?;
+        let sent = (|| {
+            for (ifname, mac, addrs) in &interfaces {
+                let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).map_err(|e| io(format!("finding {ifname}"))(e.into()))?;
+                for addr in addrs {
+                    for (op, target) in [(1u16, [0u8; 6]), (2u16, [0xff; 6])] {
+                        socket
+                            .broadcast(ifindex, &arp_packet(op, *mac, *addr, target))
+                            .map_err(io(format!("sending gratuitous ARP for {addr} on {ifname}")))?;
+                    }
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })();
+        // Closing a packet socket waits for an RCU grace period (tens of
+        // milliseconds on a busy host), within the migration's frozen
+        // window: it is closed by a thread that nobody waits for.
+        std::thread::spawn(move || drop(socket));
+        sent
     })
     .join()
     .unwrap_or_else(|_| Err(NetworkError::Invalid("the ARP thread panicked".into())))

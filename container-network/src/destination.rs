@@ -4,65 +4,93 @@
 //! source is frozen and keeps the host ends down until the container is
 //! restored, so that no packet meets a namespace without its sockets (the
 //! kernel would reset the connection).
+//!
+//! "Here" is the calling thread's network namespace: the host ends and the
+//! bridge are looked for there.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::record::{InterfaceRecord, NetworkRecord, RouteRecord};
-use crate::{ip, ip_json, Netns, NetworkError};
+use crate::record::{parse_cidr, parse_mac, InterfaceRecord, NetworkRecord, RouteRecord};
+use crate::rtnl::Rtnl;
+use crate::{Netns, NetworkError};
 
 /// Checks that `bridge` exists here and is a Linux bridge.
 pub fn check_bridge(bridge: &str) -> Result<(), NetworkError> {
     crate::record::validate_ifname(bridge)?;
-    let links = ip_json(None, &["-d", "link", "show", "dev", bridge]).map_err(|_| {
-        NetworkError::Bridge(format!("bridge `{bridge}` does not exist on this host: create it (ip link add {bridge} type bridge) or name another with --bridge"))
-    })?;
-    let kind = links.first().and_then(|l| l["linkinfo"]["info_kind"].as_str()).unwrap_or("");
-    if kind != "bridge" {
-        return Err(NetworkError::Bridge(format!("`{bridge}` is not a bridge (it is a `{}` link): name a bridge with --bridge", if kind.is_empty() { "plain" } else { kind })));
+    let Some(link) = Rtnl::here()?.link(bridge)? else {
+        return Err(NetworkError::Bridge(format!(
+            "bridge `{bridge}` does not exist on this host: create it (ip link add {bridge} type bridge) or name another with --bridge"
+        )));
+    };
+    match link.kind.as_deref() {
+        Some("bridge") => Ok(()),
+        kind => Err(NetworkError::Bridge(format!("`{bridge}` is not a bridge (it is a `{}` link): name a bridge with --bridge", kind.unwrap_or("plain")))),
     }
-    Ok(())
 }
 
 /// Creates the veth pair for `iface`: `host_end` here (on `bridge`, up if
 /// `host_up`), the other end inside `netns` with the recorded name, MAC,
 /// MTU and addresses, up. On failure the pair is removed again.
 pub fn plumb_interface(netns: &Netns, iface: &InterfaceRecord, host_end: &str, bridge: &str, host_up: bool) -> Result<(), NetworkError> {
-    let target = netns.ip_target().ok_or_else(|| NetworkError::Invalid(format!("{} is neither a named namespace nor a process", netns.path().display())))?;
-    let mtu = iface.mtu.to_string();
-    ip(None, &["link", "add", host_end, "mtu", &mtu, "type", "veth", "peer", "name", &iface.name, "address", &iface.mac, "mtu", &mtu, "netns", &target])?;
-    let configure = || -> Result<(), NetworkError> {
-        ip(None, &["link", "set", host_end, "master", bridge])?;
+    let mut here = Rtnl::here()?;
+    let bridge_index = here.index(bridge)?;
+    plumb(&mut here, &mut Rtnl::open_in(netns)?, netns, iface, host_end, bridge_index, host_up)
+}
+
+/// [`plumb_interface`] over open sockets: `here`, and `inside` the
+/// namespace.
+fn plumb(here: &mut Rtnl, inside: &mut Rtnl, netns: &Netns, iface: &InterfaceRecord, host_end: &str, bridge_index: u32, host_up: bool) -> Result<(), NetworkError> {
+    let mac = parse_mac(&iface.mac)?;
+    here.add_veth(host_end, bridge_index, &iface.name, mac, iface.mtu, &netns.path())?;
+    let mut configure = || -> Result<(), NetworkError> {
+        let index = inside.index(&iface.name)?;
         for a in &iface.addresses {
             // No duplicate address detection: the address is moving, not new.
-            let mut args = vec!["addr", "add", a.as_str(), "dev", &iface.name];
-            if a.contains(':') {
-                args.push("nodad");
-            }
-            ip(Some(netns), &args)?;
+            let (addr, prefix) = parse_cidr(a)?;
+            inside.add_address(index, &iface.name, addr, prefix)?;
         }
-        ip(Some(netns), &["link", "set", &iface.name, "up"])?;
+        inside.set_up(&iface.name)?;
         if host_up {
-            ip(None, &["link", "set", host_end, "up"])?;
+            here.set_up(host_end)?;
         }
         Ok(())
     };
-    configure().inspect_err(|_| {
-        let _ = ip(None, &["link", "del", host_end]);
-    })
+    let result = configure();
+    if result.is_err() {
+        let _ = here.delete_link(host_end);
+    }
+    result
 }
 
 /// Adds `routes` inside `netns`.
 pub fn add_routes(netns: &Netns, routes: &[RouteRecord]) -> Result<(), NetworkError> {
+    if routes.is_empty() {
+        return Ok(());
+    }
+    add_routes_with(&mut Rtnl::open_in(netns)?, routes)
+}
+
+fn add_routes_with(inside: &mut Rtnl, routes: &[RouteRecord]) -> Result<(), NetworkError> {
+    let mut indexes = HashMap::new();
     for r in routes {
-        let family = if r.family == 6 { "-6" } else { "-4" };
-        let mut args = vec![family, "route", "add", r.destination.as_str()];
-        if let Some(gw) = &r.gateway {
-            args.extend(["via", gw.as_str()]);
-        }
-        // The host end is still down: the route would otherwise be refused
-        // as unreachable.
-        args.extend(["dev", r.device.as_str(), "onlink"]);
-        ip(Some(netns), &args)?;
+        let oif = match indexes.get(&r.device) {
+            Some(i) => *i,
+            None => {
+                let i = inside.index(&r.device)?;
+                indexes.insert(r.device.clone(), i);
+                i
+            }
+        };
+        let destination = if r.destination == "default" { None } else { Some(parse_cidr(&r.destination)?) };
+        let gateway = match &r.gateway {
+            Some(gw) => Some(gw.parse().map_err(|_| NetworkError::Invalid(format!("gateway `{gw}` is not an address")))?),
+            None => None,
+        };
+        let via = r.gateway.as_deref().map(|g| format!(" via {g}")).unwrap_or_default();
+        // The host end is still down: a route through a gateway would
+        // otherwise be refused as unreachable (onlink).
+        inside.add_route(r.family, destination, gateway, oif, &format!("{}{via} dev {}", r.destination, r.device))?;
     }
     Ok(())
 }
@@ -99,12 +127,18 @@ impl DestinationNetwork {
         let netns = Netns::create_named(&Self::netns_name(id))?;
         let mut built = DestinationNetwork { netns, host_ends: Vec::new(), record: record.clone() };
         let result = (|| {
+            if record.is_empty() {
+                return Ok(());
+            }
+            let mut here = Rtnl::here()?;
+            let mut inside = Rtnl::open_in(&built.netns)?;
+            let bridge_index = here.index(bridge.unwrap_or_default())?;
             for (index, iface) in record.interfaces.iter().enumerate() {
                 let host_end = crate::host_ifname("ctm", id, index);
-                plumb_interface(&built.netns, iface, &host_end, bridge.unwrap_or_default(), false)?;
+                plumb(&mut here, &mut inside, &built.netns, iface, &host_end, bridge_index, false)?;
                 built.host_ends.push(host_end);
             }
-            add_routes(&built.netns, &record.routes)
+            add_routes_with(&mut inside, &record.routes)
         })();
         match result {
             Ok(()) => Ok(built),
@@ -127,28 +161,31 @@ impl DestinationNetwork {
             // From inside: the hook may run in another namespace than the
             // host ends, and the namespace itself may outlive its last
             // process (orphaned sockets), keeping its links alive.
-            match ip_json(Some(&netns), &["link", "show"]) {
-                Ok(links) => {
-                    for link in links {
-                        let name = link["ifname"].as_str().unwrap_or("lo");
-                        if name != "lo" {
-                            if let Err(e) = ip(Some(&netns), &["link", "del", name]) {
-                                first_error.get_or_insert(e);
-                            }
+            let deleted = Rtnl::open_in(&netns).and_then(|mut inside| {
+                for link in inside.links()? {
+                    if link.name != "lo" {
+                        if let Err(e) = inside.delete_link(&link.name) {
+                            first_error.get_or_insert(e);
                         }
                     }
                 }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+                Ok(())
+            });
+            if let Err(e) = deleted {
+                first_error.get_or_insert(e);
             }
         }
-        for index in 0..crate::record::MAX_INTERFACES {
-            let h = crate::host_ifname("ctm", id, index);
-            if link_exists(&h) {
-                if let Err(e) = ip(None, &["link", "del", &h]) {
-                    first_error.get_or_insert(e);
+        match Rtnl::here() {
+            Ok(mut here) => {
+                for index in 0..crate::record::MAX_INTERFACES {
+                    let h = crate::host_ifname("ctm", id, index);
+                    if let Err(e) = delete_if_present(&mut here, &h) {
+                        first_error.get_or_insert(e);
+                    }
                 }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
         }
         if let Err(e) = netns.remove() {
@@ -175,16 +212,19 @@ impl DestinationNetwork {
     /// The container runs: bring the host ends up and announce the moved
     /// IPv4 addresses from inside the namespace.
     pub fn activate(&self) -> Result<(), NetworkError> {
+        let mut here = Rtnl::here()?;
         for h in &self.host_ends {
-            ip(None, &["link", "set", h, "up"])?;
+            here.set_up(h)?;
         }
         announce_all(&self.netns, &self.record)
     }
 
     /// Removes the host ends and the namespace. Safe to call twice.
     pub fn remove(&self) {
-        for h in &self.host_ends {
-            let _ = ip(None, &["link", "del", h]);
+        if let Ok(mut here) = Rtnl::here() {
+            for h in &self.host_ends {
+                let _ = here.delete_link(h);
+            }
         }
         let _ = self.netns.remove();
     }
@@ -195,27 +235,48 @@ impl DestinationNetwork {
 /// gone can outlive it, held by orphaned TCP sockets still trying to close:
 /// its links must not wait for that.
 pub fn remove_interfaces(netns: &Netns, record: &NetworkRecord) -> Result<(), NetworkError> {
+    if record.interfaces.is_empty() {
+        return Ok(());
+    }
+    let mut inside = Rtnl::open_in(netns)?;
     for iface in &record.interfaces {
-        ip(Some(netns), &["link", "del", &iface.name])?;
+        inside.delete_link(&iface.name)?;
     }
     Ok(())
 }
 
-/// Whether link `name` exists in this process's namespace (/sys/class/net
-/// shows the namespace sysfs was mounted in, which may be another).
+/// Whether link `name` exists here (/sys/class/net shows the namespace
+/// sysfs was mounted in, which may be another).
 pub fn link_exists(name: &str) -> bool {
-    ip(None, &["link", "show", "dev", name]).is_ok()
+    Rtnl::here().and_then(|mut here| here.link(name)).is_ok_and(|link| link.is_some())
+}
+
+/// Deletes link `name` here (a veth's peer goes with it).
+pub fn delete_link(name: &str) -> Result<(), NetworkError> {
+    Rtnl::here()?.delete_link(name)
+}
+
+/// Deletes link `name` if it is there.
+fn delete_if_present(here: &mut Rtnl, name: &str) -> Result<(), NetworkError> {
+    match here.delete_link(name) {
+        Err(NetworkError::Netlink { errno: nix::errno::Errno::ENODEV, .. }) => Ok(()),
+        other => other,
+    }
 }
 
 /// Sends a gratuitous ARP for every IPv4 address of `record` from inside
 /// `netns`.
 pub fn announce_all(netns: &Netns, record: &NetworkRecord) -> Result<(), NetworkError> {
+    let mut interfaces = Vec::new();
     for iface in &record.interfaces {
         let mac = crate::record::parse_mac(&iface.mac)?;
         let addrs: Vec<std::net::Ipv4Addr> = record.ipv4_addresses().into_iter().filter(|(n, _)| *n == iface.name).map(|(_, a)| a).collect();
         if !addrs.is_empty() {
-            crate::arp::announce(&netns.path(), &iface.name, mac, &addrs)?;
+            interfaces.push((iface.name.clone(), mac, addrs));
         }
     }
-    Ok(())
+    if interfaces.is_empty() {
+        return Ok(());
+    }
+    crate::arp::announce_many(&netns.path(), interfaces)
 }

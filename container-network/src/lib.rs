@@ -9,9 +9,13 @@
 //! packet is answered by a copy that is about to disappear; once the
 //! destination runs, its new home [announces](arp) the moved addresses.
 //!
-//! Everything here drives iproute2 (`ip`) and nftables (`nft`) through
-//! `nsenter --net=`, which changes only the network namespace: `ip netns
-//! exec` would also remount /sys and hide the cgroup hierarchy.
+//! Links, addresses and routes are read and written over rtnetlink
+//! ([`rtnl`]), with a socket opened inside the namespace concerned by a
+//! thread that entered it; no `ip` process is started for them. nftables
+//! (`nft`) and the loopback-only namespace's [probe](pristine) still run as
+//! processes, through `nsenter --net=`, which changes only the network
+//! namespace: `ip netns exec` would also remount /sys and hide the cgroup
+//! hierarchy.
 
 pub mod arp;
 pub mod destination;
@@ -19,6 +23,7 @@ pub mod lock;
 pub mod netns;
 pub mod pristine;
 pub mod record;
+pub mod rtnl;
 mod sys;
 
 pub use destination::{check_bridge, DestinationNetwork};
@@ -40,6 +45,10 @@ pub enum NetworkError {
     Command { command: String, message: String },
     #[error("unexpected output from `{command}`: {reason}")]
     Parse { command: String, reason: String },
+    /// A netlink request the kernel refused: what was asked, errno, and
+    /// the kernel's own message when it gave one.
+    #[error("{what} failed: {}", match .detail { Some(d) => format!("{d} ({})", .errno.desc()), None => .errno.desc().to_string() })]
+    Netlink { what: String, errno: nix::errno::Errno, detail: Option<String> },
     #[error("invalid network description: {0}")]
     Invalid(String),
     #[error("{0}")]
@@ -76,22 +85,6 @@ pub(crate) fn run_in(netns: Option<&Netns>, program: &str, args: &[&str], stdin:
         return Err(NetworkError::Command { command: shown, message: if message.is_empty() { out.status.to_string() } else { message } });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `ip args` in `netns` (or here), returning stdout.
-pub(crate) fn ip(netns: Option<&Netns>, args: &[&str]) -> Result<String, NetworkError> {
-    run_in(netns, "ip", args, None)
-}
-
-/// `ip -j args`, parsed.
-pub(crate) fn ip_json(netns: Option<&Netns>, args: &[&str]) -> Result<Vec<serde_json::Value>, NetworkError> {
-    let mut all = vec!["-j"];
-    all.extend_from_slice(args);
-    let text = ip(netns, &all)?;
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    serde_json::from_str(&text).map_err(|e| NetworkError::Parse { command: format!("ip {}", all.join(" ")), reason: e.to_string() })
 }
 
 /// A host-side interface name (at most 15 bytes) derived from `key`, so

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{ip, NetworkError};
+use crate::NetworkError;
 
 /// Where `ip netns` keeps named namespaces.
 pub const NAMED_NETNS_DIR: &str = "/run/netns";
@@ -27,14 +27,6 @@ impl Netns {
         }
     }
 
-    /// What `ip link ... netns X` accepts (a name or a pid), if any.
-    pub(crate) fn ip_target(&self) -> Option<String> {
-        match self {
-            Netns::Process(pid) => Some(pid.to_string()),
-            named => named.name(),
-        }
-    }
-
     /// The name under /run/netns, for a named namespace (by name or by
     /// its path there).
     pub fn name(&self) -> Option<String> {
@@ -54,30 +46,98 @@ impl Netns {
             .map_err(|source| NetworkError::Io { context: format!("reading {}", path.display()), source })
     }
 
-    /// Creates a named namespace (fails if the name is taken).
+    /// Creates a named namespace (fails if the name is taken), loopback
+    /// up, as `ip netns add` and `ip link set lo up` do: an empty file
+    /// under /run/netns (a shared mount, so that the namespace shows in
+    /// mount namespaces made later), and on it a bind mount of a new
+    /// namespace, made by a thread of its own that then ends.
     pub fn create_named(name: &str) -> Result<Netns, NetworkError> {
-        ip(None, &["netns", "add", name])?;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(NetworkError::Invalid(format!("`{name}` is not a valid network namespace name")));
+        }
+        let dir = Path::new(NAMED_NETNS_DIR);
+        share_netns_dir(dir)?;
+        let path = dir.join(name);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o000)
+                .open(&path)
+                .map_err(|source| NetworkError::Io { context: format!("creating network namespace file {}", path.display()), source })?;
+        }
         let ns = Netns::Named(name.to_string());
-        // A new namespace's loopback is down.
-        ip(Some(&ns), &["link", "set", "lo", "up"])?;
-        Ok(ns)
+        let target = path.clone();
+        let made = std::thread::spawn(move || -> Result<(), NetworkError> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetworkError::Io { context: "making a network namespace".into(), source: e.into() })?;
+            nix::mount::mount(Some("/proc/thread-self/ns/net"), &target, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| NetworkError::Io { context: format!("bind-mounting a new network namespace on {}", target.display()), source: e.into() })?;
+            // A new namespace's loopback is down.
+            crate::rtnl::Rtnl::here()?.set_up("lo")
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetworkError::Invalid("the thread making a network namespace panicked".into())));
+        match made {
+            Ok(()) => Ok(ns),
+            Err(e) => {
+                let _ = ns.remove();
+                Err(e)
+            }
+        }
     }
 
-    /// Removes a named namespace (its bind mount and file). The namespace
-    /// itself, with the veth ends inside, goes when no process holds it.
-    /// Other kinds are not ours to remove.
+    /// Removes a named namespace (its bind mount and file), as `ip netns
+    /// del` does. The namespace itself, with the veth ends inside, goes when
+    /// no process holds it. Other kinds are not ours to remove.
     pub fn remove(&self) -> Result<(), NetworkError> {
         let Some(name) = self.name() else {
             return Ok(());
         };
-        if !Path::new(NAMED_NETNS_DIR).join(&name).exists() {
+        let path = Path::new(NAMED_NETNS_DIR).join(&name);
+        if !path.exists() {
             return Ok(());
         }
-        ip(None, &["netns", "del", &name]).map(|_| ())
+        // Not mounted (a half-made namespace) is fine: the file goes all the same.
+        let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+        std::fs::remove_file(&path).map_err(|source| NetworkError::Io { context: format!("removing network namespace {}", path.display()), source })
     }
 
     pub fn exists(&self) -> bool {
         self.path().exists()
+    }
+}
+
+/// Enters the namespace at `path`: the calling thread only, for good.
+pub(crate) fn enter(path: &Path) -> Result<(), NetworkError> {
+    let ns = std::fs::File::open(path).map_err(|source| NetworkError::Io { context: format!("opening {}", path.display()), source })?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| NetworkError::Io { context: format!("entering {}", path.display()), source: e.into() })
+}
+
+/// Makes `dir` (created if need be) a shared mount point, as `ip netns`
+/// does before adding a namespace: bind-mounted on itself when it is not a
+/// mount point yet.
+fn share_netns_dir(dir: &Path) -> Result<(), NetworkError> {
+    use nix::mount::{mount, MsFlags};
+    use std::os::unix::fs::DirBuilderExt;
+    let io = |context: &str| {
+        let context = format!("{context} {}", dir.display());
+        move |e: nix::errno::Errno| NetworkError::Io { context, source: e.into() }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|source| NetworkError::Io { context: format!("creating {}", dir.display()), source })?;
+    let share = || mount(None::<&str>, dir, Some("none"), MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    match share() {
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(Some(dir), dir, Some("none"), MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(io("bind-mounting"))?;
+            share().map_err(io("sharing"))
+        }
+        other => other.map_err(io("sharing")),
     }
 }
 
@@ -94,10 +154,11 @@ mod tests {
 
     #[test]
     fn named_paths_are_recognised() {
-        assert_eq!(Netns::Path("/run/netns/web".into()).ip_target().as_deref(), Some("web"));
-        assert_eq!(Netns::Path("/var/run/netns/web".into()).ip_target().as_deref(), Some("web"));
-        assert_eq!(Netns::Path("/proc/1/ns/net".into()).ip_target(), None);
-        assert_eq!(Netns::Process(42).ip_target().as_deref(), Some("42"));
+        assert_eq!(Netns::Path("/run/netns/web".into()).name().as_deref(), Some("web"));
+        assert_eq!(Netns::Path("/var/run/netns/web".into()).name().as_deref(), Some("web"));
+        assert_eq!(Netns::Path("/proc/1/ns/net".into()).name(), None);
+        assert_eq!(Netns::Process(42).name(), None);
+        assert_eq!(Netns::Process(42).path(), PathBuf::from("/proc/42/ns/net"));
         assert_eq!(Netns::Named("a".into()).path(), PathBuf::from("/run/netns/a"));
     }
 }

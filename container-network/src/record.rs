@@ -1,13 +1,14 @@
 //! What the sender records of a container's network, and how the receiver
 //! checks it (it comes from the peer: every field is validated before any
-//! of it reaches `ip`).
+//! of it reaches the kernel).
 
 use std::net::IpAddr;
 
 use migration_protocol::{InterfaceWire, NetworkWire, RouteWire};
 use serde::{Deserialize, Serialize};
 
-use crate::{ip_json, Netns, NetworkError};
+use crate::rtnl::{Address, Link, Route, Rtnl};
+use crate::{Netns, NetworkError};
 
 /// Most interfaces and routes a record may hold.
 pub const MAX_INTERFACES: usize = 16;
@@ -185,51 +186,49 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), NetworkError> {
 /// itself (for each address's subnet) are left out: they come back with
 /// the addresses.
 pub fn record(netns: &Netns) -> Result<NetworkRecord, NetworkError> {
+    let mut rtnl = Rtnl::open_in(netns)?;
+    let links = rtnl.links()?;
+    let addresses = rtnl.addresses()?;
+    let mut routes = rtnl.routes(4)?;
+    routes.extend(rtnl.routes(6)?);
+    Ok(record_of(&links, &addresses, &routes))
+}
+
+/// The record of a namespace's links, addresses and routes (IPv4 routes
+/// before IPv6 ones), as the kernel listed them.
+pub fn record_of(links: &[Link], addresses: &[Address], routes: &[Route]) -> NetworkRecord {
     let mut rec = NetworkRecord::default();
-    for link in ip_json(Some(netns), &["addr", "show"])? {
-        let name = link["ifname"].as_str().unwrap_or_default().to_string();
-        if name.is_empty() || name == "lo" || link["link_type"].as_str() == Some("loopback") {
+    for link in links {
+        if link.name.is_empty() || link.name == "lo" || link.loopback {
             continue;
         }
-        let mut addresses = Vec::new();
-        for a in link["addr_info"].as_array().into_iter().flatten() {
-            let (Some(local), Some(prefix)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else { continue };
+        let addresses = addresses
+            .iter()
+            .filter(|a| a.index == link.index)
             // Link-local IPv6 addresses are the kernel's, made from the MAC.
-            if a["family"].as_str() == Some("inet6") && a["scope"].as_str() == Some("link") {
-                continue;
-            }
-            addresses.push(format!("{local}/{prefix}"));
+            .filter(|a| !(a.local.is_ipv6() && a.link_scope))
+            .map(|a| format!("{}/{}", a.local, a.prefix))
+            .collect();
+        rec.interfaces.push(InterfaceRecord { name: link.name.clone(), mac: link.mac.clone(), mtu: link.mtu.unwrap_or(1500), addresses });
+    }
+    for r in routes {
+        use netlink_packet_route::route::RouteProtocol;
+        const MAIN_TABLE: u32 = 254;
+        let device = r.oif.and_then(|i| links.iter().find(|l| l.index == i)).map(|l| l.name.as_str()).unwrap_or_default();
+        if r.table != MAIN_TABLE || matches!(r.protocol, RouteProtocol::Kernel | RouteProtocol::Ra) || !r.unicast {
+            continue;
         }
-        rec.interfaces.push(InterfaceRecord {
-            mac: link["address"].as_str().unwrap_or_default().to_string(),
-            mtu: link["mtu"].as_u64().unwrap_or(1500) as u32,
-            name,
-            addresses,
+        if !rec.interfaces.iter().any(|i| i.name == device) {
+            continue;
+        }
+        rec.routes.push(RouteRecord {
+            destination: r.destination.map_or_else(|| "default".to_string(), |(a, p)| format!("{a}/{p}")),
+            gateway: r.gateway.map(|g| g.to_string()),
+            device: device.to_string(),
+            family: r.family,
         });
     }
-    for (family, flag) in [(4u8, "-4"), (6u8, "-6")] {
-        for r in ip_json(Some(netns), &[flag, "route", "show", "table", "main"])? {
-            let proto = r["protocol"].as_str().unwrap_or("boot");
-            let device = r["dev"].as_str().unwrap_or_default();
-            if matches!(proto, "kernel" | "ra") || !rec.interfaces.iter().any(|i| i.name == device) {
-                continue;
-            }
-            if r["type"].as_str().is_some_and(|t| t != "unicast") {
-                continue;
-            }
-            let mut destination = r["dst"].as_str().unwrap_or("default").to_string();
-            if destination != "default" && !destination.contains('/') {
-                destination.push_str(if family == 4 { "/32" } else { "/128" });
-            }
-            rec.routes.push(RouteRecord {
-                destination,
-                gateway: r["gateway"].as_str().map(str::to_string),
-                device: device.to_string(),
-                family,
-            });
-        }
-    }
-    Ok(rec)
+    rec
 }
 
 #[cfg(test)]
@@ -266,6 +265,56 @@ mod tests {
     fn a_plain_record_is_valid() {
         good().validate().unwrap();
         assert_eq!(good().ipv4_addresses(), vec![("eth0".to_string(), "10.0.0.5".parse().unwrap())]);
+    }
+
+    /// What the kernel lists for a container's namespace: loopback, an
+    /// interface with IPv4, IPv6 and link-local addresses, the kernel's
+    /// subnet routes, routes added by hand, a local-table route and one on
+    /// another table.
+    #[test]
+    fn a_namespace_listing_becomes_the_record() {
+        use netlink_packet_route::route::RouteProtocol;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let links = vec![
+            Link { index: 1, name: "lo".into(), loopback: true, mac: "00:00:00:00:00:00".into(), mtu: Some(65536), kind: None },
+            Link { index: 2, name: "eth0".into(), loopback: false, mac: "02:42:0a:00:00:05".into(), mtu: Some(1500), kind: Some("veth".into()) },
+            Link { index: 3, name: "eth1".into(), loopback: false, mac: "02:42:0a:00:00:06".into(), mtu: None, kind: Some("veth".into()) },
+        ];
+        let addr = |index, a: &str, prefix, link_scope| Address { index, local: ip(a), prefix, link_scope };
+        let addresses = vec![
+            addr(1, "127.0.0.1", 8, false),
+            addr(2, "10.0.0.5", 24, false),
+            addr(2, "fd00::5", 64, false),
+            addr(2, "fe80::42:aff:fe00:5", 64, true),
+        ];
+        let route = |family, table, protocol, destination: Option<(&str, u8)>, gateway: Option<&str>, oif| Route {
+            family,
+            table,
+            protocol,
+            unicast: true,
+            destination: destination.map(|(a, p)| (ip(a), p)),
+            gateway: gateway.map(ip),
+            oif,
+        };
+        let mut local = route(4, 255, RouteProtocol::Kernel, Some(("10.0.0.5", 32)), None, Some(2));
+        local.unicast = false;
+        let routes = vec![
+            route(4, 254, RouteProtocol::Boot, None, Some("10.0.0.1"), Some(2)),
+            route(4, 254, RouteProtocol::Kernel, Some(("10.0.0.0", 24)), None, Some(2)),
+            route(4, 254, RouteProtocol::Static, Some(("10.99.0.7", 32)), Some("10.0.0.1"), Some(2)),
+            route(4, 100, RouteProtocol::Boot, Some(("10.98.0.0", 16)), Some("10.0.0.1"), Some(2)),
+            route(4, 254, RouteProtocol::Boot, Some(("127.1.0.0", 16)), None, Some(1)),
+            route(4, 254, RouteProtocol::Boot, Some(("10.97.0.0", 16)), None, None),
+            local,
+            route(6, 254, RouteProtocol::Kernel, Some(("fd00::", 64)), None, Some(2)),
+            route(6, 254, RouteProtocol::Ra, None, Some("fe80::1"), Some(2)),
+            route(6, 254, RouteProtocol::Boot, Some(("fd01::", 64)), Some("fd00::1"), Some(2)),
+        ];
+        let rec = record_of(&links, &addresses, &routes);
+        let mut expected = good();
+        expected.interfaces.push(InterfaceRecord { name: "eth1".into(), mac: "02:42:0a:00:00:06".into(), mtu: 1500, addresses: vec![] });
+        expected.routes.insert(1, RouteRecord { destination: "10.99.0.7/32".into(), gateway: Some("10.0.0.1".into()), device: "eth0".into(), family: 4 });
+        assert_eq!(rec, expected);
     }
 
     #[test]

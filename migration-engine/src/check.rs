@@ -171,7 +171,7 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
 
     for (name, tool, use_, fix) in [
         ("network-lock", "nft", "the container's network is locked with nftables while it is dumped", "install nftables"),
-        ("iproute2", "ip", "records and rebuilds containers' interfaces", "install iproute2"),
+        ("iproute2", "ip", "compares a container's loopback-only network namespace with a new one", "install iproute2"),
     ] {
         let path = which(Path::new(tool));
         checks.push(item(

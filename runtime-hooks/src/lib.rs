@@ -146,10 +146,7 @@ pub fn remove_netns(state: &HookState) -> Result<(), HookError> {
 use container_network::destination::link_exists;
 
 fn remove_link(name: &str) {
-    let _ = std::process::Command::new("ip")
-        .args(["link", "del", name])
-        .stderr(std::process::Stdio::null())
-        .status();
+    let _ = container_network::destination::delete_link(name);
 }
 
 #[cfg(test)]
