@@ -107,18 +107,13 @@ impl DumpPlan {
 /// Mount points of type cgroup at or below `dest` in the mount namespace of
 /// `pid`, as seen inside the container.
 fn cgroup_mounts_below(pid: i32, dest: &str) -> Result<Vec<String>, RuntimeError> {
-    let path = format!("/proc/{pid}/mountinfo");
-    let text = std::fs::read_to_string(&path).map_err(crate::io_err(&path))?;
-    let prefix = format!("{}/", dest.trim_end_matches('/'));
-    let mut out = Vec::new();
-    for line in text.lines() {
-        // mountinfo: id parent major:minor root mountpoint opts ... - fstype src opts
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        let (Some(mp), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else { continue };
-        if (*fstype == "cgroup" || *fstype == "cgroup2") && (mp.starts_with(&prefix) || *mp == dest) {
-            out.push(mp.to_string());
-        }
-    }
-    Ok(out)
+    let mounts = crate::procinfo::mountinfo(pid).map_err(crate::io_err(format!("/proc/{pid}/mountinfo")))?;
+    let dest = Path::new(dest);
+    Ok(mounts
+        .iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(crate::procinfo::mount_point)
+        .filter(|mp| mp == dest || crate::procinfo::lies_below(mp, dest))
+        .map(|mp| mp.to_string_lossy().into_owned())
+        .collect())
 }

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod cgroup;
+pub mod procinfo;
 #[cfg(feature = "criu")]
 pub mod dump_plan;
 pub mod runc;

@@ -174,13 +174,9 @@ impl Runc {
     pub fn live_init_pid(&self, id: &str) -> Result<i32, RuntimeError> {
         let state = self.internal_state(id)?;
         let pid = state.init_process_pid;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // After the command name (in parentheses, maybe with blanks): state
-        // is the first field, start time the twentieth.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let alive = matches!(fields.first(), Some(s) if !["Z", "X", "x"].contains(s));
-        let same = fields.get(19).and_then(|t| t.parse::<u64>().ok()) == Some(state.init_process_start);
-        if alive && same {
+        let alive_and_same = crate::procinfo::stat(pid)
+            .is_some_and(|stat| !crate::procinfo::has_ended(&stat) && stat.starttime == state.init_process_start);
+        if alive_and_same {
             Ok(pid)
         } else {
             Err(RuntimeError::NotRunning { id: id.to_string(), status: "stopped".into() })
@@ -372,10 +368,10 @@ fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std:
             return Ok(status);
         }
         // A CRIU that died stays runc's zombie child until runc reaps it.
-        let criu_child = children_of(pid).into_iter().any(|c| {
-            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
-            stat.contains("(criu)") && !stat.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with(['Z', 'X'])).unwrap_or(true)
-        });
+        let criu_child = crate::procinfo::children_of(pid)
+            .into_iter()
+            .filter_map(|c| crate::procinfo::stat(c as i32))
+            .any(|stat| stat.comm == "criu" && !crate::procinfo::has_ended(&stat));
         saw_criu |= criu_child;
         match (saw_criu && !criu_child, gone_since) {
             (true, None) => gone_since = Some(std::time::Instant::now()),
@@ -388,16 +384,6 @@ fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std:
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-}
-
-/// The child processes of `pid` (all its threads').
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
-        .collect()
 }
 
 #[cfg(test)]
@@ -421,8 +407,7 @@ mod tests {
 
     #[test]
     fn a_live_init_is_found_without_running_runc_and_a_reused_pid_is_not() {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let start: u64 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().parse().unwrap();
+        let start = crate::procinfo::stat(std::process::id() as i32).unwrap().starttime;
         let (_dir, runc) = root_with_state(start);
         assert_eq!(runc.live_init_pid("c1").unwrap(), std::process::id() as i32);
         // Same pid, another start time: a different process now.

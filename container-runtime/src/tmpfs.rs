@@ -11,10 +11,12 @@
 //! mount's own flags (read-only, nosuid, ...). A tmpfs with anything in it
 //! is left to CRIU.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use migration_protocol::EmptyTmpfsWire;
 use serde::{Deserialize, Serialize};
+
+use crate::procinfo::{self, MountInfo, MountInfos};
 
 /// Most empty tmpfs mounts a manifest may list.
 pub const MAX_EMPTY_TMPFS: usize = 32;
@@ -120,38 +122,41 @@ fn option_is_known(option: &str) -> bool {
 /// mount propagation), the whole file system (root `/`), nothing mounted
 /// below, only known options, and empty now.
 pub fn empty_tmpfs_mounts(pid: i32) -> Vec<EmptyTmpfs> {
-    let Ok(mountinfo) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else { return Vec::new() };
+    let Ok(mountinfo) = crate::procinfo::mountinfo(pid) else { return Vec::new() };
     candidates(&mountinfo).into_iter().filter(|t| t.still_empty(pid)).collect()
 }
 
-/// The candidates in a mountinfo table, before looking inside them.
-fn candidates(mountinfo: &str) -> Vec<EmptyTmpfs> {
-    // mountinfo: id parent major:minor root mountpoint mount-options
-    // [optional fields...] - fstype source super-options
-    let rows: Vec<Vec<&str>> = mountinfo.lines().map(|l| l.split_whitespace().collect()).collect();
+/// The candidates in a mount table, before looking inside them.
+fn candidates(mountinfo: &MountInfos) -> Vec<EmptyTmpfs> {
+    let rows: Vec<(&MountInfo, PathBuf)> = mountinfo.iter().map(|m| (m, procinfo::mount_point(m))).collect();
     let mut out = Vec::new();
-    for row in &rows {
-        let Some(sep) = row.iter().position(|f| *f == "-") else { continue };
-        if row.len() < sep + 4 || sep != 6 || row[sep + 1] != "tmpfs" || row[3] != "/" {
+    for (i, (row, mountpoint)) in rows.iter().enumerate() {
+        if row.fs_type != "tmpfs" || row.root != "/" || !row.opt_fields.is_empty() {
             continue; // not tmpfs, a bind of part of one, or propagation fields present
         }
-        let (id, mountpoint) = (row[0], row[4]);
-        let covered = rows.iter().any(|r| r.get(1) == Some(&id) || r.get(4).is_some_and(|m| *m != mountpoint && m.starts_with(&format!("{mountpoint}/"))));
-        let on_top = rows.iter().skip_while(|r| r.first() != Some(&id)).skip(1).any(|r| r.get(4) == Some(&mountpoint));
+        let covered = rows.iter().any(|(r, m)| r.pid == row.mnt_id || procinfo::lies_below(m, mountpoint));
+        let on_top = rows[i + 1..].iter().any(|(_, m)| m == mountpoint);
         if covered || on_top {
             continue;
         }
-        let mut read_only = false;
-        let mut options = Vec::new();
-        for o in row[sep + 3].split(',') {
-            match o {
-                "ro" => read_only = true,
-                "rw" => {}
-                _ => options.push(o.to_string()),
-            }
-        }
-        let device = row[2].split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-        let entry = EmptyTmpfs { mountpoint: mountpoint.to_string(), options, read_only, device };
+        let read_only = row.super_options.contains_key("ro");
+        let mut options: Vec<String> = row
+            .super_options
+            .iter()
+            .filter(|(name, _)| !["ro", "rw"].contains(&name.as_str()))
+            .map(|(name, value)| match value {
+                Some(v) => format!("{name}={v}"),
+                None => name.clone(),
+            })
+            .collect();
+        // procfs hands the options over unordered: they go in the order
+        // the kernel writes them (that of KNOWN_OPTIONS), any other last.
+        options.sort_by_key(|o| {
+            let name = o.split_once('=').map_or(o.as_str(), |(n, _)| n);
+            (KNOWN_OPTIONS.iter().position(|k| *k == name).unwrap_or(KNOWN_OPTIONS.len()), o.clone())
+        });
+        let device = row.majmin.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+        let entry = EmptyTmpfs { mountpoint: mountpoint.to_string_lossy().into_owned(), options, read_only, device };
         if entry.validate().is_ok() && out.len() < MAX_EMPTY_TMPFS {
             out.push(entry);
         }
@@ -177,9 +182,13 @@ mod tests {
 585 571 0:75 / /tmp rw,relatime - tmpfs tmpfs rw
 ";
 
+    fn table() -> MountInfos {
+        <MountInfos as procinfo::FromBufRead>::from_buf_read(MOUNTINFO.as_bytes()).unwrap()
+    }
+
     #[test]
     fn only_whole_private_leaf_tmpfs_with_known_options_are_candidates() {
-        let found = candidates(MOUNTINFO);
+        let found = candidates(&table());
         let points: Vec<&str> = found.iter().map(|t| t.mountpoint.as_str()).collect();
         // /dev has /dev/pts below; /sys/firmware propagates; /data is part
         // of a tmpfs; /run has an SELinux context; the first /tmp is under
@@ -195,7 +204,7 @@ mod tests {
     /// `EmptyTmpfsWire`: the same JSON, without the source's device.
     #[test]
     fn the_wire_format_is_the_entrys_json_without_the_device() {
-        let found = candidates(MOUNTINFO);
+        let found = candidates(&table());
         let wire: Vec<EmptyTmpfsWire> = found.iter().cloned().map(Into::into).collect();
         assert_eq!(serde_json::to_value(&wire).unwrap(), serde_json::to_value(&found).unwrap());
         let back: Vec<EmptyTmpfs> = wire.into_iter().map(Into::into).collect();

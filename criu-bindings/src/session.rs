@@ -218,26 +218,24 @@ impl CriuSession {
     /// until the session ends).
     fn criu_gone(&self) -> bool {
         let Some(pid) = self.pid() else { return true };
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(true),
-            Err(_) => true,
-        }
+        // Not alive: a zombie, dead, or its stat unreadable (gone).
+        !procfs::process::Process::new(pid as i32).is_ok_and(|p| p.is_alive())
     }
 
     /// Kills every process still holding CRIU's end of the RPC socket:
     /// helpers of a `criu swrk` that died, which would otherwise keep it
     /// open (and the container's tasks seized) for ever.
     fn kill_orphaned_helpers(&self) -> Vec<i32> {
-        let target = format!("socket:[{}]", self.peer_inode);
+        use procfs::process::FDTarget;
         let mut killed = Vec::new();
-        let Ok(procs) = std::fs::read_dir("/proc") else { return killed };
+        let Ok(procs) = procfs::process::all_processes() else { return killed };
         for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let pid = p.pid;
             if pid == std::process::id() as i32 {
                 continue;
             }
-            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
-            let holds = fds.flatten().any(|fd| std::fs::read_link(fd.path()).map(|l| l.as_os_str() == target.as_str()).unwrap_or(false));
+            let Ok(fds) = p.fd() else { continue };
+            let holds = fds.flatten().any(|fd| matches!(fd.target, FDTarget::Socket(inode) if inode == self.peer_inode));
             if holds {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 killed.push(pid);

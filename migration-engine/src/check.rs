@@ -77,21 +77,12 @@ fn item(name: &'static str, required: bool, result: Result<String, String>) -> C
     }
 }
 
-/// Effective capabilities of this process, from /proc/self/status.
-fn effective_caps() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
-        .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
-        .unwrap_or(0)
-}
-
 pub fn run(opts: &CheckOptions) -> CheckReport {
     let mut checks = Vec::new();
 
     const NEEDED_CAPS: &[(u32, &str)] =
         &[(12, "CAP_NET_ADMIN"), (19, "CAP_SYS_PTRACE"), (21, "CAP_SYS_ADMIN"), (40, "CAP_CHECKPOINT_RESTORE")];
-    let caps = effective_caps();
+    let caps = crate::rlimit_support::effective_caps().unwrap_or(0);
     let missing: Vec<&str> = NEEDED_CAPS.iter().filter(|(bit, _)| caps & (1 << bit) == 0).map(|(_, n)| *n).collect();
     checks.push(item(
         "privileges",

@@ -29,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use container_runtime::cgroup::CgroupVersion;
-use container_runtime::Freezer;
+use container_runtime::{procinfo, Freezer};
 
 use crate::journal::{Journal, Side};
 use crate::MigrationError;
@@ -154,7 +154,7 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf, journa
     let deadline = Instant::now() + CRIU_GRACE;
     let thawed = loop {
         for pid in criu_pids.iter().copied().chain(tracers_of(&freezer)) {
-            while Path::new(&format!("/proc/{pid}")).exists() && is_criu(pid) {
+            while procinfo::exists(pid) && is_criu(pid) {
                 if Instant::now() > deadline {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
                 }
@@ -237,10 +237,7 @@ fn tracers_of(freezer: &Freezer) -> Vec<i32> {
     let mut tracers: Vec<i32> = freezer
         .pids()
         .into_iter()
-        .filter_map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|t| t.trim().parse::<i32>().ok()).filter(|t| *t != 0)
-        })
+        .filter_map(|pid| procinfo::status(pid).map(|s| s.tracerpid).filter(|t| *t != 0))
         .collect();
     tracers.sort_unstable();
     tracers.dedup();
@@ -248,7 +245,5 @@ fn tracers_of(freezer: &Freezer) -> Vec<i32> {
 }
 
 fn is_criu(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.split(|b| *b == 0).next().map(|a| a.ends_with(b"criu")).unwrap_or(false))
-        .unwrap_or(false)
+    procinfo::cmdline(pid).is_some_and(|args| args.first().is_some_and(|a| a.ends_with(b"criu")))
 }

@@ -312,7 +312,7 @@ impl Journal {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = name.rsplit(".tmp-").next().filter(|_| name.contains(".tmp-")).and_then(|p| p.parse::<u32>().ok()) {
-                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                    if !container_runtime::procinfo::exists(pid as i32) {
                         let _ = std::fs::remove_file(e.path());
                     }
                 }
@@ -324,7 +324,7 @@ impl Journal {
 /// Whether process `pid` lives and is a ctmigrate (a sender, its guard, a
 /// receiver): a pid reused by another program is not.
 pub fn is_ctmigrate_process(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("ctmigrate")).unwrap_or(false)
+    container_runtime::procinfo::cmdline(pid as i32).is_some_and(|args| args.iter().any(|a| String::from_utf8_lossy(a).contains("ctmigrate")))
 }
 
 /// A new migration id: 16 random hex digits.

@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+use container_runtime::procinfo::Status;
 use serde::{Deserialize, Serialize};
 
 /// The patch's file name, as `install.sh` records it in the marker.
@@ -89,21 +90,25 @@ impl PatchStatus {
     }
 }
 
-/// The effective capability mask in a `/proc/PID/status` text.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
+/// This process's effective capability mask (`CapEff` of
+/// `/proc/self/status`); `None` if it cannot be read.
+pub fn effective_caps() -> Option<u64> {
+    procfs::process::Process::myself().and_then(|p| p.status()).ok().map(|s| s.capeff)
 }
 
-/// Whether a `/proc/PID/status` text shows `CAP_SYS_RESOURCE` effective.
-pub fn status_has_cap_sys_resource(status: &str) -> bool {
-    parse_cap_eff(status).is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+/// Whether a task's status shows `CAP_SYS_RESOURCE` effective.
+pub fn status_has_cap_sys_resource(status: &Status) -> bool {
+    caps_have_sys_resource(status.capeff)
+}
+
+fn caps_have_sys_resource(caps: u64) -> bool {
+    caps & (1 << CAP_SYS_RESOURCE) != 0
 }
 
 /// Whether this process has `CAP_SYS_RESOURCE` (CRIU, its child, gets
 /// the same capabilities).
 pub fn has_cap_sys_resource() -> bool {
-    std::fs::read_to_string("/proc/self/status").map(|s| status_has_cap_sys_resource(&s)).unwrap_or(false)
+    effective_caps().is_some_and(caps_have_sys_resource)
 }
 
 /// A binary name resolved through PATH, as `Command` would run it.
@@ -193,20 +198,19 @@ pub struct TaskCreds {
 }
 
 impl TaskCreds {
-    /// Parses a `/proc/PID/status` text.
-    pub fn parse(pid: i32, status: &str) -> Option<Self> {
-        let ids = |key: &str| -> Option<[u32; 3]> {
-            let line = status.lines().find_map(|l| l.strip_prefix(key))?;
-            let mut it = line.split_whitespace().map(|v| v.parse::<u32>());
-            Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
-        };
-        let command = status.lines().find_map(|l| l.strip_prefix("Name:")).map(|n| n.trim().to_string()).unwrap_or_default();
-        Some(TaskCreds { pid, command, uids: ids("Uid:")?, gids: ids("Gid:")? })
+    /// The identity in task `pid`'s status.
+    pub fn from_status(pid: i32, status: &Status) -> Self {
+        TaskCreds {
+            pid,
+            command: status.name.clone(),
+            uids: [status.ruid, status.euid, status.suid],
+            gids: [status.rgid, status.egid, status.sgid],
+        }
     }
 
     /// Reads `/proc/PID/status`; `None` if the task is gone.
     pub fn of(pid: i32) -> Option<Self> {
-        TaskCreds::parse(pid, &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+        Some(TaskCreds::from_status(pid, &container_runtime::procinfo::status(pid)?))
     }
 
     /// Whether prlimit() from root (uid 0, gid 0) needs CAP_SYS_RESOURCE
@@ -247,20 +251,65 @@ pub fn refusal(support: &RlimitSupport, tasks: &[TaskCreds]) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// A captured status file (root's, below) with some of its fields
+    /// given other values, or left out (`None`).
+    fn status_text(changes: &[(&str, Option<&str>)]) -> String {
+        let mut text = String::new();
+        for line in REAL_STATUS_ROOT.lines() {
+            let key = line.split(':').next().unwrap_or_default();
+            match changes.iter().find(|(k, _)| *k == key) {
+                Some((_, Some(value))) => text.push_str(&format!("{key}:\t{value}\n")),
+                Some((_, None)) => {}
+                None => text.push_str(&format!("{line}\n")),
+            }
+        }
+        text
+    }
+
+    /// procfs's reading of a status text.
+    fn status(text: &str) -> Option<Status> {
+        <Status as container_runtime::procinfo::FromBufRead>::from_buf_read(text.as_bytes()).ok()
+    }
+
+    fn creds(pid: i32, text: &str) -> Option<TaskCreds> {
+        status(text).map(|s| TaskCreds::from_status(pid, &s))
+    }
+
+    fn has_sys_resource(text: &str) -> bool {
+        status(text).is_some_and(|s| status_has_cap_sys_resource(&s))
+    }
+
     /// /proc/self/status of root on a host whose bounding set lacks
-    /// CAP_SYS_RESOURCE (bit 24), trimmed.
-    const STATUS_NO_SYS_RESOURCE: &str = "Name:\tcat\nUmask:\t0022\nState:\tR (running)\nTgid:\t4242\nPid:\t4242\n\
-        Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\n\
-        CapEff:\t000001fffeffffff\nCapBnd:\t000001fffeffffff\nCapAmb:\t0000000000000000\n";
-    const STATUS_FULL_ROOT: &str = "Name:\tbash\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
-        CapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n";
+    /// CAP_SYS_RESOURCE (bit 24).
+    fn status_no_sys_resource() -> String {
+        status_text(&[("Name", Some("cat")), ("CapEff", Some("000001fffeffffff")), ("CapBnd", Some("000001fffeffffff"))])
+    }
+    fn status_full_root() -> String {
+        status_text(&[
+            ("Name", Some("bash")),
+            ("CapPrm", Some("000001ffffffffff")),
+            ("CapEff", Some("000001ffffffffff")),
+            ("CapBnd", Some("000001ffffffffff")),
+        ])
+    }
     /// A postgres backend: uid and gid 104 throughout.
-    const STATUS_POSTGRES: &str = "Name:\tpostgres\nUmask:\t0077\nState:\tS (sleeping)\nTgid:\t31337\nNgid:\t0\n\
-        Pid:\t31337\nPPid:\t31300\nTracerPid:\t0\nUid:\t104\t104\t104\t104\nGid:\t111\t111\t111\t111\n\
-        FDSize:\t64\nGroups:\t111 \nCapEff:\t0000000000000000\n";
+    fn status_postgres() -> String {
+        status_text(&[
+            ("Name", Some("postgres")),
+            ("Uid", Some("104\t104\t104\t104")),
+            ("Gid", Some("111\t111\t111\t111")),
+            ("Groups", Some("111 ")),
+            ("CapPrm", Some("0000000000000000")),
+            ("CapEff", Some("0000000000000000")),
+        ])
+    }
     /// A task that dropped only its effective uid (seteuid).
-    const STATUS_SETEUID: &str = "Name:\tworker\nUid:\t0\t33\t0\t33\nGid:\t0\t0\t0\t0\n";
-    const STATUS_ROOT_GID_DATA: &str = "Name:\tsg-task\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t33\t0\n";
+    fn status_seteuid() -> String {
+        status_text(&[("Name", Some("worker")), ("Uid", Some("0\t33\t0\t33"))])
+    }
+    fn status_root_gid_data() -> String {
+        status_text(&[("Name", Some("sg-task")), ("Gid", Some("0\t0\t33\t0"))])
+    }
 
     fn marker_json(sum: &str, patches: &[&str]) -> String {
         let patches: Vec<String> =
@@ -305,10 +354,10 @@ mod tests {
 
     #[test]
     fn captured_status_files() {
-        assert!(!status_has_cap_sys_resource(REAL_STATUS_ROOT), "bit 24 is clear on the project's machines");
-        let root = TaskCreds::parse(1, REAL_STATUS_ROOT).unwrap();
+        assert!(!has_sys_resource(REAL_STATUS_ROOT), "bit 24 is clear on the project's machines");
+        let root = creds(1, REAL_STATUS_ROOT).unwrap();
         assert!(!root.needs_cap_sys_resource());
-        let nobody = TaskCreds::parse(2, REAL_STATUS_NOBODY).unwrap();
+        let nobody = creds(2, REAL_STATUS_NOBODY).unwrap();
         assert_eq!((nobody.uids, nobody.gids, nobody.command.as_str()), ([65534; 3], [65534; 3], "cat"));
         assert!(nobody.needs_cap_sys_resource());
     }
@@ -339,12 +388,14 @@ mod tests {
 
     #[test]
     fn capability_from_status() {
-        assert_eq!(parse_cap_eff(STATUS_NO_SYS_RESOURCE), Some(0x1fffeffffff));
-        assert!(!status_has_cap_sys_resource(STATUS_NO_SYS_RESOURCE));
-        assert!(status_has_cap_sys_resource(STATUS_FULL_ROOT));
-        assert!(!status_has_cap_sys_resource(STATUS_POSTGRES));
-        assert!(!status_has_cap_sys_resource("Name:\tx\n"), "no CapEff line: assume the capability is missing");
-        assert!(!status_has_cap_sys_resource("CapEff:\tnot-hex\n"));
+        assert_eq!(status(&status_no_sys_resource()).map(|s| s.capeff), Some(0x1fffeffffff));
+        assert!(!has_sys_resource(&status_no_sys_resource()));
+        assert!(has_sys_resource(&status_full_root()));
+        assert!(!has_sys_resource(&status_postgres()));
+        assert!(!has_sys_resource(&status_text(&[("CapEff", None)])), "no CapEff line: assume the capability is missing");
+        assert!(!has_sys_resource(&status_text(&[("CapEff", Some("not-hex"))])));
+        // This process: what `check` and the preflight ask.
+        assert_eq!(effective_caps().map(caps_have_sys_resource), Some(has_cap_sys_resource()));
     }
 
     #[test]
@@ -409,13 +460,19 @@ mod tests {
 
     #[test]
     fn task_creds_from_status() {
-        let pg = TaskCreds::parse(31337, STATUS_POSTGRES).unwrap();
+        let pg = creds(31337, &status_postgres()).unwrap();
         assert_eq!(pg, TaskCreds { pid: 31337, command: "postgres".into(), uids: [104; 3], gids: [111; 3] });
         assert!(pg.needs_cap_sys_resource());
-        assert!(!TaskCreds::parse(1, STATUS_FULL_ROOT).unwrap().needs_cap_sys_resource());
-        assert!(TaskCreds::parse(2, STATUS_SETEUID).unwrap().needs_cap_sys_resource());
-        assert!(TaskCreds::parse(3, STATUS_ROOT_GID_DATA).unwrap().needs_cap_sys_resource());
-        assert_eq!(TaskCreds::parse(4, "Name:\tx\nUid:\t0\t0\n"), None, "a short Uid line");
+        assert!(!creds(1, &status_full_root()).unwrap().needs_cap_sys_resource());
+        assert!(creds(2, &status_seteuid()).unwrap().needs_cap_sys_resource());
+        assert!(creds(3, &status_root_gid_data()).unwrap().needs_cap_sys_resource());
+        assert_eq!(creds(4, &status_text(&[("Name", Some("x")), ("Uid", Some("0\t0"))])), None, "a short Uid line");
+        // A task that is gone has none.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id() as i32;
+        child.wait().unwrap();
+        assert_eq!(TaskCreds::of(gone), None);
+        assert_eq!(TaskCreds::of(std::process::id() as i32).map(|c| c.pid), Some(std::process::id() as i32));
     }
 
     fn support(cap: bool, patched: bool) -> RlimitSupport {
@@ -431,8 +488,8 @@ mod tests {
 
     #[test]
     fn refused_only_without_capability_and_patch_and_with_a_non_root_task() {
-        let root = TaskCreds::parse(10, STATUS_FULL_ROOT).unwrap();
-        let pg = TaskCreds::parse(31337, STATUS_POSTGRES).unwrap();
+        let root = creds(10, &status_full_root()).unwrap();
+        let pg = creds(31337, &status_postgres()).unwrap();
         let both = [root.clone(), pg];
         assert_eq!(refusal(&support(true, false), &both), None, "CAP_SYS_RESOURCE: prlimit works");
         assert_eq!(refusal(&support(false, true), &both), None, "the patched CRIU reads /proc/PID/limits");
@@ -448,7 +505,7 @@ mod tests {
 
     #[test]
     fn refusal_names_a_gid_when_the_uids_are_root() {
-        let t = TaskCreds::parse(7, STATUS_ROOT_GID_DATA).unwrap();
+        let t = creds(7, &status_root_gid_data()).unwrap();
         let msg = refusal(&support(false, false), &[t]).unwrap();
         assert!(msg.contains("task 7 (gid 33, sg-task)"), "{msg}");
     }

@@ -9,6 +9,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use container_runtime::procinfo;
+
 use crate::MigrationError;
 
 /// `--stage-images`.
@@ -23,13 +25,8 @@ pub enum StageMode {
 
 /// Memory the kernel says it can give without swapping (MemAvailable).
 pub fn available_memory() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .unwrap_or(0)
+    use procfs::Current;
+    procfs::Meminfo::current().ok().and_then(|m| m.mem_available).unwrap_or(0)
 }
 
 /// The tmpfs size to give images of about `expected` bytes, or None to
@@ -316,11 +313,9 @@ struct TaskStat {
 
 /// A process's state, resident pages and last CPU, from /proc/PID/stat.
 fn task_stat(pid: u32) -> Option<TaskStat> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses:
-    // state is field 3, rss field 24, processor field 39.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(TaskStat { running: *fields.first()? == "R", rss_pages: fields.get(21)?.parse().ok()?, cpu: fields.get(36)?.parse().ok()? })
+    let stat = procinfo::stat(pid as i32)?;
+    let running = matches!(stat.state(), Ok(procfs::process::ProcState::Running));
+    Some(TaskStat { running, rss_pages: stat.rss, cpu: usize::try_from(stat.processor?).ok()? })
 }
 
 /// `root` and every process below it, through each thread's children.
@@ -330,11 +325,7 @@ fn descendants(root: u32) -> Vec<u32> {
     while next < found.len() {
         let pid = found[next];
         next += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
-        for task in tasks.flatten() {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            found.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
-        }
+        found.extend(procinfo::children_of(pid));
     }
     found
 }
@@ -387,12 +378,11 @@ pub fn remove_work_dir(work_dir: &Path) {
 
 /// Unmounts everything mounted below `dir` (deepest first).
 pub fn unmount_below(dir: &Path) {
-    let prefix = format!("{}/", dir.display());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> = info.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&prefix)).collect();
-    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    let Ok(mounts) = procinfo::own_mountinfo() else { return };
+    let mut points = procinfo::mount_points_below(&mounts, dir);
+    points.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
     for m in points {
-        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use container_runtime::cgroup::CgroupVersion;
-use container_runtime::{Freezer, FreezerState, Runc};
+use container_runtime::{procinfo, Freezer, FreezerState, Runc};
 
 use crate::journal::{DestinationPlan, SourcePlan};
 use crate::MigrationError;
@@ -46,7 +46,7 @@ pub fn thaw_source(plan: &SourcePlan, container: &str) -> Result<(), MigrationEr
     if freezer.state()? != FreezerState::Thawed {
         return Err(MigrationError::Other("the source's cgroup is still frozen".into()));
     }
-    if !Path::new(&format!("/proc/{}", plan.init_pid)).exists() {
+    if !procinfo::exists(plan.init_pid) {
         return Err(MigrationError::Other("the source's init process is gone".into()));
     }
     Ok(())
@@ -80,7 +80,7 @@ pub fn remove_source(plan: &SourcePlan, container: &str) -> Vec<String> {
         warnings.push(format!("thawing the killed source failed: {e}"));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{}", plan.init_pid)).exists() && Instant::now() < deadline {
+    while procinfo::exists(plan.init_pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     if let Err(e) = runc.delete_force(container) {
@@ -108,10 +108,7 @@ fn container_tasks(runc: &Runc, id: &str) -> Result<Vec<i32>, MigrationError> {
 
 /// Whether task `pid` is stopped (state `T`).
 fn is_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-        .unwrap_or(false)
+    procinfo::stat(pid).is_some_and(|s| matches!(s.state(), Ok(procfs::process::ProcState::Stopped)))
 }
 
 /// Checks that every task of the restored container `id` is stopped, as
@@ -155,17 +152,8 @@ pub fn run_destination(plan: &DestinationPlan, id: &str) -> Result<(), Migration
 /// Processes whose command line names `bundle`: a `runc restore` that
 /// outlived the receiver that started it.
 fn processes_naming(bundle: &Path) -> Vec<i32> {
-    let needle = bundle.as_os_str().as_encoded_bytes().to_vec();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|pid| *pid != std::process::id() as i32)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.split(|b| *b == 0).any(|arg| arg == needle.as_slice()))
-                .unwrap_or(false)
-        })
-        .collect()
+    let needle = bundle.as_os_str().as_encoded_bytes();
+    procinfo::processes_with_argument(|arg| arg == needle)
 }
 
 /// Stops a restore of `bundle` still under way (its receiver died while
@@ -178,7 +166,7 @@ fn stop_restore_in_flight(bundle: &Path) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
+    while pids.iter().any(|p| procinfo::exists(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }

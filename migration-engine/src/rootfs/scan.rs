@@ -6,6 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use container_runtime::procinfo;
 use migration_protocol::rootfs::{digest_input_of, xattr_name_allowed, EntryKind, TreeRecord, Xattr};
 
 use crate::MigrationError;
@@ -234,36 +235,15 @@ pub fn read_xattrs(abs: &Path) -> Result<Vec<Xattr>, MigrationError> {
 /// mount excluded): what lies under them in the rootfs directory is hidden
 /// from the container and is not sent.
 pub fn hidden_mount_points(pid: i32) -> Result<BTreeSet<PathBuf>, MigrationError> {
-    let path = format!("/proc/{pid}/mountinfo");
-    let text = std::fs::read_to_string(&path).map_err(MigrationError::io(format!("reading {path}")))?;
-    Ok(parse_mount_points(&text))
+    let mounts = procinfo::mountinfo(pid).map_err(MigrationError::io(format!("reading /proc/{pid}/mountinfo")))?;
+    Ok(mount_points_below_root(&mounts))
 }
 
-fn parse_mount_points(mountinfo: &str) -> BTreeSet<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter_map(|p| p.strip_prefix('/').map(PathBuf::from))
-        .filter(|p| !p.as_os_str().is_empty())
+fn mount_points_below_root(mounts: &procinfo::MountInfos) -> BTreeSet<PathBuf> {
+    procinfo::mount_points_below(mounts, Path::new("/"))
+        .into_iter()
+        .filter_map(|p| p.strip_prefix("/").ok().map(Path::to_path_buf))
         .collect()
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -278,7 +258,7 @@ mod tests {
 24 23 0:6 / /dev/pts rw - devpts devpts rw
 25 22 0:7 / /my\\040data rw - tmpfs tmpfs rw
 ";
-        let hidden = parse_mount_points(text);
+        let hidden = mount_points_below_root(&<procinfo::MountInfos as procinfo::FromBufRead>::from_buf_read(text.as_bytes()).unwrap());
         let want: BTreeSet<PathBuf> = ["dev", "dev/pts", "my data"].iter().map(PathBuf::from).collect();
         assert_eq!(hidden, want);
         let snap = Snapshot { hidden, ..Default::default() };

@@ -249,11 +249,7 @@ pub(super) fn container_memory_bytes(plan: &DumpPlan) -> u64 {
     plan.freezer
         .pids()
         .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|status| {
-            let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-        })
+        .filter_map(|pid| container_runtime::procinfo::status(*pid)?.vmrss)
         .sum::<u64>()
         * 1024
 }
