@@ -80,8 +80,9 @@ fn signal(pid: u32, sig: Signal) {
 /// execs it in place (no fork), so it is that pid once the exec happened.
 fn ctmigrate_under(wrapper: u32) -> u32 {
     for _ in 0..200 {
-        let cmd = std::fs::read(format!("/proc/{wrapper}/cmdline")).unwrap_or_default();
-        if cmd.starts_with(EXE.as_bytes()) || cmd.is_empty() {
+        // Gone, a zombie, or ctmigrate.
+        let args = container_runtime::procinfo::cmdline(wrapper as i32).unwrap_or_default();
+        if args.first().is_none_or(|a| a.starts_with(EXE.as_bytes())) {
             return wrapper;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -92,28 +93,24 @@ fn ctmigrate_under(wrapper: u32) -> u32 {
 /// CRIU processes at work for this testbed (found through their
 /// ancestors' command lines, which name the testbed's directories).
 fn criu_of(tag: &str) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() != "criu" {
-                return false;
-            }
-            let mut p = *pid;
+    use container_runtime::procinfo;
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten()
+        .filter_map(|p| p.stat().ok())
+        .filter(|stat| stat.comm == "criu")
+        .filter(|stat| {
+            let mut ppid = stat.ppid;
             for _ in 0..6 {
-                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-                let Some(ppid) = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|x| x.parse::<u32>().ok()) else {
-                    return false;
-                };
-                let cmd = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmd).contains(tag) {
+                let args = procinfo::cmdline(ppid).unwrap_or_default();
+                if args.iter().any(|a| String::from_utf8_lossy(a).contains(tag)) {
                     return true;
                 }
-                p = ppid;
+                let Some(parent) = procinfo::stat(ppid) else { return false };
+                ppid = parent.ppid;
             }
             false
         })
+        .map(|stat| stat.pid as u32)
         .collect()
 }
 
@@ -313,7 +310,10 @@ fn campaign_random_faults_keep_exactly_one_copy() {
                 .and_then(|st| container_runtime::Freezer::for_container(&st).ok())
                 .map(|f| f.pids())
                 .unwrap_or_default();
-            let states: Vec<String> = tasks.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().chars().take(60).collect()).collect();
+            let states: Vec<String> = tasks
+                .iter()
+                .map(|p| container_runtime::procinfo::stat(*p).map(|s| format!("{} ({}) {}", s.pid, s.comm, s.state)).unwrap_or_default())
+                .collect();
             panic!("{what}: the surviving copy ({}) does not run: tasks {states:?}; sender: {}; {notes:?}", if on_source { "source" } else { "destination" }, sender.stderr());
         }
         assert_counting_on(&rootfs, &token, now);

@@ -230,13 +230,16 @@ fn receiver_dying_after_commit_is_in_doubt_and_its_restart_finishes_the_copy() {
     assert_clean(&bed, &id);
 }
 
-/// The tmpfs mounts under `dir` (from /proc/self/mountinfo).
+/// The tmpfs mounts at or under `dir` (from /proc/self/mountinfo).
 fn tmpfs_mounts_under(dir: &std::path::Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter(|l| l.contains(" - tmpfs "))
-        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&*dir.to_string_lossy()))
+    use container_runtime::procinfo;
+    procinfo::own_mountinfo()
+        .unwrap()
+        .iter()
+        .filter(|m| m.fs_type == "tmpfs")
+        .map(procinfo::mount_point)
+        .filter(|m| m.starts_with(dir))
+        .map(|m| m.display().to_string())
         .collect()
 }
 

@@ -40,11 +40,8 @@ fn data(rootfs: PathBuf) -> PathBuf {
 
 /// Real, effective, saved and filesystem uids, then gids, of `pid`.
 fn ids_of(pid: i32) -> (Vec<u32>, Vec<u32>) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        status.lines().find_map(|l| l.strip_prefix(key)).unwrap().split_whitespace().map(|v| v.parse().unwrap()).collect()
-    };
-    (ids("Uid:"), ids("Gid:"))
+    let s = container_runtime::procinfo::status(pid).unwrap();
+    (vec![s.ruid, s.euid, s.suid, s.fuid], vec![s.rgid, s.egid, s.sgid, s.fgid])
 }
 
 #[test]

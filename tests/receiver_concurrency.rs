@@ -72,15 +72,10 @@ fn closed_by_receiver(peers: &mut [TcpStream]) -> usize {
 /// Distinct sockets the process `pid` holds (fds duplicated for one socket
 /// count once).
 fn sockets_of(pid: u32) -> usize {
-    let mut inodes = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
-        if let Ok(target) = std::fs::read_link(e.path()) {
-            let t = target.to_string_lossy().into_owned();
-            if t.starts_with("socket:") {
-                inodes.insert(t);
-            }
-        }
-    }
+    use procfs::process::{FDTarget, Process};
+    let Ok(fds) = Process::new(pid as i32).and_then(|p| p.fd()) else { return 0 };
+    let inodes: std::collections::BTreeSet<u64> =
+        fds.flatten().filter_map(|fd| if let FDTarget::Socket(inode) = fd.target { Some(inode) } else { None }).collect();
     inodes.len()
 }
 
@@ -302,8 +297,7 @@ fn conc_reservation_over_the_staging_budget_is_refused_up_front() {
     let pids = bed.src_runc.internal_state(&id_a).map(|st| container_runtime::Freezer::for_container(&st).unwrap().pids()).unwrap();
     let rss: u64 = pids
         .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+        .filter_map(|p| container_runtime::procinfo::status(*p)?.vmrss)
         .sum::<u64>()
         * 1024;
     let one = migration_engine::admission::reservation_bytes(rss);

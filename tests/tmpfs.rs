@@ -9,14 +9,16 @@ mod common;
 
 use common::*;
 
+/// Mount or file system options, in order.
+type Options = std::collections::BTreeMap<String, Option<String>>;
+
 /// The mountinfo row (mount options, file system type, super options) of
 /// the topmost mount at `mountpoint` in process `pid`'s view.
-fn mount_row(pid: i32, mountpoint: &str) -> Option<(String, String, String)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    text.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let sep = f.iter().position(|x| *x == "-")?;
-        (f[4] == mountpoint).then(|| (f[5].to_string(), f[sep + 1].to_string(), f[sep + 3].to_string()))
+fn mount_row(pid: i32, mountpoint: &str) -> Option<(Options, String, Options)> {
+    let mounts = container_runtime::procinfo::mountinfo(pid).unwrap();
+    mounts.iter().rev().find(|m| m.mount_point == std::path::Path::new(mountpoint)).map(|m| {
+        let sorted = |o: &std::collections::HashMap<String, Option<String>>| o.clone().into_iter().collect::<Options>();
+        (sorted(&m.mount_options), m.fs_type.clone(), sorted(&m.super_options))
     })
 }
 
@@ -27,12 +29,12 @@ fn made_anew(result: &serde_json::Value) -> Vec<String> {
 /// Only this test bed's receiver counts: a run killed on the same machine
 /// may have left its own (CI found one).
 fn assert_no_receiver_tmpfs_left(bed: &Testbed) {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let under = format!("{}/", bed.dst_work().display());
-    let left: Vec<&str> = mounts
-        .lines()
-        .filter(|l| l.split_whitespace().nth(4).is_some_and(|m| m.starts_with(&under)) && l.contains(migration_engine::scratch::EMPTY_TMPFS_DIR))
-        .collect();
+    use container_runtime::procinfo;
+    let mounts = procinfo::own_mountinfo().unwrap();
+    let ours = |m: &procinfo::MountInfo| {
+        [procinfo::mount_point(m).to_string_lossy().into_owned(), m.root.clone()].iter().any(|f| f.contains(migration_engine::scratch::EMPTY_TMPFS_DIR))
+    };
+    let left: Vec<_> = mounts.iter().filter(|m| procinfo::lies_below(&procinfo::mount_point(m), &bed.dst_work()) && ours(m)).collect();
     assert!(left.is_empty(), "the receiver's tmpfs mounts stayed: {left:#?}");
 }
 

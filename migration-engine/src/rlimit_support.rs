@@ -285,23 +285,14 @@ mod tests {
         status_text(&[("Name", Some("cat")), ("CapEff", Some("000001fffeffffff")), ("CapBnd", Some("000001fffeffffff"))])
     }
     fn status_full_root() -> String {
-        status_text(&[
-            ("Name", Some("bash")),
-            ("CapPrm", Some("000001ffffffffff")),
-            ("CapEff", Some("000001ffffffffff")),
-            ("CapBnd", Some("000001ffffffffff")),
-        ])
+        let all = Some("000001ffffffffff");
+        status_text(&[("Name", Some("bash")), ("CapPrm", all), ("CapEff", all), ("CapBnd", all)])
     }
     /// A postgres backend: uid and gid 104 throughout.
     fn status_postgres() -> String {
-        status_text(&[
-            ("Name", Some("postgres")),
-            ("Uid", Some("104\t104\t104\t104")),
-            ("Gid", Some("111\t111\t111\t111")),
-            ("Groups", Some("111 ")),
-            ("CapPrm", Some("0000000000000000")),
-            ("CapEff", Some("0000000000000000")),
-        ])
+        let (ids, none) = (Some("104\t104\t104\t104"), Some("0000000000000000"));
+        let gids = Some("111\t111\t111\t111");
+        status_text(&[("Name", Some("postgres")), ("Uid", ids), ("Gid", gids), ("Groups", Some("111 ")), ("CapPrm", none), ("CapEff", none)])
     }
     /// A task that dropped only its effective uid (seteuid).
     fn status_seteuid() -> String {

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use container_runtime::procinfo;
 use migration_engine::MigrationError;
 
 /// Bump when the way a rootfs is built changes: every cached rootfs is
@@ -333,13 +334,8 @@ fn remove_stale_builds(cache_name: &str, note: &dyn Fn(&str)) -> Result<(), Migr
 
 /// Mount points at or below `dir`, deepest first.
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
-        .filter(|m| m.starts_with(dir))
-        .collect();
+    let Ok(mounts) = procinfo::own_mountinfo() else { return Vec::new() };
+    let mut out: Vec<PathBuf> = mounts.iter().map(procinfo::mount_point).filter(|m| m.starts_with(dir)).collect();
     out.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     out
 }

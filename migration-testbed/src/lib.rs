@@ -661,22 +661,20 @@ impl Testbed {
             );
         }
         // Any mount left below the bundles or the runtime state.
-        let all_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounts = container_runtime::procinfo::own_mountinfo().ok();
+        let mounts_below = |dir: &Path| {
+            mounts.iter().flat_map(|m| container_runtime::procinfo::mount_points_below(m, dir)).map(|m| format!("mount {}", m.display())).collect::<Vec<_>>()
+        };
         for dir in [self.dst_bundles(), self.dst_runc.root.clone()] {
-            let under = format!("{}/", dir.display());
-            out.extend(all_mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&under)).map(|m| format!("mount {m}")));
+            out.extend(mounts_below(&dir));
         }
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for w in [self.src_work(), self.dst_work()] {
             if let Ok(rd) = std::fs::read_dir(&w) {
                 out.extend(rd.flatten().map(|e| format!("work directory {}", e.path().display())));
             }
             // A mount left under a work directory (an images tmpfs, a tmpfs
             // made for a restore).
-            let under = format!("{}/", w.display());
-            out.extend(
-                mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&under)).map(|m| format!("mount {m}")),
-            );
+            out.extend(mounts_below(&w));
         }
         // A migration either host's journal still holds open.
         for side in ["src", "dst"] {

@@ -125,19 +125,11 @@ pub fn pid_namespace(pid: i32) -> Result<u64, MigrationError> {
 
 /// Every process of the host in the pid namespace `ns`.
 pub fn processes_in(ns: u64) -> Vec<Proc> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if std::fs::metadata(format!("/proc/{pid}/ns/pid")).map(|m| m.ino()).ok() != Some(ns) {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string()).unwrap_or_default();
-        let uid = field("Uid:").split_whitespace().next().and_then(|u| u.parse().ok()).unwrap_or(u32::MAX);
-        out.push(Proc { pid, uid, name: field("Name:") });
-    }
-    out
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten()
+        .filter(|p| std::fs::metadata(format!("/proc/{}/ns/pid", p.pid)).map(|m| m.ino()).ok() == Some(ns))
+        .filter_map(|p| p.status().ok().map(|status| Proc { pid: p.pid, uid: status.ruid, name: status.name }))
+        .collect()
 }
 
 fn json_error(e: serde_json::Error) -> MigrationError {
