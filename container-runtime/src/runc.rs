@@ -355,25 +355,39 @@ pub fn criu_log_errors(log: &Path) -> Option<String> {
 const CRIU_GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Waits for `runc`, unless the CRIU it started has died and runc goes on
-/// waiting: a helper CRIU forked can outlive it holding the RPC socket
-/// open, and runc then never sees the end of it (CRIU killed during a
-/// restore). After [`CRIU_GONE_GRACE`] of that, runc is killed, so that
-/// the command fails instead of hanging for ever.
+/// waiting: what CRIU forked (its helpers, the tasks it was restoring,
+/// which runc adopts as their subreaper) can outlive it holding the RPC
+/// socket open, and runc then never sees the end of it (CRIU killed during
+/// a restore). Those tasks are named `criu` too, so the one watched is
+/// runc's `criu swrk`: once it has ended (a zombie runc does not reap, or
+/// gone) for [`CRIU_GONE_GRACE`], runc is killed, so that the command fails
+/// instead of hanging for ever. What CRIU left goes with the container's
+/// cgroups (the caller's removal kills their tasks).
 fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
     let pid = runc.id();
-    let mut saw_criu = false;
+    let mut swrk: Option<u32> = None;
     let mut gone_since: Option<std::time::Instant> = None;
     loop {
         if let Some(status) = runc.try_wait()? {
             return Ok(status);
         }
-        // A CRIU that died stays runc's zombie child until runc reaps it.
-        let criu_child = crate::procinfo::children_of(pid)
+        let criu_children: Vec<_> = crate::procinfo::children_of(pid)
             .into_iter()
             .filter_map(|c| crate::procinfo::stat(c as i32))
-            .any(|stat| stat.comm == "criu" && !crate::procinfo::has_ended(&stat));
-        saw_criu |= criu_child;
-        match (saw_criu && !criu_child, gone_since) {
+            .filter(|stat| stat.comm == "criu")
+            .collect();
+        if swrk.is_none() {
+            swrk = criu_children
+                .iter()
+                .find(|stat| crate::procinfo::cmdline(stat.pid).is_some_and(|args| args.iter().any(|a| a == b"swrk")))
+                .map(|stat| stat.pid as u32);
+        }
+        let ended = match swrk {
+            Some(s) => criu_children.iter().find(|stat| stat.pid as u32 == s).is_none_or(crate::procinfo::has_ended),
+            // Killed before it was seen: a CRIU zombie runc does not reap.
+            None => criu_children.iter().any(crate::procinfo::has_ended),
+        };
+        match (ended, gone_since) {
             (true, None) => gone_since = Some(std::time::Instant::now()),
             (true, Some(t)) if t.elapsed() > CRIU_GONE_GRACE => {
                 let _ = runc.kill();

@@ -175,6 +175,8 @@ fn stop_restore_in_flight(bundle: &Path) {
 /// every hierarchy, deepest first: a restore stopped midway (its runc
 /// killed) leaves them without a runc state that `runc delete` would
 /// clean, and a cgroup left there refuses the next migration of that id.
+/// Tasks still in them are killed first: a CRIU killed midway leaves the
+/// tasks it was restoring, which nothing else would end.
 pub(crate) fn remove_cgroups_of(bundle: &Path) {
     let Ok(config) = std::fs::read(bundle.join("config.json")) else { return };
     let Ok(config) = serde_json::from_slice::<serde_json::Value>(&config) else { return };
@@ -187,11 +189,32 @@ pub(crate) fn remove_cgroups_of(bundle: &Path) {
     if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
         roots.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
     }
-    // Tasks CRIU killed may take a moment to leave their cgroup.
+    let dirs: Vec<_> = roots.iter().map(|r| r.join(rel)).filter(|d| d.join("cgroup.procs").exists()).collect();
+    for dir in &dirs {
+        kill_tasks_below(dir);
+    }
+    // Killed tasks take a moment to leave their cgroup.
     let deadline = Instant::now() + Duration::from_secs(3);
-    for dir in roots.iter().map(|r| r.join(rel)).filter(|d| d.join("cgroup.procs").exists()) {
-        while remove_cgroup_tree(&dir).is_err() && Instant::now() < deadline {
+    for dir in &dirs {
+        while remove_cgroup_tree(dir).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// SIGKILL to every task in cgroup `dir` and below; a frozen cgroup
+/// (v1 freezer, v2 cgroup.freeze) is thawed so that they act on it.
+fn kill_tasks_below(dir: &Path) {
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten().filter(|e| e.file_type().is_dir()) {
+        let procs = std::fs::read_to_string(entry.path().join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        for (control, thawed) in [("freezer.state", "THAWED"), ("cgroup.freeze", "0")] {
+            let path = entry.path().join(control);
+            if path.exists() {
+                let _ = std::fs::write(&path, thawed);
+            }
         }
     }
 }
@@ -221,21 +244,26 @@ pub fn remove_container(runc: &Runc, id: &str) {
 /// Removes an uncommitted copy and everything staged for it.
 pub fn remove_destination(plan: &DestinationPlan, id: &str) {
     stop_restore_in_flight(&plan.bundle);
-    let runc = plan.runc();
-    remove_container(&runc, id);
-    // A runc restore killed midway leaves its state directory without a
-    // state file runc would know, holding the bind mount of the rootfs it
-    // prepared for CRIU.
-    let state_dir = plan.runtime_root.join(id);
+    remove_restored(&plan.runc(), id, &plan.bundle);
+    // Whether or not the manifest had a network record: a namespace of
+    // this name is the migration's either way.
+    let _ = container_network::DestinationNetwork::remove_for(id);
+    let _ = std::fs::remove_dir_all(&plan.bundle);
+    crate::scratch::remove_work_dir(&plan.work_dir);
+}
+
+/// Removes a restored or half-restored container `id` of `bundle`: the
+/// container if runc knows it; else what a runc restore stopped midway
+/// leaves (its state directory, without a state file runc would know,
+/// holding the bind mount of the rootfs it prepared for CRIU); mounts
+/// below the bundle; its cgroups and any task left in them.
+pub(crate) fn remove_restored(runc: &Runc, id: &str, bundle: &Path) {
+    remove_container(runc, id);
+    let state_dir = runc.root.join(id);
     if state_dir.is_dir() && !runc.exists(id).unwrap_or(true) {
         crate::scratch::unmount_below(&state_dir);
         let _ = std::fs::remove_dir_all(&state_dir);
     }
-    crate::scratch::unmount_below(&plan.bundle);
-    // Whether or not the manifest had a network record: a namespace of
-    // this name is the migration's either way.
-    let _ = container_network::DestinationNetwork::remove_for(id);
-    remove_cgroups_of(&plan.bundle);
-    let _ = std::fs::remove_dir_all(&plan.bundle);
-    crate::scratch::remove_work_dir(&plan.work_dir);
+    crate::scratch::unmount_below(bundle);
+    remove_cgroups_of(bundle);
 }

@@ -39,8 +39,9 @@ pub(crate) trait DestinationHost: Send + Sync {
     fn check_stopped(&self, dest_id: &str) -> Result<(i32, usize), MigrationError>;
     /// After the Commit: the network up and the tasks let run.
     fn run(&self, plan: &DestinationPlan, dest_id: &str) -> Result<(), MigrationError>;
-    /// Removes a restored copy that must not run (killed, deleted, its
-    /// cgroups gone).
+    /// Removes a restored copy that must not run, or what a restore
+    /// stopped midway left (killed, deleted, its state, mounts and cgroups
+    /// gone).
     fn remove(&self, dest_id: &str, bundle: &Path);
 }
 
@@ -80,7 +81,6 @@ impl DestinationHost for RealDestinationHost {
     }
 
     fn remove(&self, dest_id: &str, bundle: &Path) {
-        crate::settle::remove_container(&self.runc, dest_id);
-        crate::settle::remove_cgroups_of(bundle);
+        crate::settle::remove_restored(&self.runc, dest_id, bundle);
     }
 }
