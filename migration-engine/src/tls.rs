@@ -329,7 +329,7 @@ impl<C: Unbuffered> Tls<C> {
             let why = if handshaking {
                 "the peer closed the connection"
             } else {
-                "the connection ended without the peer's TLS close_notify (truncated)"
+                "the peer closed the connection without TLS close_notify (truncated)"
             };
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why));
         }
@@ -970,7 +970,7 @@ mod tests {
         server.read_exact(&mut got).unwrap();
         let e = server.read(&mut [0u8; 16]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
-        assert!(e.to_string().contains("without the peer's TLS close_notify"), "{e}");
+        assert!(e.to_string().contains("the peer closed the connection without TLS close_notify"), "{e}");
 
         let (mut server, mut client) = conn_server_and_rustls_client(&host);
         client.write_all(b"bye").unwrap();
