@@ -234,7 +234,7 @@ fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Kills and deletes container `id` if runc knows it.
-pub fn remove_container(runc: &Runc, id: &str) {
+fn remove_container(runc: &Runc, id: &str) {
     if runc.exists(id).unwrap_or(false) {
         let _ = runc.kill(id, "KILL");
         let _ = runc.delete_force(id);
@@ -243,13 +243,20 @@ pub fn remove_container(runc: &Runc, id: &str) {
 
 /// Removes an uncommitted copy and everything staged for it.
 pub fn remove_destination(plan: &DestinationPlan, id: &str) {
-    stop_restore_in_flight(&plan.bundle);
-    remove_restored(&plan.runc(), id, &plan.bundle);
+    remove_uncommitted(&plan.runc(), id, &plan.bundle);
+    crate::scratch::remove_work_dir(&plan.work_dir);
+}
+
+/// Removes an uncommitted copy of container `id` staged in `bundle` whose
+/// receiver is gone: a restore still under way, the copy or what a
+/// stopped restore left, its network namespace, the bundle.
+pub(crate) fn remove_uncommitted(runc: &Runc, id: &str, bundle: &Path) {
+    stop_restore_in_flight(bundle);
+    remove_restored(runc, id, bundle);
     // Whether or not the manifest had a network record: a namespace of
     // this name is the migration's either way.
     let _ = container_network::DestinationNetwork::remove_for(id);
-    let _ = std::fs::remove_dir_all(&plan.bundle);
-    crate::scratch::remove_work_dir(&plan.work_dir);
+    let _ = std::fs::remove_dir_all(bundle);
 }
 
 /// Removes a restored or half-restored container `id` of `bundle`: the

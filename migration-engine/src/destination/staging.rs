@@ -163,9 +163,7 @@ pub fn sweep_stale(opts: &ReceiveOptions, runc: &Runc, rep: &Reporter) {
             }
             let id = e.file_name().to_string_lossy().into_owned();
             rep.warn(format!("removing {}, left uncommitted by a receiver that died", e.path().display()));
-            crate::settle::remove_container(runc, &id);
-            let _ = DestinationNetwork::remove_for(&id);
-            let _ = std::fs::remove_dir_all(e.path());
+            crate::settle::remove_uncommitted(runc, &id, &e.path());
         }
     }
     if let Ok(rd) = std::fs::read_dir(&opts.work_root) {
