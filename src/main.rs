@@ -47,6 +47,10 @@ enum Command {
     /// guard module).
     #[command(name = "__guard", hide = true)]
     Guard(guard::GuardArgs),
+    /// Internal: the lease guard a receiver starts for a post-copy copy
+    /// (see migration-engine's lease_guard module).
+    #[command(name = "__lease-guard", hide = true)]
+    LeaseGuard(guard::LeaseGuardArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => args.run(),
         Command::Hook { command } => command.run(),
         Command::Guard(args) => args.run(),
+        Command::LeaseGuard(args) => args.run(),
     }
 }
 

@@ -146,14 +146,32 @@ fn assert_no_network_leftovers(net: &ContainerNetwork, dest_id: &str, source_net
 
 #[test]
 fn tcp_connection_survives_migration_with_the_network() {
-    let Some(e) = echo_bed("nt") else { return };
+    tcp_connection_survives("nt", &[]);
+}
+
+/// Post-copy: the container answers on the destination while its memory
+/// still arrives, and the client's connection carries on.
+#[test]
+fn tcp_connection_survives_a_postcopy_migration() {
+    tcp_connection_survives("ntp", &["--mode", "postcopy"]);
+}
+
+fn tcp_connection_survives(prefix: &str, mode: &[&str]) {
+    let Some(e) = echo_bed(prefix) else { return };
     let (bed, net, id) = (&e.bed, &e.net, e.id.as_str());
     let client = EchoClient::connect(net);
     client.assert_flowing(2_000, Duration::from_secs(20), "before migrating");
 
     let port = common::port();
     let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], &[]).unwrap();
-    let sent = bed.run_sender(id, port, &["--tcp-established"], &[]).unwrap();
+    let mut args = vec!["--tcp-established"];
+    args.extend_from_slice(mode);
+    let sent = bed.run_sender(id, port, &args, &[]).unwrap();
+    if !mode.is_empty() {
+        let result = sent.result().expect("a result event");
+        assert_eq!(result["mode"], "postcopy", "{result}");
+        assert!(result["postcopy"]["pages"].as_u64().is_some_and(|p| p > 0), "no page came after the restore: {result}");
+    }
     assert_eq!(sent.code, Some(0), "migration failed: {}", sent.stderr);
     assert_eq!(receiver.wait(Duration::from_secs(30)), Some(0), "receiver: {}", receiver.stderr());
 

@@ -15,6 +15,16 @@ pub struct Runc {
     pub root: PathBuf,
 }
 
+/// How `runc restore` restores.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreFlags {
+    /// Established TCP connections are in the images (CRIU's TCP repair).
+    pub tcp_established: bool,
+    /// Post-copy: anonymous memory comes later, through a lazy-pages
+    /// daemon listening in the work directory.
+    pub lazy_pages: bool,
+}
+
 /// What `runc state` prints.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RuncState {
@@ -232,7 +242,7 @@ impl Runc {
         bundle: &Path,
         images: &Path,
         work: &Path,
-        tcp_established: bool,
+        flags: RestoreFlags,
         started: impl FnOnce(u32),
     ) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
@@ -241,8 +251,13 @@ impl Runc {
         // --file-locks: the dump carries fcntl, flock and OFD locks (the
         // sender asks CRIU for them); the restore must take them again.
         cmd.args(["restore", "-d", "--auto-dedup", "--file-locks"]);
-        if tcp_established {
+        if flags.tcp_established {
             cmd.arg("--tcp-established");
+        }
+        // Post-copy: anonymous memory comes later, through the lazy-pages
+        // daemon listening in the work directory.
+        if flags.lazy_pages {
+            cmd.arg("--lazy-pages");
         }
         cmd.arg("--image-path")
             .arg(images)

@@ -9,6 +9,7 @@
 //! The message types in [`rpc`] are generated at build time from the
 //! `rpc.proto` of the installed CRIU (see `build.rs`).
 
+pub mod lazy;
 mod options;
 pub mod page_server;
 pub mod pagemap;

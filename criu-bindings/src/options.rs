@@ -44,6 +44,10 @@ pub struct DumpOptions {
     /// with the page-server protocol instead of writing page images (see
     /// [`crate::page_server`]; `criu swrk` only).
     pub page_server_fd: Option<i32>,
+    /// Post-copy: anonymous private memory is not dumped but served, on
+    /// request, over `page_server_fd` until the lazy-pages daemon closes
+    /// (needs the project's CRIU patches 0002 and 0003).
+    pub lazy_pages: bool,
 }
 
 /// How CRIU blocks the container's network while it is dumped.
@@ -87,6 +91,9 @@ impl DumpOptions {
         o.network_lock = self.network_lock.map(|m| m.to_rpc() as i32);
         o.display_stats = Some(self.display_stats);
         o.ps = self.page_server_fd.map(|fd| CriuPageServerInfo { fd: Some(fd), ..Default::default() });
+        if self.lazy_pages {
+            o.lazy_pages = Some(true);
+        }
         o
     }
 }

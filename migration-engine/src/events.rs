@@ -45,6 +45,21 @@ impl Phase {
     }
 }
 
+/// How post-copy's memory followed the running copy (in the result).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopyReport {
+    /// The lease the destination's copy ran on.
+    pub lease_ms: u64,
+    /// Page faults served on demand (pages the running copy waited for).
+    pub faults: u64,
+    /// Pages that came after the copy was restored, and of those the ones
+    /// fetched in the background.
+    pub pages: u64,
+    pub background_pages: u64,
+    /// From the copy being let run to its last page.
+    pub all_pages_after_run_ms: u64,
+}
+
 /// The final event of a migration, on both sides.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ResultEvent {
@@ -65,6 +80,14 @@ pub struct ResultEvent {
     pub network: Option<String>,
     /// Source frozen until the destination reported it running.
     pub frozen_ms: Option<u64>,
+    /// Post-copy: how the memory followed the running copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
+    /// Post-copy fell back after the destination's copy had run this
+    /// long: what it did meanwhile is lost (the source resumed from the
+    /// moment it froze).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_after_run_ms: Option<u64>,
     pub total_ms: u64,
     /// Bytes put on the wire (headers, compression included).
     pub bytes_sent: u64,

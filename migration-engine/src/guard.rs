@@ -86,6 +86,12 @@ impl FreezeGuard {
         self.tell(&format!("criu {pid}"));
     }
 
+    /// Post-copy: the destination's copy may run on a lease of `ms`: if
+    /// the sender dies now, the thaw waits until the lease has run out.
+    pub fn lease(&mut self, ms: u64) {
+        self.tell(&format!("lease {ms}"));
+    }
+
     /// The Commit may go out: if the sender dies now, the destination's
     /// word decides.
     pub fn commit_sent(&mut self) {
@@ -126,10 +132,12 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf, journa
     let mut committed = false;
     let mut commit_sent = false;
     let mut locked_netns = None;
+    let mut lease_ms = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         match line.split_once(' ') {
             Some(("criu", pid)) => criu_pids.extend(pid.trim().parse::<i32>().ok()),
+            Some(("lease", ms)) => lease_ms = ms.trim().parse::<u64>().ok(),
             Some(("netns-lock", path)) => locked_netns = Some(PathBuf::from(path.trim())),
             _ if line.trim() == "committed" => committed = true,
             _ if line.trim() == "commit-sent" => commit_sent = true,
@@ -147,6 +155,13 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf, journa
         if committed { "killing (it was committed) and thawing" } else { "thawing" },
         freezer.path.display()
     );
+    if let (Some(ms), false) = (lease_ms, committed) {
+        // Post-copy: the destination's copy ran on a lease no one renews
+        // now; its receiver kills it once the lease runs out.
+        let wait = crate::source::lease_wait(ms);
+        eprintln!("ctmigrate guard: the destination's copy ran on a {ms} ms lease; thawing in {} ms", wait.as_millis());
+        std::thread::sleep(wait);
+    }
     // CRIU must be done before the thaw: a dump still running when the
     // cgroup is thawed puts the freezer back as it found it (frozen) when
     // it ends. Its pid may not have reached us (the sender died right

@@ -89,6 +89,10 @@ pub struct SourcePlan {
     pub io_timeout_ms: u64,
     /// How long to keep asking when in doubt.
     pub in_doubt_timeout_ms: u64,
+    /// Post-copy's lease: a source settled after the destination's copy
+    /// was let run waits this (and the margin) before it thaws.
+    #[serde(default)]
+    pub postcopy_lease_ms: u64,
 }
 
 /// What the destination host needs to finish or undo its copy.

@@ -40,6 +40,7 @@ pub mod failure_logs;
 pub mod guard;
 pub mod images;
 pub mod interrupt;
+pub mod lease_guard;
 pub mod precopy;
 pub mod destination;
 pub mod rlimit_support;

@@ -32,6 +32,10 @@ pub enum ModeRequest {
     Auto,
     Precopy,
     StopCopy,
+    /// The copy runs on the destination before its memory arrived.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy.
+    Hybrid,
 }
 
 /// One finished round, as reported in events and the result.

@@ -335,6 +335,13 @@ fn resolve_source(
         if keep == Some(Keep::Destination) {
             return Err(refused(format!("migration {id} never sent its Commit ({state:?}): the destination cannot run it; use --keep source")));
         }
+        if state == SourceState::PostcopyRunning {
+            // The destination's copy ran on a lease: it kills it once the
+            // lease runs out unrenewed.
+            let wait = crate::source::lease_wait(plan.postcopy_lease_ms);
+            note(&format!("migration {id}: the destination's copy ran on a {} ms lease; thawing the source in {} ms", plan.postcopy_lease_ms, wait.as_millis()));
+            std::thread::sleep(wait);
+        }
         let thawed = settle::thaw_source(plan, &entry.container);
         journal_state(journal, entry, if thawed.is_ok() { SourceState::Resumed } else { SourceState::NotResumed }, note);
         return thawed

@@ -389,11 +389,17 @@ trait Session {
     fn close_notify(&mut self) -> std::io::Result<()>;
     fn cipher_suite(&self) -> Option<rustls::CipherSuite>;
     fn peer_name(&self) -> Option<&str>;
+    /// Bytes of the peer's already read from the socket and not yet
+    /// returned (a poll on the socket would not show them).
+    fn buffered(&self) -> bool;
     #[cfg(feature = "failpoints")]
     fn corrupt_next_record(&mut self);
 }
 
 impl<C: Unbuffered> Session for Tls<C> {
+    fn buffered(&self) -> bool {
+        self.plain_at < self.plain.len() || self.start < self.filled
+    }
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         Tls::read(self, buf)
     }
@@ -610,6 +616,18 @@ impl Conn {
         match &*self.inner.borrow() {
             Inner::Tls(tls) => tls.cipher_suite(),
             _ => None,
+        }
+    }
+
+    /// Whether a read would return bytes already received, which a poll
+    /// on [`Self::socket`] does not show.
+    pub fn has_buffered(&self) -> bool {
+        if !self.pending.borrow().is_empty() {
+            return true;
+        }
+        match &*self.inner.borrow() {
+            Inner::Tls(tls) => tls.buffered(),
+            _ => false,
         }
     }
 

@@ -56,6 +56,20 @@ pub enum MessageKind {
     /// A source in doubt asks what became of a migration.
     Query = 20,
     QueryAnswer = 21,
+    /// Post-copy (source to destination): the restored copy may run, on
+    /// the lease the payload names, while its memory follows.
+    RunOnLease = 22,
+    /// Post-copy (destination to source): the lazy-pages daemon's request,
+    /// its 32-byte header as is (see criu-bindings' `lazy` module).
+    LazyRequest = 23,
+    /// Post-copy (source to destination): the page server's answer to the
+    /// oldest request: its 32-byte header, then the pages (at most 4 MiB),
+    /// or for a close the 4-byte status.
+    LazyReply = 24,
+    /// Post-copy (destination to source): every page arrived.
+    PagesComplete = 25,
+    /// Post-copy (source to destination): the lease goes on.
+    LeaseRenewal = 26,
 }
 
 impl MessageKind {
@@ -83,6 +97,11 @@ impl MessageKind {
             19 => RootfsDelete,
             20 => Query,
             21 => QueryAnswer,
+            22 => RunOnLease,
+            23 => LazyRequest,
+            24 => LazyReply,
+            25 => PagesComplete,
+            26 => LeaseRenewal,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }

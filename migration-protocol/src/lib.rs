@@ -37,7 +37,9 @@ pub use state::{PeerDecision, SourceFate, SourceMachine, SourceState, Destinatio
 /// answers queries about a migration's outcome ([`state`]). Older peers
 /// are refused at the handshake: they would run the copy before Commit.
 pub const PROTOCOL_VERSION_MIN: u32 = 4;
-pub const PROTOCOL_VERSION_MAX: u32 = 4;
+pub const PROTOCOL_VERSION_MAX: u32 = 5;
+/// The first version with post-copy (RunOnLease and the lazy-pages relay).
+pub const PROTOCOL_VERSION_POSTCOPY: u32 = 5;
 
 /// Errors reading or writing the stream.
 #[derive(Debug, thiserror::Error)]

@@ -37,7 +37,8 @@ pub struct Manifest {
     pub kernel: String,
     pub arch: String,
     pub cgroup_version: u8,
-    /// `stop-copy` or `precopy`.
+    /// `stop-copy`, `precopy`, `postcopy` or `hybrid` (pre-copy rounds,
+    /// then post-copy).
     pub mode: String,
     /// Most pre-dump rounds the sender may send.
     #[serde(default)]
@@ -61,6 +62,16 @@ pub struct Manifest {
     /// with the same options for each (validated).
     #[serde(default)]
     pub empty_tmpfs: Vec<EmptyTmpfsWire>,
+}
+
+/// The modes a Manifest may name.
+pub const MODES: [&str; 4] = ["stop-copy", "precopy", "postcopy", "hybrid"];
+
+impl Manifest {
+    /// Whether memory comes after the restore (post-copy or hybrid).
+    pub fn postcopy(&self) -> bool {
+        matches!(self.mode.as_str(), "postcopy" | "hybrid")
+    }
 }
 
 // The records a Manifest carries are wire formats of their own: the
@@ -236,6 +247,37 @@ pub struct ImagesDone {
 pub struct Ready {
     pub pid: i32,
     pub restore_ms: u64,
+}
+
+/// Post-copy: the destination may run its restored copy, and keeps it
+/// only while the source renews the lease: any frame from the source
+/// renews it, and a LeaseRenewal is sent at least every `lease_ms / 4`. A
+/// destination that hears nothing for `lease_ms` kills its copy; a source
+/// that fails waits `lease_ms` plus [`LEASE_MARGIN_MS`] from its last
+/// frame before it thaws, unless the destination said it removed its copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOnLease {
+    pub lease_ms: u64,
+}
+
+/// What a source adds to the lease before it thaws after a failure: the
+/// destination's checks run every 100 ms, and its kill takes some.
+pub const LEASE_MARGIN_MS: u64 = 2_000;
+/// Shortest and longest lease a destination accepts.
+pub const LEASE_MIN_MS: u64 = 500;
+pub const LEASE_MAX_MS: u64 = 60_000;
+
+/// Post-copy: every page reached the destination's copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagesComplete {
+    /// Page faults the lazy-pages daemon served (pages the copy waited
+    /// for).
+    pub faults: u64,
+    /// Pages that came, in all, and of those how many in the background.
+    pub pages: u64,
+    pub background_pages: u64,
+    /// From the copy being let run to the last page.
+    pub after_run_ms: u64,
 }
 
 /// What became of migration `migration_id`? Sent by a source in doubt

@@ -107,6 +107,12 @@ pub enum SourceState {
     AwaitingReady,
     /// The destination restored its copy with its tasks stopped.
     DestinationReady,
+    /// Post-copy: the destination runs its copy on a lease while its
+    /// memory arrives; the source stays frozen with its memory whole. A
+    /// failure thaws the source only once the lease has run out (the
+    /// destination kills its copy by then) or the destination said it
+    /// removed its copy.
+    PostcopyRunning,
     /// Commit is (being) sent: from here the destination may run.
     CommitSent,
     /// No answer to Commit: asking the destination what it did.
@@ -138,6 +144,8 @@ pub enum SourceEvent {
     ImagesSent,
     /// The destination restored its copy, tasks stopped.
     Ready,
+    /// Post-copy: the destination was told it may run its copy.
+    PostcopyStarted,
     /// Commit is about to be written (the decision is journalled first).
     CommitSent,
     /// The destination's CommitAck: its copy runs.
@@ -162,6 +170,9 @@ pub enum SourceRecovery {
     NothingToUndo,
     /// Frozen, and the destination was never told to run: thaw.
     Thaw,
+    /// Frozen while the destination's copy runs on a lease: thaw once
+    /// the destination removed its copy or the lease ran out.
+    ThawAfterLease,
     /// Commit may have reached the destination: keep the source frozen
     /// and ask the destination.
     AskPeer,
@@ -245,7 +256,7 @@ impl SourceMachine {
     /// Whether the source's cgroup is frozen by this migration.
     pub fn source_frozen(&self) -> bool {
         use SourceState::*;
-        matches!(self.state, Frozen | AwaitingReady | DestinationReady | CommitSent | InDoubt | Committed | Thawing | LeftInDoubt)
+        matches!(self.state, Frozen | AwaitingReady | DestinationReady | PostcopyRunning | CommitSent | InDoubt | Committed | Thawing | LeftInDoubt)
     }
 
     pub fn on(&mut self, event: SourceEvent) -> Result<SourceState, TransitionError> {
@@ -260,6 +271,8 @@ impl SourceMachine {
             (S::Frozen, E::ImagesSent) => S::AwaitingReady,
             (S::AwaitingReady, E::Ready) => S::DestinationReady,
             (S::DestinationReady, E::CommitSent) => S::CommitSent,
+            (S::DestinationReady, E::PostcopyStarted) => S::PostcopyRunning,
+            (S::PostcopyRunning, E::CommitSent) => S::CommitSent,
             (S::CommitSent | S::InDoubt, E::Running | E::PeerSays(PeerDecision::Committed)) => S::Committed,
             (S::CommitSent, E::AckLost) => S::InDoubt,
             (S::InDoubt, E::PeerSays(PeerDecision::Aborted)) => S::Thawing,
@@ -267,7 +280,7 @@ impl SourceMachine {
             (S::InDoubt, E::GaveUp) => S::LeftInDoubt,
             (S::Committed, E::SourceRemoved) => S::Migrated,
             (S::Connecting | S::Negotiated | S::Syncing | S::PreCopy { .. }, E::Failed) => S::Untouched,
-            (S::Frozen | S::AwaitingReady | S::DestinationReady, E::Failed) => S::Thawing,
+            (S::Frozen | S::AwaitingReady | S::DestinationReady | S::PostcopyRunning, E::Failed) => S::Thawing,
             (S::Thawing, E::Thawed) => S::Resumed,
             (S::Thawing, E::ThawFailed) => S::NotResumed,
             (state, event) => return Err(illegal(state, event)),
@@ -282,6 +295,7 @@ impl SourceMachine {
         match self.state {
             Connecting | Negotiated | Syncing | PreCopy { .. } => SourceRecovery::NothingToUndo,
             Frozen | AwaitingReady | DestinationReady | Thawing => SourceRecovery::Thaw,
+            PostcopyRunning => SourceRecovery::ThawAfterLease,
             CommitSent | InDoubt => SourceRecovery::AskPeer,
             Committed => SourceRecovery::FinishRemoval,
             Migrated | Untouched | Resumed | NotResumed | LeftInDoubt => SourceRecovery::None,
@@ -323,6 +337,9 @@ pub enum DestinationState {
     Restoring,
     /// Restored with every task stopped; Ready sent; waiting for Commit.
     ReadyStopped,
+    /// Post-copy: the copy runs on the source's lease while its memory
+    /// arrives; not committed (a failure removes it).
+    RunningOnLease,
     /// Commit received and journalled: the copy is the container now.
     Committed,
     /// Its tasks run; CommitAck sent.
@@ -339,6 +356,8 @@ pub enum DestinationEvent {
     Admitted,
     StateVerified,
     RestoredStopped,
+    /// Post-copy: the source said the copy may run on its lease.
+    RunOnLease,
     CommitReceived,
     Resumed,
     /// The step under way failed, the peer vanished, timed out or aborted.
@@ -394,10 +413,11 @@ impl DestinationMachine {
             (S::AwaitingManifest, E::Admitted) => S::Receiving,
             (S::Receiving, E::StateVerified) => S::Restoring,
             (S::Restoring, E::RestoredStopped) => S::ReadyStopped,
-            (S::ReadyStopped, E::CommitReceived) => S::Committed,
+            (S::ReadyStopped | S::RunningOnLease, E::CommitReceived) => S::Committed,
+            (S::ReadyStopped, E::RunOnLease) => S::RunningOnLease,
             (S::Committed, E::Resumed) => S::Running,
             (S::AwaitingHello | S::AwaitingManifest, E::Failed) => S::Refused,
-            (S::Receiving | S::Restoring | S::ReadyStopped, E::Failed) => S::Aborted,
+            (S::Receiving | S::Restoring | S::ReadyStopped | S::RunningOnLease, E::Failed) => S::Aborted,
             (state, event) => return Err(illegal(state, event)),
         };
         self.state = next;
@@ -408,7 +428,7 @@ impl DestinationMachine {
         use DestinationState::*;
         match self.state {
             AwaitingHello | AwaitingManifest => DestinationRecovery::NothingStored,
-            Receiving | Restoring | ReadyStopped => DestinationRecovery::RemoveAll,
+            Receiving | Restoring | ReadyStopped | RunningOnLease => DestinationRecovery::RemoveAll,
             Committed => DestinationRecovery::KeepCopy,
             Running | Aborted | Refused => DestinationRecovery::None,
         }
@@ -436,7 +456,7 @@ impl DestinationState {
         match self {
             Committed | Running => PeerDecision::Committed,
             Aborted | Refused => PeerDecision::Aborted,
-            AwaitingHello | AwaitingManifest | Receiving | Restoring | ReadyStopped => PeerDecision::Pending,
+            AwaitingHello | AwaitingManifest | Receiving | Restoring | ReadyStopped | RunningOnLease => PeerDecision::Pending,
         }
     }
 
@@ -510,6 +530,37 @@ mod tests {
             assert_eq!(bad.on(E::ThawFailed).unwrap(), S::NotResumed);
             assert_eq!(bad.fate().unwrap().exit_code(), 5);
         }
+    }
+
+    #[test]
+    fn post_copy_thaws_only_after_the_lease_and_commits_as_stop_copy_does() {
+        let mut m = source_at(TO_READY);
+        assert_eq!(m.on(E::PostcopyStarted).unwrap(), S::PostcopyRunning);
+        assert!(m.source_frozen(), "the source stays frozen while the destination's copy runs");
+        assert_eq!(m.on_failure(), SourceRecovery::ThawAfterLease);
+        assert!(m.on(E::PostcopyStarted).is_err());
+        let mut failed = m.clone();
+        assert_eq!(failed.on(E::Failed).unwrap(), S::Thawing);
+        assert_eq!(m.on(E::CommitSent).unwrap(), S::CommitSent);
+        assert_eq!(m.on_failure(), SourceRecovery::AskPeer);
+        // Not before Ready: a copy that was never restored cannot run.
+        assert!(source_at(&TO_READY[..4]).on(E::PostcopyStarted).is_err());
+    }
+
+    #[test]
+    fn a_destination_copy_on_a_lease_is_not_committed_and_is_removed_on_failure() {
+        let mut d = DestinationMachine::new();
+        for e in [DestinationEvent::Hello, DestinationEvent::Admitted, DestinationEvent::StateVerified, DestinationEvent::RestoredStopped] {
+            d.on(e).unwrap();
+        }
+        assert_eq!(d.on(DestinationEvent::RunOnLease).unwrap(), DestinationState::RunningOnLease);
+        assert!(!d.copy_may_run(), "running on a lease is not committed");
+        assert_eq!(d.on_failure(), DestinationRecovery::RemoveAll);
+        assert_eq!(DestinationState::RunningOnLease.answer(), PeerDecision::Pending);
+        let mut failed = d.clone();
+        assert_eq!(failed.on(DestinationEvent::Failed).unwrap(), DestinationState::Aborted);
+        assert_eq!(d.on(DestinationEvent::CommitReceived).unwrap(), DestinationState::Committed);
+        assert_eq!(d.on_failure(), DestinationRecovery::KeepCopy);
     }
 
     #[test]

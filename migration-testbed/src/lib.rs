@@ -415,6 +415,16 @@ pub fn read_pattern_status(rootfs: &Path) -> Option<PatternStatus> {
     Some(PatternStatus { token, passes, ok, max_gap_us, line })
 }
 
+/// The pattern fixture's heartbeat file (/status.beat, every 100 ms):
+/// its token and beat count.
+pub fn read_pattern_beat(rootfs: &Path) -> Option<(String, u64)> {
+    let line = std::fs::read_to_string(rootfs.join("status.beat")).ok()?;
+    let mut parts = line.split_whitespace();
+    let token = parts.next()?.to_string();
+    let beats = parts.next()?.strip_prefix("beat=")?.parse().ok()?;
+    Some((token, beats))
+}
+
 /// Polls `f` every 20 ms until it returns Some or `timeout` passes.
 pub fn wait_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + timeout;
@@ -710,6 +720,15 @@ impl Drop for Testbed {
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
             for h in rd.flatten() {
                 let _ = std::fs::remove_dir(h.path().join(self.cgroup_parent.trim_start_matches('/')));
+            }
+        }
+        // CTMIGRATE_KEEP_FAILED=DIR keeps the failure logs of a test's
+        // migrations (CRIU's and runc's) for a developer to read.
+        if let Some(keep) = std::env::var_os("CTMIGRATE_KEEP_FAILED") {
+            let failed = self.dir.join("failed");
+            if failed.is_dir() {
+                let _ = std::fs::create_dir_all(&keep);
+                let _ = std::process::Command::new("cp").arg("-a").arg(&failed).arg(std::path::Path::new(&keep).join(&self.tag)).status();
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -48,6 +48,18 @@ pub struct SendArgs {
     /// Frozen time, in milliseconds, pre-copy aims for.
     #[arg(long, default_value_t = 300)]
     pub downtime_target: u64,
+    /// Let `--mode auto` choose post-copy (or hybrid). Post-copy runs the
+    /// container on the destination before its memory arrived; if the
+    /// migration then fails, the source resumes from the moment it froze
+    /// and what the destination's copy did meanwhile is lost.
+    #[arg(long)]
+    pub allow_postcopy: bool,
+    /// Milliseconds the destination's post-copy copy may run without
+    /// hearing from the source (500 to 60000); a failed post-copy thaws
+    /// the source after this plus 2 s, unless the destination confirms it
+    /// removed its copy sooner.
+    #[arg(long, default_value_t = 4000)]
+    pub postcopy_lease: u64,
     #[command(flatten)]
     pub security: SecurityArgs,
     /// Where to append one JSON line per migration.
@@ -109,6 +121,11 @@ pub enum Mode {
     Precopy,
     /// Freeze, dump everything, restore.
     StopCopy,
+    /// Freeze, dump all but anonymous memory, restore and run at once;
+    /// the memory follows on demand and in the background.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy of what is left.
+    Hybrid,
 }
 
 impl From<Mode> for ModeRequest {
@@ -117,6 +134,8 @@ impl From<Mode> for ModeRequest {
             Mode::Auto => ModeRequest::Auto,
             Mode::Precopy => ModeRequest::Precopy,
             Mode::StopCopy => ModeRequest::StopCopy,
+            Mode::Postcopy => ModeRequest::Postcopy,
+            Mode::Hybrid => ModeRequest::Hybrid,
         }
     }
 }
@@ -150,6 +169,8 @@ impl SendArgs {
             stage_images: self.stage_images.into(),
             journal_dir: self.journal_dir,
             in_doubt_timeout: Duration::from_secs(self.in_doubt_timeout),
+            allow_postcopy: self.allow_postcopy,
+            postcopy_lease: Duration::from_millis(self.postcopy_lease),
         }
     }
 

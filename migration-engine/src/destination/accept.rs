@@ -31,6 +31,17 @@ impl<'a> Session<'a> {
         let admitted = crate::admission::REGISTRY
             .admit(&self.opts.into(), &manifest.dest_id, self.opts.stage_images, manifest.memory_bytes)
             .map_err(|e| refused(e.to_string()))?;
+        if !migration_protocol::MODES.contains(&manifest.mode.as_str()) {
+            return Err(refused(format!("unknown migration mode `{}` (this receiver knows {})", manifest.mode, migration_protocol::MODES.join(", "))));
+        }
+        if manifest.postcopy() {
+            if self.version < migration_protocol::PROTOCOL_VERSION_POSTCOPY {
+                return Err(refused(format!("post-copy needs protocol version {} (agreed: {})", migration_protocol::PROTOCOL_VERSION_POSTCOPY, self.version)));
+            }
+            if self.control.socket.is_none() {
+                return Err(refused("post-copy needs a TCP connection, not --stdio".into()));
+            }
+        }
         let (spec, criu_config) = self.check_manifest(manifest)?;
         migration_protocol::validate_migration_id(&manifest.migration_id).map_err(refused)?;
         result.migration_id = Some(manifest.migration_id.clone());

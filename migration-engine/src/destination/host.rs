@@ -22,6 +22,8 @@ pub(crate) struct RestoreRequest<'r> {
     pub images: &'r Path,
     pub work: &'r Path,
     pub tcp_established: bool,
+    /// Post-copy: memory comes through the lazy-pages daemon.
+    pub lazy_pages: bool,
 }
 
 pub(crate) trait DestinationHost: Send + Sync {
@@ -64,7 +66,7 @@ impl DestinationHost for RealDestinationHost {
     }
 
     fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {
-        self.runc.restore(r.dest_id, r.bundle, r.images, r.work, r.tcp_established, started).map_err(Into::into)
+        self.runc.restore(r.dest_id, r.bundle, r.images, r.work, container_runtime::runc::RestoreFlags { tcp_established: r.tcp_established, lazy_pages: r.lazy_pages }, started).map_err(Into::into)
     }
 
     fn check_stopped(&self, dest_id: &str) -> Result<(i32, usize), MigrationError> {

@@ -43,6 +43,7 @@ mod accept;
 pub mod admission;
 mod host;
 pub mod listener;
+mod postcopy;
 mod restore;
 mod staging;
 mod transfer;
@@ -379,6 +380,14 @@ struct Session<'a> {
     entry: Option<Entry>,
     /// The connection was a source's query, not a migration.
     query_only: bool,
+    /// Post-copy: the lazy-pages daemon, from before the restore until
+    /// every page arrived.
+    lazy: Option<postcopy::LazyDestination>,
+    /// When Ready went (CLOCK_MONOTONIC ms): a post-copy lease runs from
+    /// then.
+    ready_sent_ms: u64,
+    /// The protocol version agreed at the handshake.
+    version: u32,
 }
 
 fn refused(msg: String) -> (MigrationError, Outcome) {
@@ -407,6 +416,9 @@ impl<'a> Session<'a> {
             journal: Journal::new(&opts.journal_dir),
             entry: None,
             query_only: false,
+            lazy: None,
+            ready_sent_ms: 0,
+            version: 0,
         })
     }
 
@@ -453,6 +465,9 @@ impl<'a> Session<'a> {
         self.admit(&manifest, result, peer)?;
         self.transfer(&manifest, result)?;
         self.restore(&manifest)?;
+        if manifest.postcopy() {
+            self.postcopy(&manifest, self.ready_sent_ms)?;
+        }
         self.commit(&manifest)
     }
 
@@ -467,6 +482,7 @@ impl<'a> Session<'a> {
             .map_err(|e| nothing(e.into()))?;
         self.writer.flush().map_err(|e| nothing(e.into()))?;
         self.machine.on(DestinationEvent::Hello).map_err(|e| nothing(MigrationError::Other(e.to_string())))?;
+        self.version = version;
         let first = self.read().map_err(nothing)?;
         if first.kind == MessageKind::Query {
             self.query_only = true;

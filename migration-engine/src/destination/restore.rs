@@ -19,15 +19,42 @@ impl<'a> Session<'a> {
         st.reserve = None;
         // The restore's first read block is handed over as CRIU takes it,
         // on the CPU CRIU's restorer runs on.
-        let mut block = st.restore_block.take();
-        let mut handover = None;
+        let block = st.restore_block.take();
         let images = st.images.join(round_dir(RoundKind::Final, 0));
-        let request = RestoreRequest { dest_id: &manifest.dest_id, bundle: &st.bundle, images: &images, work: &st.work, tcp_established: manifest.tcp_established };
-        let restored = self.host.restore(&request, &mut |runc_pid| {
-            let mut restorer = crate::scratch::BusiestTask::new(runc_pid);
-            handover = block.take().map(|b| b.hand_over(move || restorer.seen()));
-        });
-        drop(handover);
+        let lazy_pages = manifest.postcopy();
+        if lazy_pages {
+            // Post-copy: the daemon that will fetch the memory listens
+            // before the restore hands it the tasks.
+            let work = st.work.clone();
+            self.lazy = Some(postcopy::LazyDestination::start(&images, &work).map_err(resumed)?);
+        }
+        let st = self.staging.as_mut().expect("staging exists");
+        let (bundle, work) = (st.bundle.clone(), st.work.clone());
+        let host = self.host.clone();
+        let restore = move || {
+            let request = RestoreRequest { dest_id: &manifest.dest_id, bundle: &bundle, images: &images, work: &work, tcp_established: manifest.tcp_established, lazy_pages };
+            let mut block = block;
+            let mut handover = None;
+            let restored = host.restore(&request, &mut |runc_pid| {
+                let mut restorer = crate::scratch::BusiestTask::new(runc_pid);
+                handover = block.take().map(|b| b.hand_over(move || restorer.seen()));
+            });
+            drop(handover);
+            restored
+        };
+        let restored = if lazy_pages {
+            // The restore itself may fault on memory still on the source:
+            // pages are relayed while it runs.
+            std::thread::scope(|scope| {
+                let restoring = scope.spawn(restore);
+                let relayed = self.relay_during(|| restoring.is_finished());
+                let restored = restoring.join().unwrap_or_else(|_| Err(MigrationError::Other("the restore thread panicked".into())));
+                relayed.and(restored)
+            })
+        } else {
+            restore()
+        };
+        let st = self.staging.as_mut().expect("staging exists");
         restored.map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
         // The fence: CRIU left every task stopped (the bundle's CRIU
         // configuration says so); none may run before the Commit.
@@ -39,6 +66,7 @@ impl<'a> Session<'a> {
         self.step(DestinationEvent::RestoredStopped).map_err(resumed)?;
         self.rep.warn(format!("restored `{}` with its {tasks} task(s) stopped; waiting for the sender's Commit", manifest.dest_id));
         failpoint!("receiver-after-restore").map_err(resumed)?;
+        self.ready_sent_ms = crate::lease_guard::monotonic_ms();
         self.writer
             .write_json(MessageKind::Ready, &Ready { pid, restore_ms })
             .map_err(|e| resumed(e.into()))?;
@@ -54,7 +82,13 @@ impl<'a> Session<'a> {
         // past --timeout, a lost connection) removes the stopped copy.
         self.rep.phase(Phase::Commit);
         failpoint!("receiver-after-ready").map_err(resumed)?;
-        let commit = self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?));
+        let postcopy = manifest.postcopy();
+        let commit = if postcopy {
+            // Received, with every page, by postcopy().
+            Ok(())
+        } else {
+            self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?)).map(drop)
+        };
         if let Err(e) = commit {
             return Err(resumed(MigrationError::Aborted(format!("no commit from the sender ({e}); the restored copy was removed"))));
         }
@@ -69,14 +103,21 @@ impl<'a> Session<'a> {
         if let Some(st) = self.staging.take() {
             st.commit();
         }
-        self.host.run(&plan, &manifest.dest_id).map_err(|e| {
-            (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
-        })?;
+        // A post-copy copy runs already.
+        if !postcopy {
+            self.run_committed(&plan, manifest)?;
+        }
         self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;
         failpoint!("receiver-before-commit-ack").map_err(|e| (e, Outcome::SourceNotResumed))?;
         let _ = self.writer.write_frame(MessageKind::CommitAck, b"");
         let _ = self.writer.flush();
         self.control.shutdown();
         Ok(())
+    }
+
+    fn run_committed(&mut self, plan: &DestinationPlan, manifest: &Manifest) -> Result<(), (MigrationError, Outcome)> {
+        self.host.run(plan, &manifest.dest_id).map_err(|e| {
+            (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
+        })
     }
 }

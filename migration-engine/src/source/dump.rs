@@ -43,6 +43,15 @@ impl<'a> Migration<'a> {
         let phase_started = Instant::now();
         self.rep.phase(Phase::Restore);
         self.step(SourceEvent::ImagesSent)?;
+        if self.p.mode.lazy() {
+            // Ready, the run on a lease and the pages, served together.
+            let restore_ms = self.serve_postcopy(result)?;
+            result.rootfs_verified = true;
+            phases.restore_wait_ms = phase_started.elapsed().as_millis() as u64;
+            phases.restore_ms = restore_ms;
+            result.frozen_phases = Some(phases);
+            return Ok(());
+        }
         let frame = self.p.peer.read_with_timeout(self.opts.restore_timeout)?;
         let restored: Ready = frame.expect(MessageKind::Ready, "Ready")?.json()?;
         self.step(SourceEvent::Ready)?;
@@ -70,7 +79,7 @@ impl<'a> Migration<'a> {
         } else {
             (None, None)
         };
-        let CriuRun { pid, worker } = self.host.start_dump(dump, criu_end)?;
+        let CriuRun { pid, worker } = self.host.start_dump(dump, criu_end, None)?;
         if let (Some(g), Some(pid)) = (self.guard.as_mut(), pid) {
             g.watch_criu(pid);
         }

@@ -36,7 +36,10 @@ pub(crate) trait SourceHost {
     fn unlock_network(&mut self, netns: &Netns) -> Result<(), MigrationError>;
     /// Starts CRIU on `dump`; with `page_server`, CRIU sends the pages over
     /// that socket (its end) instead of writing page images.
-    fn start_dump(&mut self, dump: DumpOptions, page_server: Option<OwnedFd>) -> Result<CriuRun, MigrationError>;
+    ///
+    /// `post_dump` is told when CRIU's images are complete (its post-dump
+    /// notification): a lazy dump goes on serving pages after that.
+    fn start_dump(&mut self, dump: DumpOptions, page_server: Option<OwnedFd>, post_dump: Option<std::sync::mpsc::Sender<()>>) -> Result<CriuRun, MigrationError>;
     /// The process that settles the migration if this one dies while the
     /// source is frozen. None where there is none to start (fakes).
     fn spawn_guard(&mut self, freezer: &Freezer, work_dir: &Path, journal_entry: &Path) -> Result<Option<FreezeGuard>, MigrationError>;
@@ -66,7 +69,7 @@ impl SourceHost for RealSourceHost {
         container_network::lock::unlock(netns).map_err(|e| MigrationError::Other(format!("cannot unlock the container's network {}: {e}", netns.path().display())))
     }
 
-    fn start_dump(&mut self, mut dump: DumpOptions, page_server: Option<OwnedFd>) -> Result<CriuRun, MigrationError> {
+    fn start_dump(&mut self, mut dump: DumpOptions, page_server: Option<OwnedFd>, post_dump: Option<std::sync::mpsc::Sender<()>>) -> Result<CriuRun, MigrationError> {
         let started = Instant::now();
         let mut session = match page_server {
             Some(fd) => {
@@ -79,7 +82,14 @@ impl SourceHost for RealSourceHost {
         // CRIU's own time is taken in its thread: the caller may be busy
         // sending a backlog when CRIU returns.
         let worker = std::thread::spawn(move || -> Result<u64, CriuError> {
-            session.dump(&dump, &mut |_| NotifyAction::Continue)?;
+            session.dump(&dump, &mut |note| {
+                if note.script == "post-dump" {
+                    if let Some(tx) = &post_dump {
+                        let _ = tx.send(());
+                    }
+                }
+                NotifyAction::Continue
+            })?;
             if dump.pre_dump {
                 session.finish_after_pre_dump()?;
             } else {

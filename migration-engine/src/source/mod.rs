@@ -39,12 +39,14 @@ mod commit;
 mod dump;
 mod host;
 mod precopy;
+mod postcopy;
 mod preflight;
 mod rollback;
 #[cfg(test)]
 mod tests;
 
 pub(crate) use host::{CriuRun, RealSourceHost, SourceHost};
+pub(crate) use postcopy::lease_wait;
 pub use preflight::MAX_ITERATIONS;
 pub(crate) use preflight::{connect_peer, PeerLink};
 use preflight::preflight;
@@ -91,6 +93,11 @@ pub struct SendOptions {
     /// How long to keep asking a destination that did not acknowledge the
     /// Commit, the source frozen meanwhile (`--in-doubt-timeout`).
     pub in_doubt_timeout: Duration,
+    /// `--mode auto` may choose post-copy or hybrid (`--allow-postcopy`).
+    pub allow_postcopy: bool,
+    /// How long the destination's copy may run without hearing from the
+    /// source during post-copy (`--postcopy-lease`).
+    pub postcopy_lease: Duration,
 }
 
 /// The source container's network namespace, when ctmigrate moves it
@@ -110,6 +117,10 @@ struct SourceNetwork {
 enum Mode {
     StopCopy,
     Precopy,
+    /// The copy runs on the destination before its memory arrived.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy of what is left.
+    Hybrid,
 }
 
 impl Mode {
@@ -117,7 +128,19 @@ impl Mode {
         match self {
             Mode::StopCopy => "stop-copy",
             Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
         }
+    }
+
+    /// Whether pre-dump rounds run first.
+    fn precopy_rounds(self) -> bool {
+        matches!(self, Mode::Precopy | Mode::Hybrid)
+    }
+
+    /// Whether memory follows the restore.
+    fn lazy(self) -> bool {
+        matches!(self, Mode::Postcopy | Mode::Hybrid)
     }
 }
 
@@ -312,6 +335,9 @@ struct Migration<'a> {
     tmpfs_made_anew: Vec<String>,
     /// The rootfs as sent so far, and what changed since.
     tree: rootfs::TreeSender,
+    /// Post-copy: the lazy dump serving pages, and the lease.
+    lazy: Option<postcopy::LazySource>,
+    lease: postcopy::SourceLease,
 }
 
 impl<'a> Migration<'a> {
@@ -336,6 +362,7 @@ impl<'a> Migration<'a> {
             remote_command: opts.remote_command.clone(),
             io_timeout_ms: opts.io_timeout.as_millis() as u64,
             in_doubt_timeout_ms: opts.in_doubt_timeout.as_millis() as u64,
+            postcopy_lease_ms: opts.postcopy_lease.as_millis() as u64,
         };
         let entry = Entry::new(&p.migration_id, &opts.container, &p.dest_id, &p.peer.identity, Side::Source { state: SourceState::Syncing, plan });
         let mut machine = SourceMachine::new();
@@ -356,6 +383,8 @@ impl<'a> Migration<'a> {
             reserve: None,
             tmpfs_made_anew: Vec::new(),
             tree,
+            lazy: None,
+            lease: postcopy::SourceLease::new(opts.postcopy_lease),
         }
     }
 
@@ -393,6 +422,7 @@ impl<'a> Migration<'a> {
                 f.error = MigrationError::Other(format!("interrupted by a signal ({})", f.error));
             }
         }
+        result.fallback_after_run_ms = self.lease.fallback_after_run.map(|d| d.as_millis() as u64);
         result.bytes_sent = self.p.peer.writer.wire_bytes + self.p.peer.reader.wire_bytes;
         result.bytes_raw = self.p.peer.writer.raw_bytes;
         // Images go, success or failure; a failure's logs are kept.
@@ -435,7 +465,7 @@ impl<'a> Migration<'a> {
             return Err(self.fail(e));
         }
         // Pre-copy rounds, container running.
-        if self.p.mode == Mode::Precopy {
+        if self.p.mode.precopy_rounds() {
             if let Err(e) = self.precopy(result) {
                 let e = self.explain_send_error(e);
                 return Err(self.fail(e));
@@ -484,7 +514,8 @@ impl<'a> Migration<'a> {
         }
 
         let acknowledged = self.commit(result)?;
-        result.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
+        // Post-copy's frozen time ends when the destination's copy runs.
+        result.frozen_ms = Some(self.lease.granted_after(frozen_at).unwrap_or_else(|| frozen_at.elapsed()).as_millis() as u64);
         if !acknowledged {
             // Settled after a lost acknowledgement: the destination runs
             // it and the source is already removed.
@@ -516,7 +547,7 @@ fn source_plan(entry: &Entry) -> &SourcePlan {
 /// fsync): before it, whatever the journal says, the answer is to thaw.
 fn journalled(state: SourceState) -> bool {
     use SourceState::*;
-    matches!(state, Syncing | CommitSent | InDoubt | LeftInDoubt | Committed | Migrated | Untouched | Resumed | NotResumed)
+    matches!(state, Syncing | PostcopyRunning | CommitSent | InDoubt | LeftInDoubt | Committed | Migrated | Untouched | Resumed | NotResumed)
 }
 
 /// Directory of a round's images, on both sides.

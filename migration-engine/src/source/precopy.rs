@@ -17,7 +17,7 @@ impl<'a> Migration<'a> {
             crate::scratch::mount_tmpfs(&images, size)?;
             // Only pre-copy rounds write pages here; a stop-copy dump's
             // are relayed (see criu_round).
-            if self.p.mode == Mode::Precopy {
+            if self.p.mode.precopy_rounds() {
                 self.reserve = Some(crate::scratch::Reserve::create(&images, self.p.memory_bytes)?);
             }
         }
@@ -87,7 +87,7 @@ impl<'a> Migration<'a> {
             freeze_cgroup: Some(plan.freezer.path.clone()),
             external: plan.external_namespaces.clone(),
             file_locks: true,
-            track_mem: self.p.mode == Mode::Precopy,
+            track_mem: self.p.mode.precopy_rounds(),
             parent_images: parent.clone(),
             ..Default::default()
         };
@@ -118,6 +118,9 @@ impl<'a> Migration<'a> {
                 std::fs::write(dir.join("descriptors.json"), &plan.descriptors_json)
                     .map_err(MigrationError::io("writing descriptors.json"))?;
             }
+        }
+        if kind == RoundKind::Final && self.p.mode.lazy() {
+            return self.lazy_dump_and_stream(dump);
         }
         self.dump_and_stream(dump, relay_pages)
     }

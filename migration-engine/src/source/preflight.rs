@@ -83,7 +83,13 @@ pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &R
         ssh_options: &opts.ssh_options,
         remote_command: &opts.remote_command,
     };
-    let (mut peer, _ack) = connect_peer(&link, Some(rep), true)?;
+    let (mut peer, ack) = connect_peer(&link, Some(rep), true)?;
+    if mode.lazy() && ack.version < migration_protocol::PROTOCOL_VERSION_POSTCOPY {
+        return Err(MigrationError::Preflight(format!(
+            "the receiver ({}) speaks protocol version {}, which has no post-copy: upgrade it, or use --mode stop-copy",
+            ack.software, ack.version
+        )));
+    }
     let uts = nix::sys::utsname::uname().map_err(|e| MigrationError::Other(e.to_string()))?;
     let migration_id = crate::journal::new_migration_id();
     let manifest = Manifest {
@@ -96,7 +102,7 @@ pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &R
         arch: std::env::consts::ARCH.to_string(),
         cgroup_version: plan.freezer.version.as_u8(),
         mode: mode.name().into(),
-        max_rounds: if mode == Mode::Precopy { opts.max_iterations } else { 0 },
+        max_rounds: if mode.precopy_rounds() { opts.max_iterations } else { 0 },
         tcp_established: opts.tcp_established,
         network: network.as_ref().map(|n| n.record.clone().into()),
         memory_bytes,
@@ -316,8 +322,11 @@ pub(super) fn not_carried_of_loopback_namespace(netns: &container_network::Netns
 pub const MAX_ITERATIONS: u32 = 32;
 
 /// `auto` becomes pre-copy where the kernel tracks dirty memory and
-/// stop-copy (with the reason) where it does not; `precopy` on such a
-/// kernel is refused before anything is touched.
+/// stop-copy (with the reason) where it does not; with
+/// `--allow-postcopy` it becomes hybrid or post-copy where CRIU can
+/// restore lazily. `precopy` and `hybrid` on a kernel without soft-dirty,
+/// and `postcopy` without userfaultfd, are refused before anything is
+/// touched.
 pub(super) fn resolve_mode(opts: &SendOptions) -> Result<(Mode, Option<String>), MigrationError> {
     if opts.mode == ModeRequest::StopCopy {
         return Ok((Mode::StopCopy, None));
@@ -328,17 +337,40 @@ pub(super) fn resolve_mode(opts: &SendOptions) -> Result<(Mode, Option<String>),
             opts.max_iterations
         )));
     }
-    let soft_dirty = criu_bindings::feature_check(&opts.criu_binary)?.mem_track;
-    match (opts.mode, soft_dirty) {
-        (_, true) => Ok((Mode::Precopy, None)),
-        (ModeRequest::Precopy, false) => Err(MigrationError::Preflight(
-            "pre-copy needs soft-dirty memory tracking, which this kernel lacks: boot a kernel built with \
-             CONFIG_MEM_SOFT_DIRTY=y, or use --mode stop-copy"
-                .into(),
+    let lease_ms = opts.postcopy_lease.as_millis() as u64;
+    if !(migration_protocol::LEASE_MIN_MS..=migration_protocol::LEASE_MAX_MS).contains(&lease_ms) {
+        return Err(MigrationError::Usage(format!(
+            "--postcopy-lease must be from {} ms to {} s (got {lease_ms} ms)",
+            migration_protocol::LEASE_MIN_MS,
+            migration_protocol::LEASE_MAX_MS / 1000
+        )));
+    }
+    let lazy_wanted = matches!(opts.mode, ModeRequest::Postcopy | ModeRequest::Hybrid) || (opts.mode == ModeRequest::Auto && opts.allow_postcopy);
+    if lazy_wanted && !matches!(opts.to, Destination::Tcp { .. }) {
+        return Err(MigrationError::Usage("post-copy and hybrid need a tcp:// destination (the page requests are relayed on its connection)".into()));
+    }
+    let features = criu_bindings::feature_check(&opts.criu_binary)?;
+    let (soft_dirty, uffd) = (features.mem_track, features.lazy_pages);
+    let no_soft_dirty = "this kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY), so pre-copy is impossible";
+    match opts.mode {
+        ModeRequest::Precopy | ModeRequest::Hybrid if !soft_dirty => Err(MigrationError::Preflight(format!(
+            "{} needs soft-dirty memory tracking, which this kernel lacks: boot a kernel built with \
+             CONFIG_MEM_SOFT_DIRTY=y, or use --mode {}",
+            if opts.mode == ModeRequest::Hybrid { "hybrid" } else { "pre-copy" },
+            if opts.mode == ModeRequest::Hybrid { "postcopy" } else { "stop-copy" }
+        ))),
+        ModeRequest::Postcopy | ModeRequest::Hybrid if !uffd => Err(MigrationError::Preflight(
+            "post-copy needs userfaultfd (CRIU's lazy pages), which `criu check` says this kernel lacks: use --mode stop-copy".into(),
         )),
-        (_, false) => Ok((
-            Mode::StopCopy,
-            Some("stop-copy: this kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY), so pre-copy is impossible".into()),
-        )),
+        ModeRequest::Precopy => Ok((Mode::Precopy, None)),
+        ModeRequest::Postcopy => Ok((Mode::Postcopy, None)),
+        ModeRequest::Hybrid => Ok((Mode::Hybrid, None)),
+        ModeRequest::StopCopy => Ok((Mode::StopCopy, None)),
+        ModeRequest::Auto => match (soft_dirty, opts.allow_postcopy && uffd) {
+            (true, true) => Ok((Mode::Hybrid, Some("hybrid: soft-dirty tracking and userfaultfd are both here, and --allow-postcopy was given".into()))),
+            (true, false) => Ok((Mode::Precopy, None)),
+            (false, true) => Ok((Mode::Postcopy, Some(format!("postcopy: --allow-postcopy was given and {no_soft_dirty}")))),
+            (false, false) => Ok((Mode::StopCopy, Some(format!("stop-copy: {no_soft_dirty}")))),
+        },
     }
 }

@@ -16,6 +16,7 @@ impl<'a> Migration<'a> {
                 let _ = self.step(SourceEvent::Failed);
             }
             SourceRecovery::Thaw => return self.rollback(error),
+            SourceRecovery::ThawAfterLease => return self.rollback_after_lease(error),
             // Only a failure after `commit-sent` is on disk gets here, and
             // commit() settles those itself; should one come, the
             // destination's word decides, as for a lost CommitAck.
@@ -48,6 +49,9 @@ impl<'a> Migration<'a> {
     /// Tells the receiver to drop its copy, thaws the source and checks it.
     pub(super) fn rollback(&mut self, error: MigrationError) -> Failure {
         self.rep.phase(Phase::Rollback);
+        if let Some(lazy) = self.lazy.take() {
+            lazy.end();
+        }
         self.tell_receiver_abort(&error);
         let _ = self.step(SourceEvent::Failed);
         let thawed = self.host.thaw(source_plan(&self.entry), &self.opts.container);

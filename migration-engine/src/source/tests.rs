@@ -53,7 +53,7 @@ impl SourceHost for FakeHost {
         Ok(())
     }
 
-    fn start_dump(&mut self, dump: DumpOptions, page_server: Option<std::os::fd::OwnedFd>) -> Result<CriuRun, MigrationError> {
+    fn start_dump(&mut self, dump: DumpOptions, page_server: Option<std::os::fd::OwnedFd>, _post_dump: Option<std::sync::mpsc::Sender<()>>) -> Result<CriuRun, MigrationError> {
         self.record(if dump.pre_dump { "pre-dump" } else { "dump" });
         let fails = self.criu_fails;
         let worker = std::thread::spawn(move || -> Result<u64, criu_bindings::CriuError> {
@@ -228,6 +228,8 @@ fn migrate(answer: Answer, freeze_fails: bool, criu_fails: bool) -> Run {
         stage_images: crate::scratch::StageMode::Disk,
         journal_dir: dir.path().join("journal"),
         in_doubt_timeout: Duration::from_secs(1),
+        allow_postcopy: false,
+        postcopy_lease: Duration::from_secs(4),
     };
     let freezer = container_runtime::Freezer { path: dir.path().join("cgroup"), version: container_runtime::cgroup::CgroupVersion::V2 };
     let found = Inspected {
