@@ -99,6 +99,7 @@ fn precopy_mode_without_soft_dirty_is_refused_before_touching_the_container() {
 const GUEST_TESTS: &[&str] = &[
     "guest_pattern_fixture_migrates_with_shrinking_precopy_rounds",
     "guest_destination_killed_between_rounds_leaves_the_source_running",
+    "guest_hybrid_runs_the_copy_before_the_last_dirty_pages_arrive",
     "auto_mode_picks_precopy_only_with_soft_dirty_and_says_why_not",
 ];
 
@@ -221,6 +222,39 @@ fn guest_destination_killed_between_rounds_leaves_the_source_running() {
 /// stop-copy for the 256 MiB pattern fixture dirtying 1 MiB/s, interleaved,
 /// in the soft-dirty guest. Prints one `BENCH {json}` line. Run with
 /// `cargo test --release --test precopy -- --ignored bench_precopy_vs_stop_copy_in_guest --nocapture`.
+#[test]
+#[ignore = "needs a soft-dirty kernel: run inside the guest by precopy_suite_in_soft_dirty_guest"]
+fn guest_hybrid_runs_the_copy_before_the_last_dirty_pages_arrive() {
+    let bed = require_guest();
+    let id = format!("hybrid-{}", bed.tag);
+    let src = bed.start_fixture(&id, &Workload::Pattern { mib: 256, dirty_kib_per_s: 1024 }).unwrap();
+    let before = wait_for(Duration::from_secs(180), || read_pattern_status(&src.rootfs()).filter(|s| s.passes >= 1))
+        .expect("the fixture never verified its memory");
+    let port = port();
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--timeout", "300"], &[]).unwrap();
+    // The emulated guest is slow: a long lease.
+    let sent = bed.run_sender(&id, port, &["--mode", "hybrid", "--timeout", "300", "--postcopy-lease", "30000"], &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "{}\nreceiver: {}", sent.stderr, receiver.stderr());
+    assert_eq!(receiver.wait(Duration::from_secs(120)), Some(0), "{}", receiver.stderr());
+    let result = sent.result().unwrap().clone();
+    eprintln!("result: {result}");
+    assert_eq!(result["mode"], "hybrid");
+    let rounds = result["rounds"].as_array().expect("rounds in the result");
+    assert!(!rounds.is_empty(), "hybrid starts with pre-copy rounds: {result}");
+    let first = rounds[0]["bytes"].as_u64().unwrap();
+    assert!(first >= 256 << 20, "the first round copies all memory: {first}");
+    // What the rounds left came after the restore, on demand or in the
+    // background: far less than the whole memory.
+    let pages = result["postcopy"]["pages"].as_u64().expect("post-copy figures in the result");
+    assert!(pages > 0 && pages * 4096 * 4 < first, "{pages} pages after the restore, round 1 had {first} bytes");
+
+    let dst = bed.dst_container(&id);
+    let after = wait_for(Duration::from_secs(180), || read_pattern_status(&dst.rootfs()).filter(|s| s.passes > before.passes))
+        .expect("the fixture did not go on verifying after migration");
+    assert_eq!(after.token, before.token, "the fixture restarted");
+    assert!(after.ok, "memory corrupted: {}", after.line);
+}
+
 #[test]
 #[ignore = "benchmark: run by hand, see docs/performance.md"]
 fn bench_precopy_vs_stop_copy_in_guest() {
