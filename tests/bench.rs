@@ -61,6 +61,9 @@ enum Method {
     /// ctmigrate over plain TCP (`--insecure` on both sides): what TLS
     /// costs in the frozen window. Run at the variant size only.
     CtmigrateInsecure,
+    /// ctmigrate `--mode postcopy`: frozen until the copy runs, memory
+    /// after.
+    CtmigratePostcopy,
     ByHand,
     PageServer,
     Floor,
@@ -72,6 +75,7 @@ impl Method {
             Method::Ctmigrate => "ctmigrate",
             Method::CtmigrateNoCompression => "ctmigrate-compress-never",
             Method::CtmigrateInsecure => "ctmigrate-insecure",
+            Method::CtmigratePostcopy => "ctmigrate-postcopy",
             Method::ByHand => "by-hand",
             Method::PageServer => "page-server",
             Method::Floor => "floor",
@@ -91,6 +95,13 @@ struct Sample {
     usage: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     frozen_phases: Option<serde_json::Value>,
+    /// Post-copy: the result's `postcopy`, and the destination's
+    /// heartbeat rate while pages still arrived, against the source's
+    /// before the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_rate_while_arriving: Option<f64>,
 }
 
 /// The source host's end of the test link limited to `mbit` by a token
@@ -277,18 +288,21 @@ fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
     // this VM fresh memory costs several times more than memory just freed
     // (see fresh_memory_ms_per_gib), so without this the floor would not be
     // a floor.
-    if !matches!(method, Method::Ctmigrate | Method::CtmigrateNoCompression | Method::CtmigrateInsecure) {
+    if !matches!(method, Method::Ctmigrate | Method::CtmigrateNoCompression | Method::CtmigrateInsecure | Method::CtmigratePostcopy) {
         // The same reserve ctmigrate uses, written and dropped at once.
         drop(migration_engine::scratch::Reserve::create(&scratch_dir(bed), fixture.mib << 20).unwrap());
     }
     let mut sample = Sample::default();
     let started = Instant::now();
     let restored_rootfs = match method {
-        Method::Ctmigrate | Method::CtmigrateNoCompression | Method::CtmigrateInsecure => {
+        Method::Ctmigrate | Method::CtmigrateNoCompression | Method::CtmigrateInsecure | Method::CtmigratePostcopy => {
             let port = port();
             let insecure = method == Method::CtmigrateInsecure;
+            let postcopy = method == Method::CtmigratePostcopy;
             let mut receiver = bed.spawn_receiver(port, if insecure { &["--once", "--insecure"] } else { &["--once"] }, &[]).unwrap();
-            let mut extra = vec!["--mode", "stop-copy", "--dest-id", &restored_id];
+            let mut extra = vec!["--mode", if postcopy { "postcopy" } else { "stop-copy" }, "--dest-id", &restored_id];
+            let source_rate = postcopy.then(|| beat_rate(&p.src.rootfs(), Duration::from_secs(2)));
+            let beats = postcopy.then(|| BeatSampler::start(bed.dst_bundles().join(&restored_id).join("rootfs")));
             if method == Method::CtmigrateNoCompression {
                 extra.extend(["--compress", "never"]);
             }
@@ -304,6 +318,10 @@ fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
             sample.wire_bytes = r["bytes_sent"].as_u64().unwrap();
             sample.image_bytes = r["image_bytes"].as_u64().unwrap();
             sample.frozen_phases = Some(r["frozen_phases"].clone());
+            if let (Some(beats), Some(source_rate)) = (beats, source_rate) {
+                sample.postcopy = Some(r["postcopy"].clone());
+                sample.heartbeat_rate_while_arriving = beats.finish().map(|rate| (rate / source_rate * 100.0).round() / 100.0);
+            }
             sample.usage = Some(serde_json::json!({"sender": r["usage"], "receiver": receiver.result().map(|r| r["usage"].clone())}));
             bed.dst_bundles().join(&restored_id).join("rootfs")
         }
@@ -381,6 +399,108 @@ fn run_method(bed: &Testbed, fixture: Fixture, method: Method) -> Sample {
     }
     let _ = std::fs::remove_dir_all(bed.dst_bundles().join(&restored_id));
     sample
+}
+
+/// The pattern fixture's heartbeats per second in `rootfs`, over `over`.
+fn beat_rate(rootfs: &Path, over: Duration) -> f64 {
+    let first = migration_testbed::read_pattern_beat(rootfs).map(|(_, n)| n).unwrap_or(0);
+    let started = Instant::now();
+    std::thread::sleep(over);
+    let last = migration_testbed::read_pattern_beat(rootfs).map(|(_, n)| n).unwrap_or(0);
+    (last - first) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Samples a restored fixture's heartbeat file while a post-copy
+/// migration runs: its rate from the first beat seen on the destination
+/// to the end of the migration (every page there).
+struct BeatSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl BeatSampler {
+    fn start(rootfs: PathBuf) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut first: Option<(Instant, u64)> = None;
+            let mut seen = None;
+            let mut last = (Instant::now(), 0);
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some((_, n)) = migration_testbed::read_pattern_beat(&rootfs) {
+                    match seen {
+                        // The copied file first; its first change is the copy running.
+                        None => seen = Some(n),
+                        Some(s) if n > s && first.is_none() => first = Some((Instant::now(), n)),
+                        _ => {}
+                    }
+                    last = (Instant::now(), n);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let (t0, n0) = first?;
+            let secs = last.0.duration_since(t0).as_secs_f64();
+            (secs > 0.2).then(|| (last.1 - n0) as f64 / secs)
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Post-copy against stop-copy and the floor, in one run (interleaved):
+/// frozen time as the fixture feels it (its longest heartbeat gap), the
+/// time until every page is on the destination, and the destination's
+/// heartbeat rate while pages still arrive. Sizes with
+/// CTMIGRATE_BENCH_SIZES (default 64,1024,2048), runs with
+/// CTMIGRATE_BENCH_RUNS (default 3).
+/// `cargo test --release --test bench -- --ignored bench_postcopy --nocapture`
+#[test]
+#[ignore = "benchmark: run by hand, see docs/performance.md"]
+fn bench_postcopy() {
+    let bed = testbed("bpc").expect("root prerequisites");
+    let sizes: Vec<u64> = std::env::var("CTMIGRATE_BENCH_SIZES")
+        .map(|s| s.split(',').map(|v| v.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![64, 1024, 2048]);
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").map(|v| v.parse().unwrap()).unwrap_or(3);
+    let methods = [Method::Ctmigrate, Method::CtmigratePostcopy, Method::Floor];
+    let mut samples: std::collections::BTreeMap<(u64, &str), Vec<Sample>> = Default::default();
+    for run in 0..runs {
+        for &mib in &sizes {
+            for m in methods {
+                let fixture = Fixture { mib, dirty_kib_per_s: 1024, compressible: false };
+                let s = run_method(&bed, fixture, m);
+                eprintln!("{mib} MiB {} run {run}: gap {} ms, frozen {} ms, postcopy {:?}, rate {:?}", m.name(), s.heartbeat_gap_ms, s.frozen_ms, s.postcopy, s.heartbeat_rate_while_arriving);
+                samples.entry((mib, m.name())).or_default().push(s);
+            }
+        }
+    }
+    let med = |mib: u64, m: Method, f: &dyn Fn(&Sample) -> u64| median(samples[&(mib, m.name())].iter().map(f).collect());
+    let mut results = serde_json::Map::new();
+    for &mib in &sizes {
+        let gap = |m| med(mib, m, &|s| s.heartbeat_gap_ms);
+        let all_pages = med(mib, Method::CtmigratePostcopy, &|s| s.postcopy.as_ref().and_then(|p| p["all_pages_after_run_ms"].as_u64()).unwrap_or(0));
+        let rates: Vec<u64> = samples[&(mib, Method::CtmigratePostcopy.name())].iter().filter_map(|s| s.heartbeat_rate_while_arriving).map(|r| (r * 100.0) as u64).collect();
+        results.insert(
+            format!("{mib}MiB"),
+            serde_json::json!({
+                "gap_ms": {"stop-copy": gap(Method::Ctmigrate), "postcopy": gap(Method::CtmigratePostcopy), "floor": gap(Method::Floor)},
+                "postcopy_frozen_ms": med(mib, Method::CtmigratePostcopy, &|s| s.frozen_ms),
+                "postcopy_all_pages_after_run_ms": all_pages,
+                "postcopy_heartbeat_rate_while_arriving": (!rates.is_empty()).then(|| median(rates) as f64 / 100.0),
+                "postcopy_gap_ratio_to_floor": ratio(gap(Method::CtmigratePostcopy), gap(Method::Floor)),
+                "samples": samples.iter().filter(|((m, _), _)| *m == mib).map(|((_, name), v)| (name.to_string(), serde_json::to_value(v).unwrap())).collect::<serde_json::Map<_, _>>(),
+            }),
+        );
+    }
+    let (small, large) = (sizes[0], *sizes.last().unwrap());
+    let pc = |mib| med(mib, Method::CtmigratePostcopy, &|s| s.heartbeat_gap_ms);
+    results.insert(format!("postcopy_gap_{large}MiB_over_{small}MiB"), ratio(pc(large), pc(small)).into());
+    let _ = Command::new("umount").arg("-l").arg(bed.dir.join("scratch")).status();
+    println!("BENCH {}", serde_json::Value::Object(results));
 }
 
 /// TCP throughput between the hosts, in MB/s (10^6), for `bytes`.

@@ -29,7 +29,7 @@ impl<'a> Session<'a> {
         // the memory its images reserve. Refused here, the source is never
         // frozen.
         let admitted = crate::admission::REGISTRY
-            .admit(&self.opts.into(), &manifest.dest_id, self.opts.stage_images, manifest.memory_bytes)
+            .admit(&self.opts.into(), &manifest.dest_id, self.opts.stage_images, image_memory(manifest))
             .map_err(|e| refused(e.to_string()))?;
         if !migration_protocol::MODES.contains(&manifest.mode.as_str()) {
             return Err(refused(format!("unknown migration mode `{}` (this receiver knows {})", manifest.mode, migration_protocol::MODES.join(", "))));
@@ -71,15 +71,16 @@ impl<'a> Session<'a> {
         self.staging = Some(staging);
         self.step(DestinationEvent::Admitted).map_err(nothing)?;
         let mut staging = self.staging.take().expect("just set");
-        if let Some(size) = crate::scratch::memory_stage_size(crate::scratch::StageMode::Memory, manifest.memory_bytes).filter(|_| in_memory) {
+        let memory_bytes = image_memory(manifest);
+        if let Some(size) = crate::scratch::memory_stage_size(crate::scratch::StageMode::Memory, memory_bytes).filter(|_| in_memory) {
             crate::scratch::mount_tmpfs(&staging.images, size).map_err(nothing)?;
             staging.reserve =
-                Some(crate::scratch::Reserve::create(&staging.images, manifest.memory_bytes).map_err(|e| refused(e.to_string()))?);
+                Some(crate::scratch::Reserve::create(&staging.images, memory_bytes).map_err(|e| refused(e.to_string()))?);
             staging.restore_block = Some(
                 crate::scratch::Reserve::create_named(
                     &staging.images,
                     "restore-block",
-                    crate::scratch::restore_block_bytes(manifest.memory_bytes),
+                    crate::scratch::restore_block_bytes(memory_bytes),
                 )
                 .map_err(|e| refused(e.to_string()))?,
             );
@@ -193,5 +194,16 @@ impl<'a> Session<'a> {
             }
         }
         Ok((spec, criu_config))
+    }
+}
+
+/// The memory the images will hold: a post-copy dump leaves the
+/// anonymous memory out (it comes later, straight into the tasks), so
+/// nothing is staged for it.
+fn image_memory(manifest: &Manifest) -> u64 {
+    if manifest.mode == "postcopy" {
+        0
+    } else {
+        manifest.memory_bytes
     }
 }
