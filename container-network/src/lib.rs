@@ -7,7 +7,8 @@
 //! whose veth host ends join a bridge, and restores the container into it.
 //! While the source is dumped its namespace is [locked](lock) so that no
 //! packet is answered by a copy that is about to disappear; once the
-//! destination runs, its new home [announces](arp) the moved addresses.
+//! destination runs, its new home [announces](arp) the moved addresses and
+//! [nudges](nudge) the peers of moved TCP connections to retransmit now.
 //!
 //! Links, addresses and routes are read and written over rtnetlink
 //! ([`rtnl`]), with a socket opened inside the namespace concerned by a
@@ -21,6 +22,7 @@ pub mod arp;
 pub mod destination;
 pub mod lock;
 pub mod netns;
+pub mod nudge;
 pub mod pristine;
 pub mod record;
 pub mod rtnl;

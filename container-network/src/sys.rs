@@ -1,5 +1,5 @@
 //! The raw socket calls this crate needs; nix has no packet-socket address
-//! type that can be built by hand.
+//! type that can be built by hand, and no IPPROTO_RAW socket.
 
 use std::io;
 
@@ -43,6 +43,51 @@ impl ArpSocket {
                 0,
                 (&addr as *const libc::sockaddr_ll).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// A raw IPv4 socket that sends whole packets (IPPROTO_RAW: the caller
+/// writes the IP header; the kernel fills in only what is left zero). It
+/// receives nothing.
+pub(crate) struct RawIpSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawIpSocket {
+    pub(crate) fn open() -> io::Result<Self> {
+        // SAFETY: socket(2) with constant arguments; the result is checked and
+        // owned immediately below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(RawIpSocket { fd })
+    }
+
+    /// Sends one IPv4 packet (header included) towards `dst`.
+    pub(crate) fn send_to(&self, packet: &[u8], dst: std::net::Ipv4Addr) -> io::Result<()> {
+        // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+        // SAFETY: `packet` and `addr` are valid for the lengths given, and
+        // `self.fd` is open for the duration of the call.
+        let n = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
             )
         };
         if n < 0 {
