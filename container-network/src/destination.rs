@@ -216,6 +216,11 @@ impl DestinationNetwork {
         for h in &self.host_ends {
             here.set_up(h)?;
         }
+        // What the restored sockets sent while the host ends were down
+        // (a repaired socket's window probe) started address resolutions
+        // that failed and retry only every second: forgotten, the next
+        // packet to a peer asks at once.
+        Rtnl::open_in(&self.netns)?.flush_neighbours()?;
         announce_all(&self.netns, &self.record)
     }
 

@@ -20,6 +20,7 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::neighbour::{NeighbourMessage, NeighbourState};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -403,6 +404,27 @@ impl Rtnl {
 
     pub fn delete_link(&mut self, name: &str) -> Result<(), NetworkError> {
         self.change(RouteNetlinkMessage::DelLink(link_by_name(name)), 0, &|| format!("deleting link {name}"))
+    }
+
+    /// Forgets what this namespace learnt or was still learning of its
+    /// neighbours (IPv4 and IPv6; permanent and no-ARP entries stay); how
+    /// many entries went.
+    pub fn flush_neighbours(&mut self) -> Result<usize, NetworkError> {
+        let answers = self.request(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), NLM_F_DUMP, &|| "reading the neighbours".into())?;
+        let mut flushed = 0;
+        for answer in answers {
+            let RouteNetlinkMessage::NewNeighbour(entry) = answer else { continue };
+            if matches!(entry.header.state, NeighbourState::Permanent | NeighbourState::Noarp) {
+                continue;
+            }
+            match self.change(RouteNetlinkMessage::DelNeighbour(entry), 0, &|| "forgetting a neighbour".into()) {
+                Ok(()) => flushed += 1,
+                // Gone meanwhile (expired, or resolved and replaced).
+                Err(NetworkError::Netlink { errno: nix::errno::Errno::ENOENT, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(flushed)
     }
 
     pub fn add_address(&mut self, index: u32, name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetworkError> {

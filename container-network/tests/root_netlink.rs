@@ -164,3 +164,44 @@ fn bench_destination_network() {
         "BENCH {{\"bench\":\"destination_network\",\"runs\":{runs},\"build_ms\":{build:.3},\"activate_ms\":{activate:.3},\"record_ms\":{read:.3},\"remove_ms\":{remove:.3}}}"
     );
 }
+
+/// Bringing a restored namespace up forgets the neighbour entries its
+/// sockets made while its links were down (a failed resolution retries
+/// only every second, and holds every packet to that peer meanwhile);
+/// permanent entries stay.
+#[test]
+fn activation_forgets_what_the_namespace_learnt_while_down() {
+    if !is_root() {
+        assert_ne!(std::env::var("CTMIGRATE_REQUIRE_ROOT_TESTS").as_deref(), Ok("1"), "root test cannot run: not root");
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let host = HostNs::new("nb");
+    let id = format!("nlnb{}", std::process::id());
+    let ns = DestinationNetwork::netns_name(&id);
+    let neighbours = move |ns: &str| {
+        let out = Command::new(ip_binary()).args(["-n", ns, "neigh", "show", "dev", "eth0"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let outcome = host.run({
+        let ns = ns.clone();
+        move || {
+            let network = DestinationNetwork::build(&sample_record(), &id, Some("br0")).map_err(|e| e.to_string())?;
+            let ip = |args: &[&str]| Command::new(ip_binary()).args(["-n", &ns]).args(args).status().unwrap().success();
+            // One entry as a failed resolution leaves it, one permanent.
+            assert!(ip(&["neigh", "add", "10.0.0.9", "dev", "eth0", "nud", "failed"]) || ip(&["neigh", "add", "10.0.0.9", "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "stale"]));
+            assert!(ip(&["neigh", "add", "10.0.0.8", "lladdr", "02:00:00:00:00:08", "dev", "eth0", "nud", "permanent"]));
+            let before = neighbours(&ns);
+            let activated = network.activate().map_err(|e| e.to_string());
+            let after = neighbours(&ns);
+            let removed = DestinationNetwork::remove_for(&id).map_err(|e| e.to_string());
+            Ok::<_, String>((before, activated, after, removed))
+        }
+    });
+    let (before, activated, after, removed) = outcome.unwrap();
+    activated.unwrap();
+    removed.unwrap();
+    assert!(before.contains("10.0.0.9") && before.contains("10.0.0.8"), "the entries were not made: {before}");
+    assert!(!after.contains("10.0.0.9"), "the learnt entry stayed: {after}");
+    assert!(after.contains("10.0.0.8 ") && after.contains("PERMANENT"), "the permanent entry went: {after}");
+}
