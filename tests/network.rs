@@ -27,6 +27,8 @@ struct EchoClient {
     echoed: Arc<AtomicU64>,
     writer: Option<JoinHandle<std::io::Result<()>>>,
     reader: Option<JoinHandle<Result<(), String>>>,
+    /// The longest time between two echoed numbers, in microseconds.
+    max_gap_us: Arc<AtomicU64>,
 }
 
 impl EchoClient {
@@ -55,17 +57,21 @@ impl EchoClient {
                 Ok(())
             })
         };
+        let max_gap_us = Arc::new(AtomicU64::new(0));
         let reader = {
-            let (mut s, echoed) = (stream.try_clone().unwrap(), echoed.clone());
+            let (mut s, echoed, max_gap_us) = (stream.try_clone().unwrap(), echoed.clone(), max_gap_us.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut expected = 0u64;
                 let mut buf = [0u8; 8];
+                let mut last = Instant::now();
                 loop {
                     match s.read_exact(&mut buf) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                         Err(e) => return Err(format!("reading echo number {expected}: {e}")),
                     }
+                    max_gap_us.fetch_max(last.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    last = Instant::now();
                     let got = u64::from_be_bytes(buf);
                     if got != expected {
                         return Err(format!("echo number {expected} came back as {got}: data lost or duplicated"));
@@ -75,7 +81,12 @@ impl EchoClient {
                 }
             })
         };
-        EchoClient { stream, stop, sent, echoed, writer: Some(writer), reader: Some(reader) }
+        EchoClient { stream, stop, sent, echoed, writer: Some(writer), reader: Some(reader), max_gap_us }
+    }
+
+    /// The longest time between two echoed numbers since the last call.
+    fn take_longest_gap(&self) -> Duration {
+        Duration::from_micros(self.max_gap_us.swap(0, Ordering::Relaxed))
     }
 
     /// Waits until `more` numbers beyond what is echoed now come back.
@@ -459,4 +470,85 @@ fn activation_announces_the_moved_address() {
     .unwrap();
     outcome.unwrap();
     assert_no_network_leftovers(&net, &format!("arp-{}", bed.tag), true, "after remove");
+}
+
+/// One migration of the echo server on one L2 segment (the client and
+/// both hosts; only ARP tells where the container's address lives), the
+/// nudge on or off (its failpoint): the client's longest wait for an echo
+/// across it, the sender's frozen time and the receiver's `tcp_nudged`.
+fn shared_segment_gap(prefix: &str, mode: &[&str], nudged: bool) -> Option<(Duration, u64, Option<u64>)> {
+    let bed = common::testbed(prefix)?;
+    let net = ContainerNetwork::create_shared_segment(&bed).expect("creating the shared segment");
+    let id = format!("{prefix}-echo-{}", bed.tag);
+    let src = start_echo(&bed, &net, &id);
+    let client = EchoClient::connect(&net);
+    client.assert_flowing(2_000, Duration::from_secs(20), "before migrating");
+    client.take_longest_gap();
+
+    let port = common::port();
+    let env: &[(&str, &str)] = if nudged { &[] } else { &[("CTMIGRATE_FAILPOINTS", "receiver-before-nudge=error")] };
+    let mut receiver = bed.spawn_receiver(port, &["--once", "--bridge", &net.bridge], env).unwrap();
+    let mut args = vec!["--tcp-established"];
+    args.extend_from_slice(mode);
+    let sent = bed.run_sender(&id, port, &args, &[]).unwrap();
+    assert_eq!(sent.code, Some(0), "migration failed: {}", sent.stderr);
+    assert_eq!(receiver.wait(Duration::from_secs(60)), Some(0), "receiver: {}", receiver.stderr());
+    client.assert_flowing(3_000, Duration::from_secs(60), "after migrating");
+    let gap = client.take_longest_gap();
+    let frozen_ms = sent.result().and_then(|r| r["frozen_ms"].as_u64()).expect("the sender's frozen_ms");
+    let tcp_nudged = receiver.result().and_then(|r| r["tcp_nudged"].as_u64());
+    eprintln!(
+        "{prefix} {mode:?} {}: client's longest gap {} ms, frozen {frozen_ms} ms (target {} ms); tcp_nudged {tcp_nudged:?}",
+        if nudged { "nudged" } else { "not nudged" },
+        gap.as_millis(),
+        frozen_ms * 3 / 2 + 100
+    );
+    client.finish();
+    drop(src);
+    drop(bed.dst_container(&id));
+    std::fs::remove_dir_all(bed.dst_bundles().join(&id)).expect("the committed bundle");
+    assert_no_network_leftovers(&net, &id, false, "after the nudge measurement");
+    common::assert_clean(&bed, &id);
+    Some((gap, frozen_ms, tcp_nudged))
+}
+
+/// The receiver nudges the peers of the moved connections once the copy
+/// runs: on one L2 segment, a client whose retransmissions backed off
+/// during the freeze hears again sooner with the nudge than without it
+/// (where it waits for its next backed-off timeout).
+#[test]
+fn moved_connections_peers_are_nudged_on_a_shared_segment() {
+    let Some((plain_gap, plain_frozen, plain_nudged)) = shared_segment_gap("nudge", &[], false) else { return };
+    assert_eq!(plain_nudged, None, "the failpoint should have stopped the nudge");
+    let (gap, frozen, nudged) = shared_segment_gap("nudge", &[], true).expect("the testbed ran once");
+    assert_eq!(nudged, Some(1), "the client's connection should have been nudged");
+    assert!(
+        gap < plain_gap,
+        "nudged, the client waited {gap:?} ({frozen} ms frozen); not nudged, {plain_gap:?} ({plain_frozen} ms frozen)"
+    );
+}
+
+/// Benchmark (the target, reported, not asserted): the client's
+/// longest gap against 1.5 x frozen + 100 ms on the shared segment, for
+/// stop-copy and post-copy, nudged and not, `CTMIGRATE_BENCH_RUNS` times.
+/// `cargo test --release --test network -- --ignored bench_client_gap --nocapture`
+#[test]
+#[ignore]
+fn bench_client_gap_on_a_shared_segment() {
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let mut rows = Vec::new();
+    for run in 0..runs {
+        for (name, mode) in [("stop-copy", &[][..]), ("post-copy", &["--mode", "postcopy"][..])] {
+            for nudged in [false, true] {
+                let Some((gap, frozen, _)) = shared_segment_gap("cgap", mode, nudged) else { return };
+                rows.push((run, name, nudged, gap.as_millis() as u64, frozen));
+            }
+        }
+    }
+    println!("| run | mode | nudge | client gap ms | frozen ms | gap / (1.5 x frozen + 100) |");
+    println!("|---|---|---|---|---|---|");
+    for (run, name, nudged, gap, frozen) in rows {
+        let target = frozen * 3 / 2 + 100;
+        println!("| {run} | {name} | {} | {gap} | {frozen} | {:.2} |", if nudged { "yes" } else { "no" }, gap as f64 / target as f64);
+    }
 }

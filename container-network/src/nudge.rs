@@ -64,7 +64,8 @@
 //!
 //! Packets are sent through a raw IPv4 socket opened inside the container's
 //! network namespace, with the container's address as source: they leave as
-//! the restored socket's own would. IPv6 connections are not nudged.
+//! the restored socket's own would. IPv4 connections are nudged, also those
+//! of dual-stack sockets (IPv4-mapped addresses); IPv6 ones are not.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -126,7 +127,8 @@ pub struct TcpConnection {
     pub tsval: Option<u32>,
 }
 
-/// The established IPv4 TCP connections in CRIU's images in `dir`. A
+/// The established IPv4 TCP connections in CRIU's images in `dir` (also
+/// those of IPv6 sockets with IPv4-mapped addresses). A
 /// dump without `files.img` (no files at all) has none.
 pub fn connections_from_images(dir: &Path) -> Result<Vec<TcpConnection>, NudgeError> {
     let files = dir.join("files.img");
@@ -302,14 +304,30 @@ fn inet_socket(entry: &[u8]) -> Result<Option<InetSocket>, String> {
         }
     }
     const AF_INET: u64 = libc::AF_INET as u64;
+    const AF_INET6: u64 = libc::AF_INET6 as u64;
     const SOCK_STREAM: u64 = libc::SOCK_STREAM as u64;
     const IPPROTO_TCP: u64 = libc::IPPROTO_TCP as u64;
     const TCP_ESTABLISHED: u64 = 1;
-    let wanted = (family, sk_type, proto, state) == (AF_INET, SOCK_STREAM, IPPROTO_TCP, TCP_ESTABLISHED);
-    if !wanted || sk.src.len() != 1 || sk.dst.len() != 1 {
+    if (sk_type, proto, state) != (SOCK_STREAM, IPPROTO_TCP, TCP_ESTABLISHED) {
         return Ok(None);
     }
-    Ok(Some(sk))
+    match family {
+        AF_INET if sk.src.len() == 1 && sk.dst.len() == 1 => Ok(Some(sk)),
+        // A dual-stack socket's IPv4 connection: both ends ::ffff:a.b.c.d
+        // (a server listening on `::` accepts IPv4 clients so).
+        AF_INET6 if v4_mapped(&sk.src) && v4_mapped(&sk.dst) => {
+            sk.src.drain(..3);
+            sk.dst.drain(..3);
+            Ok(Some(sk))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether an IPv6 address, as CRIU's four host-order words of its bytes,
+/// is IPv4-mapped (`::ffff:0:0/96`).
+fn v4_mapped(words: &[u32]) -> bool {
+    words.len() == 4 && words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 /// Of a `tcp_stream_entry`, what a nudge needs.
@@ -603,7 +621,16 @@ mod tests {
         varint_field(&mut isk, 8, 41234);
         let src = u32::from_ne_bytes([10, 232, 7, 10]) as u64;
         let dst = u32::from_ne_bytes([10, 232, 7, 9]) as u64;
-        if packed_addresses {
+        if family == 10 {
+            // ::ffff:10.232.7.10 and ::ffff:10.232.7.9, as CRIU writes them
+            // (`packed_addresses`: 2001:db8::ffff:... instead, real IPv6).
+            let first = if packed_addresses { u64::from(u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8])) } else { 0 };
+            for (field, word) in [(11, src), (12, dst)] {
+                for w in [first, 0, u64::from(u32::from_ne_bytes([0, 0, 0xff, 0xff])), word] {
+                    varint_field(&mut isk, field, w);
+                }
+            }
+        } else if packed_addresses {
             let (mut s, mut d) = (Vec::new(), Vec::new());
             put_varint(&mut s, src);
             put_varint(&mut d, dst);
@@ -659,18 +686,23 @@ mod tests {
                 inet_file(2, 0x51, 1, 2, false),
                 // The same socket behind a second descriptor.
                 inet_file(3, 0x51, 1, 2, false),
-                // Listening, IPv6: not nudged, no stream image needed.
+                // Listening: not nudged, no stream image needed.
                 inet_file(4, 0x52, 10, 2, false),
-                inet_file(5, 0x53, 1, 10, false),
                 inet_file(6, 0x54, 1, 2, true),
+                // A dual-stack socket's IPv4 connection.
+                inet_file(7, 0x55, 1, 10, false),
+                // A real IPv6 connection: not nudged, no stream image needed.
+                inet_file(8, 0x56, 1, 10, true),
             ],
             &[],
         );
         std::fs::write(dir.path().join("files.img"), files).unwrap();
         std::fs::write(dir.path().join("tcp-stream-51.img"), tcp_stream_image(true)).unwrap();
         std::fs::write(dir.path().join("tcp-stream-54.img"), tcp_stream_image(false)).unwrap();
+        std::fs::write(dir.path().join("tcp-stream-55.img"), tcp_stream_image(true)).unwrap();
         let got = connections_from_images(dir.path()).unwrap();
-        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[2], got[0], "the IPv4-mapped connection reads as IPv4");
         assert_eq!(
             got[0],
             TcpConnection {

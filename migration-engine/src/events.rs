@@ -142,6 +142,12 @@ pub struct ResultEvent {
     /// two answers, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_longest_gap_ms: Option<u64>,
+    /// Receiver, `--tcp-established`: established TCP connections whose
+    /// peers were nudged to retransmit at once after the copy ran
+    /// (container_network::nudge); absent when nudging failed (a warning
+    /// says why) or was not tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_nudged: Option<u64>,
 }
 
 /// What the rootfs copy did.

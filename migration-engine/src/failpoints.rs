@@ -24,6 +24,7 @@
 //! | `receiver-after-restore` | receiver, restored with every task stopped, before Ready |
 //! | `receiver-after-ready` | receiver, Ready sent, before reading the Commit |
 //! | `receiver-after-commit-journalled` | receiver, Commit journalled, before the copy runs |
+//! | `receiver-before-nudge` | receiver, the committed copy runs, before its TCP peers are nudged (`error`: they are not) |
 //! | `receiver-before-commit-ack` | receiver, the committed copy runs, before CommitAck |
 //! | `sender-after-commit-journalled` | sender, commit-sent journalled, before the Commit is written |
 //! | `sender-after-commit` | sender, Commit written, before reading the CommitAck |

@@ -196,6 +196,12 @@ pub fn join_network_namespace(bundle: &Path, netns: &Path) -> Result<(), Migrati
 /// reached through whichever host the client's route names. The source
 /// container's namespace is a named one (`ctm-<tag>-ct`) with `eth0` on
 /// the source's bridge. Everything is removed on drop.
+///
+/// [`ContainerNetwork::create_shared_segment`] wires the same namespaces as
+/// one L2 segment instead: the client's namespace holds a switch (bridge
+/// `seg`) with a port to each host's `br-ct` and the client's address in
+/// the container subnet, so that nothing but ARP (and the switches'
+/// learning) tells where the container's address lives.
 pub struct ContainerNetwork {
     pub tag: String,
     pub src: String,
@@ -209,6 +215,8 @@ pub struct ContainerNetwork {
     subnet: String,
     via_src: String,
     via_dst: String,
+    /// One L2 segment: no routes to move.
+    shared_segment: bool,
     /// Links each host keeps besides what a migration adds.
     own_links: Vec<(String, Vec<String>)>,
 }
@@ -222,6 +230,15 @@ pub enum Side {
 
 impl ContainerNetwork {
     pub fn create(bed: &Testbed) -> Result<Self, MigrationError> {
+        Self::build(bed, false)
+    }
+
+    /// The client and both hosts on one L2 segment (see the type's doc).
+    pub fn create_shared_segment(bed: &Testbed) -> Result<Self, MigrationError> {
+        Self::build(bed, true)
+    }
+
+    fn build(bed: &Testbed, shared_segment: bool) -> Result<Self, MigrationError> {
         let tag = bed.tag.clone();
         let h = tag.bytes().fold(11u32, |a, b| a.wrapping_mul(37).wrapping_add(b as u32));
         let x = h % 256;
@@ -233,10 +250,11 @@ impl ContainerNetwork {
             bridge: "br-ct".into(),
             container_ip: std::net::Ipv4Addr::new(10, 232, x as u8, 10),
             container_mac: format!("02:c7:00:00:{:02x}:0a", x),
-            client_ip: std::net::Ipv4Addr::new(10, 233, x as u8, 9),
+            client_ip: if shared_segment { std::net::Ipv4Addr::new(10, 232, x as u8, 9) } else { std::net::Ipv4Addr::new(10, 233, x as u8, 9) },
             subnet: format!("10.232.{x}.0/24"),
             via_src: format!("10.234.{x}.1"),
             via_dst: format!("10.234.{x}.5"),
+            shared_segment,
             own_links: vec![
                 (src.clone(), vec!["lo".into(), format!("{tag}s"), "br-ct".into(), host_link("sc"), host_link("h0")]),
                 (dst.clone(), vec!["lo".into(), format!("{tag}d"), "br-ct".into(), host_link("dc")]),
@@ -255,18 +273,39 @@ impl ContainerNetwork {
         let gw = format!("10.232.{x}.1/24");
         for host in [&net.src, &net.dst] {
             ip(&["-n", host, "link", "add", "br-ct", "type", "bridge"])?;
-            ip(&["-n", host, "addr", "add", &gw, "dev", "br-ct"])?;
+            // On one segment only the source holds the gateway's address.
+            if !shared_segment || host == &net.src {
+                ip(&["-n", host, "addr", "add", &gw, "dev", "br-ct"])?;
+            }
             ip(&["-n", host, "link", "set", "br-ct", "up"])?;
             sysctl(host, "net/ipv4/ip_forward")?;
         }
+        if shared_segment {
+            // The switch, in the client's namespace, with the client's
+            // address; a port to each host's bridge.
+            ip(&["-n", &net.client, "link", "set", "lo", "up"])?;
+            ip(&["-n", &net.client, "link", "add", "seg", "type", "bridge"])?;
+            ip(&["-n", &net.client, "addr", "add", &format!("{}/24", net.client_ip), "dev", "seg"])?;
+            ip(&["-n", &net.client, "link", "set", "seg", "up"])?;
+            for (host, here, there) in [(&net.src, host_link("sc"), host_link("cs")), (&net.dst, host_link("dc"), host_link("cd"))] {
+                ip(&["link", "add", &here, "netns", host, "type", "veth", "peer", "name", &there, "netns", &net.client])?;
+                ip(&["-n", host, "link", "set", &here, "master", "br-ct", "up"])?;
+                ip(&["-n", &net.client, "link", "set", &there, "master", "seg", "up"])?;
+            }
+        }
         // Client: its address on loopback, a /30 to each host.
         let client_addr = format!("{}/32", net.client_ip);
-        ip(&["-n", &net.client, "link", "set", "lo", "up"])?;
-        ip(&["-n", &net.client, "addr", "add", &client_addr, "dev", "lo"])?;
+        if !shared_segment {
+            ip(&["-n", &net.client, "link", "set", "lo", "up"])?;
+            ip(&["-n", &net.client, "addr", "add", &client_addr, "dev", "lo"])?;
+        }
         for (host, here, there, host_addr, client_side) in [
             (&net.src, host_link("sc"), host_link("cs"), format!("10.234.{x}.1/30"), format!("10.234.{x}.2/30")),
             (&net.dst, host_link("dc"), host_link("cd"), format!("10.234.{x}.5/30"), format!("10.234.{x}.6/30")),
         ] {
+            if shared_segment {
+                break;
+            }
             ip(&["link", "add", &here, "netns", host, "type", "veth", "peer", "name", &there, "netns", &net.client])?;
             ip(&["-n", host, "addr", "add", &host_addr, "dev", &here])?;
             ip(&["-n", host, "link", "set", &here, "up"])?;
@@ -293,8 +332,12 @@ impl ContainerNetwork {
         Path::new("/run/netns").join(&self.container_netns)
     }
 
-    /// Points the client's route to the container subnet at one host.
+    /// Points the client's route to the container subnet at one host (on
+    /// a shared segment there is none: ARP moves the address).
     pub fn route_via(&self, side: Side) -> Result<(), MigrationError> {
+        if self.shared_segment {
+            return Ok(());
+        }
         let via = if side == Side::Source { &self.via_src } else { &self.via_dst };
         let src = self.client_ip.to_string();
         run(Command::new("ip").args(["-n", &self.client, "route", "replace", &self.subnet, "via", via, "src", &src]))

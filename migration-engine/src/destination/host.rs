@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use container_network::nudge::TcpConnection;
 use container_network::{DestinationNetwork, NetworkRecord};
 use container_runtime::Runc;
 
@@ -41,6 +42,10 @@ pub(crate) trait DestinationHost: Send + Sync {
     fn check_stopped(&self, dest_id: &str) -> Result<(i32, usize), MigrationError>;
     /// After the Commit: the network up and the tasks let run.
     fn run(&self, plan: &DestinationPlan, dest_id: &str) -> Result<(), MigrationError>;
+    /// Makes the peers of `connections` (read from the images) retransmit
+    /// now, from inside the network namespace at `netns`; how many were
+    /// nudged.
+    fn nudge(&self, netns: &Path, connections: &[TcpConnection]) -> Result<usize, MigrationError>;
     /// Removes a restored copy that must not run, or what a restore
     /// stopped midway left (killed, deleted, its state, mounts and cgroups
     /// gone).
@@ -80,6 +85,10 @@ impl DestinationHost for RealDestinationHost {
 
     fn run(&self, plan: &DestinationPlan, dest_id: &str) -> Result<(), MigrationError> {
         crate::settle::run_destination(plan, dest_id)
+    }
+
+    fn nudge(&self, netns: &Path, connections: &[TcpConnection]) -> Result<usize, MigrationError> {
+        container_network::nudge::nudge(netns, connections).map_err(|e| MigrationError::Other(e.to_string()))
     }
 
     fn remove(&self, dest_id: &str, bundle: &Path) {

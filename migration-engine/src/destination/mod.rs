@@ -309,6 +309,7 @@ fn serve_as(
     result.total_ms = started.elapsed().as_millis() as u64;
     result.bytes_sent = session.reader.wire_bytes;
     result.bytes_raw = session.sink_bytes;
+    result.tcp_nudged = session.tcp_nudged;
     match &outcome {
         Ok(()) => result.ok = true,
         Err((e, o)) => {
@@ -388,6 +389,12 @@ struct Session<'a> {
     ready_sent_ms: u64,
     /// The protocol version agreed at the handshake.
     version: u32,
+    /// The restored copy's init pid and its established TCP connections,
+    /// read from the images at the restore: their peers are nudged once
+    /// the copy runs (see [`container_network::nudge`]).
+    nudge: Option<(i32, Vec<container_network::nudge::TcpConnection>)>,
+    /// How many peers were nudged, for the result.
+    tcp_nudged: Option<u64>,
 }
 
 fn refused(msg: String) -> (MigrationError, Outcome) {
@@ -419,6 +426,8 @@ impl<'a> Session<'a> {
             lazy: None,
             ready_sent_ms: 0,
             version: 0,
+            nudge: None,
+            tcp_nudged: None,
         })
     }
 

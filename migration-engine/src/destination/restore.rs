@@ -31,7 +31,9 @@ impl<'a> Session<'a> {
         let st = self.staging.as_mut().expect("staging exists");
         let (bundle, work) = (st.bundle.clone(), st.work.clone());
         let host = self.host.clone();
+        let restore_images = images.clone();
         let restore = move || {
+            let images = restore_images;
             let request = RestoreRequest { dest_id: &manifest.dest_id, bundle: &bundle, images: &images, work: &work, tcp_established: manifest.tcp_established, lazy_pages };
             let mut block = block;
             let mut handover = None;
@@ -59,6 +61,14 @@ impl<'a> Session<'a> {
         // The fence: CRIU left every task stopped (the bundle's CRIU
         // configuration says so); none may run before the Commit.
         let (pid, tasks) = self.host.check_stopped(&manifest.dest_id).map_err(resumed)?;
+        if manifest.tcp_established {
+            // The images go with the staging at the Commit: what the nudge
+            // needs of them is read now.
+            match container_network::nudge::connections_from_images(&images) {
+                Ok(connections) => self.nudge = Some((pid, connections)),
+                Err(e) => self.rep.warn(format!("the peers of the moved TCP connections will not be nudged: {e}")),
+            }
+        }
         // Later checkpoints of this container (runc reads the same file)
         // must not leave their tasks stopped.
         st.drop_leave_stopped().map_err(resumed)?;
@@ -103,9 +113,10 @@ impl<'a> Session<'a> {
         if let Some(st) = self.staging.take() {
             st.commit();
         }
-        // A post-copy copy runs already.
+        // A post-copy copy runs already (and its peers were nudged then).
         if !postcopy {
             self.run_committed(&plan, manifest)?;
+            self.nudge_peers();
         }
         self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;
         failpoint!("receiver-before-commit-ack").map_err(|e| (e, Outcome::SourceNotResumed))?;
@@ -119,5 +130,21 @@ impl<'a> Session<'a> {
         self.host.run(plan, &manifest.dest_id).map_err(|e| {
             (MigrationError::Other(format!("committed, but the container could not be let run: {e}; `ctmigrate resolve` on this host retries")), Outcome::SourceNotResumed)
         })
+    }
+
+    /// The copy runs: the peers of its TCP connections, which backed off
+    /// while the network was locked, are told to retransmit now. A failure
+    /// only warns: the peers then recover at their own timeouts.
+    pub(super) fn nudge_peers(&mut self) {
+        let Some((pid, connections)) = self.nudge.take() else { return };
+        if let Err(e) = failpoint!("receiver-before-nudge") {
+            self.rep.warn(format!("not nudging the peers of the moved TCP connections: {e}"));
+            return;
+        }
+        let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        match self.host.nudge(&netns, &connections) {
+            Ok(n) => self.tcp_nudged = Some(n as u64),
+            Err(e) => self.rep.warn(format!("could not nudge the peers of the moved TCP connections (they retransmit at their own timeouts): {e}")),
+        }
     }
 }

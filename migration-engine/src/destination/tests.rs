@@ -76,6 +76,11 @@ impl DestinationHost for FakeHost {
         Ok(())
     }
 
+    fn nudge(&self, _: &Path, connections: &[container_network::nudge::TcpConnection]) -> Result<usize, MigrationError> {
+        self.record(format!("nudge {}", connections.len()));
+        Ok(connections.len())
+    }
+
     fn remove(&self, _: &str, _: &Path) {
         self.record("remove");
     }
