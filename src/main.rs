@@ -6,8 +6,8 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use commands::{certs, check, guard, hook, journal, receive, send, validate};
+use clap::{CommandFactory, Parser, Subcommand};
+use commands::{certs, check, generate, guard, hook, journal, receive, send, validate};
 
 #[derive(Parser)]
 #[command(name = "ctmigrate", version, about = "Live-migrate a running runc container to another host")]
@@ -43,6 +43,12 @@ enum Command {
         #[command(subcommand)]
         command: hook::HookCommand,
     },
+    /// Man pages and shell completions, from this command line's own
+    /// definitions (install.sh installs them).
+    Generate {
+        #[command(subcommand)]
+        command: generate::GenerateCommand,
+    },
     /// Internal: the freeze guard a sender starts (see migration-engine's
     /// guard module).
     #[command(name = "__guard", hide = true)]
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         Command::Check(args) => args.run(),
         Command::Validate(args) => args.run(),
         Command::Hook { command } => command.run(),
+        Command::Generate { command } => command.run(Cli::command()),
         Command::Guard(args) => args.run(),
         Command::LeaseGuard(args) => args.run(),
     }
@@ -75,7 +82,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn the_command_line_is_consistent() {
@@ -112,6 +118,64 @@ mod tests {
         match Cli::try_parse_from(["ctmigrate", "receive", "--listen", "0.0.0.0:1", "--max-bytes", "2G"]).unwrap().command {
             Command::Receive(a) => assert_eq!(a.options().max_bytes, 2 << 30),
             _ => unreachable!("parsed as receive"),
+        }
+    }
+
+    /// Each visible command's path of names ("certs init"), with the
+    /// command itself.
+    fn visible_commands(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            visible_commands(sub, p.clone(), out);
+            out.push((p, sub.clone()));
+        }
+    }
+
+    #[test]
+    fn every_subcommand_has_a_man_page_naming_its_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = commands::generate::write_man_pages(Cli::command(), dir.path()).unwrap();
+        assert!(pages.contains(&dir.path().join("ctmigrate.1")), "{pages:?}");
+        let mut subs = Vec::new();
+        visible_commands(&Cli::command(), Vec::new(), &mut subs);
+        assert!(subs.iter().any(|(p, _)| p == &["receive"]) && subs.iter().any(|(p, _)| p == &["certs", "init"]));
+        assert!(!subs.iter().any(|(p, _)| p[0].starts_with("__")), "hidden commands have no page");
+        for (path, cmd) in &subs {
+            let page = dir.path().join(format!("ctmigrate-{}.1", path.join("-")));
+            let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+            // roff escapes the hyphens of flags (\-\-listen).
+            let text = text.replace('\\', "");
+            assert!(text.contains(&format!("ctmigrate-{}", path.join("-"))), "{} names its command", page.display());
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if let Some(long) = arg.get_long() {
+                    assert!(text.contains(&format!("--{long}")), "{} does not mention --{long}", page.display());
+                }
+            }
+        }
+        // No stray pages for hidden or removed commands.
+        assert_eq!(pages.len(), subs.len() + 1, "{pages:?}");
+    }
+
+    #[test]
+    fn completion_scripts_parse() {
+        use clap_complete::Shell;
+        let dir = tempfile::tempdir().unwrap();
+        for (shell, exe) in [(Shell::Bash, "bash"), (Shell::Zsh, "zsh"), (Shell::Fish, "fish")] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ctmigrate", &mut script);
+            let text = String::from_utf8(script).unwrap();
+            assert!(text.contains("receive") && text.contains("listen"), "{shell}: {text}");
+            let file = dir.path().join(format!("ctmigrate.{exe}"));
+            std::fs::write(&file, &text).unwrap();
+            match std::process::Command::new(exe).arg("-n").arg(&file).output() {
+                Ok(out) => assert!(out.status.success(), "{exe} -n: {}", String::from_utf8_lossy(&out.stderr)),
+                // bash is always there (the tests' own scripts need it).
+                Err(e) if shell != Shell::Bash && e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("SKIPPED: {exe} -n (no {exe} on this host)")
+                }
+                Err(e) => panic!("{exe}: {e}"),
+            }
         }
     }
 }

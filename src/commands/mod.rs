@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod check;
+pub mod generate;
 pub mod guard;
 pub mod hook;
 pub mod journal;
