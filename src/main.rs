@@ -121,6 +121,69 @@ mod tests {
         }
     }
 
+    fn receive_settings(args: &[&str], file: &str) -> anyhow::Result<commands::receive::Settings> {
+        let mut argv = vec!["ctmigrate", "receive"];
+        argv.extend_from_slice(args);
+        let path = std::path::PathBuf::from("/etc/ctmigrate/receiver.toml");
+        let cfg = commands::receiver_config::ReceiverConfig::parse(file, &path).unwrap();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Receive(a) => a.settings(Some((path, cfg))),
+            _ => unreachable!("parsed as receive"),
+        }
+    }
+
+    #[test]
+    fn the_configuration_file_sets_what_the_flags_do_not() {
+        let file = r#"
+listen = "127.0.0.1:7070"
+tls-dir = "/srv/tls"
+bridge = "ctm0"
+allow-bind-source = ["/srv/a"]
+max-bytes = "1G"
+max-migrations = 2
+stage-images = "disk"
+staging-memory = "512M"
+timeout = 90
+json = true
+events = "/var/log/ctmigrate/events.jsonl"
+"#;
+        let s = receive_settings(&[], file).unwrap();
+        let o = &s.opts;
+        assert_eq!(o.listen, "127.0.0.1:7070");
+        assert!(matches!(&o.security, migration_engine::tls::Security::Tls(d) if d == std::path::Path::new("/srv/tls")));
+        assert_eq!(o.bridge.as_deref(), Some("ctm0"));
+        assert_eq!(o.allowed_bind_sources, vec![std::path::PathBuf::from("/srv/a")]);
+        assert_eq!((o.max_bytes, o.max_migrations, o.staging_memory), (1 << 30, 2, Some(512 << 20)));
+        assert_eq!(o.stage_images, migration_engine::scratch::StageMode::Disk);
+        assert_eq!(o.io_timeout, std::time::Duration::from_secs(90));
+        assert!(s.json);
+        assert_eq!(s.events.as_deref(), Some(std::path::Path::new("/var/log/ctmigrate/events.jsonl")));
+        // Unset keys keep the flags' defaults.
+        assert_eq!(o.runtime_root, std::path::PathBuf::from("/run/runc"));
+        assert_eq!(o.handshake_timeout, std::time::Duration::from_secs(10));
+
+        // Flags override the file, key by key.
+        let s = receive_settings(
+            &["--listen", "127.0.0.1:9", "--max-bytes", "2G", "--max-migrations", "7", "--allow-bind-source", "/srv/b", "--insecure"],
+            file,
+        )
+        .unwrap();
+        let o = &s.opts;
+        assert_eq!(o.listen, "127.0.0.1:9");
+        assert_eq!((o.max_bytes, o.max_migrations), (2 << 30, 7));
+        assert_eq!(o.allowed_bind_sources, vec![std::path::PathBuf::from("/srv/b")]);
+        assert!(matches!(o.security, migration_engine::tls::Security::Insecure));
+        assert_eq!(o.bridge.as_deref(), Some("ctm0"), "what the flags leave is the file's");
+
+        // --stdio ignores the file's listen address and JSON (its stdout is the stream).
+        let s = receive_settings(&["--stdio"], file).unwrap();
+        assert!(s.stdio && !s.json && s.opts.listen.is_empty());
+
+        // Nowhere to listen: a usage error that names the file.
+        let err = receive_settings(&[], "bridge = \"ctm0\"\n").err().expect("refused").to_string();
+        assert!(err.contains("--listen") && err.contains("/etc/ctmigrate/receiver.toml"), "{err}");
+    }
+
     /// Each visible command's path of names ("certs init"), with the
     /// command itself.
     fn visible_commands(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
