@@ -173,6 +173,13 @@ events = "/var/log/ctmigrate/receiver-events.jsonl"
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let cfg = parse(include_str!("../../dist/receiver.toml.example")).unwrap();
+        assert_eq!(cfg.listen.as_deref(), Some("0.0.0.0:7070"));
+        assert_eq!(cfg.max_migrations, Some(4));
+    }
+
+    #[test]
     fn an_explicit_file_must_exist_the_default_one_need_not() {
         let err = ReceiverConfig::find(Some(Path::new("/nonexistent/receiver.toml")), false).unwrap_err();
         assert!(format!("{err:#}").contains("/nonexistent/receiver.toml"), "{err:#}");
