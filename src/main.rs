@@ -6,8 +6,8 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use commands::{certs, check, guard, hook, journal, receive, send, validate};
+use clap::{CommandFactory, Parser, Subcommand};
+use commands::{certs, check, generate, guard, hook, journal, receive, send, validate};
 
 #[derive(Parser)]
 #[command(name = "ctmigrate", version, about = "Live-migrate a running runc container to another host")]
@@ -43,6 +43,12 @@ enum Command {
         #[command(subcommand)]
         command: hook::HookCommand,
     },
+    /// Man pages and shell completions, from this command line's own
+    /// definitions (install.sh installs them).
+    Generate {
+        #[command(subcommand)]
+        command: generate::GenerateCommand,
+    },
     /// Internal: the freeze guard a sender starts (see migration-engine's
     /// guard module).
     #[command(name = "__guard", hide = true)]
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         Command::Check(args) => args.run(),
         Command::Validate(args) => args.run(),
         Command::Hook { command } => command.run(),
+        Command::Generate { command } => command.run(Cli::command()),
         Command::Guard(args) => args.run(),
         Command::LeaseGuard(args) => args.run(),
     }
@@ -75,7 +82,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn the_command_line_is_consistent() {
@@ -112,6 +118,127 @@ mod tests {
         match Cli::try_parse_from(["ctmigrate", "receive", "--listen", "0.0.0.0:1", "--max-bytes", "2G"]).unwrap().command {
             Command::Receive(a) => assert_eq!(a.options().max_bytes, 2 << 30),
             _ => unreachable!("parsed as receive"),
+        }
+    }
+
+    fn receive_settings(args: &[&str], file: &str) -> anyhow::Result<commands::receive::Settings> {
+        let mut argv = vec!["ctmigrate", "receive"];
+        argv.extend_from_slice(args);
+        let path = std::path::PathBuf::from("/etc/ctmigrate/receiver.toml");
+        let cfg = commands::receiver_config::ReceiverConfig::parse(file, &path).unwrap();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Receive(a) => a.settings(Some((path, cfg))),
+            _ => unreachable!("parsed as receive"),
+        }
+    }
+
+    #[test]
+    fn the_configuration_file_sets_what_the_flags_do_not() {
+        let file = r#"
+listen = "127.0.0.1:7070"
+tls-dir = "/srv/tls"
+bridge = "ctm0"
+allow-bind-source = ["/srv/a"]
+max-bytes = "1G"
+max-migrations = 2
+stage-images = "disk"
+staging-memory = "512M"
+timeout = 90
+json = true
+events = "/var/log/ctmigrate/events.jsonl"
+"#;
+        let s = receive_settings(&[], file).unwrap();
+        let o = &s.opts;
+        assert_eq!(o.listen, "127.0.0.1:7070");
+        assert!(matches!(&o.security, migration_engine::tls::Security::Tls(d) if d == std::path::Path::new("/srv/tls")));
+        assert_eq!(o.bridge.as_deref(), Some("ctm0"));
+        assert_eq!(o.allowed_bind_sources, vec![std::path::PathBuf::from("/srv/a")]);
+        assert_eq!((o.max_bytes, o.max_migrations, o.staging_memory), (1 << 30, 2, Some(512 << 20)));
+        assert_eq!(o.stage_images, migration_engine::scratch::StageMode::Disk);
+        assert_eq!(o.io_timeout, std::time::Duration::from_secs(90));
+        assert!(s.json);
+        assert_eq!(s.events.as_deref(), Some(std::path::Path::new("/var/log/ctmigrate/events.jsonl")));
+        // Unset keys keep the flags' defaults.
+        assert_eq!(o.runtime_root, std::path::PathBuf::from("/run/runc"));
+        assert_eq!(o.handshake_timeout, std::time::Duration::from_secs(10));
+
+        // Flags override the file, key by key.
+        let s = receive_settings(
+            &["--listen", "127.0.0.1:9", "--max-bytes", "2G", "--max-migrations", "7", "--allow-bind-source", "/srv/b", "--insecure"],
+            file,
+        )
+        .unwrap();
+        let o = &s.opts;
+        assert_eq!(o.listen, "127.0.0.1:9");
+        assert_eq!((o.max_bytes, o.max_migrations), (2 << 30, 7));
+        assert_eq!(o.allowed_bind_sources, vec![std::path::PathBuf::from("/srv/b")]);
+        assert!(matches!(o.security, migration_engine::tls::Security::Insecure));
+        assert_eq!(o.bridge.as_deref(), Some("ctm0"), "what the flags leave is the file's");
+
+        // --stdio ignores the file's listen address and JSON (its stdout is the stream).
+        let s = receive_settings(&["--stdio"], file).unwrap();
+        assert!(s.stdio && !s.json && s.opts.listen.is_empty());
+
+        // Nowhere to listen: a usage error that names the file.
+        let err = receive_settings(&[], "bridge = \"ctm0\"\n").err().expect("refused").to_string();
+        assert!(err.contains("--listen") && err.contains("/etc/ctmigrate/receiver.toml"), "{err}");
+    }
+
+    /// Each visible command's path of names ("certs init"), with the
+    /// command itself.
+    fn visible_commands(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            visible_commands(sub, p.clone(), out);
+            out.push((p, sub.clone()));
+        }
+    }
+
+    #[test]
+    fn every_subcommand_has_a_man_page_naming_its_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = commands::generate::write_man_pages(Cli::command(), dir.path()).unwrap();
+        assert!(pages.contains(&dir.path().join("ctmigrate.1")), "{pages:?}");
+        let mut subs = Vec::new();
+        visible_commands(&Cli::command(), Vec::new(), &mut subs);
+        assert!(subs.iter().any(|(p, _)| p == &["receive"]) && subs.iter().any(|(p, _)| p == &["certs", "init"]));
+        assert!(!subs.iter().any(|(p, _)| p[0].starts_with("__")), "hidden commands have no page");
+        for (path, cmd) in &subs {
+            let page = dir.path().join(format!("ctmigrate-{}.1", path.join("-")));
+            let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+            // roff escapes the hyphens of flags (\-\-listen).
+            let text = text.replace('\\', "");
+            assert!(text.contains(&format!("ctmigrate-{}", path.join("-"))), "{} names its command", page.display());
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if let Some(long) = arg.get_long() {
+                    assert!(text.contains(&format!("--{long}")), "{} does not mention --{long}", page.display());
+                }
+            }
+        }
+        // No stray pages for hidden or removed commands.
+        assert_eq!(pages.len(), subs.len() + 1, "{pages:?}");
+    }
+
+    #[test]
+    fn completion_scripts_parse() {
+        use clap_complete::Shell;
+        let dir = tempfile::tempdir().unwrap();
+        for (shell, exe) in [(Shell::Bash, "bash"), (Shell::Zsh, "zsh"), (Shell::Fish, "fish")] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ctmigrate", &mut script);
+            let text = String::from_utf8(script).unwrap();
+            assert!(text.contains("receive") && text.contains("listen"), "{shell}: {text}");
+            let file = dir.path().join(format!("ctmigrate.{exe}"));
+            std::fs::write(&file, &text).unwrap();
+            match std::process::Command::new(exe).arg("-n").arg(&file).output() {
+                Ok(out) => assert!(out.status.success(), "{exe} -n: {}", String::from_utf8_lossy(&out.stderr)),
+                // bash is always there (the tests' own scripts need it).
+                Err(e) if shell != Shell::Bash && e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("SKIPPED: {exe} -n (no {exe} on this host)")
+                }
+                Err(e) => panic!("{exe}: {e}"),
+            }
         }
     }
 }

@@ -302,6 +302,9 @@ pub struct Reporter {
     start: Instant,
     bar: Mutex<Option<ProgressBar>>,
     last_progress: Mutex<Instant>,
+    /// Where the JSON events also go, whatever the mode
+    /// ([`Reporter::with_events_file`]).
+    events_file: Option<Mutex<std::fs::File>>,
 }
 
 impl Reporter {
@@ -324,7 +327,16 @@ impl Reporter {
             start: Instant::now(),
             bar: Mutex::new(None),
             last_progress: Mutex::new(Instant::now() - Duration::from_secs(1)),
+            events_file: None,
         }
+    }
+
+    /// Also appends every event, as one JSON line, to `file` (a service's
+    /// events file, kept apart from its log lines on stderr). Progress
+    /// events stay out of it.
+    pub fn with_events_file(mut self, file: std::fs::File) -> Self {
+        self.events_file = Some(Mutex::new(file));
+        self
     }
 
     pub fn elapsed_ms(&self) -> u64 {
@@ -358,6 +370,15 @@ impl Reporter {
     }
 
     pub fn emit(&self, event: Event) {
+        if let Some(file) = &self.events_file {
+            if !matches!(event, Event::Progress { .. }) {
+                let mut line = serde_json::to_string(&event).expect("events serialize");
+                line.push('\n');
+                // One write per line: lines from several migrations never
+                // interleave (the file is opened to append).
+                let _ = file.lock().unwrap().write_all(line.as_bytes());
+            }
+        }
         match self.mode {
             ReportMode::Quiet => {}
             ReportMode::Json => {

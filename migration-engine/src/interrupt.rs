@@ -1,11 +1,17 @@
 //! SIGINT and SIGTERM during a migration.
 //!
 //! The signals are blocked in every thread and taken by one thread with
-//! sigwait. With no connection registered, a signal ends the process at
-//! once (nothing is touched yet). Otherwise it cuts every registered
+//! sigwait. With no connection registered, a signal ends a sender at once
+//! (nothing is touched yet; exit 130). Otherwise it cuts every registered
 //! connection (a receiver serves several at once; a sender has one), which
 //! makes each blocked step fail and each migration roll back as for any
 //! other failure, and report it.
+//!
+//! A listening receiver ([`stop_cleanly`]) is never ended from here: the
+//! signal cuts what is in flight and sets [`interrupted`], its accept loop
+//! stops taking connections, waits for every migration's rollback (or its
+//! end, for one past the Commit) and the receiver exits 0 (a service's
+//! clean stop).
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;
@@ -22,6 +28,16 @@ type Cut = Box<dyn Fn() + Send>;
 static CONNECTIONS: Mutex<BTreeMap<u64, Cut>> = Mutex::new(BTreeMap::new());
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// False once [`stop_cleanly`] was called: an idle process is not ended by
+/// the signal thread.
+static EXIT_WHEN_IDLE: AtomicBool = AtomicBool::new(true);
+
+/// The process stops by itself after a signal (a listening receiver polls
+/// [`interrupted`]): the signal thread then never exits it, even with no
+/// connection registered.
+pub fn stop_cleanly() {
+    EXIT_WHEN_IDLE.store(false, Ordering::SeqCst);
+}
 
 /// Call first thing in the process, before any other thread exists.
 pub fn install() {
@@ -36,9 +52,13 @@ pub fn install() {
         INTERRUPTED.store(true, Ordering::SeqCst);
         let connections = CONNECTIONS.lock().unwrap();
         if connections.is_empty() {
-            std::process::exit(130);
+            if EXIT_WHEN_IDLE.load(Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("ctmigrate: {sig:?}: stopping (no migration in flight)");
+            continue;
         }
-        eprintln!("ctmigrate: {sig:?}: stopping {} connection(s) and rolling back", connections.len());
+        eprintln!("ctmigrate: {sig:?}: stopping: cutting {} connection(s) in flight, each migration rolls back", connections.len());
         for cut in connections.values() {
             cut();
         }

@@ -633,7 +633,10 @@ impl Testbed {
     /// The receive command, to run in the destination host.
     pub fn receive_command(&self, port: u16, extra: &[&str]) -> Command {
         let mut c = HostPair::command_in(&self.hosts.dst, &self.exe);
+        // This host's own receiver configuration (/etc/ctmigrate/
+        // receiver.toml, a service's) is not the test hosts'.
         c.arg("receive")
+            .arg("--no-config")
             .arg("--listen")
             .arg(format!("{}:{port}", self.hosts.dst_ip))
             .arg("--bundle-root")

@@ -4,10 +4,12 @@
 
 pub mod certs;
 pub mod check;
+pub mod generate;
 pub mod guard;
 pub mod hook;
 pub mod journal;
 pub mod receive;
+pub mod receiver_config;
 pub mod send;
 pub mod validate;
 
@@ -61,7 +63,8 @@ impl SecurityArgs {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StageImages {
     /// In memory (a tmpfs of the migration's own) when the images fit in
     /// half of the available memory, else on disk.

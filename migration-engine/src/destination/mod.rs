@@ -174,11 +174,28 @@ pub fn receive(opts: &ReceiveOptions, rep: &Reporter) -> Result<(), (MigrationEr
         // With --once, the first migration's; else the loop never ends.
         return results.into_iter().next().unwrap_or(Ok(()));
     }
-    // Interrupted: every migration in flight was cut and rolled back.
-    match results.into_iter().find(Result::is_err) {
-        Some(failed) => failed,
-        None => Err((MigrationError::Other("interrupted by a signal".into()), Outcome::NothingTouched)),
+    stopped(results, rep)
+}
+
+/// A receiver stopped by a signal (SIGTERM from systemd, say): it accepts
+/// nothing more, and every migration in flight was cut (and rolled back)
+/// or had got past its Commit (and runs here). A clean stop is a success;
+/// a migration that did not end in either way is the receiver's result.
+fn stopped(results: Vec<Result<(), (MigrationError, Outcome)>>, rep: &Reporter) -> Result<(), (MigrationError, Outcome)> {
+    let rolled_back = |o: &Outcome| matches!(o, Outcome::NothingTouched | Outcome::SourceResumed);
+    let (mut completed, mut undone) = (0, 0);
+    for r in &results {
+        match r {
+            Ok(()) => completed += 1,
+            Err((_, o)) if rolled_back(o) => undone += 1,
+            Err(_) => {}
+        }
     }
+    if let Some(failed) = results.into_iter().find(|r| r.as_ref().is_err_and(|(_, o)| !rolled_back(o))) {
+        return failed;
+    }
+    rep.note(format!("stopped by a signal: {completed} migration(s) in flight completed, {undone} rolled back; nothing is left in flight"));
+    Ok(())
 }
 
 /// A connection that is not served: its result event and audit line, and
