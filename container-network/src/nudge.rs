@@ -703,17 +703,7 @@ mod tests {
         let got = connections_from_images(dir.path()).unwrap();
         assert_eq!(got.len(), 3, "{got:?}");
         assert_eq!(got[2], got[0], "the IPv4-mapped connection reads as IPv4");
-        assert_eq!(
-            got[0],
-            TcpConnection {
-                local: "10.232.7.10:7070".parse().unwrap(),
-                remote: "10.232.7.9:41234".parse().unwrap(),
-                rcv_nxt: 0x1122_3344,
-                snd_nxt: 0xfeed_0001,
-                window: Some(502),
-                tsval: Some(0x0102_0304),
-            }
-        );
+        assert_eq!(got[0], conn());
         assert_eq!(got[1].tsval, None, "timestamps not negotiated");
         assert_eq!(got[1].remote, got[0].remote, "packed addresses read alike");
     }
