@@ -305,6 +305,8 @@ pub struct Reporter {
     /// Where the JSON events also go, whatever the mode
     /// ([`Reporter::with_events_file`]).
     events_file: Option<Mutex<std::fs::File>>,
+    /// Where every event is also counted (`--metrics`).
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Reporter {
@@ -328,6 +330,7 @@ impl Reporter {
             bar: Mutex::new(None),
             last_progress: Mutex::new(Instant::now() - Duration::from_secs(1)),
             events_file: None,
+            metrics: None,
         }
     }
 
@@ -337,6 +340,18 @@ impl Reporter {
     pub fn with_events_file(mut self, file: std::fs::File) -> Self {
         self.events_file = Some(Mutex::new(file));
         self
+    }
+
+    /// Also records every event in `metrics` (the process's registry,
+    /// which its `--metrics` responder serves).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The registry events are recorded in, if any.
+    pub fn metrics(&self) -> Option<&crate::metrics::Metrics> {
+        self.metrics.as_deref()
     }
 
     pub fn elapsed_ms(&self) -> u64 {
@@ -370,6 +385,9 @@ impl Reporter {
     }
 
     pub fn emit(&self, event: Event) {
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&event);
+        }
         if let Some(file) = &self.events_file {
             if !matches!(event, Event::Progress { .. }) {
                 let mut line = serde_json::to_string(&event).expect("events serialize");
