@@ -78,7 +78,8 @@ pub struct ResultEvent {
     /// and why; absent when the container uses the host's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
-    /// Source frozen until the destination reported it running.
+    /// Source frozen until the destination reported it running (sender);
+    /// from the first record sent frozen to the copy running (receiver).
     pub frozen_ms: Option<u64>,
     /// Post-copy: how the memory followed the running copy.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -243,13 +243,19 @@ impl Metrics {
             }
             Event::Round(_) => {
                 if let Some(role) = self.current_role() {
-                    self.rounds.get_or_create(&RoleLabels { role: role.as_str() }).inc();
+                    self.precopy_round(role);
                 }
             }
             Event::Phase { phase: Phase::Rollback, .. } => self.rolled_back(),
             Event::Result(r) => self.finished(r),
             _ => {}
         }
+    }
+
+    /// A pre-copy round finished (the sender's `round` event; a round of
+    /// images received and verified, on the receiver, which emits none).
+    pub fn precopy_round(&self, role: Role) {
+        self.rounds.get_or_create(&RoleLabels { role: role.as_str() }).inc();
     }
 
     /// A migration's Commit went unacknowledged: asking the destination
