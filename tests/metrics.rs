@@ -101,6 +101,23 @@ fn metrics_scraped_before_during_and_after_a_migration() {
     let sent = sender.result().expect("the sender's result").clone();
     assert_eq!(sent["ok"], true, "{sent}");
 
+    // A second migration fails before its Commit: rolled back on both
+    // sides, counted as such; the first one's series stay.
+    let (src2, id2, token2) = start_counter(&bed, "met2");
+    let sent = bed.run_sender(&id2, port, &["--mode", "stop-copy"], &[("CTMIGRATE_FAILPOINTS", "sender-before-commit=error")]).unwrap();
+    assert_eq!(sent.code, Some(4), "{}", sent.stderr);
+    assert!(receiver.wait_until(Duration::from_secs(30), |e| e["event"] == "result" && e["ok"] == false), "{}", receiver.stderr());
+    let (failed, text) = scrape(&bed.hosts.dst, receiver_addr);
+    eprintln!("SCRAPE receiver after a rolled-back migration:\n{text}");
+    assert_eq!(value(&failed, &text, "ctmigrate_migrations_total", &rx(&[("result", "ok")])), 1.0, "{text}");
+    assert_eq!(value(&failed, &text, "ctmigrate_migrations_total", &rx(&[("result", "rolled_back")])), 1.0, "{text}");
+    assert_eq!(value(&failed, &text, "ctmigrate_rollbacks_total", &rx(&[])), 1.0, "{text}");
+    assert_eq!(value(&failed, &text, "ctmigrate_migrations_in_flight", &rx(&[])), 0.0);
+    assert_eq!(value(&failed, &text, "ctmigrate_migration_seconds_count", &rx(&[])), 2.0);
+    // Its copy never ran here: no frozen time of its own.
+    assert_eq!(value(&failed, &text, "ctmigrate_frozen_seconds_count", &rx(&[])), 1.0);
+    assert_source_runs(&bed, &src2, &token2);
+
     receiver.child.kill().ok();
     receiver.wait(Duration::from_secs(10));
     migration_testbed::force_remove(&bed.dst_runc, &id);
