@@ -78,7 +78,8 @@ pub struct ResultEvent {
     /// and why; absent when the container uses the host's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
-    /// Source frozen until the destination reported it running.
+    /// Source frozen until the destination reported it running (sender);
+    /// from the first record sent frozen to the copy running (receiver).
     pub frozen_ms: Option<u64>,
     /// Post-copy: how the memory followed the running copy.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -305,6 +306,8 @@ pub struct Reporter {
     /// Where the JSON events also go, whatever the mode
     /// ([`Reporter::with_events_file`]).
     events_file: Option<Mutex<std::fs::File>>,
+    /// Where every event is also counted (`--metrics`).
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Reporter {
@@ -328,6 +331,7 @@ impl Reporter {
             bar: Mutex::new(None),
             last_progress: Mutex::new(Instant::now() - Duration::from_secs(1)),
             events_file: None,
+            metrics: None,
         }
     }
 
@@ -337,6 +341,18 @@ impl Reporter {
     pub fn with_events_file(mut self, file: std::fs::File) -> Self {
         self.events_file = Some(Mutex::new(file));
         self
+    }
+
+    /// Also records every event in `metrics` (the process's registry,
+    /// which its `--metrics` responder serves).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The registry events are recorded in, if any.
+    pub fn metrics(&self) -> Option<&crate::metrics::Metrics> {
+        self.metrics.as_deref()
     }
 
     pub fn elapsed_ms(&self) -> u64 {
@@ -370,6 +386,9 @@ impl Reporter {
     }
 
     pub fn emit(&self, event: Event) {
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&event);
+        }
         if let Some(file) = &self.events_file {
             if !matches!(event, Event::Progress { .. }) {
                 let mut line = serde_json::to_string(&event).expect("events serialize");

@@ -41,6 +41,7 @@ pub mod guard;
 pub mod images;
 pub mod interrupt;
 pub mod lease_guard;
+pub mod metrics;
 pub mod precopy;
 pub mod destination;
 pub mod rlimit_support;

@@ -37,6 +37,21 @@ pub fn outcome_code(o: Outcome) -> u8 {
     o.exit_code() as u8
 }
 
+/// With `--metrics ADDR`: a registry for this process's migrations, its
+/// events recorded there, and the responder serving it (until dropped).
+pub fn serve_metrics(
+    rep: migration_engine::Reporter,
+    addr: Option<&str>,
+    role: migration_engine::metrics::Role,
+) -> Result<(migration_engine::Reporter, Option<migration_engine::metrics::MetricsServer>), migration_engine::metrics::MetricsError> {
+    let Some(addr) = addr else { return Ok((rep, None)) };
+    let metrics = std::sync::Arc::new(migration_engine::metrics::Metrics::new(role));
+    let server = migration_engine::metrics::serve(addr, metrics.clone())?;
+    let rep = rep.with_metrics(metrics);
+    rep.note(format!("metrics at http://{}/metrics", server.local_addr()));
+    Ok((rep, Some(server)))
+}
+
 /// runc as `CTMIGRATE_RUNC` names it, else from PATH.
 pub fn runc_binary() -> PathBuf {
     std::env::var_os("CTMIGRATE_RUNC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runc"))

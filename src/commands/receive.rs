@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use migration_engine::events::Reporter;
+use migration_engine::metrics::Role;
 use migration_engine::ReceiveOptions;
 
 use super::receiver_config::ReceiverConfig;
@@ -114,6 +115,10 @@ pub struct ReceiveArgs {
     /// the log lines, FILE the events).
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
+    /// Serve Prometheus metrics over plain HTTP at ADDR:PORT (GET
+    /// /metrics), e.g. 127.0.0.1:9464; see docs/operations.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// What `receive` runs with: the library's options and how to report.
@@ -122,6 +127,8 @@ pub struct Settings {
     pub stdio: bool,
     pub json: bool,
     pub events: Option<PathBuf>,
+    /// Where to serve metrics (`--metrics`).
+    pub metrics: Option<String>,
     /// The configuration file read, if any.
     pub config: Option<PathBuf>,
 }
@@ -186,7 +193,7 @@ impl ReceiveArgs {
         };
         // --stdio's stdout is the migration stream: no JSON there.
         let json = !self.stdio && (self.json || f.json.unwrap_or(false));
-        Ok(Settings { opts, stdio: self.stdio, json, events: self.events.or(f.events), config })
+        Ok(Settings { opts, stdio: self.stdio, json, events: self.events.or(f.events), metrics: self.metrics.or(f.metrics), config })
     }
 
     pub fn run(self) -> ExitCode {
@@ -218,6 +225,10 @@ impl ReceiveArgs {
                 Err(e) => return fail(format!("cannot open the events file {}: {e}", path.display()), exit::USAGE),
             },
             None => rep,
+        };
+        let (rep, _metrics) = match super::serve_metrics(rep, settings.metrics.as_deref(), Role::Receiver) {
+            Ok(served) => served,
+            Err(e) => return fail(e, exit::USAGE),
         };
         if let Some(config) = &settings.config {
             rep.note(format!("configuration read from {}", config.display()));

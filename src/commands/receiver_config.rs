@@ -46,6 +46,7 @@ pub struct ReceiverConfig {
     pub journal_dir: Option<PathBuf>,
     pub json: Option<bool>,
     pub events: Option<PathBuf>,
+    pub metrics: Option<String>,
 }
 
 /// A size as the flags take it: "256G" (K, M, G, T: powers of 1024) or a
@@ -138,6 +139,7 @@ stage-images = "disk"
 staging-memory = 1073741824
 timeout = 90
 events = "/var/log/ctmigrate/receiver-events.jsonl"
+metrics = "127.0.0.1:9464"
 "#,
         )
         .unwrap();
@@ -148,6 +150,7 @@ events = "/var/log/ctmigrate/receiver-events.jsonl"
         assert_eq!(cfg.max_migrations, Some(2));
         assert!(matches!(cfg.stage_images, Some(StageImages::Disk)));
         assert_eq!(cfg.timeout, Some(90));
+        assert_eq!(cfg.metrics.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(cfg.insecure, None);
         assert_eq!(parse("").unwrap(), ReceiverConfig::default());
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use migration_engine::events::Reporter;
+use migration_engine::metrics::Role;
 use migration_engine::precopy::ModeRequest;
 use migration_engine::transport::Destination;
 use migration_engine::{MigrationError, SendOptions};
@@ -94,6 +95,10 @@ pub struct SendArgs {
     /// Newline-delimited JSON events on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Serve Prometheus metrics over plain HTTP at ADDR:PORT (GET
+    /// /metrics) while the migration runs; see docs/operations.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -175,7 +180,10 @@ impl SendArgs {
     }
 
     pub fn run(self) -> ExitCode {
-        let rep = Reporter::new(self.json);
+        let (rep, _metrics) = match super::serve_metrics(Reporter::new(self.json), self.metrics.as_deref(), Role::Sender) {
+            Ok(served) => served,
+            Err(e) => return fail(e, exit::USAGE),
+        };
         match migration_engine::send(&self.options(), &rep) {
             Ok(_) => ExitCode::from(exit::OK),
             Err(f) => {

@@ -327,6 +327,7 @@ fn serve_as(
     result.bytes_sent = session.reader.wire_bytes;
     result.bytes_raw = session.sink_bytes;
     result.tcp_nudged = session.tcp_nudged;
+    result.frozen_ms = session.frozen_ms;
     match &outcome {
         Ok(()) => result.ok = true,
         Err((e, o)) => {
@@ -412,6 +413,10 @@ struct Session<'a> {
     nudge: Option<(i32, Vec<container_network::nudge::TcpConnection>)>,
     /// How many peers were nudged, for the result.
     tcp_nudged: Option<u64>,
+    /// When the frozen rootfs pass began to arrive (the source had just
+    /// frozen), and from then until the copy ran.
+    frozen_since: Option<Instant>,
+    frozen_ms: Option<u64>,
 }
 
 fn refused(msg: String) -> (MigrationError, Outcome) {
@@ -445,6 +450,8 @@ impl<'a> Session<'a> {
             version: 0,
             nudge: None,
             tcp_nudged: None,
+            frozen_since: None,
+            frozen_ms: None,
         })
     }
 

@@ -308,6 +308,7 @@ impl<'a> Session<'a> {
             Side::Source { .. } => unreachable!("a receiver's entry is a destination entry"),
         };
         self.host.run(&plan, &manifest.dest_id).map_err(resumed)?;
+        self.copy_runs();
         self.nudge_peers();
         self.rep.warn(format!("post-copy: `{}` runs on a {} ms lease while its memory arrives", manifest.dest_id, lease.duration_ms));
         Ok(())

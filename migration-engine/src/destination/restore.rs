@@ -116,6 +116,7 @@ impl<'a> Session<'a> {
         // A post-copy copy runs already (and its peers were nudged then).
         if !postcopy {
             self.run_committed(&plan, manifest)?;
+            self.copy_runs();
             self.nudge_peers();
         }
         self.step(DestinationEvent::Resumed).map_err(|e| (e, Outcome::SourceNotResumed))?;
@@ -124,6 +125,11 @@ impl<'a> Session<'a> {
         let _ = self.writer.flush();
         self.control.shutdown();
         Ok(())
+    }
+
+    /// The copy runs: the frozen time, as this side saw it, ends.
+    pub(super) fn copy_runs(&mut self) {
+        self.frozen_ms = self.frozen_since.map(|t| t.elapsed().as_millis() as u64);
     }
 
     fn run_committed(&mut self, plan: &DestinationPlan, manifest: &Manifest) -> Result<(), (MigrationError, Outcome)> {

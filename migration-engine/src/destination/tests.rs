@@ -103,8 +103,18 @@ struct Run {
     bundle: PathBuf,
     /// What is left in the receiver's work root.
     work_left: usize,
+    /// The receiver's metrics after the migration.
+    metrics: crate::metrics::exposition::Exposition,
     /// Holds everything above until the test is done.
     _dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut all = vec![("role", "receiver")];
+        all.extend_from_slice(labels);
+        self.metrics.value(name, &all).unwrap_or_else(|| panic!("no {name} {labels:?}"))
+    }
 }
 
 fn receive_one(fault: HostFault, end: SourceEnd) -> Run {
@@ -153,14 +163,15 @@ fn receive(fault: HostFault, end: SourceEnd, network: Option<migration_protocol:
     let calls: Calls = Default::default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(crate::metrics::Metrics::new(crate::metrics::Role::Receiver));
     let receiver = {
-        let (opts, calls) = (opts.clone(), calls.clone());
+        let (opts, calls, metrics) = (opts.clone(), calls.clone(), metrics.clone());
         std::thread::spawn(move || {
             let (stream, peer) = listener.accept().unwrap();
             stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let runc = Runc::new(&opts.runc_binary, &opts.runtime_root);
             let host: Arc<dyn DestinationHost> = Arc::new(FakeHost { calls, fault });
-            let rep = Reporter::with_mode(crate::events::ReportMode::Quiet);
+            let rep = Reporter::with_mode(crate::events::ReportMode::Quiet).with_metrics(metrics);
             serve_as(&opts, &runc, host, crate::tls::Conn::plain(stream).unwrap(), peer.to_string(), &rep).map(|_| ()).map_err(|(_, o)| o.exit_code())
         })
     };
@@ -226,7 +237,8 @@ fn receive(fault: HostFault, end: SourceEnd, network: Option<migration_protocol:
     };
     let calls = calls.lock().unwrap().clone();
     let work_left = std::fs::read_dir(&opts.work_root).map(|d| d.count()).unwrap_or(0);
-    Run { calls, exit, error, journal_state, bundle: opts.bundle_root.join(&dest_id), work_left, _dir: dir }
+    let metrics = crate::metrics::exposition::parse(&metrics.render().unwrap()).unwrap();
+    Run { calls, exit, error, journal_state, bundle: opts.bundle_root.join(&dest_id), work_left, metrics, _dir: dir }
 }
 
 const RESTORED: &str = "restore fenced=true inventory=true rootfs=true";
@@ -245,6 +257,14 @@ fn a_committed_copy_is_restored_stopped_and_runs_only_after_the_commit() {
     let config = std::fs::read_to_string(run.bundle.join(container_runtime::bundle::CRIU_RESTORE_CONFIG)).unwrap();
     assert!(!config.contains(LEAVE_STOPPED.trim_end()), "{config}");
     assert_eq!(run.work_left, 0, "work directories stayed");
+    // Counted: one ok, its bytes, its frozen and total time; none in flight.
+    assert_eq!(run.metric("ctmigrate_migrations_total", &[("result", "ok")]), 1.0);
+    assert_eq!(run.metric("ctmigrate_migrations_in_flight", &[]), 0.0);
+    assert_eq!(run.metric("ctmigrate_frozen_seconds_count", &[]), 1.0);
+    assert_eq!(run.metric("ctmigrate_migration_seconds_count", &[]), 1.0);
+    assert!(run.metric("ctmigrate_wire_bytes_total", &[]) > 3.0 * 4096.0);
+    assert!(run.metric("ctmigrate_raw_bytes_total", &[]) > 3.0 * 4096.0);
+    assert_eq!(run.metric("ctmigrate_rollbacks_total", &[]), 0.0);
 }
 
 #[test]
@@ -255,6 +275,12 @@ fn an_abort_after_ready_removes_the_stopped_copy() {
     assert_eq!(run.journal_state, "Aborted");
     assert!(!run.bundle.exists(), "the bundle of a removed copy stayed");
     assert_eq!(run.work_left, 0);
+    // Counted as rolled back; its copy never ran: no frozen time.
+    assert_eq!(run.metric("ctmigrate_migrations_total", &[("result", "rolled_back")]), 1.0);
+    assert_eq!(run.metric("ctmigrate_migrations_total", &[("result", "ok")]), 0.0);
+    assert_eq!(run.metric("ctmigrate_rollbacks_total", &[]), 1.0);
+    assert_eq!(run.metric("ctmigrate_frozen_seconds_count", &[]), 0.0);
+    assert_eq!(run.metric("ctmigrate_migrations_in_flight", &[]), 0.0);
 }
 
 #[test]

@@ -63,9 +63,13 @@ impl<'a> Session<'a> {
                 | MessageKind::RootfsDelete
                 | MessageKind::RootfsEnd => {
                     order.rootfs_record().map_err(bad)?;
+                    let pass_began = Instant::now();
                     let (end, bytes) = tree.receive_pass(&mut self.reader, frame)?;
                     self.sink_bytes += bytes;
                     if end.phase == RootfsPhase::Frozen {
+                        // The sender froze the source just before this
+                        // pass's first record.
+                        self.frozen_since = Some(pass_began);
                         order.frozen_pass_ended();
                         check = Some(rootfs::verify::start(&mut tree, end));
                     }
@@ -110,6 +114,9 @@ impl<'a> Session<'a> {
                         return Ok((done, check.expect("the frozen pass ended before the final round")));
                     }
                     let bytes = done.files.iter().map(|f| f.size).sum();
+                    if let Some(m) = self.rep.metrics() {
+                        m.precopy_round(crate::metrics::Role::Receiver);
+                    }
                     failpoint!("receiver-after-round")?;
                     self.writer.write_json(MessageKind::RoundDone, &RoundDone { round: begin.round, bytes })?;
                     self.writer.flush()?;

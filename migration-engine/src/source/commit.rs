@@ -57,7 +57,15 @@ impl<'a> Migration<'a> {
         self.p.peer.control.shutdown();
         let limits = crate::resolve::AskLimits { io: self.opts.io_timeout, total: self.opts.in_doubt_timeout };
         let rep = self.rep;
+        let metrics = rep.metrics();
+        if let Some(m) = metrics {
+            m.in_doubt_began(crate::metrics::Role::Sender);
+        }
         let (fate, last) = crate::resolve::settle_source(&self.journal, &mut self.entry, limits, &|m: &str| rep.warn(m));
+        // Still in doubt: it stays counted until this process exits.
+        if let (Some(m), false) = (metrics, fate == SourceFate::InDoubt) {
+            m.in_doubt_settled(crate::metrics::Role::Sender);
+        }
         // The machine follows the journal that settle_source kept.
         if let Side::Source { state, .. } = &self.entry.side {
             self.machine = SourceMachine::at(*state);

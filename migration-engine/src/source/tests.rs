@@ -192,6 +192,15 @@ struct Run {
     exit: Result<(), i32>,
     journal_state: String,
     received: Received,
+    /// The sender's metrics after the run (its result event is `send`'s,
+    /// not emitted here: the migration is still in flight).
+    metrics: crate::metrics::exposition::Exposition,
+}
+
+impl Run {
+    fn metric(&self, name: &str) -> f64 {
+        self.metrics.value(name, &[("role", "sender")]).unwrap_or_else(|| panic!("no {name}"))
+    }
 }
 
 fn migrate(answer: Answer, freeze_fails: bool, criu_fails: bool) -> Run {
@@ -253,7 +262,8 @@ fn migrate(answer: Answer, freeze_fails: bool, criu_fails: bool) -> Run {
         memory_bytes: 1 << 20,
         hidden_mounts: Default::default(),
     };
-    let rep = Reporter::with_mode(crate::events::ReportMode::Quiet);
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(crate::metrics::Role::Sender));
+    let rep = Reporter::with_mode(crate::events::ReportMode::Quiet).with_metrics(metrics.clone());
     let host = FakeHost { calls: calls.clone(), freeze_fails, criu_fails };
     let prepared = agree(&opts, "web", found, &rep).unwrap();
     let id = prepared.migration_id.clone();
@@ -267,7 +277,8 @@ fn migrate(answer: Answer, freeze_fails: bool, criu_fails: bool) -> Run {
     };
     assert!(!opts.work_root.join(format!("send-web-{}", std::process::id())).exists(), "the work directory stayed");
     let calls = calls.lock().unwrap().clone();
-    Run { calls, exit, journal_state, received }
+    let metrics = crate::metrics::exposition::parse(&metrics.render().unwrap()).unwrap();
+    Run { calls, exit, journal_state, received, metrics }
 }
 
 #[test]
@@ -283,6 +294,9 @@ fn a_migration_freezes_dumps_commits_and_only_then_removes_the_source() {
     assert!(run.received.images.contains_key("pagemap-1.img"));
     assert_eq!(run.received.images.get("inventory.img").map(Vec::as_slice), Some(&b"fake inventory"[..]));
     assert!(run.received.rootfs_paths.iter().any(|p| p == "etc/hostname"), "{:?}", run.received.rootfs_paths);
+    assert_eq!(run.metric("ctmigrate_migrations_in_flight"), 1.0);
+    assert_eq!(run.metric("ctmigrate_rollbacks_total"), 0.0);
+    assert_eq!(run.metric("ctmigrate_migrations_in_doubt"), 0.0);
 }
 
 #[test]
@@ -292,6 +306,7 @@ fn a_failed_restore_thaws_the_source_and_never_removes_it() {
     assert_eq!(run.calls, ["freeze", "dump", "thaw"]);
     assert_eq!(run.journal_state, "Resumed");
     assert!(!run.received.committed);
+    assert_eq!(run.metric("ctmigrate_rollbacks_total"), 1.0);
 }
 
 #[test]
@@ -328,4 +343,7 @@ fn a_lost_commit_acknowledgement_leaves_the_source_frozen_never_thawed_or_remove
     assert_eq!(run.exit, Err(Outcome::Uncertain.exit_code()));
     assert_eq!(run.calls, ["freeze", "dump", "destination-committed"]);
     assert_eq!(run.journal_state, "LeftInDoubt");
+    // Given up on: still in doubt (until the process exits), not rolled back.
+    assert_eq!(run.metric("ctmigrate_migrations_in_doubt"), 1.0);
+    assert_eq!(run.metric("ctmigrate_rollbacks_total"), 0.0);
 }
