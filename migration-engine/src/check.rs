@@ -128,6 +128,11 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
         if uffd { Ok("userfaultfd available (lazy pages)".into()) } else { Err("no userfaultfd for lazy pages".into()) },
     ));
 
+    checks.push(postcopy_patches_item(crate::rlimit_support::missing_postcopy_patches(
+        &opts.criu_binary,
+        Path::new(crate::rlimit_support::DEFAULT_MARKER),
+    )));
+
     let (rlimit_items, rlimits) = rlimit_checks(&crate::rlimit_support::RlimitSupport::detect(&opts.criu_binary));
     checks.extend(rlimit_items);
 
@@ -193,6 +198,23 @@ pub fn run(opts: &CheckOptions) -> CheckReport {
     CheckReport { checks, rlimits }
 }
 
+/// `postcopy-patches`: whether the CRIU in use carries ctmigrate's lazy
+/// pages patches (not required: only `--mode postcopy|hybrid` needs them).
+fn postcopy_patches_item(missing: Result<Vec<&'static str>, crate::rlimit_support::PatchStatus>) -> CheckItem {
+    item(
+        "postcopy-patches",
+        false,
+        match missing {
+            Ok(missing) if missing.is_empty() => Ok("CRIU carries ctmigrate's post-copy patches 0002-0005".into()),
+            Ok(missing) => Err(format!(
+                "CRIU lacks ctmigrate's post-copy patches {}: --mode postcopy|hybrid would fail (or freeze longer); run ./install.sh",
+                missing.join(", ")
+            )),
+            Err(status) => Err(format!("cannot tell whether CRIU carries ctmigrate's post-copy patches ({}); run ./install.sh", status.describe())),
+        },
+    )
+}
+
 /// `sys-resource`: whether root has CAP_SYS_RESOURCE, which CRIU's
 /// prlimit() needs for a task of another user; without it,
 /// `rlimit-patch`: whether the CRIU in use carries ctmigrate's patch that
@@ -241,6 +263,16 @@ mod tests {
 
     fn names(items: &[CheckItem]) -> Vec<(&str, bool)> {
         items.iter().map(|i| (i.name, i.ok)).collect()
+    }
+
+    #[test]
+    fn postcopy_patch_lines() {
+        let all = postcopy_patches_item(Ok(vec![]));
+        assert!(all.ok && !all.required, "{}", all.detail);
+        let some = postcopy_patches_item(Ok(vec![crate::rlimit_support::POSTCOPY_PATCHES[3]]));
+        assert!(!some.ok && some.detail.contains("0005-") && some.detail.contains("install.sh"), "{}", some.detail);
+        let unknown = postcopy_patches_item(Err(PatchStatus::NoMarker { binary: "/usr/sbin/criu".into(), marker: "/m.json".into() }));
+        assert!(!unknown.ok && !unknown.required, "{}", unknown.detail);
     }
 
     #[test]

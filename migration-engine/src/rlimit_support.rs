@@ -141,30 +141,51 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// the marker at `marker_path` records, built with [`RLIMIT_PATCH`]. The
 /// binary is recognised by its sha256, wherever it lies.
 pub fn patch_status(criu_binary: &Path, marker_path: &Path) -> PatchStatus {
+    match marker_of(criu_binary, marker_path) {
+        Err(status) => status,
+        Ok((binary, marker)) if marker.patches.iter().any(|p| p.name == RLIMIT_PATCH) => PatchStatus::Patched { binary },
+        Ok((binary, marker)) => PatchStatus::WithoutPatch { binary, patches: marker.patches.into_iter().map(|p| p.name).collect() },
+    }
+}
+
+/// The patches post-copy needs (0002-0004: lazy pages without
+/// CAP_SYS_RESOURCE, over ctmigrate's socket, failing safely) and the one
+/// that keeps its frozen time flat (0005).
+pub const POSTCOPY_PATCHES: [&str; 4] = [
+    "0002-lazy-pages-page-server-without-cap-sys-resource.patch",
+    "0003-lazy-dump-page-server-socket-from-rpc.patch",
+    "0004-lazy-pages-session-without-close-fails-the-dump.patch",
+    "0005-lazy-dump-reads-lazy-pages-from-the-task.patch",
+];
+
+/// Of [`POSTCOPY_PATCHES`], those the CRIU in use lacks (empty: it has
+/// them all); an error says why that cannot be told.
+pub fn missing_postcopy_patches(criu_binary: &Path, marker_path: &Path) -> Result<Vec<&'static str>, PatchStatus> {
+    let (_, marker) = marker_of(criu_binary, marker_path)?;
+    Ok(POSTCOPY_PATCHES.into_iter().filter(|want| !marker.patches.iter().any(|p| p.name == *want)).collect())
+}
+
+/// The binary `criu_binary` names and the marker at `marker_path`, if the
+/// marker records that very binary (by its sha256, wherever it lies).
+fn marker_of(criu_binary: &Path, marker_path: &Path) -> Result<(PathBuf, BuildMarker), PatchStatus> {
     let binary = std::fs::canonicalize(resolve_binary(criu_binary)).unwrap_or_else(|_| resolve_binary(criu_binary));
     let text = match std::fs::read_to_string(marker_path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return PatchStatus::NoMarker { binary, marker: marker_path.to_path_buf() }
-        }
-        Err(e) => return PatchStatus::Unknown { reason: format!("{}: {e}", marker_path.display()) },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(PatchStatus::NoMarker { binary, marker: marker_path.to_path_buf() }),
+        Err(e) => return Err(PatchStatus::Unknown { reason: format!("{}: {e}", marker_path.display()) }),
     };
     let marker: BuildMarker = match serde_json::from_str(&text) {
         Ok(m) => m,
-        Err(e) => return PatchStatus::Unknown { reason: format!("{}: {e}", marker_path.display()) },
+        Err(e) => return Err(PatchStatus::Unknown { reason: format!("{}: {e}", marker_path.display()) }),
     };
     let sum = match sha256_file(&binary) {
         Ok(s) => s,
-        Err(e) => return PatchStatus::Unknown { reason: format!("{}: {e}", binary.display()) },
+        Err(e) => return Err(PatchStatus::Unknown { reason: format!("{}: {e}", binary.display()) }),
     };
     if !sum.eq_ignore_ascii_case(marker.sha256.trim()) {
-        return PatchStatus::OtherBinary { binary, recorded: marker.binary };
+        return Err(PatchStatus::OtherBinary { binary, recorded: marker.binary });
     }
-    if marker.patches.iter().any(|p| p.name == RLIMIT_PATCH) {
-        PatchStatus::Patched { binary }
-    } else {
-        PatchStatus::WithoutPatch { binary, patches: marker.patches.into_iter().map(|p| p.name).collect() }
-    }
+    Ok((binary, marker))
 }
 
 /// Both answers, for `check` and the sender's preflight.
@@ -367,6 +388,25 @@ mod tests {
         let fx = Fixture::new();
         std::fs::write(fx.marker(), REAL_MARKER.replace(&m.sha256, &fx.sum())).unwrap();
         assert!(patch_status(&fx.binary(), &fx.marker()).is_patched());
+    }
+
+    #[test]
+    fn postcopy_patches_are_the_repositorys_and_found_in_the_marker() {
+        for name in POSTCOPY_PATCHES {
+            let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../criu-patches").join(name);
+            assert!(file.is_file(), "{} missing", file.display());
+        }
+        let m: BuildMarker = serde_json::from_str(REAL_MARKER).unwrap();
+        let fx = Fixture::new();
+        std::fs::write(fx.marker(), REAL_MARKER.replace(&m.sha256, &fx.sum())).unwrap();
+        assert_eq!(missing_postcopy_patches(&fx.binary(), &fx.marker()).unwrap(), POSTCOPY_PATCHES);
+        let mut all = m.clone();
+        all.sha256 = fx.sum();
+        all.patches.extend(POSTCOPY_PATCHES.iter().map(|name| MarkerPatch { name: name.to_string(), sha256: None }));
+        std::fs::write(fx.marker(), serde_json::to_string(&all).unwrap()).unwrap();
+        assert!(missing_postcopy_patches(&fx.binary(), &fx.marker()).unwrap().is_empty());
+        std::fs::remove_file(fx.marker()).unwrap();
+        assert!(matches!(missing_postcopy_patches(&fx.binary(), &fx.marker()), Err(PatchStatus::NoMarker { .. })));
     }
 
     #[test]
