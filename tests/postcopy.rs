@@ -17,15 +17,26 @@ use migration_testbed::{read_pattern_beat, ChildProcess, FixtureContainer};
 
 const MIB: u64 = 128;
 
-/// Samples both copies' heartbeats every 50 ms; both advancing between
-/// the same two samples means two copies ran at once.
+/// Samples both copies' heartbeats every 20 ms: each sample is the beat
+/// count and the time the beat file was written (its mtime; both copies
+/// write on this one machine's clock). Two copies ran at once if both
+/// advanced between the same two samples and the one that took over did
+/// not beat only after the other's last beat, or if the first went on
+/// after the second had started.
 struct BeatWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<BeatSample>>>,
 }
 
+/// One heartbeat as read: its count and when it was written.
+type Beat = (u64, std::time::SystemTime);
 /// One sample of both heartbeats: the source's and the destination's.
-type BeatSample = (Option<u64>, Option<u64>);
+type BeatSample = (Option<Beat>, Option<Beat>);
+
+fn beat_at(rootfs: &Path) -> Option<Beat> {
+    let written = std::fs::metadata(rootfs.join("status.beat")).and_then(|m| m.modified()).ok()?;
+    read_pattern_beat(rootfs).map(|(_, n)| (n, written))
+}
 
 impl BeatWatch {
     fn start(bed: &Testbed, src_rootfs: &Path, dest_id: &str) -> Self {
@@ -36,10 +47,10 @@ impl BeatWatch {
         let thread = std::thread::spawn(move || {
             let mut samples = Vec::new();
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                let s = read_pattern_beat(&src).map(|(_, n)| n);
-                let d = if dst_state.exists() { read_pattern_beat(&dst).map(|(_, n)| n) } else { None };
+                let s = beat_at(&src);
+                let d = if dst_state.exists() { beat_at(&dst) } else { None };
                 samples.push((s, d));
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(20));
             }
             samples
         });
@@ -50,13 +61,39 @@ impl BeatWatch {
     fn finish(mut self, what: &str) -> (usize, usize) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let samples = self.thread.take().unwrap().join().unwrap();
-        let moved = |a: Option<u64>, b: Option<u64>| matches!((a, b), (Some(a), Some(b)) if b > a);
+        let moved = |a: Option<Beat>, b: Option<Beat>| match (a, b) {
+            (Some(a), Some(b)) if b.0 > a.0 => Some((b.0 - a.0, b.1)),
+            _ => None,
+        };
         let (mut src, mut dst) = (0, 0);
+        // Which copy beat last, when, and how often the beating copy
+        // changed: at most twice (source, destination, and back to the
+        // source after a fallback); copies running at once alternate.
+        let mut last: Option<(&str, std::time::SystemTime)> = None;
+        let mut switches = 0;
         for (i, w) in samples.windows(2).enumerate() {
             let (s, d) = (moved(w[0].0, w[1].0), moved(w[0].1, w[1].1));
-            src += s as usize;
-            dst += d as usize;
-            assert!(!(s && d), "{what}: both copies ran between samples {i} and {} ({:?} -> {:?})", i + 1, w[0], w[1]);
+            src += s.is_some() as usize;
+            dst += d.is_some() as usize;
+            let both = || format!("{what}: both copies ran between samples {i} and {} ({:?} -> {:?})", i + 1, w[0], w[1]);
+            let mut events: Vec<(&str, u64, std::time::SystemTime)> = Vec::new();
+            events.extend(s.map(|(n, at)| ("source", n, at)));
+            events.extend(d.map(|(n, at)| ("destination", n, at)));
+            events.sort_by_key(|e| e.2);
+            if events.len() == 2 {
+                // Both within one sample: a hand-over only if the later
+                // one beat once, after the other's last beat.
+                assert!(events[1].1 == 1 && events[1].2 > events[0].2, "{}", both());
+            }
+            for (who, _, at) in events {
+                if let Some((prev, prev_at)) = last {
+                    if prev != who {
+                        switches += 1;
+                        assert!(at > prev_at && switches <= 2, "{}: the beating copy changed {switches} times", both());
+                    }
+                }
+                last = Some((who, at));
+            }
         }
         (src, dst)
     }
