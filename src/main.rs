@@ -7,7 +7,7 @@ mod commands;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use commands::{certs, check, generate, guard, hook, journal, receive, send, validate};
+use commands::{certs, check, evacuate, generate, guard, hook, journal, receive, send, validate};
 
 #[derive(Parser)]
 #[command(name = "ctmigrate", version, about = "Live-migrate a running runc container to another host")]
@@ -18,8 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Migrate a running container to a receiver.
+    /// Migrate running containers to a receiver (several at once, those
+    /// sharing a network namespace as one pod).
     Send(send::SendArgs),
+    /// Migrate every running container of a runtime root to a receiver,
+    /// several at once; a summary says which moved and which stayed.
+    Evacuate(evacuate::EvacuateArgs),
     /// Accept migrations and restore them here.
     Receive(receive::ReceiveArgs),
     /// List the migrations on this host that are in flight or in doubt.
@@ -61,11 +65,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Send(_) | Command::Receive(_)) {
+    if matches!(cli.command, Command::Send(_) | Command::Evacuate(_) | Command::Receive(_)) {
         migration_engine::interrupt::install();
     }
     match cli.command {
         Command::Send(args) => args.run(),
+        Command::Evacuate(args) => args.run(),
         Command::Receive(args) => args.run(),
         Command::Status(args) => args.run(),
         Command::Resolve(args) => args.run(),
@@ -102,11 +107,34 @@ mod tests {
         let o = send_options(&["--bwlimit", "50M", "--timeout", "7", "--mode", "stop-copy", "--insecure"]);
         assert_eq!(o.container, "web");
         assert_eq!(o.to.to_string(), "tcp://10.0.0.2:7070");
-        assert_eq!(o.bwlimit, Some(50_000_000));
+        assert_eq!(o.bwlimit.map(|r| r.bytes_per_s()), Some(50_000_000));
         assert_eq!(o.io_timeout, std::time::Duration::from_secs(7));
         assert_eq!(o.mode, migration_engine::precopy::ModeRequest::StopCopy);
         assert!(matches!(o.security, migration_engine::tls::Security::Insecure));
         assert_eq!(o.in_doubt_timeout, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn several_containers_and_evacuate_take_the_same_migration_options() {
+        let parsed = Cli::try_parse_from(["ctmigrate", "send", "a", "b", "--to", "tcp://h:1", "--parallel", "3", "--bwlimit", "10M"]).unwrap();
+        match parsed.command {
+            Command::Send(a) => {
+                assert_eq!(a.containers, ["a", "b"]);
+                assert_eq!(a.parallel, Some(3));
+            }
+            _ => unreachable!("parsed as send"),
+        }
+        match Cli::try_parse_from(["ctmigrate", "evacuate", "--to", "tcp://h:1", "--runtime-root", "/run/x", "--json"]).unwrap().command {
+            Command::Evacuate(a) => {
+                assert_eq!(a.parallel, None);
+                let o = a.migration.options("web".into(), None);
+                assert_eq!(o.runtime_root, std::path::PathBuf::from("/run/x"));
+            }
+            _ => unreachable!("parsed as evacuate"),
+        }
+        for bad in [&["ctmigrate", "send", "--to", "tcp://h:1"][..], &["ctmigrate", "evacuate", "--to", "tcp://h:1", "--parallel", "0"]] {
+            assert_eq!(Cli::try_parse_from(bad).err().expect("refused").exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl Hostile {
             network: None,
             memory_bytes: 0,
             empty_tmpfs: empty_tmpfs.into_iter().map(Into::into).collect(),
+            pod: None,
             source_host: "hostile".into(),
         };
         self.writer.write_json(MessageKind::Manifest, &m).unwrap();

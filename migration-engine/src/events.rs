@@ -2,10 +2,10 @@
 //! `--json`, a progress display on a terminal, plain lines otherwise.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 /// The stages of a migration, in order.
@@ -260,6 +260,16 @@ pub enum Event {
         phase: Phase,
         bytes: u64,
         mb_per_s: f64,
+        /// What the phase is expected to move (the rootfs' size, the
+        /// container's resident memory), where known; an estimate, so
+        /// `bytes` may pass it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        percent: Option<f64>,
+        /// Seconds left at the rate so far.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        eta_s: Option<u64>,
     },
     Warning {
         message: String,
@@ -287,6 +297,8 @@ pub enum Event {
         detail: &'static str,
     },
     Result(ResultEvent),
+    /// `send ID...` and `evacuate`: what became of each container.
+    Summary(crate::evacuate::Summary),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,9 +317,14 @@ pub struct Reporter {
     last_progress: Mutex<Instant>,
     /// Where the JSON events also go, whatever the mode
     /// ([`Reporter::with_events_file`]).
-    events_file: Option<Mutex<std::fs::File>>,
+    events_file: Option<Arc<Mutex<std::fs::File>>>,
     /// Where every event is also counted (`--metrics`).
-    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// One migration of several ([`Reporter::for_container`]): the
+    /// container its events are about.
+    container: Option<String>,
+    /// The terminal's lines, one a container, when several migrations run.
+    lines: OnceLock<MultiProgress>,
 }
 
 impl Reporter {
@@ -332,6 +349,29 @@ impl Reporter {
             last_progress: Mutex::new(Instant::now() - Duration::from_secs(1)),
             events_file: None,
             metrics: None,
+            container: None,
+            lines: OnceLock::new(),
+        }
+    }
+
+    /// The reporter of one migration of several run at once (`send ID...`,
+    /// `evacuate`): its JSON events carry `container`, its plain lines
+    /// start with it, its progress is one terminal line of its own; the
+    /// output, events file and metrics are this reporter's.
+    pub fn for_container(&self, container: &str) -> Reporter {
+        let lines = OnceLock::new();
+        if self.mode == ReportMode::Progress {
+            let _ = lines.set(self.lines.get_or_init(MultiProgress::new).clone());
+        }
+        Reporter {
+            mode: self.mode,
+            start: self.start,
+            bar: Mutex::new(None),
+            last_progress: Mutex::new(Instant::now() - Duration::from_secs(1)),
+            events_file: self.events_file.clone(),
+            metrics: self.metrics.clone(),
+            container: Some(container.to_string()),
+            lines,
         }
     }
 
@@ -339,13 +379,13 @@ impl Reporter {
     /// events file, kept apart from its log lines on stderr). Progress
     /// events stay out of it.
     pub fn with_events_file(mut self, file: std::fs::File) -> Self {
-        self.events_file = Some(Mutex::new(file));
+        self.events_file = Some(Arc::new(Mutex::new(file)));
         self
     }
 
     /// Also records every event in `metrics` (the process's registry,
     /// which its `--metrics` responder serves).
-    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -365,6 +405,12 @@ impl Reporter {
 
     /// Throttled to a few events a second.
     pub fn progress(&self, phase: Phase, bytes: u64, since: Instant) {
+        self.progress_of(phase, bytes, None, since)
+    }
+
+    /// Progress towards `total` bytes, where the phase knows roughly what
+    /// it will move: percent and time left follow.
+    pub fn progress_of(&self, phase: Phase, bytes: u64, total: Option<u64>, since: Instant) {
         {
             let mut last = self.last_progress.lock().unwrap();
             if last.elapsed() < Duration::from_millis(250) {
@@ -372,9 +418,7 @@ impl Reporter {
             }
             *last = Instant::now();
         }
-        let secs = since.elapsed().as_secs_f64().max(1e-3);
-        let mb_per_s = (bytes as f64 / 1e6 / secs * 10.0).round() / 10.0;
-        self.emit(Event::Progress { phase, bytes, mb_per_s });
+        self.emit(progress_event(phase, bytes, total, since.elapsed()));
     }
 
     pub fn warn(&self, message: impl Into<String>) {
@@ -391,7 +435,7 @@ impl Reporter {
         }
         if let Some(file) = &self.events_file {
             if !matches!(event, Event::Progress { .. }) {
-                let mut line = serde_json::to_string(&event).expect("events serialize");
+                let mut line = self.json_line(&event);
                 line.push('\n');
                 // One write per line: lines from several migrations never
                 // interleave (the file is opened to append).
@@ -401,17 +445,80 @@ impl Reporter {
         match self.mode {
             ReportMode::Quiet => {}
             ReportMode::Json => {
-                let line = serde_json::to_string(&event).expect("events serialize");
+                let line = self.json_line(&event);
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
             }
             ReportMode::Plain => {
                 if let Some(line) = human_line(&event) {
-                    eprintln!("ctmigrate: {line}");
+                    eprintln!("ctmigrate: {}{line}", self.prefix());
                 }
             }
+            ReportMode::Progress if self.container.is_some() => self.draw_line(&event),
             ReportMode::Progress => self.draw(&event),
+        }
+    }
+
+    /// `container: ` for one migration of several, else nothing.
+    fn prefix(&self) -> String {
+        self.container.as_deref().map(|c| format!("{c}: ")).unwrap_or_default()
+    }
+
+    /// The event as one JSON line; one migration of several says which
+    /// container it is about.
+    fn json_line(&self, event: &Event) -> String {
+        let Some(container) = &self.container else {
+            return serde_json::to_string(event).expect("events serialize");
+        };
+        let mut value = serde_json::to_value(event).expect("events serialize");
+        if let Some(fields) = value.as_object_mut() {
+            fields.entry("container").or_insert_with(|| container.clone().into());
+        }
+        value.to_string()
+    }
+
+    /// One migration of several on a terminal: a line of its own, showing
+    /// the phase and its progress, and at the end its outcome.
+    fn draw_line(&self, event: &Event) {
+        let mut bar = self.bar.lock().unwrap();
+        let line = bar.get_or_insert_with(|| {
+            let b = ProgressBar::hidden();
+            let b = match self.lines.get() {
+                Some(lines) => lines.add(b),
+                None => b,
+            };
+            b.set_draw_target(ProgressDrawTarget::stderr());
+            b.set_style(spinner_style());
+            b.set_prefix(self.container.clone().unwrap_or_default());
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        match event {
+            Event::Phase { phase, .. } => {
+                line.set_style(spinner_style());
+                line.set_message(phase.label());
+                line.set_length(0);
+                line.set_position(0);
+                line.reset_eta();
+            }
+            Event::Progress { bytes, total, .. } => {
+                if let Some(total) = total {
+                    line.set_style(bar_style());
+                    line.set_length((*total).max(*bytes));
+                }
+                line.set_position(*bytes);
+            }
+            Event::Result(r) => {
+                let summary = human_line(event).unwrap_or_default();
+                line.set_style(ProgressStyle::with_template("{prefix:<20} {msg}").expect("valid template"));
+                line.finish_with_message(if r.ok { summary } else { format!("stays: {summary}") });
+            }
+            other => {
+                if let Some(text) = human_line(other) {
+                    line.println(format!("ctmigrate: {}{text}", self.prefix()));
+                }
+            }
         }
     }
 
@@ -431,8 +538,13 @@ impl Reporter {
                 b.enable_steady_tick(Duration::from_millis(120));
                 *bar = Some(b);
             }
-            Event::Progress { bytes, .. } => {
+            Event::Progress { bytes, total, .. } => {
                 if let Some(b) = bar.as_ref() {
+                    if let Some(total) = total {
+                        b.set_style(bar_style());
+                        b.set_prefix("");
+                        b.set_length((*total).max(*bytes));
+                    }
                     b.set_position(*bytes);
                 }
             }
@@ -453,6 +565,31 @@ impl Reporter {
     }
 }
 
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix:<20} {msg:<22} {binary_bytes} ({binary_bytes_per_sec}) [{elapsed}]").expect("valid template")
+}
+
+/// Where the size is known: percent and time left.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner} {prefix:<20} {msg:<22} [{bar:24}] {percent:>3}% {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, ETA {eta})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ")
+}
+
+/// A progress event: the rate so far and, towards a known total, the
+/// percent done and the seconds left at that rate.
+fn progress_event(phase: Phase, bytes: u64, total: Option<u64>, elapsed: Duration) -> Event {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let rate = bytes as f64 / secs;
+    let mb_per_s = (rate / 1e6 * 10.0).round() / 10.0;
+    let total = total.filter(|t| *t > 0);
+    let percent = total.map(|t| ((bytes as f64 / t as f64 * 1000.0).round() / 10.0).min(100.0));
+    let eta_s = total.filter(|_| rate > 0.0).map(|t| (t.saturating_sub(bytes) as f64 / rate).ceil() as u64);
+    Event::Progress { phase, bytes, mb_per_s, total, percent, eta_s }
+}
+
 fn human_line(event: &Event) -> Option<String> {
     Some(match event {
         Event::Start { role, container, dest_id, peer, mode, mode_reason } => {
@@ -466,9 +603,15 @@ fn human_line(event: &Event) -> Option<String> {
         Event::Accepted { peer } => format!("connection from {peer}"),
         Event::Rejected { peer, reason } => format!("connection from {peer} refused: {reason}"),
         Event::Phase { phase, elapsed_ms } => format!("{} (at {elapsed_ms} ms)", phase.label()),
-        Event::Progress { phase, bytes, mb_per_s } => {
-            format!("{}: {:.1} MB at {mb_per_s} MB/s", phase.label(), *bytes as f64 / 1e6)
-        }
+        Event::Progress { phase, bytes, mb_per_s, total, percent, eta_s } => match (total, percent, eta_s) {
+            (Some(total), Some(percent), Some(eta)) => format!(
+                "{}: {:.1} of {:.1} MB ({percent}%) at {mb_per_s} MB/s, about {eta} s left",
+                phase.label(),
+                *bytes as f64 / 1e6,
+                *total as f64 / 1e6
+            ),
+            _ => format!("{}: {:.1} MB at {mb_per_s} MB/s", phase.label(), *bytes as f64 / 1e6),
+        },
         Event::Warning { message } => format!("warning: {message}"),
         Event::Note { message } => message.clone(),
         Event::Round(r) => format!(
@@ -487,6 +630,8 @@ fn human_line(event: &Event) -> Option<String> {
             format!("round {round} kept as its own image layer: {}", kept_because.as_deref().unwrap_or("-"))
         }
         Event::PrecopyStop { rounds, detail, .. } => format!("pre-copy stops after {rounds} rounds: {detail}"),
+        // Printed whole by the command, on standard output.
+        Event::Summary(_) => return None,
         // validate's failure is the one line its caller prints.
         Event::Result(r) if r.role == "validate" && !r.ok => return None,
         Event::Result(r) if r.role == "validate" => validate_summary(r),

@@ -5,6 +5,11 @@
 //! [`corrupt_at!`](crate::corrupt_at) macros at the named places expand to
 //! nothing, and a release binary holds none of these names.
 //!
+//! A name may be scoped to one container's migration, `name@ID=action`:
+//! it then acts only in the thread migrating container `ID` (the sender's,
+//! or the receiver's session whose destination id is `ID`), so that a
+//! test can fail one migration of several in one process (`evacuate`).
+//!
 //! Actions: `error` (the step fails as if it had failed for real), `exit`
 //! (the process dies on the spot, as if killed), `sleep:MS` (stall), and
 //! `corrupt` (the step damages the data it sends). Only tests set the
@@ -49,13 +54,31 @@ pub enum Action {
     Corrupt,
 }
 
+thread_local! {
+    static SCOPE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The container this thread migrates, for scoped failpoints.
+pub fn set_scope(container: &str) {
+    SCOPE.with(|s| *s.borrow_mut() = Some(container.to_string()));
+}
+
 /// The action configured for `name`, if any.
 pub fn action(name: &str) -> Option<Action> {
     let spec = std::env::var(ENV).ok()?;
     spec.split(',').find_map(|item| {
         let (n, a) = item.split_once('=')?;
+        let (n, scope) = match n.split_once('@') {
+            Some((n, scope)) => (n, Some(scope.trim())),
+            None => (n, None),
+        };
         if n.trim() != name {
             return None;
+        }
+        if let Some(scope) = scope {
+            if !SCOPE.with(|s| s.borrow().as_deref() == Some(scope)) {
+                return None;
+            }
         }
         let a = a.trim();
         Some(match a {

@@ -23,8 +23,8 @@ use nix::sys::signal::{SigSet, Signal};
 /// What a signal does to one migration under way: cut its connection.
 type Cut = Box<dyn Fn() + Send>;
 
-/// The connections a signal cuts, by registration key. Key 0 is the
-/// sender's single connection ([`register`], [`register_cut`]).
+/// The connections a signal cuts, by registration key: a sender's (one
+/// per migration; an evacuation has several) and a receiver's.
 static CONNECTIONS: Mutex<BTreeMap<u64, Cut>> = Mutex::new(BTreeMap::new());
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -72,21 +72,11 @@ fn shutdown_cut(conn: &TcpStream) -> Option<Cut> {
     }))
 }
 
-/// The (single) connection a signal should cut.
-pub fn register(conn: &TcpStream) {
-    if let Some(cut) = shutdown_cut(conn) {
-        CONNECTIONS.lock().unwrap().insert(0, cut);
-    }
-}
-
-/// What to do to cut the connection, where it is not a socket (an `ssh`
-/// child to stop, say).
-pub fn register_cut(cut: impl Fn() + Send + 'static) {
-    CONNECTIONS.lock().unwrap().insert(0, Box::new(cut));
-}
-
-pub fn unregister() {
-    CONNECTIONS.lock().unwrap().remove(&0);
+/// What to do to cut a migration's connection, where it is not a socket
+/// (an `ssh` child to stop, say); unregistered when the returned
+/// registration is dropped.
+pub fn register_cut(cut: impl Fn() + Send + 'static) -> Registration {
+    register_boxed(Box::new(cut))
 }
 
 /// One of several connections a signal cuts (a receiver's); unregistered
@@ -105,7 +95,13 @@ impl Drop for Registration {
 /// registration is dropped. A connection registered after a signal came
 /// is cut at once.
 pub fn register_connection(conn: &TcpStream) -> Registration {
-    let Some(cut) = shutdown_cut(conn) else { return Registration(None) };
+    match shutdown_cut(conn) {
+        Some(cut) => register_boxed(cut),
+        None => Registration(None),
+    }
+}
+
+fn register_boxed(cut: Cut) -> Registration {
     let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
     CONNECTIONS.lock().unwrap().insert(key, cut);
     // The signal thread sets the flag before it takes the lock: checked

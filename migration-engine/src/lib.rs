@@ -34,6 +34,7 @@ macro_rules! corrupt_at {
 pub mod audit;
 pub mod check;
 pub mod error;
+pub mod evacuate;
 pub mod events;
 pub mod failpoints;
 pub mod failure_logs;
@@ -42,6 +43,7 @@ pub mod images;
 pub mod interrupt;
 pub mod lease_guard;
 pub mod metrics;
+pub mod pods;
 pub mod precopy;
 pub mod destination;
 pub mod rlimit_support;

@@ -188,31 +188,64 @@ mod tests {
     }
 }
 
-/// A writer that keeps to a byte rate (`--bwlimit`): after each write it
-/// sleeps as long as it is ahead of `bytes_per_s` since it started.
+/// A byte rate shared by every connection that holds it (`--bwlimit`):
+/// one migration's, or all of an evacuation's, which then share the link
+/// rather than each taking the whole rate.
+#[derive(Debug)]
+pub struct Rate {
+    bytes_per_s: u64,
+    /// When the first byte went, and how many went since, all writers
+    /// together.
+    ledger: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Rate {
+    pub fn new(bytes_per_s: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { bytes_per_s: bytes_per_s.max(1), ledger: std::sync::Mutex::new((None, 0)) })
+    }
+
+    pub fn bytes_per_s(&self) -> u64 {
+        self.bytes_per_s
+    }
+
+    /// Counts `n` bytes written and says how long the writer must wait
+    /// for the rate to hold.
+    fn account(&self, n: u64) -> Option<Duration> {
+        let mut ledger = self.ledger.lock().unwrap();
+        let started = *ledger.0.get_or_insert_with(std::time::Instant::now);
+        // A rate idle for over a second builds up no credit: the burst
+        // after the pause keeps to the rate too.
+        let due = Duration::from_secs_f64(ledger.1 as f64 / self.bytes_per_s as f64);
+        if started.elapsed() > due + Duration::from_secs(1) {
+            *ledger = (Some(std::time::Instant::now()), 0);
+        }
+        ledger.1 += n;
+        let started = ledger.0.expect("set above");
+        let due = Duration::from_secs_f64(ledger.1 as f64 / self.bytes_per_s as f64);
+        due.checked_sub(started.elapsed())
+    }
+}
+
+/// A writer that keeps to a [`Rate`]: after each write it sleeps as long as
+/// the rate's writers together are ahead of it.
 pub struct Throttle<W> {
     inner: W,
-    bytes_per_s: Option<u64>,
-    started: Option<std::time::Instant>,
-    written: u64,
+    rate: Option<std::sync::Arc<Rate>>,
 }
 
 impl<W> Throttle<W> {
-    pub fn new(inner: W, bytes_per_s: Option<u64>) -> Self {
-        Self { inner, bytes_per_s, started: None, written: 0 }
+    pub fn new(inner: W, rate: Option<std::sync::Arc<Rate>>) -> Self {
+        Self { inner, rate }
     }
 }
 
 impl<W: std::io::Write> std::io::Write for Throttle<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let Some(rate) = self.bytes_per_s else { return self.inner.write(buf) };
+        let Some(rate) = &self.rate else { return self.inner.write(buf) };
         // At most a tenth of a second's worth per write keeps the pace smooth.
-        let max = ((rate / 10).max(4096) as usize).min(buf.len());
+        let max = ((rate.bytes_per_s / 10).max(4096) as usize).min(buf.len());
         let n = self.inner.write(&buf[..max])?;
-        let started = *self.started.get_or_insert_with(std::time::Instant::now);
-        self.written += n as u64;
-        let due = Duration::from_secs_f64(self.written as f64 / rate as f64);
-        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+        if let Some(ahead) = rate.account(n as u64) {
             std::thread::sleep(ahead);
         }
         Ok(n)
@@ -258,11 +291,32 @@ mod throttle_tests {
     #[test]
     fn throttle_keeps_to_its_rate() {
         // 200 kB at 1 MB/s takes about 0.2 s; never less.
-        let mut t = Throttle::new(Vec::new(), Some(1_000_000));
+        let mut t = Throttle::new(Vec::new(), Some(Rate::new(1_000_000)));
         let start = std::time::Instant::now();
         t.write_all(&vec![0u8; 200_000]).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
         assert_eq!(t.inner.len(), 200_000);
+    }
+
+    #[test]
+    fn writers_of_one_rate_share_it() {
+        // Two writers of 100 kB each on one 1 MB/s rate take about 0.2 s
+        // together (each alone would take 0.1 s); never less.
+        let rate = Rate::new(1_000_000);
+        let start = std::time::Instant::now();
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let rate = rate.clone();
+                std::thread::spawn(move || {
+                    let mut t = Throttle::new(Vec::new(), Some(rate));
+                    t.write_all(&vec![0u8; 100_000]).unwrap();
+                    t.inner.len()
+                })
+            })
+            .collect();
+        let written: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert_eq!(written, 200_000);
+        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
     }
 }
 

@@ -70,6 +70,10 @@ pub enum MessageKind {
     PagesComplete = 25,
     /// Post-copy (source to destination): the lease goes on.
     LeaseRenewal = 26,
+    /// Version 6 (source to destination): a pod member waiting for the
+    /// rest of its pod is still there. Empty; every reader skips it (it
+    /// only keeps the peer's read timeout from expiring).
+    Keepalive = 27,
 }
 
 impl MessageKind {
@@ -102,6 +106,7 @@ impl MessageKind {
             24 => LazyReply,
             25 => PagesComplete,
             26 => LeaseRenewal,
+            27 => Keepalive,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -288,7 +293,18 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads the next frame. A clean end of stream before a header is
     /// [`ProtocolError::Closed`]; one inside a frame is `Truncated`.
+    /// The next frame, [`MessageKind::Keepalive`]s skipped.
     pub fn read_frame(&mut self) -> Result<Frame, ProtocolError> {
+        loop {
+            let frame = self.read_any_frame()?;
+            if frame.kind != MessageKind::Keepalive {
+                return Ok(frame);
+            }
+            self.recycle(frame);
+        }
+    }
+
+    fn read_any_frame(&mut self) -> Result<Frame, ProtocolError> {
         let mut h = [0u8; FRAME_HEADER_LEN];
         match read_full(&mut self.inner, &mut h)? {
             0 => return Err(ProtocolError::Closed),

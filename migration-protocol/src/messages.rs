@@ -62,6 +62,28 @@ pub struct Manifest {
     /// with the same options for each (validated).
     #[serde(default)]
     pub empty_tmpfs: Vec<EmptyTmpfsWire>,
+    /// Version 6: the container is one member of a pod, moved with the
+    /// others in migrations of their own, one connection each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodWire>,
+}
+
+/// Wire format of the Manifest's `pod`: the containers that share one
+/// network namespace and move as one unit. The leader's manifest carries
+/// the namespace's record (`network`); the destination builds it once
+/// and every member is restored into it. The first Commit of any member
+/// commits the pod, and the first failure of any member before that
+/// aborts it: the destination then commits, or removes, every member.
+/// `{"id": "...", "leader": "pause", "members": ["pause", "app"]}`.
+/// Unchecked as received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodWire {
+    /// Names the pod's migration (made by the sender, unique).
+    pub id: String,
+    /// Destination id of the member whose manifest carries the network.
+    pub leader: String,
+    /// Destination ids of every member, the leader included.
+    pub members: Vec<String>,
 }
 
 /// The modes a Manifest may name.

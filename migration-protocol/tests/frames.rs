@@ -30,6 +30,7 @@ fn control_messages_round_trip() {
         network: None,
             memory_bytes: 0,
             empty_tmpfs: Vec::new(),
+            pod: None,
         source_host: "a".into(),
     };
     let mut w = FrameWriter::new(Vec::new());
@@ -185,8 +186,21 @@ fn unknown_kind_and_flags_are_refused() {
 
 #[test]
 fn version_negotiation() {
-    assert_eq!(negotiate_version(1, 5).unwrap(), PROTOCOL_VERSION_MAX);
+    assert_eq!(negotiate_version(1, 6).unwrap(), PROTOCOL_VERSION_MAX);
+    assert_eq!(negotiate_version(1, 5).unwrap(), 5, "a version-5 sender is still served");
     assert!(matches!(negotiate_version(7, 9), Err(ProtocolError::NoCommonVersion { .. })));
+}
+
+#[test]
+fn keepalives_are_skipped_by_every_reader() {
+    let mut w = FrameWriter::new(Vec::new());
+    w.write_frame(MessageKind::Keepalive, b"").unwrap();
+    w.write_frame(MessageKind::Keepalive, b"").unwrap();
+    w.write_frame(MessageKind::Commit, b"").unwrap();
+    let bytes = w.get_ref().clone();
+    let mut r = FrameReader::new(&bytes[..]);
+    assert_eq!(r.read_frame().unwrap().kind, MessageKind::Commit);
+    assert!(matches!(r.read_frame(), Err(ProtocolError::Closed)));
 }
 
 #[test]

@@ -671,9 +671,24 @@ impl Testbed {
 
     /// The send command, to run in the source host.
     pub fn send_command(&self, id: &str, port: u16, extra: &[&str]) -> Command {
+        self.source_command(&["send", id], port, extra)
+    }
+
+    /// `ctmigrate evacuate` of the source's runtime root, to run in the
+    /// source host.
+    pub fn evacuate_command(&self, port: u16, extra: &[&str]) -> Command {
+        self.source_command(&["evacuate"], port, extra)
+    }
+
+    /// A ctmigrate command with the sender's options (`head` is the
+    /// subcommand and its operands), to run in the source host.
+    pub fn source_command_for(&self, head: &[&str], port: u16, extra: &[&str]) -> Command {
+        self.source_command(head, port, extra)
+    }
+
+    fn source_command(&self, head: &[&str], port: u16, extra: &[&str]) -> Command {
         let mut c = HostPair::command_in(&self.hosts.src, &self.exe);
-        c.arg("send")
-            .arg(id)
+        c.args(head)
             .arg("--to")
             .arg(format!("tcp://{}:{port}", self.hosts.dst_ip))
             .arg("--runtime-root")

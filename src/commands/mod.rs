@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod check;
+pub mod evacuate;
 pub mod generate;
 pub mod guard;
 pub mod hook;

@@ -1,4 +1,5 @@
-//! `ctmigrate send`: migrate a running container to a receiver.
+//! `ctmigrate send`: migrate running containers to a receiver; one
+//! container alone, or several at once (see `evacuate`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,17 +17,31 @@ use super::{exit, fail, outcome_code, runc_binary, SecurityArgs, StageImages};
 
 #[derive(clap::Args)]
 pub struct SendArgs {
-    /// Id of the container in the runtime.
-    pub container: String,
+    /// Ids of the containers in the runtime; several move at once, those
+    /// sharing a network namespace as one pod.
+    #[arg(required = true, value_name = "CONTAINER")]
+    pub containers: Vec<String>,
+    /// Id of the container on the destination (default: the same id);
+    /// only with one container.
+    #[arg(long)]
+    pub dest_id: Option<String>,
+    /// With several containers: most moved at once (a pod counts once;
+    /// default from this host's cores and memory).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: Option<u16>,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+}
+
+/// How each migration runs: `send` and `evacuate` share these.
+#[derive(clap::Args)]
+pub struct MigrationArgs {
     /// Destination: tcp://HOST:PORT of a `ctmigrate receive`.
     #[arg(long, value_parser = |s: &str| s.parse::<Destination>())]
     pub to: Destination,
     /// runc's state root on this host.
     #[arg(long, default_value = "/run/runc")]
     pub runtime_root: PathBuf,
-    /// Id of the container on the destination (default: the same id).
-    #[arg(long)]
-    pub dest_id: Option<String>,
     /// Compress chunks with zstd: auto sends a chunk compressed only if
     /// that saves at least 10%.
     #[arg(long, value_enum, default_value = "auto")]
@@ -66,7 +81,8 @@ pub struct SendArgs {
     /// Where to append one JSON line per migration.
     #[arg(long, default_value = migration_engine::audit::DEFAULT_AUDIT_LOG)]
     pub audit_log: PathBuf,
-    /// Most bytes per second to send, e.g. 50M (k, M, G: powers of 1000).
+    /// Most bytes per second to send, e.g. 50M (k, M, G: powers of 1000);
+    /// several migrations at once share it.
     #[arg(long, value_parser = migration_engine::transport::parse_rate)]
     pub bwlimit: Option<u64>,
     /// An ssh option for ssh:// destinations, as `ssh -o` takes it
@@ -145,15 +161,16 @@ impl From<Mode> for ModeRequest {
     }
 }
 
-impl SendArgs {
-    /// The library's options; what the command line does not set comes
-    /// from the environment (runc, CRIU, this executable for the guard).
-    pub fn options(self) -> SendOptions {
+impl MigrationArgs {
+    /// The library's options for `container`; what the command line does
+    /// not set comes from the environment (runc, CRIU, this executable for
+    /// the guard).
+    pub fn options(self, container: String, dest_id: Option<String>) -> SendOptions {
         SendOptions {
-            container: self.container,
+            container,
             to: self.to,
             runtime_root: self.runtime_root,
-            dest_id: self.dest_id,
+            dest_id,
             compression: self.compress.into(),
             work_root: self.work_dir,
             runc_binary: runc_binary(),
@@ -167,7 +184,7 @@ impl SendArgs {
             downtime_target: Duration::from_millis(self.downtime_target),
             security: self.security.security(),
             audit_log: self.audit_log,
-            bwlimit: self.bwlimit,
+            bwlimit: self.bwlimit.map(migration_engine::transport::Rate::new),
             ssh_options: self.ssh_opt,
             remote_command: self.remote_command,
             tcp_established: self.tcp_established,
@@ -176,13 +193,36 @@ impl SendArgs {
             in_doubt_timeout: Duration::from_secs(self.in_doubt_timeout),
             allow_postcopy: self.allow_postcopy,
             postcopy_lease: Duration::from_millis(self.postcopy_lease),
+            pod: None,
         }
     }
 
+    /// The reporter for `--json` and `--metrics`, and the metrics'
+    /// responder (kept until the command ends).
+    pub fn reporter(&self) -> Result<(Reporter, Option<migration_engine::metrics::MetricsServer>), ExitCode> {
+        super::serve_metrics(Reporter::new(self.json), self.metrics.as_deref(), Role::Sender).map_err(|e| fail(e, exit::USAGE))
+    }
+}
+
+impl SendArgs {
+    /// One container's options (the first named).
+    pub fn options(mut self) -> SendOptions {
+        let container = self.containers.swap_remove(0);
+        self.migration.options(container, self.dest_id)
+    }
+
     pub fn run(self) -> ExitCode {
-        let (rep, _metrics) = match super::serve_metrics(Reporter::new(self.json), self.metrics.as_deref(), Role::Sender) {
+        if self.containers.len() > 1 {
+            if self.dest_id.is_some() {
+                return fail("--dest-id names one container's id on the destination: give it with one container only", exit::USAGE);
+            }
+            let parallel = self.parallel.map(usize::from).unwrap_or_else(migration_engine::evacuate::default_parallel);
+            let containers = Some(self.containers);
+            return super::evacuate::run_evacuation(self.migration, containers, parallel);
+        }
+        let (rep, _metrics) = match self.migration.reporter() {
             Ok(served) => served,
-            Err(e) => return fail(e, exit::USAGE),
+            Err(code) => return code,
         };
         match migration_engine::send(&self.options(), &rep) {
             Ok(_) => ExitCode::from(exit::OK),

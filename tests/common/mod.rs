@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod echo;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -17,6 +17,8 @@ impl<'a> Session<'a> {
         let resumed = |e: MigrationError| (e, Outcome::SourceResumed);
         result.container = manifest.container_id.clone();
         result.dest_id = manifest.dest_id.clone();
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::set_scope(&manifest.dest_id);
         self.rep.emit(Event::Start {
             role: "receiver",
             container: manifest.container_id.clone(),
@@ -44,6 +46,10 @@ impl<'a> Session<'a> {
         }
         let (spec, criu_config) = self.check_manifest(manifest)?;
         migration_protocol::validate_migration_id(&manifest.migration_id).map_err(refused)?;
+        if let Some(pod) = &manifest.pod {
+            super::pods::PODS.admit(pod, &manifest.dest_id).map_err(refused)?;
+            self.pod = Some((pod.id.clone(), pod.leader == manifest.dest_id));
+        }
         result.migration_id = Some(manifest.migration_id.clone());
         if self.journal.load(Role::Destination, &manifest.migration_id).ok().flatten().is_some() {
             return Err(refused(format!("migration {} was already received here: a sender reusing an id is refused", manifest.migration_id)));
@@ -173,6 +179,24 @@ impl<'a> Session<'a> {
             // When the container is deleted, runc runs this and the
             // namespace built for it goes too.
             policy.poststop_hook = Some((exe, vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()]));
+        }
+        if let Some(pod) = &m.pod {
+            if self.version < migration_protocol::PROTOCOL_VERSION_PODS {
+                return Err(refused(format!("pods need protocol version {} (agreed: {})", migration_protocol::PROTOCOL_VERSION_PODS, self.version)));
+            }
+            if m.postcopy() {
+                return Err(refused("post-copy does not move pods".into()));
+            }
+            super::pods::validate(pod, &m.dest_id, m.network.is_some()).map_err(refused)?;
+            if pod.leader != m.dest_id {
+                // A member is restored into the namespace its leader's
+                // session built (admitted first, see pods::admit).
+                let netns = container_network::Netns::Named(DestinationNetwork::netns_name(&pod.leader));
+                if !netns.exists() {
+                    return Err(refused(format!("pod {}'s network namespace {} does not exist: its leader `{}` is sent first", pod.id, netns.path().display(), pod.leader)));
+                }
+                policy.network_namespace = Some(netns.path());
+            }
         }
         if m.empty_tmpfs.len() > container_runtime::tmpfs::MAX_EMPTY_TMPFS {
             return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));

@@ -43,6 +43,7 @@ mod accept;
 pub mod admission;
 mod host;
 pub mod listener;
+mod pods;
 mod postcopy;
 mod restore;
 mod staging;
@@ -312,6 +313,14 @@ fn serve_as(
     if session.query_only {
         return outcome.map(|()| Served::Query);
     }
+    if let (Some((pod_id, leader)), Err(_)) = (&session.pod, &outcome) {
+        // A member that failed before its pod was decided aborts it (a
+        // no-op once committed: its copy is then the container's).
+        pods::PODS.decide(pod_id, pods::Decision::Aborted);
+        if *leader {
+            pods::PODS.leader_gone(pod_id);
+        }
+    }
     // The exit code follows from the state the failure left.
     let outcome = outcome.map_err(|(e, o)| {
         use migration_protocol::state::DestinationRecovery::*;
@@ -417,6 +426,9 @@ struct Session<'a> {
     /// frozen), and from then until the copy ran.
     frozen_since: Option<Instant>,
     frozen_ms: Option<u64>,
+    /// The pod this container is a member of, once admitted, and whether
+    /// it leads it (see [`pods`]).
+    pod: Option<(String, bool)>,
 }
 
 fn refused(msg: String) -> (MigrationError, Outcome) {
@@ -452,6 +464,7 @@ impl<'a> Session<'a> {
             tcp_nudged: None,
             frozen_since: None,
             frozen_ms: None,
+            pod: None,
         })
     }
 

@@ -91,13 +91,28 @@ impl<'a> Session<'a> {
         // Wait for the sender's Commit; anything else (an Abort, silence
         // past --timeout, a lost connection) removes the stopped copy.
         self.rep.phase(Phase::Commit);
-        failpoint!("receiver-after-ready").map_err(resumed)?;
         let postcopy = manifest.postcopy();
         let commit = if postcopy {
             // Received, with every page, by postcopy().
-            Ok(())
+            failpoint!("receiver-after-ready")
         } else {
-            self.read().and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?)).map(drop)
+            failpoint!("receiver-after-ready").and_then(|()| self.read()).and_then(|f| Ok(f.expect(MessageKind::Commit, "Commit")?)).map(drop)
+        };
+        // A pod is decided once for all its members: by the first Commit,
+        // or by the first failure before it.
+        let commit = match (&self.pod, commit) {
+            (None, commit) => commit,
+            (Some((pod_id, _)), Ok(())) => match pods::PODS.decide(pod_id, pods::Decision::Committed) {
+                pods::Decision::Committed => Ok(()),
+                pods::Decision::Aborted => Err(MigrationError::Aborted(format!("pod {pod_id} was aborted: another of its containers failed"))),
+            },
+            (Some((pod_id, _)), Err(e)) => match pods::PODS.decide(pod_id, pods::Decision::Aborted) {
+                pods::Decision::Committed => {
+                    self.rep.warn(format!("no commit from the sender ({e}), but another container of pod {pod_id} committed it: this one is committed too"));
+                    Ok(())
+                }
+                pods::Decision::Aborted => Err(e),
+            },
         };
         if let Err(e) = commit {
             return Err(resumed(MigrationError::Aborted(format!("no commit from the sender ({e}); the restored copy was removed"))));

@@ -201,6 +201,7 @@ fn receive(fault: HostFault, end: SourceEnd, network: Option<migration_protocol:
         network,
         memory_bytes: 1 << 20,
         empty_tmpfs: Vec::new(),
+        pod: None,
         source_host: "scripted".into(),
     };
     writer.write_json(MessageKind::Manifest, &manifest).unwrap();

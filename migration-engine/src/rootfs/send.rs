@@ -75,6 +75,28 @@ impl TreeSender {
         Self { root: root.to_path_buf(), snapshot, tracker: None, untracked: None }
     }
 
+    /// Bytes of the regular files the initial pass will send, from their
+    /// metadata alone (for its progress' percent and time left): what the
+    /// container's mounts cover is left out, as the pass leaves it out.
+    pub fn estimated_bytes(&self) -> u64 {
+        let mut walk = walkdir::WalkDir::new(&self.root).same_file_system(true).into_iter();
+        let mut total = 0u64;
+        while let Some(entry) = walk.next() {
+            let Ok(entry) = entry else { continue };
+            let rel = entry.path().strip_prefix(&self.root).unwrap_or(entry.path());
+            if self.snapshot.hidden.contains(rel) {
+                if entry.file_type().is_dir() {
+                    walk.skip_current_dir();
+                }
+                continue;
+            }
+            if entry.file_type().is_file() {
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        total
+    }
+
     /// Sends every entry, setting a watch on each directory before reading it.
     pub fn initial_pass<W: Write>(
         &mut self,

@@ -21,6 +21,18 @@ impl<'a> Migration<'a> {
         if let Some(g) = self.guard.as_mut() {
             g.commit_sent();
         }
+        // No member's Commit goes out before every member's is journalled:
+        // a sender killed between two Commits leaves each member's guard
+        // asking the destination, which committed or aborted the pod whole.
+        if let Err(e) = self.pod_wait(pod::Stage::CommitJournalled) {
+            // This Commit never went out: the receiver is told to drop its
+            // copy, and its word settles the journalled commit-sent.
+            self.tell_receiver_abort(&e);
+            return match self.settle_in_doubt(Some(e)) {
+                Ok(()) => Ok(false),
+                Err(f) => Err(f),
+            };
+        }
         let commit = (|| -> Result<(), MigrationError> {
             failpoint!("sender-after-commit-journalled")?;
             self.p.peer.writer.write_frame(MessageKind::Commit, b"")?;

@@ -129,6 +129,12 @@ impl<'a> Migration<'a> {
         streamer.finish(&mut self.p.peer.writer, &mut self.compressor, dump_ms)
     }
 
+    /// What the final dump should move, where that is known: all of the
+    /// container's resident memory when no pre-copy round sent some of it.
+    fn dump_estimate(&self) -> Option<u64> {
+        (!self.p.mode.precopy_rounds()).then_some(self.p.memory_bytes)
+    }
+
     /// Sends what the page images gain until the CRIU thread ends.
     pub(super) fn stream_image_files(
         &mut self,
@@ -142,7 +148,7 @@ impl<'a> Migration<'a> {
                 0 => std::thread::sleep(Duration::from_millis(2)),
                 n => {
                     streamed += n;
-                    self.rep.progress(Phase::Dump, streamed, transfer_start);
+                    self.rep.progress_of(Phase::Dump, streamed, self.dump_estimate(), transfer_start);
                 }
             }
         }
@@ -191,7 +197,7 @@ impl<'a> Migration<'a> {
                             failpoint!("sender-during-relay").map_err(images::RelayError::Send)?;
                         }
                         streamed += len;
-                        self.rep.progress(Phase::Dump, streamed, transfer_start);
+                        self.rep.progress_of(Phase::Dump, streamed, self.dump_estimate(), transfer_start);
                     }
                 }
                 PageServerRequest::Close => break,

@@ -38,6 +38,7 @@ use crate::{images, interrupt, rootfs, MigrationError, Reporter};
 mod commit;
 mod dump;
 mod host;
+pub mod pod;
 mod precopy;
 mod postcopy;
 mod preflight;
@@ -78,8 +79,9 @@ pub struct SendOptions {
     pub downtime_target: Duration,
     pub security: Security,
     pub audit_log: PathBuf,
-    /// Most bytes per second on the wire (`--bwlimit`).
-    pub bwlimit: Option<u64>,
+    /// Most bytes per second on the wire (`--bwlimit`), shared with every
+    /// migration that holds the same [`Rate`](crate::transport::Rate).
+    pub bwlimit: Option<std::sync::Arc<crate::transport::Rate>>,
     /// `-o` options for ssh:// destinations.
     pub ssh_options: Vec<String>,
     /// What ssh runs on the destination.
@@ -98,6 +100,9 @@ pub struct SendOptions {
     /// How long the destination's copy may run without hearing from the
     /// source during post-copy (`--postcopy-lease`).
     pub postcopy_lease: Duration,
+    /// This container is one member of a pod moving together (see
+    /// [`pod`]); None for a container moving alone.
+    pub pod: Option<pod::PodMember>,
 }
 
 /// The source container's network namespace, when ctmigrate moves it
@@ -155,6 +160,8 @@ pub(crate) struct Peer {
     identity: String,
     /// The `ssh` child for ssh:// destinations, and where its stderr goes.
     ssh: Option<(std::process::Child, tempfile::NamedTempFile)>,
+    /// While held, SIGINT or SIGTERM cuts this connection.
+    interrupt_cut: Option<interrupt::Registration>,
 }
 
 impl Drop for Peer {
@@ -246,6 +253,8 @@ struct Prepared {
 /// the source; the result event is emitted either way.
 pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
     let started = Instant::now();
+    #[cfg(feature = "failpoints")]
+    crate::failpoints::set_scope(&opts.container);
     let dest_id = opts.dest_id.clone().unwrap_or_else(|| opts.container.clone());
     let mut result = ResultEvent {
         ok: false,
@@ -274,9 +283,21 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
         }),
         None => Ok(()),
     };
+    // A pod's members other than its leader connect once the leader is
+    // accepted (the destination builds the pod's namespace then).
+    let outcome = outcome.and_then(|()| match &opts.pod {
+        Some(member) if !member.leader => member
+            .barrier
+            .wait_for_leader(&opts.container, opts.io_timeout * 4)
+            .map_err(|error| Failure { error, outcome: Outcome::NothingTouched }),
+        _ => Ok(()),
+    });
     let outcome = outcome.and_then(|()| match preflight(opts, &dest_id, rep) {
         Err(error) => Err(Failure { error, outcome: Outcome::NothingTouched }),
         Ok(prepared) => {
+            if let Some(member) = opts.pod.as_ref().filter(|m| m.leader) {
+                member.barrier.leader_admitted();
+            }
             result.mode = prepared.mode.name().into();
             result.mode_reason = prepared.mode_reason.clone();
             result.network = prepared.network_handling.clone();
@@ -287,6 +308,10 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
         }
     });
     result.total_ms = started.elapsed().as_millis() as u64;
+    if let (Some(member), Err(f)) = (&opts.pod, &outcome) {
+        // Whatever failed (preflight included), the rest of the pod stops.
+        member.barrier.fail(&opts.container, &f.error.to_string());
+    }
     match &outcome {
         Ok(()) => {
             result.ok = true;
@@ -416,7 +441,7 @@ impl<'a> Migration<'a> {
         if let Some(guard) = self.guard.take() {
             guard.resolved();
         }
-        interrupt::unregister();
+        self.p.peer.interrupt_cut = None;
         if let Err(f) = &mut outcome {
             if interrupt::interrupted() {
                 f.error = MigrationError::Other(format!("interrupted by a signal ({})", f.error));
@@ -436,6 +461,33 @@ impl<'a> Migration<'a> {
         outcome
     }
 
+    /// A pod member waits for the others at `stage` (at once Ok for a
+    /// container moving alone), telling its receiver every second that it
+    /// is still there.
+    fn pod_wait(&mut self, stage: pod::Stage) -> Result<(), MigrationError> {
+        let Some(member) = self.opts.pod.clone() else { return Ok(()) };
+        // Each member may still be syncing a large rootfs or dumping a
+        // large memory: the longest of the waits a migration allows.
+        let timeout = self.opts.restore_timeout.max(self.opts.io_timeout) + self.opts.io_timeout;
+        let peer = &mut self.p.peer;
+        let mut keepalive_failed = None;
+        let waited = member.barrier.wait(stage, &self.opts.container, timeout, &mut || {
+            let sent = peer.writer.write_frame(MessageKind::Keepalive, b"").map_err(MigrationError::from).and_then(|_| peer.flush());
+            if let Err(e) = sent {
+                keepalive_failed = Some(e);
+                return false;
+            }
+            true
+        });
+        match keepalive_failed {
+            Some(e) => {
+                member.barrier.fail(&self.opts.container, &e.to_string());
+                Err(e)
+            }
+            None => waited,
+        }
+    }
+
     fn run_inner(&mut self, result: &mut ResultEvent) -> Result<(), Failure> {
         if let Err(e) = self.journal.write(&self.entry) {
             return Err(self.fail(MigrationError::Other(e.to_string())));
@@ -445,9 +497,10 @@ impl<'a> Migration<'a> {
         let since = Instant::now();
         let mut sent = 0u64;
         let rep = self.rep;
+        let rootfs_bytes = Some(self.tree.estimated_bytes());
         let initial = self.tree.initial_pass(&mut self.p.peer.writer, &mut self.compressor, &mut |n| {
             sent += n;
-            rep.progress(Phase::RootfsSync, sent, since);
+            rep.progress_of(Phase::RootfsSync, sent, rootfs_bytes, since);
         });
         let initial = match initial {
             Ok(i) => i,
@@ -501,6 +554,11 @@ impl<'a> Migration<'a> {
             self.unlock_network();
             return Err(self.fail(e));
         }
+        // A pod freezes together, once its leader locked the namespace.
+        if let Err(e) = self.pod_wait(pod::Stage::BeforeFreeze) {
+            self.unlock_network();
+            return Err(self.fail(e));
+        }
         if let Err(e) = self.host.freeze(&self.p.plan.freezer, self.opts.freeze_timeout) {
             self.unlock_network();
             return Err(self.fail(e));
@@ -510,6 +568,10 @@ impl<'a> Migration<'a> {
             return Err(self.fail(e));
         }
         if let Err(e) = self.frozen_phase(result) {
+            return Err(self.fail(e));
+        }
+        // A pod commits only once every member's copy is Ready.
+        if let Err(e) = self.pod_wait(pod::Stage::Ready) {
             return Err(self.fail(e));
         }
 

@@ -35,7 +35,16 @@ fn inspect(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Inspecte
     let state = runc.running(&opts.container)?;
     let internal: RuncInternalState = runc.internal_state(&opts.container)?;
     let mut plan = DumpPlan::for_container(&internal)?;
-    let (network, network_handling) = source_network(&mut plan, &internal, rep)?;
+    let (network, network_handling) = match &opts.pod {
+        // The pod's namespace is its leader's to record, lock and move.
+        Some(member) if !member.leader => (None, Some(format!("the pod's, moved with `{}`", member.wire.leader))),
+        Some(_) => source_network(&mut plan, &internal, rep)?,
+        None => {
+            refuse_shared_namespaces(&opts.container, &plan)?;
+            source_network(&mut plan, &internal, rep)?
+        }
+    };
+
     // Sent as the receiver's staging hint, and used for our own staging.
     let memory_bytes = container_memory_bytes(&plan);
     match plan.freezer.state()? {
@@ -55,6 +64,12 @@ fn inspect(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Inspecte
     .map_err(|e| MigrationError::Preflight(format!("{}: {e}", config_path.display())))?;
     let criu_version = criu_bindings::version(&opts.criu_binary)?;
     let (mode, mode_reason) = resolve_mode(opts)?;
+    if opts.pod.is_some() && mode.lazy() {
+        return Err(MigrationError::Preflight(format!(
+            "`{}` is a member of a pod: post-copy does not move pods; use --mode stop-copy or precopy",
+            opts.container
+        )));
+    }
     let hidden_mounts = rootfs::scan::hidden_mount_points(state.pid)?;
     if let Some(reason) = &mode_reason {
         rep.warn(reason.clone());
@@ -79,7 +94,7 @@ pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &R
         to: &opts.to,
         security: &opts.security,
         io_timeout: opts.io_timeout,
-        bwlimit: opts.bwlimit,
+        bwlimit: opts.bwlimit.clone(),
         ssh_options: &opts.ssh_options,
         remote_command: &opts.remote_command,
     };
@@ -87,6 +102,12 @@ pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &R
     if mode.lazy() && ack.version < migration_protocol::PROTOCOL_VERSION_POSTCOPY {
         return Err(MigrationError::Preflight(format!(
             "the receiver ({}) speaks protocol version {}, which has no post-copy: upgrade it, or use --mode stop-copy",
+            ack.software, ack.version
+        )));
+    }
+    if opts.pod.is_some() && ack.version < migration_protocol::PROTOCOL_VERSION_PODS {
+        return Err(MigrationError::Preflight(format!(
+            "the receiver ({}) speaks protocol version {}, which cannot take a pod (containers sharing a network namespace) as one unit: upgrade it",
             ack.software, ack.version
         )));
     }
@@ -107,6 +128,7 @@ pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &R
         network: network.as_ref().map(|n| n.record.clone().into()),
         memory_bytes,
         empty_tmpfs: plan.empty_tmpfs.iter().cloned().map(Into::into).collect(),
+        pod: opts.pod.as_ref().map(|m| m.wire.clone()),
         source_host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     peer.writer.write_json(MessageKind::Manifest, &manifest)?;
@@ -126,7 +148,7 @@ pub(crate) struct PeerLink<'a> {
     pub to: &'a Destination,
     pub security: &'a Security,
     pub io_timeout: Duration,
-    pub bwlimit: Option<u64>,
+    pub bwlimit: Option<std::sync::Arc<crate::transport::Rate>>,
     pub ssh_options: &'a [String],
     pub remote_command: &'a str,
 }
@@ -154,11 +176,12 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
     let left = || handshake_deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let watchdog = crate::listener::Watchdog::start();
     let mut armed = None;
+    let mut interrupt_cut = None;
     let mut peer = match link.to {
         crate::transport::Destination::Tcp { host, .. } => {
             let stream = connect(link.to, link.io_timeout)?;
             if register_interrupt {
-                interrupt::register(&stream);
+                interrupt_cut = Some(interrupt::register_connection(&stream));
             }
             armed = Some(watchdog.arm(&stream, handshake_deadline).map_err(MigrationError::io("socket"))?);
             stream.set_read_timeout(Some(left())).map_err(MigrationError::io("socket"))?;
@@ -173,8 +196,9 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
                 identity: conn.peer_identity(),
                 reader: FrameReader::new(conn.handle()?),
                 control: conn.handle()?,
-                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit))),
+                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit.clone()))),
                 ssh: None,
+                interrupt_cut: None,
             }
         }
         ssh_dest @ crate::transport::Destination::Ssh { .. } => {
@@ -184,9 +208,9 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
             let mut child = crate::transport::spawn_ssh(ssh_dest, link.ssh_options, link.remote_command, err_file)?;
             let pid = child.id() as i32;
             if register_interrupt {
-                interrupt::register_cut(move || {
+                interrupt_cut = Some(interrupt::register_cut(move || {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-                });
+                }));
             }
             let read: std::fs::File = std::os::fd::OwnedFd::from(child.stdout.take().expect("piped")).into();
             let write: std::fs::File = std::os::fd::OwnedFd::from(child.stdin.take().expect("piped")).into();
@@ -195,11 +219,13 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
                 identity: ssh_dest.to_string(),
                 reader: FrameReader::new(conn.handle()?),
                 control: conn.handle()?,
-                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit))),
+                writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit.clone()))),
                 ssh: Some((child, stderr)),
+                interrupt_cut: None,
             }
         }
     };
+    peer.interrupt_cut = interrupt_cut;
     let hello = Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, software: crate::software() };
     let ack: HelloAck = (|| -> Result<HelloAck, MigrationError> {
         peer.writer.write_json(MessageKind::Hello, &hello)?;
@@ -225,6 +251,24 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
         )));
     }
     Ok((peer, ack))
+}
+
+/// A container alone may not take a namespace others use: moved, its
+/// network namespace would be rebuilt on the destination without them (and
+/// removed here), and an IPC namespace would be split in two copies.
+/// Those containers move together (`send A B`, `evacuate`), as a pod.
+pub(super) fn refuse_shared_namespaces(container: &str, plan: &DumpPlan) -> Result<(), MigrationError> {
+    let inside = crate::pods::in_cgroups_of(&[plan.pid]);
+    for (kind, what) in [("net", "network"), ("ipc", "IPC")] {
+        let sharers = crate::pods::namespace_sharers(plan.pid, kind, &inside);
+        if let Some(&(pid, ref comm)) = sharers.first() {
+            return Err(MigrationError::Preflight(format!(
+                "container `{container}` shares its {what} namespace with {} process(es) outside it (pid {pid}, {comm}): moved alone it would take the namespace from them; move the containers that share it in one command (`ctmigrate send {container} OTHER...`)",
+                sharers.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// CRIU reads every task's resource limits with prlimit(), which for a

@@ -10,6 +10,11 @@ impl<'a> Migration<'a> {
     /// after it the destination's word.
     pub(super) fn fail(&mut self, error: MigrationError) -> Failure {
         use migration_protocol::state::SourceRecovery;
+        // The rest of a pod fails with this member (a no-op past the
+        // stages they waited at together).
+        if let Some(member) = &self.opts.pod {
+            member.barrier.fail(&self.opts.container, &error.to_string());
+        }
         match self.machine.on_failure() {
             SourceRecovery::NothingToUndo => {
                 self.tell_receiver_abort(&error);

@@ -239,6 +239,7 @@ fn migrate(answer: Answer, freeze_fails: bool, criu_fails: bool) -> Run {
         in_doubt_timeout: Duration::from_secs(1),
         allow_postcopy: false,
         postcopy_lease: Duration::from_secs(4),
+        pod: None,
     };
     let freezer = container_runtime::Freezer { path: dir.path().join("cgroup"), version: container_runtime::cgroup::CgroupVersion::V2 };
     let found = Inspected {

@@ -1,0 +1,170 @@
+//! Pods on the destination: each member arrives in a session of its own,
+//! and this registry, shared by the receiver's sessions, makes them one
+//! unit:
+//!
+//! * the leader's session is admitted first and builds the namespace
+//!   (its manifest carries the record); a member is admitted only while
+//!   its pod's leader is, and is restored into the leader's namespace;
+//! * the pod's fate is decided once, by whichever comes first: a member's
+//!   Commit commits every member (one whose connection is lost before its
+//!   own Commit arrives is then committed all the same), a member's
+//!   failure before that aborts every member (a later Commit is refused).
+//!
+//! The decision lives in this process: a receiver killed between two
+//! members' commits leaves the later one to the sweep of its next start,
+//! which removes it (docs/operations.md, "Pods", says so).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use migration_protocol::PodWire;
+
+/// What became of a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Committed,
+    Aborted,
+}
+
+#[derive(Debug)]
+struct PodEntry {
+    leader: String,
+    members: Vec<String>,
+    decision: Option<Decision>,
+    /// The leader's session still stands (its namespace exists).
+    leader_admitted: bool,
+    since: Instant,
+}
+
+/// The receiver's pods, by id.
+pub(crate) static PODS: PodRegistry = PodRegistry { pods: Mutex::new(BTreeMap::new()) };
+
+pub(crate) struct PodRegistry {
+    pods: Mutex<BTreeMap<String, PodEntry>>,
+}
+
+/// Longest a pod's entry is kept: a pod's members all arrive within one
+/// sender's run.
+const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The checks any pod in a manifest passes, whatever the registry holds.
+pub(crate) fn validate(pod: &PodWire, dest_id: &str, has_network: bool) -> Result<(), String> {
+    let id_ok = !pod.id.is_empty() && pod.id.len() <= 64 && pod.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if !id_ok {
+        return Err("the manifest's pod id must be 1 to 64 letters, digits or dashes".into());
+    }
+    if pod.members.len() < 2 || pod.members.len() > 64 {
+        return Err(format!("a pod has 2 to 64 members; the manifest lists {}", pod.members.len()));
+    }
+    for m in &pod.members {
+        container_runtime::validate_container_id(m).map_err(|e| format!("pod member: {e}"))?;
+    }
+    if !pod.members.iter().any(|m| m == dest_id) || !pod.members.contains(&pod.leader) {
+        return Err("the manifest's pod does not list this container and its leader among its members".into());
+    }
+    if pod.members.iter().collect::<std::collections::BTreeSet<_>>().len() != pod.members.len() {
+        return Err("the manifest's pod lists a member twice".into());
+    }
+    if (pod.leader == dest_id) != has_network {
+        return Err("in a pod, the leader's manifest and only it carries the network namespace".into());
+    }
+    Ok(())
+}
+
+impl PodRegistry {
+    /// A member's session is admitted: the leader registers the pod, any
+    /// other member must find it registered by the same leader, with the
+    /// same members, and not decided.
+    pub(crate) fn admit(&self, pod: &PodWire, dest_id: &str) -> Result<(), String> {
+        let mut pods = self.pods.lock().unwrap();
+        pods.retain(|_, e| e.since.elapsed() < FORGET_AFTER);
+        if pod.leader == dest_id {
+            if pods.contains_key(&pod.id) {
+                return Err(format!("pod {} is already being received", pod.id));
+            }
+            pods.insert(
+                pod.id.clone(),
+                PodEntry { leader: pod.leader.clone(), members: pod.members.clone(), decision: None, leader_admitted: true, since: Instant::now() },
+            );
+            return Ok(());
+        }
+        match pods.get(&pod.id) {
+            None => Err(format!("pod {}'s leader `{}` has not arrived: a pod's leader is sent first", pod.id, pod.leader)),
+            Some(e) if e.leader != pod.leader || e.members != pod.members => Err(format!("pod {} was announced with other members", pod.id)),
+            Some(e) if !e.leader_admitted || e.decision.is_some() => Err(format!("pod {} is no longer being received", pod.id)),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The leader's session ended before the pod was decided: its
+    /// namespace is gone, no member may come after it.
+    pub(crate) fn leader_gone(&self, pod_id: &str) {
+        if let Some(e) = self.pods.lock().unwrap().get_mut(pod_id) {
+            e.leader_admitted = false;
+        }
+    }
+
+    /// Proposes `wanted` for the pod; returns what was decided (the first
+    /// proposal wins, and stays).
+    pub(crate) fn decide(&self, pod_id: &str, wanted: Decision) -> Decision {
+        let mut pods = self.pods.lock().unwrap();
+        match pods.get_mut(pod_id) {
+            Some(e) => *e.decision.get_or_insert(wanted),
+            // Not registered (or forgotten): nothing committed it here.
+            None => Decision::Aborted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(id: &str) -> PodWire {
+        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()] }
+    }
+
+    #[test]
+    fn the_first_word_decides_the_pod() {
+        let r = PodRegistry { pods: Mutex::new(BTreeMap::new()) };
+        r.admit(&pod("p1"), "pause").unwrap();
+        r.admit(&pod("p1"), "app").unwrap();
+        assert_eq!(r.decide("p1", Decision::Committed), Decision::Committed);
+        // A member whose connection was lost after that is committed too.
+        assert_eq!(r.decide("p1", Decision::Aborted), Decision::Committed);
+        r.admit(&pod("p2"), "pause").unwrap();
+        assert_eq!(r.decide("p2", Decision::Aborted), Decision::Aborted);
+        assert_eq!(r.decide("p2", Decision::Committed), Decision::Aborted, "a Commit after a failure is refused");
+        assert_eq!(r.decide("unknown", Decision::Committed), Decision::Aborted);
+    }
+
+    #[test]
+    fn members_come_after_their_leader_and_only_while_it_stands() {
+        let r = PodRegistry { pods: Mutex::new(BTreeMap::new()) };
+        assert!(r.admit(&pod("p1"), "app").unwrap_err().contains("has not arrived"));
+        r.admit(&pod("p1"), "pause").unwrap();
+        assert!(r.admit(&pod("p1"), "pause").is_err(), "a pod is received once");
+        let mut other = pod("p1");
+        other.members.push("intruder".into());
+        assert!(r.admit(&other, "intruder").is_err());
+        r.leader_gone("p1");
+        assert!(r.admit(&pod("p1"), "app").is_err());
+    }
+
+    #[test]
+    fn a_pod_manifest_is_checked() {
+        assert!(validate(&pod("p1"), "pause", true).is_ok());
+        assert!(validate(&pod("p1"), "app", false).is_ok());
+        assert!(validate(&pod("p1"), "app", true).is_err(), "only the leader carries the network");
+        assert!(validate(&pod("p1"), "pause", false).is_err());
+        assert!(validate(&pod("p1"), "stranger", false).is_err());
+        assert!(validate(&pod("../x"), "app", false).is_err());
+        let mut twice = pod("p1");
+        twice.members.push("app".into());
+        assert!(validate(&twice, "app", false).is_err());
+        let mut bad = pod("p1");
+        bad.members[1] = "a/b".into();
+        assert!(validate(&bad, "pause", true).is_err());
+    }
+}
