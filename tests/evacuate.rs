@@ -235,3 +235,108 @@ fn a_sender_killed_during_a_pods_commit_leaves_the_pod_whole_on_one_side() {
     }
     remove_moved(bed, &[pause, app]);
 }
+
+/// A pod member cannot move alone (its namespace would be taken from the
+/// other), and a list with a container that does not run, or a
+/// destination id for several, is refused with one line; nothing moves.
+#[test]
+fn a_pod_member_alone_and_bad_lists_are_refused_with_nothing_touched() {
+    let Some(f) = fleet("evr") else { return };
+    let bed = &f.bed;
+    let (pause, app) = (f.pod[0].0.id.as_str(), f.pod[1].0.id.as_str());
+    let before = bed.src_runc.list().unwrap();
+    let port = common::port();
+
+    let alone = bed.run_sender(pause, port, &[], &[]).unwrap();
+    assert_eq!(alone.code, Some(3), "{}", alone.stderr);
+    assert!(alone.stderr.contains("shares its network namespace") && alone.stderr.contains("ctmigrate send"), "{}", alone.stderr);
+
+    let missing = CommandResult::run(bed.source_command_for(&["send", pause, "no-such-container"], port, &[])).unwrap();
+    assert_eq!(missing.code, Some(3), "{}", missing.stderr);
+    assert!(missing.stderr.contains("no-such-container") && missing.stderr.lines().count() == 1, "{}", missing.stderr);
+
+    let renamed = CommandResult::run(bed.source_command_for(&["send", pause, app, "--dest-id", "x"], port, &[])).unwrap();
+    assert_eq!(renamed.code, Some(2), "{}", renamed.stderr);
+    assert!(renamed.stderr.contains("--dest-id"), "{}", renamed.stderr);
+
+    assert_eq!(bed.src_runc.list().unwrap(), before, "a refused command changed the source");
+    for (c, token) in f.pod.iter().chain(&f.counters) {
+        common::assert_source_runs(bed, c, token);
+    }
+}
+
+/// Benchmark (report, not a test; `cargo test --release --test evacuate --
+/// --ignored bench_evacuate --nocapture`): `evacuate` of 8 containers of
+/// 256 MiB with `--parallel` 1, 2 and 4 in one run, against the baseline
+/// of one such container moved alone (its frozen time). Reports each
+/// parallelism's total time as a ratio of `--parallel 1`'s, and its
+/// longest frozen time as a ratio of the frozen time alone.
+/// `CTMIGRATE_BENCH_RUNS` rounds (default 1), the parallelisms interleaved.
+#[test]
+#[ignore]
+fn bench_evacuate() {
+    if !common::can_run(None) {
+        return;
+    }
+    const CONTAINERS: usize = 8;
+    const MIB: u64 = 256;
+    let runs: usize = std::env::var("CTMIGRATE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let start_all = |bed: &Testbed, n: usize, round: usize| -> Vec<FixtureContainer> {
+        let list: Vec<FixtureContainer> = (0..n)
+            .map(|i| bed.start_fixture(&format!("b{round}x{i}-{}", bed.tag), &Workload::Pattern { mib: MIB, dirty_kib_per_s: 1024 }).unwrap())
+            .collect();
+        for c in &list {
+            common::wait_for(Duration::from_secs(120), || migration_testbed::read_pattern_status(&c.rootfs()).filter(|s| s.passes >= 1))
+                .expect("pattern fixture never completed a pass");
+        }
+        list
+    };
+    let frozen_of = |s: &serde_json::Value| -> Vec<u64> { s["containers"].as_array().unwrap().iter().filter_map(|c| c["frozen_ms"].as_u64()).collect() };
+    let mut alone = Vec::new();
+    let mut totals: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
+    let mut worst_frozen: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
+    let bed = common::testbed("evb").unwrap();
+    let port = common::port();
+    let _receiver = bed.spawn_receiver(port, &["--max-migrations", "8"], &[]).unwrap();
+    let mut round = 0;
+    for run in 0..runs {
+        // Baseline: one container alone.
+        round += 1;
+        let one = start_all(&bed, 1, round);
+        let out = CommandResult::run(bed.evacuate_command(port, &["--parallel", "1", "--mode", "stop-copy"])).unwrap();
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        alone.extend(frozen_of(&summary(&out)));
+        let ids: Vec<String> = one.iter().map(|c| c.id.clone()).collect();
+        drop(one);
+        remove_moved(&bed, &ids);
+        let mut order = [1usize, 2, 4];
+        order.rotate_left(run % 3);
+        for parallel in order {
+            round += 1;
+            let list = start_all(&bed, CONTAINERS, round);
+            let p = parallel.to_string();
+            let out = CommandResult::run(bed.evacuate_command(port, &["--parallel", &p, "--mode", "stop-copy"])).unwrap();
+            assert_eq!(out.code, Some(0), "{}", out.stderr);
+            let s = summary(&out);
+            totals.entry(parallel).or_default().push(s["total_ms"].as_u64().unwrap());
+            worst_frozen.entry(parallel).or_default().push(frozen_of(&s).into_iter().max().unwrap());
+            eprintln!("run {run} --parallel {parallel}: total {} ms, frozen {:?} ms", s["total_ms"], frozen_of(&s));
+            let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+            drop(list);
+            remove_moved(&bed, &ids);
+        }
+    }
+    let median = |mut v: Vec<u64>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let alone = median(alone);
+    let base = median(totals[&1].clone());
+    eprintln!("\n{CONTAINERS} containers of {MIB} MiB, {runs} run(s), medians; frozen alone {alone} ms");
+    eprintln!("| --parallel | total (ms) | total / --parallel 1 | longest frozen (ms) | longest frozen / alone |");
+    eprintln!("|---:|---:|---:|---:|---:|");
+    for (parallel, t) in &totals {
+        let (total, frozen) = (median(t.clone()), median(worst_frozen[parallel].clone()));
+        eprintln!("| {parallel} | {total} | {:.2} | {frozen} | {:.2} |", total as f64 / base as f64, frozen as f64 / alone as f64);
+    }
+}

@@ -483,12 +483,12 @@ impl Reporter {
     fn draw_line(&self, event: &Event) {
         let mut bar = self.bar.lock().unwrap();
         let line = bar.get_or_insert_with(|| {
-            let b = ProgressBar::hidden();
+            // The shared lines draw every container's bar on stderr, one
+            // line each.
             let b = match self.lines.get() {
-                Some(lines) => lines.add(b),
-                None => b,
+                Some(lines) => lines.add(ProgressBar::new(0)),
+                None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
             };
-            b.set_draw_target(ProgressDrawTarget::stderr());
             b.set_style(spinner_style());
             b.set_prefix(self.container.clone().unwrap_or_default());
             b.enable_steady_tick(Duration::from_millis(120));
@@ -676,4 +676,38 @@ fn validate_summary(r: &ResultEvent) -> String {
         "validated: {workload} moved to the other host under its client: {answers} {what}, every answer right, \
          longest wait {gap}; frozen {frozen}, {sent}; one copy left, everything removed"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_towards_a_known_size_has_a_percent_and_the_time_left() {
+        // 25 MB of 100 MB in 1 s: a quarter done, 3 s left at that rate.
+        match progress_event(Phase::Dump, 25_000_000, Some(100_000_000), Duration::from_secs(1)) {
+            Event::Progress { percent, eta_s, mb_per_s, .. } => assert_eq!((percent, eta_s, mb_per_s), (Some(25.0), Some(3), 25.0)),
+            other => panic!("{other:?}"),
+        }
+        // An estimate passed: 100 %, nothing left; an unknown size: neither.
+        match progress_event(Phase::Dump, 120, Some(100), Duration::from_secs(1)) {
+            Event::Progress { percent, eta_s, .. } => assert_eq!((percent, eta_s), (Some(100.0), Some(0))),
+            other => panic!("{other:?}"),
+        }
+        let unknown = progress_event(Phase::RootfsSync, 5, None, Duration::from_secs(1));
+        assert!(matches!(unknown, Event::Progress { percent: None, eta_s: None, total: None, .. }));
+        assert_eq!(human_line(&progress_event(Phase::Dump, 25_000_000, Some(100_000_000), Duration::from_secs(1))).unwrap(), "dump: 25.0 of 100.0 MB (25%) at 25 MB/s, about 3 s left");
+    }
+
+    #[test]
+    fn one_migration_of_several_says_which_container_its_events_are_about() {
+        let rep = Reporter::with_mode(ReportMode::Quiet).for_container("web");
+        let line: serde_json::Value = serde_json::from_str(&rep.json_line(&Event::Phase { phase: Phase::Dump, elapsed_ms: 5 })).unwrap();
+        assert_eq!(line["container"], "web");
+        // A result names its own container already; it is kept.
+        let result = Event::Result(ResultEvent { container: "web".into(), ..Default::default() });
+        let line: serde_json::Value = serde_json::from_str(&rep.json_line(&result)).unwrap();
+        assert_eq!(line["container"], "web");
+        assert_eq!(rep.prefix(), "web: ");
+    }
 }

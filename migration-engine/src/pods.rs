@@ -30,7 +30,12 @@ pub fn namespace_sharers(pid: i32, kind: &str, inside: &dyn Fn(i32) -> bool) -> 
     all.filter_map(Result::ok)
         .filter(|p| p.pid != pid && namespace_of(p.pid, kind) == Some(ns))
         .filter(|p| !inside(p.pid))
-        .map(|p| (p.pid, p.stat().map(|s| s.comm).unwrap_or_default()))
+        // A process that ended meanwhile (a container's short-lived child
+        // whose cgroup could no longer be read) shares nothing.
+        .filter_map(|p| {
+            let comm = p.stat().ok()?.comm;
+            (namespace_of(p.pid, kind) == Some(ns)).then_some((p.pid, comm))
+        })
         .collect()
 }
 

@@ -79,34 +79,16 @@ impl PodBarrier {
     /// member failed (before or while waiting), or after `timeout`; the
     /// caller then fails its own migration, as for a failure of its own.
     pub fn wait(&self, stage: Stage, who: &str, timeout: Duration, still_there: &mut dyn FnMut() -> bool) -> Result<(), MigrationError> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state.lock().unwrap();
-        *state.arrived.entry(stage).or_default() += 1;
-        self.changed.notify_all();
-        loop {
-            if let Some(why) = &state.failed {
-                return Err(MigrationError::Aborted(format!("another container of the pod failed ({why}); the pod moves whole or not at all")));
-            }
-            if state.arrived.get(&stage).copied().unwrap_or(0) >= self.members {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let why = format!("`{who}` waited {} s for the rest of the pod to reach {stage:?}", timeout.as_secs());
-                state.failed.get_or_insert(why.clone());
-                self.changed.notify_all();
-                return Err(MigrationError::Aborted(why));
-            }
-            state = self.changed.wait_timeout(state, left.min(Duration::from_secs(1))).unwrap().0;
-            let done = state.failed.is_some() || state.arrived.get(&stage).copied().unwrap_or(0) >= self.members;
-            if !done {
-                drop(state);
-                if !still_there() {
-                    return Err(MigrationError::Aborted(format!("`{who}` lost its receiver while waiting for the rest of the pod")));
-                }
-                state = self.state.lock().unwrap();
-            }
+        {
+            let mut state = self.state.lock().unwrap();
+            *state.arrived.entry(stage).or_default() += 1;
+            self.changed.notify_all();
         }
+        let members = self.members;
+        let reached = |s: &BarrierState| s.arrived.get(&stage).copied().unwrap_or(0) >= members;
+        self.wait_until(&reached, &format!("`{who}` waited {} s for the rest of the pod to reach {stage:?}", timeout.as_secs()), timeout, &mut || {
+            still_there().then_some(()).ok_or_else(|| format!("`{who}` lost its receiver while waiting for the rest of the pod"))
+        })
     }
 
     /// The leader's manifest was accepted: the other members connect.
@@ -118,23 +100,41 @@ impl PodBarrier {
     /// A member other than the leader waits for its admission before it
     /// connects (the destination admits a member only after its leader).
     pub fn wait_for_leader(&self, who: &str, timeout: Duration) -> Result<(), MigrationError> {
+        let admitted = |s: &BarrierState| s.leader_admitted;
+        self.wait_until(&admitted, &format!("`{who}` waited {} s for the pod's leader to be accepted", timeout.as_secs()), timeout, &mut || Ok(()))
+    }
+
+    /// Waits for `reached`, a member's failure (Err) or `timeout` (Err
+    /// `timed_out`, which fails the pod); `between` runs each second
+    /// without the lock, and its Err ends the wait.
+    fn wait_until(
+        &self,
+        reached: &dyn Fn(&BarrierState) -> bool,
+        timed_out: &str,
+        timeout: Duration,
+        between: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<(), MigrationError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.state.lock().unwrap();
         loop {
             if let Some(why) = &state.failed {
                 return Err(MigrationError::Aborted(format!("another container of the pod failed ({why}); the pod moves whole or not at all")));
             }
-            if state.leader_admitted {
+            if reached(&state) {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let why = format!("`{who}` waited {} s for the pod's leader to be accepted", timeout.as_secs());
-                state.failed.get_or_insert(why.clone());
+                state.failed.get_or_insert(timed_out.to_string());
                 self.changed.notify_all();
-                return Err(MigrationError::Aborted(why));
+                return Err(MigrationError::Aborted(timed_out.to_string()));
             }
-            state = self.changed.wait_timeout(state, left).unwrap().0;
+            state = self.changed.wait_timeout(state, left.min(Duration::from_secs(1))).unwrap().0;
+            if state.failed.is_none() && !reached(&state) {
+                drop(state);
+                between().map_err(MigrationError::Aborted)?;
+                state = self.state.lock().unwrap();
+            }
         }
     }
 
