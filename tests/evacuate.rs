@@ -321,6 +321,10 @@ fn bench_evacuate() {
             totals.entry(parallel).or_default().push(s["total_ms"].as_u64().unwrap());
             worst_frozen.entry(parallel).or_default().push(frozen_of(&s).into_iter().max().unwrap());
             eprintln!("run {run} --parallel {parallel}: total {} ms, frozen {:?} ms", s["total_ms"], frozen_of(&s));
+            // Where the longest frozen time went.
+            if let Some(worst) = out.events.iter().filter(|e| e["event"] == "result").max_by_key(|e| e["frozen_ms"].as_u64()) {
+                eprintln!("  longest: {} {}", worst["container"], worst["frozen_phases"]);
+            }
             let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
             drop(list);
             remove_moved(&bed, &ids);

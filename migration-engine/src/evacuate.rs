@@ -38,6 +38,8 @@ pub struct EvacuateOptions {
     pub containers: Option<Vec<String>>,
     /// Most units (a container, or a pod) in flight at once.
     pub parallel: usize,
+    /// How many may be frozen at once; None: [`FreezeSlots::for_this_host`].
+    pub freeze_slots: Option<Arc<FreezeSlots>>,
 }
 
 /// What became of one container.
@@ -74,6 +76,60 @@ pub struct Summary {
     pub containers: Vec<ContainerOutcome>,
 }
 
+/// How many of an evacuation's migrations may be frozen at once. The
+/// others go on with what they do while their container runs (connect,
+/// rootfs sync, pre-copy) and wait for a slot before the freeze: frozen
+/// windows that overlap share the CPUs, and each lasts longer
+/// (docs/performance.md, "evacuate").
+#[derive(Debug)]
+pub struct FreezeSlots {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A slot taken; given back when dropped.
+#[derive(Debug)]
+pub struct FreezeSlot(Arc<FreezeSlots>);
+
+impl FreezeSlots {
+    pub fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Self { free: Mutex::new(slots.max(1)), freed: std::sync::Condvar::new() })
+    }
+
+    /// One a core pair: a frozen window keeps about two CPUs busy (CRIU
+    /// and the sender's stream, then the destination's restore).
+    pub fn for_this_host() -> Arc<Self> {
+        Self::new(std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1))
+    }
+
+    /// Waits for a slot, calling `still_there` every second meanwhile;
+    /// None when it says false.
+    pub fn acquire(self: &Arc<Self>, still_there: &mut dyn FnMut() -> bool) -> Option<FreezeSlot> {
+        let mut free = self.free.lock().unwrap();
+        loop {
+            if *free > 0 {
+                *free -= 1;
+                return Some(FreezeSlot(self.clone()));
+            }
+            free = self.freed.wait_timeout(free, std::time::Duration::from_secs(1)).unwrap().0;
+            if *free == 0 {
+                drop(free);
+                if !still_there() {
+                    return None;
+                }
+                free = self.free.lock().unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for FreezeSlot {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap() += 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// Units in flight at once when `--parallel` is not given: one a core,
 /// at most one per 2 GiB of available memory (each stages images and
 /// holds buffers), between 1 and 4.
@@ -103,6 +159,8 @@ pub fn evacuate(opts: &EvacuateOptions, rep: &Reporter) -> Result<Summary, Migra
         opts.send.bwlimit.as_ref().map(|r| format!(", {} bytes/s shared", r.bytes_per_s())).unwrap_or_default()
     ));
     let queue = Mutex::new(units.into_iter().collect::<VecDeque<Unit>>());
+    let mut send = opts.send.clone();
+    send.freeze_slots = Some(opts.freeze_slots.clone().unwrap_or_else(FreezeSlots::for_this_host));
     let outcomes = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..parallel {
@@ -111,7 +169,7 @@ pub fn evacuate(opts: &EvacuateOptions, rep: &Reporter) -> Result<Summary, Migra
                 let moved = if crate::interrupt::interrupted() {
                     stayed_all(&unit, "not started: the evacuation was interrupted")
                 } else {
-                    move_unit(&opts.send, unit, rep)
+                    move_unit(&send, unit, rep)
                 };
                 outcomes.lock().unwrap().extend(moved);
             });
@@ -326,6 +384,21 @@ mod tests {
         let stayed = stayed_all(&Unit::Stays { members: vec!["a".into(), "b".into()], reason: "why".into() }, "why");
         assert_eq!(stayed.len(), 2);
         assert!(stayed.iter().all(|o| !o.moved && o.exit_code == 3 && o.source_state == "running"));
+    }
+
+    #[test]
+    fn freeze_slots_let_so_many_freeze_at_once_and_no_more() {
+        let slots = FreezeSlots::new(1);
+        let first = slots.acquire(&mut || true).unwrap();
+        let s = slots.clone();
+        let waiting = std::thread::spawn(move || s.acquire(&mut || true).map(drop).is_some());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "a second migration froze with the only slot taken");
+        drop(first);
+        assert!(waiting.join().unwrap());
+        // A waiter whose receiver is gone gives up.
+        let _held = slots.acquire(&mut || true).unwrap();
+        assert!(slots.acquire(&mut || false).is_none());
     }
 
     #[test]

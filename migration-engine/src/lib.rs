@@ -45,6 +45,7 @@ pub mod lease_guard;
 pub mod metrics;
 pub mod pods;
 pub mod precopy;
+pub mod priority;
 pub mod destination;
 pub mod rlimit_support;
 pub mod rootfs;

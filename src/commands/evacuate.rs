@@ -16,6 +16,10 @@ pub struct EvacuateArgs {
     /// cores and memory).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: Option<u16>,
+    /// Most containers frozen at once (the others wait for a slot, still
+    /// running; default: one per two cores). A pod takes none.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_frozen: Option<u16>,
     #[command(flatten)]
     pub migration: MigrationArgs,
 }
@@ -23,7 +27,7 @@ pub struct EvacuateArgs {
 impl EvacuateArgs {
     pub fn run(self) -> ExitCode {
         let parallel = self.parallel.map(usize::from).unwrap_or_else(migration_engine::evacuate::default_parallel);
-        run_evacuation(self.migration, None, parallel)
+        run_evacuation(self.migration, None, parallel, self.max_frozen)
     }
 }
 
@@ -31,7 +35,7 @@ impl EvacuateArgs {
 /// (text on standard output, or the `summary` event with --json) and
 /// exits 0 when every container moved, else with the most serious of
 /// their outcomes' codes.
-pub fn run_evacuation(migration: MigrationArgs, containers: Option<Vec<String>>, parallel: usize) -> ExitCode {
+pub fn run_evacuation(migration: MigrationArgs, containers: Option<Vec<String>>, parallel: usize, max_frozen: Option<u16>) -> ExitCode {
     let json = migration.json;
     let (rep, _metrics) = match migration.reporter() {
         Ok(served) => served,
@@ -40,7 +44,7 @@ pub fn run_evacuation(migration: MigrationArgs, containers: Option<Vec<String>>,
     // A signal stops what is in flight (each rolls back) and starts
     // nothing more; the summary still comes.
     migration_engine::interrupt::stop_cleanly();
-    let opts = EvacuateOptions { send: migration.options(String::new(), None), containers, parallel };
+    let opts = EvacuateOptions { send: migration.options(String::new(), None), containers, parallel, freeze_slots: max_frozen.map(|n| migration_engine::evacuate::FreezeSlots::new(n.into())) };
     match evacuate(&opts, &rep) {
         Ok(summary) => {
             if !json {

@@ -29,6 +29,10 @@ pub struct SendArgs {
     /// default from this host's cores and memory).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: Option<u16>,
+    /// With several containers: most frozen at once (the others wait for
+    /// a slot, still running; default: one per two cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_frozen: Option<u16>,
     #[command(flatten)]
     pub migration: MigrationArgs,
 }
@@ -194,6 +198,7 @@ impl MigrationArgs {
             allow_postcopy: self.allow_postcopy,
             postcopy_lease: Duration::from_millis(self.postcopy_lease),
             pod: None,
+            freeze_slots: None,
         }
     }
 
@@ -218,7 +223,7 @@ impl SendArgs {
             }
             let parallel = self.parallel.map(usize::from).unwrap_or_else(migration_engine::evacuate::default_parallel);
             let containers = Some(self.containers);
-            return super::evacuate::run_evacuation(self.migration, containers, parallel);
+            return super::evacuate::run_evacuation(self.migration, containers, parallel, self.max_frozen);
         }
         let (rep, _metrics) = match self.migration.reporter() {
             Ok(served) => served,

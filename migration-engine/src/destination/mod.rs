@@ -429,6 +429,9 @@ struct Session<'a> {
     /// The pod this container is a member of, once admitted, and whether
     /// it leads it (see [`pods`]).
     pod: Option<(String, bool)>,
+    /// Until the source froze, this session yields the CPUs to sessions
+    /// whose source is frozen (see [`crate::priority`]).
+    background: Option<crate::priority::Background>,
 }
 
 fn refused(msg: String) -> (MigrationError, Outcome) {
@@ -465,6 +468,7 @@ impl<'a> Session<'a> {
             frozen_since: None,
             frozen_ms: None,
             pod: None,
+            background: Some(crate::priority::Background::enter()),
         })
     }
 

@@ -70,6 +70,11 @@ impl<'a> Session<'a> {
                         // The sender froze the source just before this
                         // pass's first record.
                         self.frozen_since = Some(pass_began);
+                        // The source is frozen: this session's work comes
+                        // before that of migrations whose source runs.
+                        if let Some(bg) = self.background.as_mut() {
+                            bg.foreground();
+                        }
                         order.frozen_pass_ended();
                         check = Some(rootfs::verify::start(&mut tree, end));
                     }

@@ -103,6 +103,9 @@ pub struct SendOptions {
     /// This container is one member of a pod moving together (see
     /// [`pod`]); None for a container moving alone.
     pub pod: Option<pod::PodMember>,
+    /// Several migrations at once (`evacuate`): how many may be frozen at
+    /// the same time (see [`crate::evacuate::FreezeSlots`]).
+    pub freeze_slots: Option<std::sync::Arc<crate::evacuate::FreezeSlots>>,
 }
 
 /// The source container's network namespace, when ctmigrate moves it
@@ -162,6 +165,8 @@ pub(crate) struct Peer {
     ssh: Option<(std::process::Child, tempfile::NamedTempFile)>,
     /// While held, SIGINT or SIGTERM cuts this connection.
     interrupt_cut: Option<interrupt::Registration>,
+    /// The protocol version agreed at the handshake.
+    version: u32,
 }
 
 impl Drop for Peer {
@@ -183,6 +188,17 @@ impl Peer {
     pub(crate) fn flush(&mut self) -> Result<(), MigrationError> {
         self.writer.flush()?;
         Ok(())
+    }
+
+    /// Tells a receiver that waits for our next frame that we are still
+    /// there (version 6 and later skip it; older ones would refuse it, and
+    /// are told nothing: their --timeout then bounds the wait).
+    pub(crate) fn keepalive(&mut self) -> Result<(), MigrationError> {
+        if self.version < migration_protocol::PROTOCOL_VERSION_PODS {
+            return Ok(());
+        }
+        self.writer.write_frame(MessageKind::Keepalive, b"")?;
+        self.flush()
     }
 
     pub(crate) fn read_with_timeout(&mut self, t: Duration) -> Result<migration_protocol::Frame, MigrationError> {
@@ -255,6 +271,9 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
     let started = Instant::now();
     #[cfg(feature = "failpoints")]
     crate::failpoints::set_scope(&opts.container);
+    // One migration of several: until its freeze slot, it yields the CPUs
+    // to those frozen (see crate::priority).
+    let background = opts.freeze_slots.is_some().then(crate::priority::Background::enter);
     let dest_id = opts.dest_id.clone().unwrap_or_else(|| opts.container.clone());
     let mut result = ResultEvent {
         ok: false,
@@ -304,7 +323,9 @@ pub fn send(opts: &SendOptions, rep: &Reporter) -> Result<SendReport, Failure> {
             peer = prepared.peer.identity.clone();
             result.migration_id = Some(prepared.migration_id.clone());
             let host = RealSourceHost { criu_binary: opts.criu_binary.clone(), guard_exe: opts.guard_exe.clone() };
-            Migration::new(opts, prepared, rep, Box::new(host)).run(&mut result)
+            let mut migration = Migration::new(opts, prepared, rep, Box::new(host));
+            migration.background = background;
+            migration.run(&mut result)
         }
     });
     result.total_ms = started.elapsed().as_millis() as u64;
@@ -363,6 +384,10 @@ struct Migration<'a> {
     /// Post-copy: the lazy dump serving pages, and the lease.
     lazy: Option<postcopy::LazySource>,
     lease: postcopy::SourceLease,
+    /// Held from before the freeze to the end (see [`SendOptions::freeze_slots`]).
+    freeze_slot: Option<crate::evacuate::FreezeSlot>,
+    /// This thread's lowered priority until the freeze (see [`crate::priority`]).
+    background: Option<crate::priority::Background>,
 }
 
 impl<'a> Migration<'a> {
@@ -410,6 +435,8 @@ impl<'a> Migration<'a> {
             tree,
             lazy: None,
             lease: postcopy::SourceLease::new(opts.postcopy_lease),
+            freeze_slot: None,
+            background: None,
         }
     }
 
@@ -469,15 +496,14 @@ impl<'a> Migration<'a> {
         // Each member may still be syncing a large rootfs or dumping a
         // large memory: the longest of the waits a migration allows.
         let timeout = self.opts.restore_timeout.max(self.opts.io_timeout) + self.opts.io_timeout;
-        let peer = &mut self.p.peer;
         let mut keepalive_failed = None;
-        let waited = member.barrier.wait(stage, &self.opts.container, timeout, &mut || {
-            let sent = peer.writer.write_frame(MessageKind::Keepalive, b"").map_err(MigrationError::from).and_then(|_| peer.flush());
-            if let Err(e) = sent {
+        let peer = &mut self.p.peer;
+        let waited = member.barrier.wait(stage, &self.opts.container, timeout, &mut || match peer.keepalive() {
+            Ok(()) => true,
+            Err(e) => {
                 keepalive_failed = Some(e);
-                return false;
+                false
             }
-            true
         });
         match keepalive_failed {
             Some(e) => {
@@ -485,6 +511,35 @@ impl<'a> Migration<'a> {
                 Err(e)
             }
             None => waited,
+        }
+    }
+
+    /// Several migrations at once: waits, the container still running,
+    /// until it may freeze (the slot is held until the migration ends).
+    fn take_freeze_slot(&mut self) -> Result<(), MigrationError> {
+        // A pod's members freeze together, as one unit of --parallel.
+        let Some(slots) = self.opts.freeze_slots.clone().filter(|_| self.opts.pod.is_none()) else { return Ok(()) };
+        let peer = &mut self.p.peer;
+        let mut keepalive_failed = None;
+        let slot = slots.acquire(&mut || match peer.keepalive() {
+            Ok(()) => true,
+            Err(e) => {
+                keepalive_failed = Some(e);
+                false
+            }
+        });
+        match (slot, keepalive_failed) {
+            (Some(slot), _) => {
+                self.freeze_slot = Some(slot);
+                // The frozen window (and CRIU, started from this thread)
+                // runs at full priority.
+                if let Some(bg) = self.background.as_mut() {
+                    bg.foreground();
+                }
+                Ok(())
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(MigrationError::Other("the freeze slots were dropped".into())),
         }
     }
 
@@ -523,6 +578,11 @@ impl<'a> Migration<'a> {
                 let e = self.explain_send_error(e);
                 return Err(self.fail(e));
             }
+        }
+        // With others migrating at once, only a few freeze at a time: their
+        // frozen windows would share the CPUs and each last longer.
+        if let Err(e) = self.take_freeze_slot() {
+            return Err(self.fail(e));
         }
         // What changed during the initial pass goes now, so that little is
         // left for the frozen one.
@@ -575,7 +635,10 @@ impl<'a> Migration<'a> {
             return Err(self.fail(e));
         }
 
-        let acknowledged = self.commit(result)?;
+        let acknowledged = self.commit(result);
+        // The frozen window is over: another migration may freeze.
+        self.freeze_slot = None;
+        let acknowledged = acknowledged?;
         // Post-copy's frozen time ends when the destination's copy runs.
         result.frozen_ms = Some(self.lease.granted_after(frozen_at).unwrap_or_else(|| frozen_at.elapsed()).as_millis() as u64);
         if !acknowledged {

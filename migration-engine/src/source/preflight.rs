@@ -199,6 +199,7 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
                 writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit.clone()))),
                 ssh: None,
                 interrupt_cut: None,
+                version: 0,
             }
         }
         ssh_dest @ crate::transport::Destination::Ssh { .. } => {
@@ -222,6 +223,7 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
                 writer: FrameWriter::new(BufWriter::with_capacity(256 * 1024, crate::transport::Throttle::new(conn, link.bwlimit.clone()))),
                 ssh: Some((child, stderr)),
                 interrupt_cut: None,
+                version: 0,
             }
         }
     };
@@ -250,6 +252,7 @@ pub(crate) fn connect_peer(link: &PeerLink<'_>, rep: Option<&Reporter>, register
             ack.software, ack.version
         )));
     }
+    peer.version = ack.version;
     Ok((peer, ack))
 }
 

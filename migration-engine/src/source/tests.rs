@@ -240,6 +240,7 @@ fn migrate(answer: Answer, freeze_fails: bool, criu_fails: bool) -> Run {
         allow_postcopy: false,
         postcopy_lease: Duration::from_secs(4),
         pod: None,
+        freeze_slots: None,
     };
     let freezer = container_runtime::Freezer { path: dir.path().join("cgroup"), version: container_runtime::cgroup::CgroupVersion::V2 };
     let found = Inspected {
