@@ -120,13 +120,13 @@ mod tests {
         match parsed.command {
             Command::Send(a) => {
                 assert_eq!(a.containers, ["a", "b"]);
-                assert_eq!(a.parallel, Some(3));
+                assert_eq!(a.fleet.parallel, Some(3));
             }
             _ => unreachable!("parsed as send"),
         }
         match Cli::try_parse_from(["ctmigrate", "evacuate", "--to", "tcp://h:1", "--runtime-root", "/run/x", "--json"]).unwrap().command {
             Command::Evacuate(a) => {
-                assert_eq!(a.parallel, None);
+                assert_eq!(a.fleet.parallel, None);
                 let o = a.migration.options("web".into(), None);
                 assert_eq!(o.runtime_root, std::path::PathBuf::from("/run/x"));
             }

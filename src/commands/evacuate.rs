@@ -12,22 +12,30 @@ use super::{exit, fail};
 
 #[derive(clap::Args)]
 pub struct EvacuateArgs {
-    /// Most moved at once (a pod counts once; default from this host's
-    /// cores and memory).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub parallel: Option<u16>,
-    /// Most containers frozen at once (the others wait for a slot, still
-    /// running; default: one per two cores). A pod takes none.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub max_frozen: Option<u16>,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     #[command(flatten)]
     pub migration: MigrationArgs,
 }
 
+/// How several migrations share the host: `evacuate`, and `send` with
+/// several containers.
+#[derive(clap::Args)]
+pub struct FleetArgs {
+    /// With several containers: most moved at once (a pod counts once;
+    /// default from this host's cores and memory).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: Option<u16>,
+    /// With several containers: most frozen at once (the others wait for
+    /// a slot, still running; default: one per two cores). A pod takes
+    /// none.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_frozen: Option<u16>,
+}
+
 impl EvacuateArgs {
     pub fn run(self) -> ExitCode {
-        let parallel = self.parallel.map(usize::from).unwrap_or_else(migration_engine::evacuate::default_parallel);
-        run_evacuation(self.migration, None, parallel, self.max_frozen)
+        run_evacuation(self.migration, None, &self.fleet)
     }
 }
 
@@ -35,7 +43,9 @@ impl EvacuateArgs {
 /// (text on standard output, or the `summary` event with --json) and
 /// exits 0 when every container moved, else with the most serious of
 /// their outcomes' codes.
-pub fn run_evacuation(migration: MigrationArgs, containers: Option<Vec<String>>, parallel: usize, max_frozen: Option<u16>) -> ExitCode {
+pub fn run_evacuation(migration: MigrationArgs, containers: Option<Vec<String>>, fleet: &FleetArgs) -> ExitCode {
+    let parallel = fleet.parallel.map(usize::from).unwrap_or_else(migration_engine::evacuate::default_parallel);
+    let max_frozen = fleet.max_frozen;
     let json = migration.json;
     let (rep, _metrics) = match migration.reporter() {
         Ok(served) => served,

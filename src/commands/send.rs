@@ -25,14 +25,8 @@ pub struct SendArgs {
     /// only with one container.
     #[arg(long)]
     pub dest_id: Option<String>,
-    /// With several containers: most moved at once (a pod counts once;
-    /// default from this host's cores and memory).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub parallel: Option<u16>,
-    /// With several containers: most frozen at once (the others wait for
-    /// a slot, still running; default: one per two cores).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub max_frozen: Option<u16>,
+    #[command(flatten)]
+    pub fleet: super::evacuate::FleetArgs,
     #[command(flatten)]
     pub migration: MigrationArgs,
 }
@@ -221,9 +215,8 @@ impl SendArgs {
             if self.dest_id.is_some() {
                 return fail("--dest-id names one container's id on the destination: give it with one container only", exit::USAGE);
             }
-            let parallel = self.parallel.map(usize::from).unwrap_or_else(migration_engine::evacuate::default_parallel);
             let containers = Some(self.containers);
-            return super::evacuate::run_evacuation(self.migration, containers, parallel, self.max_frozen);
+            return super::evacuate::run_evacuation(self.migration, containers, &self.fleet);
         }
         let (rep, _metrics) = match self.migration.reporter() {
             Ok(served) => served,
