@@ -236,6 +236,38 @@ fn a_sender_killed_during_a_pods_commit_leaves_the_pod_whole_on_one_side() {
     remove_moved(bed, &[pause, app]);
 }
 
+/// The receiver dies between the pod's two commits: the first member's
+/// Commit was journalled, the second member's session (held back before
+/// reading its own) dies with it. The pod's commit was journalled first,
+/// so the restarted receiver lets the second copy run too, and each
+/// sender, in doubt, learns that both committed: the pod is whole on the
+/// destination, nothing on the source.
+#[test]
+fn a_receiver_killed_between_a_pods_commits_runs_the_whole_pod_after_its_restart() {
+    let Some(f) = fleet("evd") else { return };
+    let bed = &f.bed;
+    let (pause, app) = (f.pod[0].0.id.clone(), f.pod[1].0.id.clone());
+    let port = common::port();
+    let faults = format!("receiver-after-commit-journalled@{pause}=exit,receiver-after-ready@{app}=sleep:3000");
+    let mut receiver = bed.spawn_receiver(port, &["--bridge", &f.net.bridge, "--max-migrations", "8"], &[("CTMIGRATE_FAILPOINTS", &faults)]).unwrap();
+    let mut sender = migration_testbed::ChildProcess::spawn(bed.source_command_for(&["send", &pause, &app], port, &["--mode", "stop-copy", "--in-doubt-timeout", "120"])).unwrap();
+    // Killed by its failpoint: it ends without an exit code.
+    let died = common::wait_for(Duration::from_secs(60), || receiver.child.try_wait().ok().flatten());
+    assert!(died.is_some_and(|status| status.code().is_none()), "the receiver was to die at its failpoint: {died:?}");
+    // A new receiver on the same address settles what the dead one left.
+    let _restarted = bed.spawn_receiver(port, &["--bridge", &f.net.bridge, "--max-migrations", "8"], &[]).unwrap();
+    let code = sender.wait(Duration::from_secs(150));
+    assert_eq!(code, Some(0), "the senders did not settle as migrated: {}", sender.stderr());
+    let on_source = bed.src_runc.list().unwrap();
+    assert!(!on_source.contains(&pause) && !on_source.contains(&app), "the source still has {on_source:?}");
+    for (c, token) in &f.pod {
+        assert_moved(bed, &c.id, token);
+    }
+    let pid = |id: &str| bed.dst_runc.state(id).unwrap().pid;
+    assert_eq!(netns_inode(&format!("/proc/{}/ns/net", pid(&pause))), netns_inode(&format!("/proc/{}/ns/net", pid(&app))));
+    remove_moved(bed, &[pause, app]);
+}
+
 /// A pod member cannot move alone (its namespace would be taken from the
 /// other), and a list with a container that does not run, or a
 /// destination id for several, is refused with one line; nothing moves.

@@ -103,6 +103,11 @@ pub struct DestinationPlan {
     pub bundle: PathBuf,
     pub work_dir: PathBuf,
     pub network: Option<container_network::NetworkRecord>,
+    /// The pod this container arrived in, if any: once the pod is
+    /// committed ([`Journal::pod_committed`]) this copy is committed too,
+    /// even if its own Commit never came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,6 +310,27 @@ impl Journal {
         all
     }
 
+    /// Records, durably, that pod `pod_id` is committed (its first member's
+    /// Commit came): every member's copy is the container from now on.
+    pub fn mark_pod_committed(&self, pod_id: &str) -> Result<(), JournalError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(Self::io(&self.dir))?;
+        let path = self.pod_path(pod_id);
+        let file = std::fs::File::create(&path).map_err(Self::io(&path))?;
+        file.sync_all().map_err(Self::io(&path))?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(Self::io(&self.dir))
+    }
+
+    /// Whether [`mark_pod_committed`](Self::mark_pod_committed) recorded
+    /// pod `pod_id`.
+    pub fn pod_committed(&self, pod_id: &str) -> bool {
+        self.pod_path(pod_id).exists()
+    }
+
+    fn pod_path(&self, pod_id: &str) -> PathBuf {
+        self.dir.join(format!("pod-{pod_id}.committed"))
+    }
+
     /// Removes the oldest finished entries beyond [`KEEP_FINISHED`], and
     /// temporary files of writers that died.
     pub fn prune(&self) {
@@ -359,6 +385,7 @@ mod tests {
                     bundle: "/b/web".into(),
                     work_dir: "/w/recv-web-1".into(),
                     network: None,
+                    pod: None,
                 },
             },
         )

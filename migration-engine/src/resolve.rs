@@ -148,6 +148,14 @@ pub fn recover_destination(journal: &Journal, entry: &mut Entry) -> Result<Desti
     let Side::Destination { state, plan } = entry.side.clone() else {
         return Err(MigrationError::Other("not a destination entry".into()));
     };
+    // A pod member short of its own Commit when its receiver died, whose
+    // pod was committed: the source sent Commits only once every member's
+    // copy was restored and Ready, so this copy is whole; it runs too.
+    let pod_committed = plan.pod.as_deref().is_some_and(|pod| journal.pod_committed(pod));
+    let state = match state {
+        s if pod_committed && !s.is_final() && s != DestinationState::Running => DestinationState::Committed,
+        s => s,
+    };
     let end = match state {
         DestinationState::Committed => {
             let _ = std::fs::remove_file(plan.bundle.join(crate::destination::INCOMPLETE_MARKER));

@@ -66,6 +66,7 @@ impl<'a> Session<'a> {
             bundle: staging.bundle.clone(),
             work_dir: staging.work_dir.clone(),
             network: network.clone(),
+            pod: manifest.pod.as_ref().map(|p| p.id.clone()),
         };
         self.entry = Some(Entry::new(
             &manifest.migration_id,

@@ -316,7 +316,7 @@ fn serve_as(
     if let (Some((pod_id, leader)), Err(_)) = (&session.pod, &outcome) {
         // A member that failed before its pod was decided aborts it (a
         // no-op once committed: its copy is then the container's).
-        pods::PODS.decide(pod_id, pods::Decision::Aborted);
+        pods::PODS.decide(pod_id, pods::Decision::Aborted, &|| true);
         if *leader {
             pods::PODS.leader_gone(pod_id);
         }

@@ -10,9 +10,12 @@
 //!   own Commit arrives is then committed all the same), a member's
 //!   failure before that aborts every member (a later Commit is refused).
 //!
-//! The decision lives in this process: a receiver killed between two
-//! members' commits leaves the later one to the sweep of its next start,
-//! which removes it (docs/operations.md, "Pods", says so).
+//! A commit is journalled (`pod-ID.committed`) before any member acts on
+//! it: a receiver killed between two members' commits leaves the later
+//! one's entry short of its own Commit, and the next start's recovery
+//! (`resolve::recover_destination`) finds the pod committed and lets that
+//! copy run too. An abort needs no record: without one, every member's
+//! copy is removed, as for any migration.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -106,14 +109,19 @@ impl PodRegistry {
     }
 
     /// Proposes `wanted` for the pod; returns what was decided (the first
-    /// proposal wins, and stays).
-    pub(crate) fn decide(&self, pod_id: &str, wanted: Decision) -> Decision {
+    /// proposal wins, and stays). A commit counts once `record` (the
+    /// journal's) succeeded; if it fails, the pod is aborted instead.
+    pub(crate) fn decide(&self, pod_id: &str, wanted: Decision, record: &dyn Fn() -> bool) -> Decision {
         let mut pods = self.pods.lock().unwrap();
-        match pods.get_mut(pod_id) {
-            Some(e) => *e.decision.get_or_insert(wanted),
+        let Some(e) = pods.get_mut(pod_id) else {
             // Not registered (or forgotten): nothing committed it here.
-            None => Decision::Aborted,
+            return Decision::Aborted;
+        };
+        if e.decision.is_none() {
+            let recorded = wanted == Decision::Aborted || record();
+            e.decision = Some(if recorded { wanted } else { Decision::Aborted });
         }
+        e.decision.expect("just decided")
     }
 }
 
@@ -130,13 +138,22 @@ mod tests {
         let r = PodRegistry { pods: Mutex::new(BTreeMap::new()) };
         r.admit(&pod("p1"), "pause").unwrap();
         r.admit(&pod("p1"), "app").unwrap();
-        assert_eq!(r.decide("p1", Decision::Committed), Decision::Committed);
+        let recorded = std::cell::Cell::new(0);
+        let record = || {
+            recorded.set(recorded.get() + 1);
+            true
+        };
+        assert_eq!(r.decide("p1", Decision::Committed, &record), Decision::Committed);
         // A member whose connection was lost after that is committed too.
-        assert_eq!(r.decide("p1", Decision::Aborted), Decision::Committed);
+        assert_eq!(r.decide("p1", Decision::Aborted, &record), Decision::Committed);
+        assert_eq!(recorded.get(), 1, "the commit is journalled once");
         r.admit(&pod("p2"), "pause").unwrap();
-        assert_eq!(r.decide("p2", Decision::Aborted), Decision::Aborted);
-        assert_eq!(r.decide("p2", Decision::Committed), Decision::Aborted, "a Commit after a failure is refused");
-        assert_eq!(r.decide("unknown", Decision::Committed), Decision::Aborted);
+        assert_eq!(r.decide("p2", Decision::Aborted, &record), Decision::Aborted);
+        assert_eq!(r.decide("p2", Decision::Committed, &record), Decision::Aborted, "a Commit after a failure is refused");
+        assert_eq!(r.decide("unknown", Decision::Committed, &record), Decision::Aborted);
+        // A commit that cannot be journalled aborts the pod.
+        r.admit(&pod("p3"), "pause").unwrap();
+        assert_eq!(r.decide("p3", Decision::Committed, &|| false), Decision::Aborted);
     }
 
     #[test]

@@ -100,13 +100,15 @@ impl<'a> Session<'a> {
         };
         // A pod is decided once for all its members: by the first Commit,
         // or by the first failure before it.
+        let journal = &self.journal;
+        let record = |pod_id: &str| journal.mark_pod_committed(pod_id).is_ok();
         let commit = match (&self.pod, commit) {
             (None, commit) => commit,
-            (Some((pod_id, _)), Ok(())) => match pods::PODS.decide(pod_id, pods::Decision::Committed) {
+            (Some((pod_id, _)), Ok(())) => match pods::PODS.decide(pod_id, pods::Decision::Committed, &|| record(pod_id)) {
                 pods::Decision::Committed => Ok(()),
                 pods::Decision::Aborted => Err(MigrationError::Aborted(format!("pod {pod_id} was aborted: another of its containers failed"))),
             },
-            (Some((pod_id, _)), Err(e)) => match pods::PODS.decide(pod_id, pods::Decision::Aborted) {
+            (Some((pod_id, _)), Err(e)) => match pods::PODS.decide(pod_id, pods::Decision::Aborted, &|| true) {
                 pods::Decision::Committed => {
                     self.rep.warn(format!("no commit from the sender ({e}), but another container of pod {pod_id} committed it: this one is committed too"));
                     Ok(())
