@@ -331,8 +331,9 @@ impl Journal {
         self.dir.join(format!("pod-{pod_id}.committed"))
     }
 
-    /// Removes the oldest finished entries beyond [`KEEP_FINISHED`], and
-    /// temporary files of writers that died.
+    /// Removes the oldest finished entries beyond [`KEEP_FINISHED`],
+    /// temporary files of writers that died, and pod commits older than a
+    /// week (every member of a pod settles long before).
     pub fn prune(&self) {
         let finished: Vec<Entry> = self.list().into_iter().flatten().filter(Entry::is_finished).collect();
         for old in finished.iter().take(finished.len().saturating_sub(KEEP_FINISHED)) {
@@ -341,6 +342,10 @@ impl Journal {
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
+                let week_old = || e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 7 * 24 * 3600);
+                if name.starts_with("pod-") && name.ends_with(".committed") && week_old() {
+                    let _ = std::fs::remove_file(e.path());
+                }
                 if let Some(pid) = name.rsplit(".tmp-").next().filter(|_| name.contains(".tmp-")).and_then(|p| p.parse::<u32>().ok()) {
                     if !container_runtime::procinfo::exists(pid as i32) {
                         let _ = std::fs::remove_file(e.path());
