@@ -204,8 +204,17 @@ pub fn run_guard(version: &str, freezer_path: PathBuf, work_dir: PathBuf, journa
     // A resumed source gets its network back; a committed one keeps the
     // lock until its namespace goes.
     if let (Some(path), false) = (locked_netns, committed) {
-        if let Err(e) = container_network::lock::unlock(&container_network::Netns::Path(path)) {
-            eprintln!("ctmigrate guard: cannot unlock the container's network: {e}");
+        let netns = container_network::Netns::Path(path);
+        // The sender is told to lock before it does: killed while its
+        // `nft` ran, that child may still add the lock after this first
+        // unlock. It has finished well before the second.
+        for pass in 0..2 {
+            if pass > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            if let Err(e) = container_network::lock::unlock(&netns) {
+                eprintln!("ctmigrate guard: cannot unlock the container's network: {e}");
+            }
         }
     }
     // CRIU has exited: its images and logs are no one's now.

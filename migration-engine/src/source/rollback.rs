@@ -90,11 +90,13 @@ impl<'a> Migration<'a> {
     /// moves (it is always external to CRIU's dump).
     pub(super) fn lock_network(&mut self) -> Result<(), MigrationError> {
         let Some(net) = self.p.network.as_mut() else { return Ok(()) };
-        self.host.lock_network(&net.netns)?;
-        net.locked = true;
+        // The guard learns of the lock first: killed while locking, this
+        // process leaves it a lock to undo (unlocking no lock is nothing).
         if let Some(g) = self.guard.as_mut() {
             g.watch_netns_lock(&net.netns.path());
         }
+        self.host.lock_network(&net.netns)?;
+        net.locked = true;
         Ok(())
     }
 
