@@ -318,6 +318,25 @@ fn a_pod_member_alone_and_bad_lists_are_refused_with_nothing_touched() {
     assert_eq!(renamed.code, Some(2), "{}", renamed.stderr);
     assert!(renamed.stderr.contains("--dest-id"), "{}", renamed.stderr);
 
+    // A System V segment in the pod's shared IPC namespace: the pod
+    // cannot move that namespace, and stays whole.
+    let pause_ipc = format!("/proc/{}/ns/ipc", bed.src_runc.state(pause).unwrap().pid);
+    std::thread::spawn(move || {
+        nix::sched::setns(std::fs::File::open(&pause_ipc).unwrap(), nix::sched::CloneFlags::CLONE_NEWIPC).unwrap();
+        // SAFETY: shmget takes plain integers and touches no memory of ours.
+        let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600) };
+        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
+    })
+    .join()
+    .unwrap();
+    let held = CommandResult::run(bed.source_command_for(&["send", pause, app], port, &[])).unwrap();
+    assert_eq!(held.code, Some(3), "{}", held.stderr);
+    let s = summary(&held);
+    for id in [pause, app] {
+        let o = outcome(&s, id);
+        assert!(o["reason"].as_str().is_some_and(|r| r.contains("System V")), "{o}");
+    }
+
     assert_eq!(bed.src_runc.list().unwrap(), before, "a refused command changed the source");
     for (c, token) in f.pod.iter().chain(&f.counters) {
         common::assert_source_runs(bed, c, token);
