@@ -20,7 +20,6 @@
 
 pub mod arp;
 pub mod destination;
-pub mod ipcns;
 pub mod lock;
 pub mod netns;
 pub mod nudge;

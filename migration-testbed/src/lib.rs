@@ -757,11 +757,6 @@ impl Testbed {
                 }
             }
         }
-        // An IPC namespace made for a pod led by it.
-        let ipc = container_network::ipcns::ipc_namespace_path(dest_id);
-        if ipc.exists() {
-            out.push(format!("IPC namespace {}", ipc.display()));
-        }
         let cg = format!("{}/{dest_id}", self.cgroup_parent.trim_start_matches('/'));
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
             for h in rd.flatten() {

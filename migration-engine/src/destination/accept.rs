@@ -100,11 +100,6 @@ impl<'a> Session<'a> {
                 .map_err(|e| refused(format!("cannot rebuild the container's network: {e}")))?;
             staging.network = Some(record.clone());
         }
-        if let Some(pod) = manifest.pod.as_ref().filter(|p| p.ipc && p.leader == manifest.dest_id) {
-            // Removed with the pod's network (see RealDestinationHost).
-            container_network::ipcns::create_ipc_namespace(&pod.leader)
-                .map_err(|e| refused(format!("cannot make the pod's IPC namespace: {e}")))?;
-        }
         let mut criu_config = criu_config;
         for (index, tmpfs) in manifest.empty_tmpfs.iter().cloned().map(EmptyTmpfs::from).enumerate() {
             let dir = staging.mount_empty_tmpfs(index, &tmpfs).map_err(nothing)?;
@@ -159,7 +154,6 @@ impl<'a> Session<'a> {
             cgroup_parent: self.opts.cgroup_parent.clone(),
             allowed_bind_sources: self.opts.allowed_bind_sources.clone(),
             network_namespace: None,
-            ipc_namespace: None,
             poststop_hook: None,
         };
         if let Some(record) = m.network.clone().map(NetworkRecord::from) {
@@ -195,18 +189,6 @@ impl<'a> Session<'a> {
                 return Err(refused("post-copy does not move pods".into()));
             }
             super::pods::validate(pod, &m.dest_id, m.network.is_some()).map_err(refused)?;
-            if pod.ipc {
-                // Every member joins the IPC namespace made for the pod
-                // when its leader is admitted.
-                let ipc = container_network::ipcns::ipc_namespace_path(&pod.leader);
-                if pod.leader == m.dest_id && ipc.exists() {
-                    return Err(refused(format!("IPC namespace {} already exists on the destination: another pod uses it; choose another --dest-id", ipc.display())));
-                }
-                if pod.leader != m.dest_id && !ipc.exists() {
-                    return Err(refused(format!("pod {}'s IPC namespace {} does not exist: its leader `{}` is sent first", pod.id, ipc.display(), pod.leader)));
-                }
-                policy.ipc_namespace = Some(ipc);
-            }
             if pod.leader != m.dest_id {
                 // A member is restored into the namespace its leader's
                 // session built (admitted first, see pods::admit).

@@ -68,8 +68,6 @@ impl DestinationHost for RealDestinationHost {
 
     fn remove_network(&self, record: &NetworkRecord, dest_id: &str) {
         DestinationNetwork::existing(record, dest_id).remove();
-        // A pod leader's IPC namespace goes with its network.
-        let _ = container_network::ipcns::remove_ipc_namespace(dest_id);
     }
 
     fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {

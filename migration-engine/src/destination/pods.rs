@@ -130,7 +130,7 @@ mod tests {
     use super::*;
 
     fn pod(id: &str) -> PodWire {
-        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()], ipc: false }
+        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()] }
     }
 
     #[test]
