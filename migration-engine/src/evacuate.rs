@@ -167,7 +167,7 @@ pub fn evacuate(opts: &EvacuateOptions, rep: &Reporter) -> Result<Summary, Migra
             scope.spawn(|| loop {
                 let Some(unit) = queue.lock().unwrap().pop_front() else { return };
                 let moved = if crate::interrupt::interrupted() {
-                    stayed_all(&unit, "not started: the evacuation was interrupted")
+                    stayed_all(&unit.members(), "not started: the evacuation was interrupted")
                 } else {
                     move_unit(&send, unit, rep)
                 };
@@ -230,7 +230,7 @@ fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<Containe
             for m in &members {
                 rep.for_container(m).warn(format!("stays: {reason}"));
             }
-            let mut stayed = stayed_all(&Unit::Stays { members: members.clone(), reason: reason.clone() }, &reason);
+            let mut stayed = stayed_all(&members, &reason);
             if members.len() > 1 {
                 for o in &mut stayed {
                     o.pod = Some(members[0].clone());
@@ -254,23 +254,21 @@ fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<Containe
                 leader: leader.clone(),
                 members: members.clone(),
             };
-            let outcomes = Arc::new(Mutex::new(Vec::new()));
+            let outcomes = Mutex::new(Vec::new());
             std::thread::scope(|scope| {
                 for id in &members {
                     let mut opts = template.clone();
                     opts.container = id.clone();
                     opts.dest_id = None;
                     opts.pod = Some(PodMember { barrier: barrier.clone(), wire: wire.clone(), leader: *id == leader });
-                    let outcomes = outcomes.clone();
-                    let leader = leader.clone();
+                    let (outcomes, leader) = (&outcomes, leader.clone());
                     scope.spawn(move || {
                         let outcome = send_one(&opts, &rep.for_container(&opts.container), Some(leader));
                         outcomes.lock().unwrap().push(outcome);
                     });
                 }
             });
-            let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
-            outcomes
+            outcomes.into_inner().unwrap()
         }
     }
 }
@@ -311,11 +309,11 @@ fn source_state(o: Outcome) -> &'static str {
     }
 }
 
-fn stayed_all(unit: &Unit, reason: &str) -> Vec<ContainerOutcome> {
-    unit.members()
-        .into_iter()
+fn stayed_all(members: &[String], reason: &str) -> Vec<ContainerOutcome> {
+    members
+        .iter()
         .map(|container| ContainerOutcome {
-            container,
+            container: container.clone(),
             moved: false,
             source_state: "running".into(),
             reason: Some(reason.to_string()),
@@ -381,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_unit_that_stays_keeps_every_member_running() {
-        let stayed = stayed_all(&Unit::Stays { members: vec!["a".into(), "b".into()], reason: "why".into() }, "why");
+        let stayed = stayed_all(&["a".into(), "b".into()], "why");
         assert_eq!(stayed.len(), 2);
         assert!(stayed.iter().all(|o| !o.moved && o.exit_code == 3 && o.source_state == "running"));
     }

@@ -201,6 +201,18 @@ impl Peer {
         self.flush()
     }
 
+    /// A keepalive for a wait's "still there?": false, with the error kept
+    /// in `failed`, when the receiver cannot be told.
+    fn still_there(&mut self, failed: &mut Option<MigrationError>) -> bool {
+        match self.keepalive() {
+            Ok(()) => true,
+            Err(e) => {
+                *failed = Some(e);
+                false
+            }
+        }
+    }
+
     pub(crate) fn read_with_timeout(&mut self, t: Duration) -> Result<migration_protocol::Frame, MigrationError> {
         self.control.set_read_timeout(Some(t))?;
         let frame = match self.reader.read_frame() {
@@ -498,13 +510,7 @@ impl<'a> Migration<'a> {
         let timeout = self.opts.restore_timeout.max(self.opts.io_timeout) + self.opts.io_timeout;
         let mut keepalive_failed = None;
         let peer = &mut self.p.peer;
-        let waited = member.barrier.wait(stage, &self.opts.container, timeout, &mut || match peer.keepalive() {
-            Ok(()) => true,
-            Err(e) => {
-                keepalive_failed = Some(e);
-                false
-            }
-        });
+        let waited = member.barrier.wait(stage, &self.opts.container, timeout, &mut || peer.still_there(&mut keepalive_failed));
         match keepalive_failed {
             Some(e) => {
                 member.barrier.fail(&self.opts.container, &e.to_string());
@@ -521,13 +527,7 @@ impl<'a> Migration<'a> {
         let Some(slots) = self.opts.freeze_slots.clone().filter(|_| self.opts.pod.is_none()) else { return Ok(()) };
         let peer = &mut self.p.peer;
         let mut keepalive_failed = None;
-        let slot = slots.acquire(&mut || match peer.keepalive() {
-            Ok(()) => true,
-            Err(e) => {
-                keepalive_failed = Some(e);
-                false
-            }
-        });
+        let slot = slots.acquire(&mut || peer.still_there(&mut keepalive_failed));
         match (slot, keepalive_failed) {
             (Some(slot), _) => {
                 self.freeze_slot = Some(slot);
