@@ -1,8 +1,9 @@
 //! Draining a host: `ctmigrate evacuate` moves every running container of
 //! the source's runtime root, several at once, and says which moved and
 //! which stayed. Five containers: two counters alone, a two-container pod
-//! sharing a named network namespace (its members restored into one
-//! rebuilt namespace), and an echo server with a live TCP client.
+//! sharing a named network namespace and, as Kubernetes pods do, an IPC
+//! namespace (its members restored into one rebuilt network namespace and
+//! one new IPC namespace), and an echo server with a live TCP client.
 //!
 //! With a fault in one container's migration and one in a pod member's,
 //! that container and the whole pod stay on the source running, the
@@ -34,12 +35,22 @@ impl Drop for Fleet {
     }
 }
 
-/// A counter container on the source, joined to `netns` if given; its
-/// token once it counts.
-fn start_counter(bed: &Testbed, id: &str, netns: Option<&PathBuf>) -> (FixtureContainer, String) {
+/// A counter container on the source, joined to `netns` and to the IPC
+/// namespace `ipc` if given; its token once it counts.
+fn start_counter(bed: &Testbed, id: &str, netns: Option<&PathBuf>, ipc: Option<&PathBuf>) -> (FixtureContainer, String) {
     let bundle = bed.fixture_bundle(id, &Workload::Counter).unwrap();
     if let Some(ns) = netns {
         join_network_namespace(&bundle, ns).unwrap();
+    }
+    if let Some(ipc) = ipc {
+        let path = bundle.join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for ns in cfg["linux"]["namespaces"].as_array_mut().unwrap() {
+            if ns["type"] == "ipc" {
+                ns["path"] = ipc.to_string_lossy().into_owned().into();
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     }
     let c = FixtureContainer::start(bed.src_runc.clone(), id, &bundle).unwrap();
     let (token, _) = common::counter_at_least(&c.rootfs(), 3);
@@ -56,9 +67,43 @@ fn fleet(prefix: &str) -> Option<Fleet> {
     ip(&["-n", &pod_netns, "link", "set", "lo", "up"]);
     let pod_path = PathBuf::from("/run/netns").join(&pod_netns);
     let echo = start_echo(&bed, &net, &format!("echo-{tag}"));
-    let counters = ["c1", "c2"].iter().map(|n| start_counter(&bed, &format!("{n}-{tag}"), None)).collect();
-    let pod = ["pause", "app"].iter().map(|n| start_counter(&bed, &format!("{n}-{tag}"), Some(&pod_path))).collect();
+    let counters = ["c1", "c2"].iter().map(|n| start_counter(&bed, &format!("{n}-{tag}"), None, None)).collect();
+    // As Kubernetes makes a pod: the app joins the pause container's IPC
+    // namespace, both join the pod's network namespace.
+    let pause = start_counter(&bed, &format!("pause-{tag}"), Some(&pod_path), None);
+    let pause_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", bed.src_runc.state(&pause.0.id).unwrap().pid));
+    // A setting of the pod's IPC namespace, which must move with it.
+    ipc_setting(&pause_ipc, Some(POD_MSGMNB));
+    let app = start_counter(&bed, &format!("app-{tag}"), Some(&pod_path), Some(&pause_ipc));
+    let pod = vec![pause, app];
     Some(Fleet { counters, pod, echo, pod_netns, net, bed })
+}
+
+/// The pod's `kernel.msgmnb`, not the kernel's default (16384).
+const POD_MSGMNB: &str = "12345";
+
+/// `kernel.msgmnb` of the IPC namespace at `ns` (set first to `value` if
+/// given), by a thread that enters it.
+fn ipc_setting(ns: &std::path::Path, value: Option<&str>) -> String {
+    let (ns, value) = (ns.to_path_buf(), value.map(str::to_string));
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWIPC).unwrap();
+        if let Some(v) = value {
+            std::fs::write("/proc/sys/kernel/msgmnb", v).unwrap();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/msgmnb").unwrap().trim().to_string()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The pod's IPC namespace's file goes once every member's receiver
+/// session ended (the receiver may end a session just after its sender).
+fn assert_pod_ipc_file_goes(leader: &str) {
+    let file = PathBuf::from(format!("/run/ctmigrate/ipcns/{leader}"));
+    common::wait_for(Duration::from_secs(10), || (!file.exists()).then_some(()))
+        .unwrap_or_else(|| panic!("{} outlived the pod's migration", file.display()));
 }
 
 fn summary(out: &CommandResult) -> serde_json::Value {
@@ -131,6 +176,13 @@ fn evacuate_moves_every_container_a_pod_whole_and_a_live_connection() {
     let (pause_ns, app_ns) = (netns_inode(&format!("/proc/{}/ns/net", pid(pause))), netns_inode(&format!("/proc/{}/ns/net", pid(app))));
     assert_eq!(pause_ns, app_ns, "the pod's members are in two namespaces on the destination");
     assert_eq!(pause_ns, netns_inode(&format!("/run/netns/ctmigrate-{leader}")));
+    // And one IPC namespace, made for the pod, holding its settings.
+    let ipc = |id: &str| netns_inode(&format!("/proc/{}/ns/ipc", pid(id)));
+    assert_eq!(ipc(pause), ipc(app), "the pod's members are in two IPC namespaces on the destination");
+    assert_ne!(ipc(pause), netns_inode("/proc/self/ns/ipc"), "the pod runs in the host's IPC namespace");
+    let moved_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", pid(app)));
+    assert_eq!(ipc_setting(&moved_ipc, None), POD_MSGMNB, "the pod's IPC settings did not move");
+    assert_pod_ipc_file_goes(&leader);
 
     // The client's connection carries on to the moved echo server.
     net.route_via(Side::Destination).unwrap();
@@ -138,11 +190,22 @@ fn evacuate_moves_every_container_a_pod_whole_and_a_live_connection() {
     let total = client.finish();
     eprintln!("{total} numbers echoed in order across the evacuation");
 
+    // The pod's leader deleted first: the other member keeps the pod's
+    // namespace, and the last member's deletion removes it.
+    let member = if *pause == leader { app } else { pause };
+    let pod_netns = PathBuf::from(format!("/run/netns/ctmigrate-{leader}"));
+    drop(bed.dst_container(&leader));
+    assert!(pod_netns.exists(), "deleting the pod's leader removed the namespace its other member runs in");
+    assert_eq!(netns_inode(&format!("/proc/{}/ns/net", pid(member))), netns_inode(&pod_netns.to_string_lossy()));
+    drop(bed.dst_container(member));
+    assert!(!pod_netns.exists(), "the pod's namespace outlived its last member");
+
     let ids: Vec<String> = [&f.echo.id, pause, app].into_iter().cloned().chain(f.counters.iter().map(|(c, _)| c.id.clone())).collect();
     remove_moved(bed, &ids);
     let left = net.leftovers(&f.echo.id, false);
     assert!(left.is_empty(), "network left behind: {left:#?}");
     assert!(!PathBuf::from(format!("/run/netns/ctmigrate-{leader}")).exists(), "the pod's namespace outlived its containers");
+    assert!(!PathBuf::from(format!("/run/ctmigrate/ipcns/{leader}")).exists(), "the pod's IPC namespace outlived its containers");
 }
 
 #[test]
@@ -154,11 +217,17 @@ fn a_fault_keeps_one_container_and_one_pod_whole_on_the_source() {
     let (c1, c2) = (&f.counters[0].0.id, &f.counters[1].0.id);
     let (pause, app) = (&f.pod[0].0.id, &f.pod[1].0.id);
 
-    // The pod's second member fails on the destination after its restore;
-    // the counter c1 fails on the source once frozen.
+    // The pod's leader fails on the destination after its restore, while
+    // the other member's restore, held back, is still to come: it must
+    // find the pod's namespaces there (they go with the pod's last
+    // session, not with the leader's copy). The counter c1 fails on the
+    // source once frozen.
     let port = common::port();
-    let receiver_fault = format!("receiver-after-restore@{app}=error");
-    let _receiver = bed.spawn_receiver(port, &["--bridge", &net.bridge, "--max-migrations", "8"], &[("CTMIGRATE_FAILPOINTS", &receiver_fault)]).unwrap();
+    // (The leader is `app`: both join a named namespace, and the first by
+    // id leads.)
+    let (leader, member) = (app, pause);
+    let receiver_fault = format!("receiver-after-restore@{leader}=error,receiver-before-restore@{member}=sleep:4000");
+    let mut receiver = bed.spawn_receiver(port, &["--bridge", &net.bridge, "--max-migrations", "8"], &[("CTMIGRATE_FAILPOINTS", &receiver_fault)]).unwrap();
     let mut cmd = bed.evacuate_command(port, &["--tcp-established", "--parallel", "3", "--mode", "stop-copy"]);
     cmd.env("CTMIGRATE_FAILPOINTS", format!("sender-after-freeze@{c1}=error"));
     let out = CommandResult::run(cmd).unwrap();
@@ -171,8 +240,18 @@ fn a_fault_keeps_one_container_and_one_pod_whole_on_the_source() {
         assert_eq!((o["moved"].as_bool(), o["source_state"].as_str()), (Some(false), Some("running")), "{o}");
         assert!(o["reason"].as_str().is_some_and(|r| !r.is_empty()), "no reason for {id}: {o}");
     }
-    // (The other member says why it stopped: the pod's failure, or its own
-    // restore failing once the leader's copy and namespace were removed.)
+    // The other member stopped for the pod's sake; on the destination its
+    // restore, after the leader's copy was gone, still found the pod's
+    // namespaces (then the sender's Abort removed it).
+    assert_eq!(outcome(&s, member)["pod"].as_str(), Some(leader.as_str()), "the pod's leader is not the one the fault was meant for");
+    let why = outcome(&s, member)["reason"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("another container of the pod failed"), "{member} stayed for another reason: {why}");
+    let restored = format!("restored `{member}`");
+    let seen = common::wait_for(Duration::from_secs(10), || {
+        receiver.poll_events();
+        receiver.events.iter().any(|e| e["event"] == "warning" && e["message"].as_str().is_some_and(|m| m.contains(&restored))).then_some(())
+    });
+    assert!(seen.is_some(), "{member}'s restore failed once its leader's copy was removed: {:?}", receiver.events.iter().filter(|e| e["event"] == "result").collect::<Vec<_>>());
 
     // What stayed runs on the source as it was, the pod still sharing its
     // namespace; nothing of it is on the destination.
@@ -187,9 +266,14 @@ fn a_fault_keeps_one_container_and_one_pod_whole_on_the_source() {
     let mut moved = vec![f.echo.id.clone(), c2.clone()];
     moved.sort();
     assert_eq!(on_destination, moved, "the destination holds other than what moved");
+    // The pod's namespaces go with its last session on the destination.
     for id in [pause, app] {
-        assert!(!PathBuf::from(format!("/run/netns/ctmigrate-{id}")).exists(), "a namespace built for the pod is left on the destination");
+        let netns = PathBuf::from(format!("/run/netns/ctmigrate-{id}"));
+        let gone = common::wait_for(Duration::from_secs(10), || (!netns.exists()).then_some(()));
+        assert!(gone.is_some(), "a namespace built for the pod is left on the destination");
+        assert_pod_ipc_file_goes(id);
     }
+    assert_eq!(netns_inode(&format!("/proc/{}/ns/ipc", src_pid(pause))), netns_inode(&format!("/proc/{}/ns/ipc", src_pid(app))), "the pod's members no longer share their IPC namespace");
     assert_moved(bed, c2, &f.counters[1].1);
     net.route_via(Side::Destination).unwrap();
     client.assert_flowing(5_000, Duration::from_secs(90), "after evacuating");
@@ -229,7 +313,12 @@ fn a_sender_killed_during_a_pods_commit_leaves_the_pod_whole_on_one_side() {
         assert_moved(bed, &c.id, token);
     }
     let pid = |id: &str| bed.dst_runc.state(id).unwrap().pid;
-    assert_eq!(netns_inode(&format!("/proc/{}/ns/net", pid(&pause))), netns_inode(&format!("/proc/{}/ns/net", pid(&app))));
+    for kind in ["net", "ipc"] {
+        assert_eq!(netns_inode(&format!("/proc/{}/ns/{kind}", pid(&pause))), netns_inode(&format!("/proc/{}/ns/{kind}", pid(&app))), "{kind}");
+    }
+    let moved_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", pid(&app)));
+    assert_eq!(ipc_setting(&moved_ipc, None), POD_MSGMNB, "the pod's IPC settings did not move");
+    assert_pod_ipc_file_goes(&pause);
     receiver.poll_events();
     for e in receiver.events.iter().filter(|e| e["event"] == "warning" || e["event"] == "result") {
         eprintln!("receiver: {e}");
@@ -265,7 +354,12 @@ fn a_receiver_killed_between_a_pods_commits_runs_the_whole_pod_after_its_restart
         assert_moved(bed, &c.id, token);
     }
     let pid = |id: &str| bed.dst_runc.state(id).unwrap().pid;
-    assert_eq!(netns_inode(&format!("/proc/{}/ns/net", pid(&pause))), netns_inode(&format!("/proc/{}/ns/net", pid(&app))));
+    for kind in ["net", "ipc"] {
+        assert_eq!(netns_inode(&format!("/proc/{}/ns/{kind}", pid(&pause))), netns_inode(&format!("/proc/{}/ns/{kind}", pid(&app))), "{kind}");
+    }
+    // The dead receiver's sessions left the IPC namespace's file; the
+    // restarted one's recovery removes it.
+    assert_pod_ipc_file_goes(&pause);
     remove_moved(bed, &[pause, app]);
 }
 
@@ -291,6 +385,25 @@ fn a_pod_member_alone_and_bad_lists_are_refused_with_nothing_touched() {
     let renamed = CommandResult::run(bed.source_command_for(&["send", pause, app, "--dest-id", "x"], port, &[])).unwrap();
     assert_eq!(renamed.code, Some(2), "{}", renamed.stderr);
     assert!(renamed.stderr.contains("--dest-id"), "{}", renamed.stderr);
+
+    // A System V segment in the pod's shared IPC namespace: the pod
+    // cannot move that namespace, and stays whole.
+    let pause_ipc = format!("/proc/{}/ns/ipc", bed.src_runc.state(pause).unwrap().pid);
+    std::thread::spawn(move || {
+        nix::sched::setns(std::fs::File::open(&pause_ipc).unwrap(), nix::sched::CloneFlags::CLONE_NEWIPC).unwrap();
+        // SAFETY: shmget takes plain integers and touches no memory of ours.
+        let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600) };
+        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
+    })
+    .join()
+    .unwrap();
+    let held = CommandResult::run(bed.source_command_for(&["send", pause, app], port, &[])).unwrap();
+    assert_eq!(held.code, Some(3), "{}", held.stderr);
+    let s = summary(&held);
+    for id in [pause, app] {
+        let o = outcome(&s, id);
+        assert!(o["reason"].as_str().is_some_and(|r| r.contains("System V")), "{o}");
+    }
 
     assert_eq!(bed.src_runc.list().unwrap(), before, "a refused command changed the source");
     for (c, token) in f.pod.iter().chain(&f.counters) {

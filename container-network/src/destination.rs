@@ -191,6 +191,10 @@ impl DestinationNetwork {
         if let Err(e) = netns.remove() {
             first_error.get_or_insert(e);
         }
+        // A pod leader's IPC namespace (see crate::ipcns) goes with it.
+        if let Err(e) = crate::ipcns::remove_ipc_namespace(id) {
+            first_error.get_or_insert(e);
+        }
         first_error.map_or(Ok(()), Err)
     }
 

@@ -20,6 +20,7 @@
 
 pub mod arp;
 pub mod destination;
+pub mod ipcns;
 pub mod lock;
 pub mod netns;
 pub mod nudge;

@@ -107,6 +107,22 @@ impl Netns {
     pub fn exists(&self) -> bool {
         self.path().exists()
     }
+
+    /// How many processes are in the namespace now.
+    pub fn processes_inside(&self) -> Result<usize, NetworkError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path();
+        let ns = std::fs::metadata(&path).map_err(|source| NetworkError::Io { context: format!("reading {}", path.display()), source })?;
+        let rd = std::fs::read_dir("/proc").map_err(|source| NetworkError::Io { context: "reading /proc".into(), source })?;
+        let inside = rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            // A process that is gone by now is not inside.
+            .filter_map(|e| std::fs::metadata(e.path().join("ns/net")).ok())
+            .filter(|m| (m.dev(), m.ino()) == (ns.dev(), ns.ino()))
+            .count();
+        Ok(inside)
+    }
 }
 
 /// Enters the namespace at `path`: the calling thread only, for good.

@@ -25,6 +25,11 @@ pub fn validate_container_id(id: &str) -> Result<(), RuntimeError> {
 /// File in the destination bundle with CRIU options for `runc restore`.
 pub const CRIU_RESTORE_CONFIG: &str = "criu-restore.conf";
 
+/// Marker in a bundle a receiver staged and has not committed yet (it
+/// holds the receiver's pid): what is built for such a copy is the
+/// migration's to remove, not the container's hooks'.
+pub const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
+
 /// What the receiver allows and imposes on a migrated container.
 #[derive(Debug, Clone)]
 pub struct BundlePolicy {
@@ -37,6 +42,9 @@ pub struct BundlePolicy {
     /// The network namespace the receiver built for the container, which
     /// replaces the sender's (a path there, or a namespace of its own).
     pub network_namespace: Option<std::path::PathBuf>,
+    /// The IPC namespace the receiver made for the container's pod, which
+    /// replaces the sender's (see container-network's `ipcns`).
+    pub ipc_namespace: Option<std::path::PathBuf>,
     /// The receiver's own poststop hook (program, argv), which removes
     /// what it built for the container when the container is deleted.
     pub poststop_hook: Option<(std::path::PathBuf, Vec<String>)>,
@@ -110,11 +118,25 @@ impl BundlePolicy {
                     continue;
                 }
             }
+            if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc {
+                if let Some(own) = &self.ipc_namespace {
+                    ns.set_path(Some(own.clone()));
+                    continue;
+                }
+            }
             if let Some(p) = ns.path() {
                 return Err(RuntimeError::Config(format!(
                     "the container joins an existing {:?} namespace ({}); ctmigrate cannot recreate that namespace on the destination",
                     ns.typ(),
                     p.display()
+                )));
+            }
+        }
+        if let Some(own) = &self.ipc_namespace {
+            if !namespaces.iter().any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc) {
+                return Err(RuntimeError::Config(format!(
+                    "the container is to join its pod's IPC namespace ({}), but uses the host's",
+                    own.display()
                 )));
             }
         }
@@ -197,7 +219,7 @@ mod tests {
 
     #[test]
     fn destination_config_applies_policy() {
-        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into(), allowed_bind_sources: vec![], network_namespace: None, poststop_hook: None };
+        let policy = BundlePolicy { cgroup_parent: "ctmigrate".into(), allowed_bind_sources: vec![], network_namespace: None, ipc_namespace: None, poststop_hook: None };
         let (spec, criu) = policy.destination_config(&source_config(), "web2", Path::new("/b/web2")).unwrap();
         assert_eq!(criu, "cgroup-root /ctmigrate/web2\n");
         assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
@@ -213,7 +235,7 @@ mod tests {
 
     #[test]
     fn namespace_paths_and_missing_bind_sources_are_refused() {
-        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into(), allowed_bind_sources: vec!["/nonexistent".into()], network_namespace: None, poststop_hook: None };
+        let policy = BundlePolicy { cgroup_parent: "/ctmigrate".into(), allowed_bind_sources: vec!["/nonexistent".into()], network_namespace: None, ipc_namespace: None, poststop_hook: None };
         let mut cfg = source_config();
         cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/run/netns/x"}]);
         assert!(policy.destination_config(&cfg, "a", Path::new("/b")).is_err());
@@ -251,6 +273,7 @@ mod tests {
             cgroup_parent: "/ctmigrate".into(),
             allowed_bind_sources: vec![],
             network_namespace: Some("/run/netns/ctmigrate-a".into()),
+            ipc_namespace: None,
             poststop_hook: Some(("/usr/local/bin/ctmigrate".into(), vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()])),
         };
         let mut cfg = source_config();
@@ -270,6 +293,29 @@ mod tests {
         assert!(plain.destination_config(&cfg, "a", Path::new("/b")).is_err());
         cfg["hooks"]["poststop"] = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "hook"]}]);
         assert!(policy.destination_config(&cfg, "a", Path::new("/b")).is_err());
+    }
+
+    #[test]
+    fn a_pods_ipc_namespace_replaces_the_senders_and_is_refused_otherwise() {
+        let policy = BundlePolicy {
+            cgroup_parent: "/ctmigrate".into(),
+            allowed_bind_sources: vec![],
+            network_namespace: Some("/run/netns/ctmigrate-pause".into()),
+            ipc_namespace: Some("/run/ctmigrate/ipcns/pause".into()),
+            poststop_hook: None,
+        };
+        let mut cfg = source_config();
+        cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/proc/7/ns/net"}, {"type": "ipc", "path": "/proc/7/ns/ipc"}]);
+        let (spec, _) = policy.destination_config(&cfg, "app", Path::new("/b")).unwrap();
+        let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let ipc = ns.iter().find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc).unwrap();
+        assert_eq!(ipc.path().as_deref(), Some(Path::new("/run/ctmigrate/ipcns/pause")));
+        // The sender's path alone is refused; the host's IPC namespace
+        // cannot join a pod's.
+        let plain = BundlePolicy { ipc_namespace: None, ..policy.clone() };
+        assert!(plain.destination_config(&cfg, "app", Path::new("/b")).is_err());
+        cfg["linux"]["namespaces"] = serde_json::json!([{"type": "network"}]);
+        assert!(policy.destination_config(&cfg, "app", Path::new("/b")).is_err());
     }
 
     #[test]

@@ -151,6 +151,7 @@ pub fn evacuate(opts: &EvacuateOptions, rep: &Reporter) -> Result<Summary, Migra
         let inits: Vec<i32> = group.iter().map(|m| m.init_pid).collect();
         crate::pods::namespace_sharers(group[0].init_pid, kind, &crate::pods::in_cgroups_of(&inits))
     });
+    let units: Vec<Unit> = units.into_iter().map(|unit| ipc_movable(unit, &members)).collect();
     let parallel = opts.parallel.max(1);
     rep.note(format!(
         "moving {} container(s) in {} unit(s), at most {parallel} at once{}",
@@ -223,6 +224,20 @@ fn running_members(runc: &Runc, named: Option<&[String]>, rep: &Reporter) -> Res
     Ok(members)
 }
 
+/// A pod sharing an IPC namespace moves only if that namespace holds no
+/// System V objects (see `container_network::ipcns`); else it stays.
+fn ipc_movable(unit: Unit, members: &[Member]) -> Unit {
+    let Unit::Pod { leader, members: ids, shared_ipc: true } = unit else { return unit };
+    let init = members.iter().find(|m| m.id == leader).map(|m| m.init_pid).unwrap_or(0);
+    let ns = std::path::PathBuf::from(format!("/proc/{init}/ns/ipc"));
+    let why = match container_network::ipcns::sysv_objects(&ns) {
+        Ok(0) => return Unit::Pod { leader, members: ids, shared_ipc: true },
+        Ok(n) => format!("the pod {}'s shared IPC namespace holds {n} System V object(s) (shared memory, queues, semaphores), which ctmigrate cannot move with a shared namespace yet", ids.join(", ")),
+        Err(e) => format!("the pod {}'s shared IPC namespace cannot be read: {e}", ids.join(", ")),
+    };
+    Unit::Stays { members: ids, reason: why }
+}
+
 /// Moves one unit: a container alone, or a pod (one thread a member).
 fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<ContainerOutcome> {
     match unit {
@@ -245,7 +260,7 @@ fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<Containe
             opts.pod = None;
             vec![send_one(&opts, &rep.for_container(&id), None)]
         }
-        Unit::Pod { leader, mut members } => {
+        Unit::Pod { leader, mut members, shared_ipc } => {
             // The leader first: the destination admits its members after it.
             members.sort_by_key(|m| *m != leader);
             let barrier = PodBarrier::new(members.len());
@@ -253,6 +268,7 @@ fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<Containe
                 id: format!("pod-{}", crate::journal::new_migration_id()),
                 leader: leader.clone(),
                 members: members.clone(),
+                ipc: shared_ipc,
             };
             let outcomes = Mutex::new(Vec::new());
             std::thread::scope(|scope| {

@@ -161,6 +161,9 @@ fn remove(runc_binary: &Path, runtime_root: &Path, dest_id: &str, bundle: &Path,
     eprintln!("ctmigrate lease guard: removing the post-copy copy `{dest_id}`: {why}");
     let runc = Runc::new(runc_binary, runtime_root);
     crate::settle::remove_restored(&runc, dest_id, bundle);
+    // Its network (post-copy moves no pods): the copy's hook leaves an
+    // uncommitted copy's to the migration.
+    let _ = container_network::DestinationNetwork::remove_for(dest_id);
     // Give a receiver that was only stopped a moment to notice, not more.
     std::thread::sleep(Duration::from_millis(10));
 }

@@ -2,9 +2,11 @@
 //! namespace (a named one they all join, or one of them owns and the
 //! others join by `/proc/PID/ns/net`) form a pod, moved as one unit (see
 //! [`crate::source::pod`]); those that share an IPC namespace are kept
-//! together too, but cannot move yet (CRIU would dump a copy of the shared
-//! namespace with each, and the destination would have two): they stay,
-//! all of them, with a reason. A unit is never split.
+//! together too: they move as a pod when they all share one IPC namespace
+//! and one network namespace (as a Kubernetes pod's containers do), and
+//! the shared IPC namespace holds no System V objects (see
+//! `container_network::ipcns`); otherwise they stay, all of them, with a
+//! reason. A unit is never split.
 //!
 //! Namespaces are told apart by their inode (`/proc/PID/ns/KIND`); the
 //! host's own (those of pid 1) join nobody together.
@@ -75,8 +77,10 @@ pub enum Unit {
     /// A container alone.
     Single(String),
     /// Containers sharing a network namespace; `leader` records, locks
-    /// and moves it (the one that made it, else the first by id).
-    Pod { leader: String, members: Vec<String> },
+    /// and moves it (the one that made it, else the first by id). With
+    /// `shared_ipc`, they all share one IPC namespace too (a Kubernetes
+    /// pod's shape), which the destination makes anew for them.
+    Pod { leader: String, members: Vec<String>, shared_ipc: bool },
     /// Containers that cannot move, and why; all stay.
     Stays { members: Vec<String>, reason: String },
 }
@@ -157,20 +161,27 @@ pub fn group(
                     };
                 }
             }
-            if idx.iter().any(|i| shared_ipc.contains(i)) {
-                return Unit::Stays {
-                    reason: format!(
-                        "{} share an IPC namespace, which ctmigrate cannot move as one yet (CRIU would dump a copy of it with each container): they stay together",
-                        ids.join(", ")
-                    ),
-                    members: ids,
+            let shares_ipc = idx.iter().any(|i| shared_ipc.contains(i));
+            if shares_ipc {
+                let one = |kind: &str| {
+                    let first = ns(members[0], kind);
+                    first.is_some() && host(kind) != first && members.iter().all(|m| ns(m, kind) == first)
                 };
+                if !(one("ipc") && one("net")) {
+                    return Unit::Stays {
+                        reason: format!(
+                            "{} share an IPC namespace, but not all of them one IPC namespace and one network namespace: ctmigrate moves such containers only as a pod that shares both, as a Kubernetes pod does",
+                            ids.join(", ")
+                        ),
+                        members: ids,
+                    };
+                }
             }
             if ids.len() == 1 {
                 return Unit::Single(ids[0].clone());
             }
             let leader = members.iter().find(|m| !m.joins_network).unwrap_or(&members[0]).id.clone();
-            Unit::Pod { leader, members: ids }
+            Unit::Pod { leader, members: ids, shared_ipc: shares_ipc }
         })
         .collect()
 }
@@ -212,20 +223,27 @@ mod tests {
         assert_eq!(
             units,
             vec![
-                Unit::Pod { leader: "pause".into(), members: vec!["app".into(), "pause".into(), "side".into()] },
+                Unit::Pod { leader: "pause".into(), members: vec!["app".into(), "pause".into(), "side".into()], shared_ipc: false },
                 Unit::Single("solo".into())
             ]
         );
         // All joining a named namespace: the first leads.
         let units = grouped(&[("x", true, 10, 20), ("y", true, 10, 21)], None);
-        assert_eq!(units, vec![Unit::Pod { leader: "x".into(), members: vec!["x".into(), "y".into()] }]);
+        assert_eq!(units, vec![Unit::Pod { leader: "x".into(), members: vec!["x".into(), "y".into()], shared_ipc: false }]);
     }
 
     #[test]
-    fn a_shared_ipc_namespace_keeps_the_containers_together_on_the_source() {
+    fn a_shared_ipc_namespace_moves_only_with_a_shared_network_namespace() {
+        // Each its own network: they stay, together.
         let units = grouped(&[("a", false, 10, 20), ("b", false, 11, 20), ("c", false, 12, 22)], None);
         assert!(matches!(&units[0], Unit::Stays { members, reason } if members == &["a", "b"] && reason.contains("IPC")), "{units:?}");
         assert_eq!(units[1], Unit::Single("c".into()));
+        // A Kubernetes pod: both shared; a pod that moves its IPC too.
+        let units = grouped(&[("pause", false, 10, 20), ("app", true, 10, 20)], None);
+        assert_eq!(units, vec![Unit::Pod { leader: "pause".into(), members: vec!["pause".into(), "app".into()], shared_ipc: true }]);
+        // One network, but a third member with an IPC namespace of its own.
+        let units = grouped(&[("pause", false, 10, 20), ("app", true, 10, 20), ("side", true, 10, 21)], None);
+        assert!(matches!(&units[0], Unit::Stays { members, .. } if members.len() == 3), "{units:?}");
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub fn recover_destination(journal: &Journal, entry: &mut Entry) -> Result<Desti
     // pod was committed: the source sent Commits only once every member's
     // copy was restored and Ready, so this copy is whole; it runs too.
     let pod_committed = plan.pod.as_deref().is_some_and(|pod| journal.pod_committed(pod));
+    // The IPC namespace's file a pod's leader made is for restores only,
+    // and none runs for a dead receiver (the tasks hold the namespace).
+    let _ = container_network::ipcns::remove_ipc_namespace(&entry.dest_id);
     let state = match state {
         s if pod_committed && !s.is_final() && s != DestinationState::Running => DestinationState::Committed,
         s => s,

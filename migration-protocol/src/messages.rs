@@ -84,6 +84,10 @@ pub struct PodWire {
     pub leader: String,
     /// Destination ids of every member, the leader included.
     pub members: Vec<String>,
+    /// The members share one IPC namespace too: the destination makes one
+    /// for the pod, and every member is restored into it.
+    #[serde(default)]
+    pub ipc: bool,
 }
 
 /// The modes a Manifest may name.

@@ -757,6 +757,11 @@ impl Testbed {
                 }
             }
         }
+        // An IPC namespace made for a pod led by it.
+        let ipc = container_network::ipcns::ipc_namespace_path(dest_id);
+        if ipc.exists() {
+            out.push(format!("IPC namespace {}", ipc.display()));
+        }
         let cg = format!("{}/{dest_id}", self.cgroup_parent.trim_start_matches('/'));
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
             for h in rd.flatten() {
@@ -783,6 +788,11 @@ impl Drop for Testbed {
                 let _ = std::fs::remove_dir(h.path().join(self.cgroup_parent.trim_start_matches('/')));
             }
         }
+        // A failing test shows what its failed migrations' logs say (the
+        // testbed and they are gone after it, in CI too).
+        if std::thread::panicking() {
+            print_failure_logs(&self.dir.join("failed"));
+        }
         // CTMIGRATE_KEEP_FAILED=DIR keeps the failure logs of a test's
         // migrations (CRIU's and runc's) for a developer to read.
         if let Some(keep) = std::env::var_os("CTMIGRATE_KEEP_FAILED") {
@@ -793,6 +803,24 @@ impl Drop for Testbed {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Prints to stderr, for each log a failed migration kept under `failed`,
+/// its error lines and its last lines.
+fn print_failure_logs(failed: &Path) {
+    let Ok(attempts) = std::fs::read_dir(failed) else { return };
+    for attempt in attempts.flatten() {
+        let Ok(logs) = std::fs::read_dir(attempt.path()) else { continue };
+        for log in logs.flatten() {
+            let Ok(text) = std::fs::read_to_string(log.path()) else { continue };
+            let lines: Vec<&str> = text.lines().collect();
+            let errors: Vec<&str> = lines.iter().copied().filter(|l| l.contains("Error") || l.contains("rror (")).take(20).collect();
+            eprintln!("--- {} ({} lines): errors:\n{}\n--- its last lines:", log.path().display(), lines.len(), errors.join("\n"));
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

@@ -137,9 +137,26 @@ pub fn detach(state: &HookState) -> Result<(), HookError> {
 }
 
 /// poststop of a migrated container: removes the namespace the receiver
-/// built (named `ctmigrate-<id>`) and its host ends.
-pub fn remove_netns(state: &HookState) -> Result<(), HookError> {
-    container_network::DestinationNetwork::remove_for(&state.id)?;
+/// built (named `ctmigrate-<id>`, or `ctmigrate-<pod_leader>` for a pod's
+/// members) and its host ends.
+///
+/// Not while the copy's migration is uncommitted (its bundle holds the
+/// receiver's marker): the receiver removes what it built, once the pod's
+/// other members are done with it too. Nor while a process still runs in
+/// a pod's namespace: another member's, whose own hook removes it last.
+pub fn remove_netns(state: &HookState, pod_leader: Option<&str>) -> Result<(), HookError> {
+    if std::path::Path::new(&state.bundle).join(container_runtime::bundle::INCOMPLETE_MARKER).exists() {
+        return Ok(());
+    }
+    if let Some(leader) = pod_leader {
+        container_runtime::validate_container_id(leader).map_err(|e| HookError::Usage(format!("--pod-leader: {e}")))?;
+    }
+    let owner = pod_leader.unwrap_or(&state.id);
+    let netns = container_network::Netns::Named(container_network::DestinationNetwork::netns_name(owner));
+    if pod_leader.is_some() && netns.exists() && netns.processes_inside()? > 0 {
+        return Ok(());
+    }
+    container_network::DestinationNetwork::remove_for(owner)?;
     Ok(())
 }
 
@@ -164,6 +181,20 @@ mod tests {
         let s = HookState::read(br#"{"ociVersion":"1.0.2","id":"web","status":"stopped","bundle":"/b"}"#.as_slice()).unwrap();
         assert_eq!(s.pid, 0);
         assert!(HookState::read(b"not json".as_slice()).is_err());
+    }
+
+    #[test]
+    fn remove_netns_leaves_an_uncommitted_copy_to_its_receiver_and_checks_the_leader() {
+        let bundle = std::env::temp_dir().join(format!("ctmtest-hook-{}", std::process::id()));
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(bundle.join(container_runtime::bundle::INCOMPLETE_MARKER), "1").unwrap();
+        let state = HookState { oci_version: "1.0.2".into(), id: "web".into(), status: "stopped".into(), pid: 0, bundle: bundle.display().to_string() };
+        // Returns before looking for any namespace (none of these exists).
+        remove_netns(&state, None).unwrap();
+        remove_netns(&state, Some("../x")).unwrap();
+        std::fs::remove_file(bundle.join(container_runtime::bundle::INCOMPLETE_MARKER)).unwrap();
+        assert!(matches!(remove_netns(&state, Some("../x")), Err(HookError::Usage(_))));
+        std::fs::remove_dir_all(&bundle).unwrap();
     }
 
     #[test]

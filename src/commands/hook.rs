@@ -32,7 +32,12 @@ pub enum HookCommand {
     Detach,
     /// poststop hook a receiver adds to migrated containers: remove the
     /// network namespace it built for them.
-    RemoveNetns,
+    RemoveNetns {
+        /// The container is a member of the pod this container leads: the
+        /// pod's namespace goes when no member runs in it any more.
+        #[arg(long)]
+        pod_leader: Option<String>,
+    },
 }
 
 impl HookCommand {
@@ -46,7 +51,7 @@ impl HookCommand {
                 runtime_hooks::attach(&state, &runtime_hooks::AttachOptions { bridge, ifname, addresses, gateway, mac, mtu })
             }
             HookCommand::Detach => runtime_hooks::detach(&state),
-            HookCommand::RemoveNetns => runtime_hooks::remove_netns(&state),
+            HookCommand::RemoveNetns { pod_leader } => runtime_hooks::remove_netns(&state, pod_leader.as_deref()),
         };
         match done {
             Ok(()) => ExitCode::from(exit::OK),

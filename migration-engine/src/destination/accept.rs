@@ -47,8 +47,7 @@ impl<'a> Session<'a> {
         let (spec, criu_config) = self.check_manifest(manifest)?;
         migration_protocol::validate_migration_id(&manifest.migration_id).map_err(refused)?;
         if let Some(pod) = &manifest.pod {
-            super::pods::PODS.admit(pod, &manifest.dest_id).map_err(refused)?;
-            self.pod = Some((pod.id.clone(), pod.leader == manifest.dest_id));
+            self.pod = Some(super::pods::PodSeat::take(pod, &manifest.dest_id, self.host.clone()).map_err(refused)?);
         }
         result.migration_id = Some(manifest.migration_id.clone());
         if self.journal.load(Role::Destination, &manifest.migration_id).ok().flatten().is_some() {
@@ -92,13 +91,31 @@ impl<'a> Session<'a> {
                 .map_err(|e| refused(e.to_string()))?,
             );
         }
+        // A pod's namespaces are the pod's, removed after its last
+        // member's session (see pods::PodSeat); a container's alone go
+        // with its staging.
+        let pod_leader = manifest.pod.as_ref().filter(|p| p.leader == manifest.dest_id);
+        let mut pod_namespaces = super::pods::PodNamespaces::default();
         if let Some(record) = &network {
             // Built now, before the source freezes; the host ends stay down
             // until the container is restored.
             self.host
                 .build_network(record, &manifest.dest_id, self.opts.bridge.as_deref())
                 .map_err(|e| refused(format!("cannot rebuild the container's network: {e}")))?;
-            staging.network = Some(record.clone());
+            match pod_leader {
+                Some(pod) => {
+                    pod_namespaces.network = Some(record.clone());
+                    super::pods::PODS.hold(&pod.id, pod_namespaces.clone());
+                }
+                None => staging.network = Some(record.clone()),
+            }
+        }
+        if let Some(pod) = pod_leader.filter(|p| p.ipc) {
+            self.host
+                .make_pod_ipc_namespace(&pod.leader)
+                .map_err(|e| refused(format!("cannot make the pod's IPC namespace: {e}")))?;
+            pod_namespaces.ipc = true;
+            super::pods::PODS.hold(&pod.id, pod_namespaces);
         }
         let mut criu_config = criu_config;
         for (index, tmpfs) in manifest.empty_tmpfs.iter().cloned().map(EmptyTmpfs::from).enumerate() {
@@ -154,6 +171,7 @@ impl<'a> Session<'a> {
             cgroup_parent: self.opts.cgroup_parent.clone(),
             allowed_bind_sources: self.opts.allowed_bind_sources.clone(),
             network_namespace: None,
+            ipc_namespace: None,
             poststop_hook: None,
         };
         if let Some(record) = m.network.clone().map(NetworkRecord::from) {
@@ -189,6 +207,18 @@ impl<'a> Session<'a> {
                 return Err(refused("post-copy does not move pods".into()));
             }
             super::pods::validate(pod, &m.dest_id, m.network.is_some()).map_err(refused)?;
+            if pod.ipc {
+                // Every member joins the IPC namespace made for the pod
+                // when its leader is admitted.
+                let ipc = container_network::ipcns::ipc_namespace_path(&pod.leader);
+                if pod.leader == m.dest_id && ipc.exists() {
+                    return Err(refused(format!("IPC namespace {} already exists on the destination: another pod uses it; choose another --dest-id", ipc.display())));
+                }
+                if pod.leader != m.dest_id && !ipc.exists() {
+                    return Err(refused(format!("pod {}'s IPC namespace {} does not exist: its leader `{}` is sent first", pod.id, ipc.display(), pod.leader)));
+                }
+                policy.ipc_namespace = Some(ipc);
+            }
             if pod.leader != m.dest_id {
                 // A member is restored into the namespace its leader's
                 // session built (admitted first, see pods::admit).
@@ -198,6 +228,11 @@ impl<'a> Session<'a> {
                 }
                 policy.network_namespace = Some(netns.path());
             }
+            // Each member's deletion removes the pod's namespace, if no
+            // other member runs in it any more.
+            let exe = std::env::current_exe().map_err(|e| refused(format!("cannot find the ctmigrate binary for the poststop hook: {e}")))?;
+            let args = ["ctmigrate", "hook", "remove-netns", "--pod-leader", &pod.leader];
+            policy.poststop_hook = Some((exe, args.iter().map(|a| a.to_string()).collect()));
         }
         if m.empty_tmpfs.len() > container_runtime::tmpfs::MAX_EMPTY_TMPFS {
             return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));

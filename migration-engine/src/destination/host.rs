@@ -35,6 +35,11 @@ pub(crate) trait DestinationHost: Send + Sync {
     fn build_network(&self, record: &NetworkRecord, dest_id: &str, bridge: Option<&str>) -> Result<(), MigrationError>;
     /// Removes what [`Self::build_network`] made.
     fn remove_network(&self, record: &NetworkRecord, dest_id: &str);
+    /// Makes the IPC namespace of the pod led by `leader`, which every
+    /// member's restore joins.
+    fn make_pod_ipc_namespace(&self, leader: &str) -> Result<(), MigrationError>;
+    /// Removes what [`Self::make_pod_ipc_namespace`] made.
+    fn remove_pod_ipc_namespace(&self, leader: &str);
     /// Restores, calling `started` with runc's pid once it runs.
     fn restore(&self, request: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError>;
     /// The restored container's init pid, and how many tasks it has, each
@@ -68,6 +73,14 @@ impl DestinationHost for RealDestinationHost {
 
     fn remove_network(&self, record: &NetworkRecord, dest_id: &str) {
         DestinationNetwork::existing(record, dest_id).remove();
+    }
+
+    fn make_pod_ipc_namespace(&self, leader: &str) -> Result<(), MigrationError> {
+        container_network::ipcns::create_ipc_namespace(leader).map(drop).map_err(|e| MigrationError::Other(e.to_string()))
+    }
+
+    fn remove_pod_ipc_namespace(&self, leader: &str) {
+        let _ = container_network::ipcns::remove_ipc_namespace(leader);
     }
 
     fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {

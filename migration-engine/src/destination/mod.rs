@@ -97,8 +97,7 @@ pub struct ReceiveOptions {
     pub staging_memory: Option<u64>,
 }
 
-/// Marker in a bundle that is not committed yet: holds the receiver's pid.
-pub(crate) const INCOMPLETE_MARKER: &str = ".ctmigrate-incomplete";
+pub(crate) use container_runtime::bundle::INCOMPLETE_MARKER;
 
 /// The line of the bundle's CRIU configuration that makes the restore
 /// leave every task stopped.
@@ -313,12 +312,12 @@ fn serve_as(
     if session.query_only {
         return outcome.map(|()| Served::Query);
     }
-    if let (Some((pod_id, leader)), Err(_)) = (&session.pod, &outcome) {
+    if let (Some(seat), Err(_)) = (&session.pod, &outcome) {
         // A member that failed before its pod was decided aborts it (a
         // no-op once committed: its copy is then the container's).
-        pods::PODS.decide(pod_id, pods::Decision::Aborted, &|| true);
-        if *leader {
-            pods::PODS.leader_gone(pod_id);
+        pods::PODS.decide(&seat.pod_id, pods::Decision::Aborted, &|| true);
+        if seat.leads {
+            pods::PODS.leader_gone(&seat.pod_id);
         }
     }
     // The exit code follows from the state the failure left.
@@ -426,9 +425,9 @@ struct Session<'a> {
     /// frozen), and from then until the copy ran.
     frozen_since: Option<Instant>,
     frozen_ms: Option<u64>,
-    /// The pod this container is a member of, once admitted, and whether
-    /// it leads it (see [`pods`]).
-    pod: Option<(String, bool)>,
+    /// This container's place in its pod, once admitted (see [`pods`]);
+    /// after `staging`, so that it goes after the copy it staged.
+    pod: Option<pods::PodSeat>,
     /// Until the source froze, this session yields the CPUs to sessions
     /// whose source is frozen (see [`crate::priority`]).
     background: Option<crate::priority::Background>,

@@ -10,6 +10,14 @@
 //!   own Commit arrives is then committed all the same), a member's
 //!   failure before that aborts every member (a later Commit is refused).
 //!
+//! The pod's namespaces (network and, if its members share one, IPC) are
+//! built by the leader's session and belong to the pod, not to it: they
+//! go when the last member's session ends ([`PodSeat`]), so a leader that
+//! fails cannot pull them from under a member still restoring into them.
+//! The network stays if the pod was committed (it is the leader's copy's
+//! then, removed by its poststop hook); the IPC namespace's file goes
+//! either way (the restored tasks hold the namespace itself).
+//!
 //! A commit is journalled (`pod-ID.committed`) before any member acts on
 //! it: a receiver killed between two members' commits leaves the later
 //! one's entry short of its own Commit, and the next start's recovery
@@ -18,10 +26,13 @@
 //! copy is removed, as for any migration.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use container_network::NetworkRecord;
 use migration_protocol::PodWire;
+
+use super::host::DestinationHost;
 
 /// What became of a pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +48,27 @@ struct PodEntry {
     decision: Option<Decision>,
     /// The leader's session still stands (its namespace exists).
     leader_admitted: bool,
+    /// Members' sessions admitted and not yet ended.
+    open_sessions: usize,
+    /// What the leader built for the pod, removed after the last session.
+    namespaces: PodNamespaces,
     since: Instant,
+}
+
+/// The namespaces a pod's leader built on this host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct PodNamespaces {
+    pub network: Option<NetworkRecord>,
+    /// An IPC namespace made for the pod (container-network's `ipcns`).
+    pub ipc: bool,
+}
+
+/// What the last session of a pod leaves to remove.
+#[derive(Debug, PartialEq)]
+pub(crate) struct PodLeftovers {
+    pub leader: String,
+    pub namespaces: PodNamespaces,
+    pub committed: bool,
 }
 
 /// The receiver's pods, by id.
@@ -88,16 +119,49 @@ impl PodRegistry {
             }
             pods.insert(
                 pod.id.clone(),
-                PodEntry { leader: pod.leader.clone(), members: pod.members.clone(), decision: None, leader_admitted: true, since: Instant::now() },
+                PodEntry {
+                    leader: pod.leader.clone(),
+                    members: pod.members.clone(),
+                    decision: None,
+                    leader_admitted: true,
+                    open_sessions: 1,
+                    namespaces: PodNamespaces::default(),
+                    since: Instant::now(),
+                },
             );
             return Ok(());
         }
-        match pods.get(&pod.id) {
+        match pods.get_mut(&pod.id) {
             None => Err(format!("pod {}'s leader `{}` has not arrived: a pod's leader is sent first", pod.id, pod.leader)),
             Some(e) if e.leader != pod.leader || e.members != pod.members => Err(format!("pod {} was announced with other members", pod.id)),
             Some(e) if !e.leader_admitted || e.decision.is_some() => Err(format!("pod {} is no longer being received", pod.id)),
-            Some(_) => Ok(()),
+            Some(e) => {
+                e.open_sessions += 1;
+                Ok(())
+            }
         }
+    }
+
+    /// The leader built `namespaces` for the pod: they are the pod's now.
+    pub(crate) fn hold(&self, pod_id: &str, namespaces: PodNamespaces) {
+        if let Some(e) = self.pods.lock().unwrap().get_mut(pod_id) {
+            e.namespaces = namespaces;
+        }
+    }
+
+    /// A member's session ended; the last one gets what is to be removed.
+    pub(crate) fn leave(&self, pod_id: &str) -> Option<PodLeftovers> {
+        let mut pods = self.pods.lock().unwrap();
+        let e = pods.get_mut(pod_id)?;
+        e.open_sessions = e.open_sessions.saturating_sub(1);
+        if e.open_sessions > 0 {
+            return None;
+        }
+        Some(PodLeftovers {
+            leader: e.leader.clone(),
+            namespaces: std::mem::take(&mut e.namespaces),
+            committed: e.decision == Some(Decision::Committed),
+        })
     }
 
     /// The leader's session ended before the pod was decided: its
@@ -125,12 +189,41 @@ impl PodRegistry {
     }
 }
 
+/// A session's place in its pod, from its admission to its end: the last
+/// one to go removes the pod's namespaces.
+pub(crate) struct PodSeat {
+    pub pod_id: String,
+    /// This session's container leads the pod.
+    pub leads: bool,
+    host: Arc<dyn DestinationHost>,
+}
+
+impl PodSeat {
+    /// Admits `dest_id` into `pod` in [`PODS`].
+    pub(crate) fn take(pod: &PodWire, dest_id: &str, host: Arc<dyn DestinationHost>) -> Result<Self, String> {
+        PODS.admit(pod, dest_id)?;
+        Ok(Self { pod_id: pod.id.clone(), leads: pod.leader == dest_id, host })
+    }
+}
+
+impl Drop for PodSeat {
+    fn drop(&mut self) {
+        let Some(left) = PODS.leave(&self.pod_id) else { return };
+        if let (false, Some(record)) = (left.committed, &left.namespaces.network) {
+            self.host.remove_network(record, &left.leader);
+        }
+        if left.namespaces.ipc {
+            self.host.remove_pod_ipc_namespace(&left.leader);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn pod(id: &str) -> PodWire {
-        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()] }
+        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()], ipc: false }
     }
 
     #[test]
@@ -167,6 +260,29 @@ mod tests {
         assert!(r.admit(&other, "intruder").is_err());
         r.leader_gone("p1");
         assert!(r.admit(&pod("p1"), "app").is_err());
+    }
+
+    #[test]
+    fn the_pods_namespaces_go_with_its_last_session_and_its_network_only_if_aborted() {
+        let r = PodRegistry { pods: Mutex::new(BTreeMap::new()) };
+        let built = PodNamespaces { network: Some(NetworkRecord::default()), ipc: true };
+        r.admit(&pod("p1"), "pause").unwrap();
+        r.hold("p1", built.clone());
+        r.admit(&pod("p1"), "app").unwrap();
+        // The leader fails first: a member may still be restoring into them.
+        r.decide("p1", Decision::Aborted, &|| true);
+        r.leader_gone("p1");
+        assert_eq!(r.leave("p1"), None);
+        assert_eq!(r.leave("p1"), Some(PodLeftovers { leader: "pause".into(), namespaces: built.clone(), committed: false }));
+        assert_eq!(r.leave("p1").map(|l| l.namespaces), Some(PodNamespaces::default()), "removed once");
+
+        r.admit(&pod("p2"), "pause").unwrap();
+        r.hold("p2", built.clone());
+        r.admit(&pod("p2"), "app").unwrap();
+        r.decide("p2", Decision::Committed, &|| true);
+        assert_eq!(r.leave("p2"), None);
+        assert_eq!(r.leave("p2"), Some(PodLeftovers { leader: "pause".into(), namespaces: built, committed: true }));
+        assert_eq!(r.leave("unknown"), None);
     }
 
     #[test]

@@ -104,11 +104,11 @@ impl<'a> Session<'a> {
         let record = |pod_id: &str| journal.mark_pod_committed(pod_id).is_ok();
         let commit = match (&self.pod, commit) {
             (None, commit) => commit,
-            (Some((pod_id, _)), Ok(())) => match pods::PODS.decide(pod_id, pods::Decision::Committed, &|| record(pod_id)) {
+            (Some(pods::PodSeat { pod_id, .. }), Ok(())) => match pods::PODS.decide(pod_id, pods::Decision::Committed, &|| record(pod_id)) {
                 pods::Decision::Committed => Ok(()),
                 pods::Decision::Aborted => Err(MigrationError::Aborted(format!("pod {pod_id} was aborted: another of its containers failed"))),
             },
-            (Some((pod_id, _)), Err(e)) => match pods::PODS.decide(pod_id, pods::Decision::Aborted, &|| true) {
+            (Some(pods::PodSeat { pod_id, .. }), Err(e)) => match pods::PODS.decide(pod_id, pods::Decision::Aborted, &|| true) {
                 pods::Decision::Committed => {
                     self.rep.warn(format!("no commit from the sender ({e}), but another container of pod {pod_id} committed it: this one is committed too"));
                     Ok(())

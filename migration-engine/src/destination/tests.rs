@@ -49,6 +49,15 @@ impl DestinationHost for FakeHost {
         self.record("remove-network");
     }
 
+    fn make_pod_ipc_namespace(&self, leader: &str) -> Result<(), MigrationError> {
+        self.record(format!("make-ipc {leader}"));
+        Ok(())
+    }
+
+    fn remove_pod_ipc_namespace(&self, leader: &str) {
+        self.record(format!("remove-ipc {leader}"));
+    }
+
     fn restore(&self, r: &RestoreRequest<'_>, started: &mut dyn FnMut(u32)) -> Result<(), MigrationError> {
         // What a restore would see: the fence in the bundle's CRIU
         // configuration, the images and the rootfs as the source sent them.
