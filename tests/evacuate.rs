@@ -363,6 +363,42 @@ fn a_receiver_killed_between_a_pods_commits_runs_the_whole_pod_after_its_restart
     remove_moved(bed, &[pause, app]);
 }
 
+/// Two containers sharing an IPC namespace, each with a network namespace
+/// of its own (as `docker run --ipc container:NAME` makes them): they move
+/// as a pod, restored into one IPC namespace made for them, holding its
+/// settings, each into a network namespace of its own.
+#[test]
+fn containers_sharing_only_an_ipc_namespace_move_as_a_pod_each_with_its_network() {
+    let Some(bed) = common::testbed("evi") else { return };
+    let tag = bed.tag.clone();
+    let first = start_counter(&bed, &format!("ipca-{tag}"), None, None);
+    let first_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", bed.src_runc.state(&first.0.id).unwrap().pid));
+    ipc_setting(&first_ipc, Some(POD_MSGMNB));
+    let second = start_counter(&bed, &format!("ipcb-{tag}"), None, Some(&first_ipc));
+    let (a, b) = (first.0.id.clone(), second.0.id.clone());
+    let src_pid = |id: &str| bed.src_runc.state(id).unwrap().pid;
+    assert_ne!(netns_inode(&format!("/proc/{}/ns/net", src_pid(&a))), netns_inode(&format!("/proc/{}/ns/net", src_pid(&b))));
+
+    let port = common::port();
+    let _receiver = bed.spawn_receiver(port, &["--max-migrations", "4"], &[]).unwrap();
+    let out = CommandResult::run(bed.source_command_for(&["send", &a, &b], port, &["--mode", "stop-copy"])).unwrap();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let s = summary(&out);
+    assert_eq!(outcome(&s, &b)["pod"].as_str(), Some(a.as_str()), "not moved as one pod: {s}");
+    assert!(bed.src_runc.list().unwrap().is_empty(), "the source still has {:?}", bed.src_runc.list());
+    for (c, token) in [&first, &second] {
+        assert_moved(&bed, &c.id, token);
+    }
+    let pid = |id: &str| bed.dst_runc.state(id).unwrap().pid;
+    let ns = |id: &str, kind: &str| netns_inode(&format!("/proc/{}/ns/{kind}", pid(id)));
+    assert_eq!(ns(&a, "ipc"), ns(&b, "ipc"), "the pair is in two IPC namespaces on the destination");
+    assert_ne!(ns(&a, "ipc"), netns_inode("/proc/self/ns/ipc"));
+    assert_ne!(ns(&a, "net"), ns(&b, "net"), "the pair was put in one network namespace");
+    assert_eq!(ipc_setting(&PathBuf::from(format!("/proc/{}/ns/ipc", pid(&b))), None), POD_MSGMNB, "the IPC settings did not move");
+    assert_pod_ipc_file_goes(&a);
+    remove_moved(&bed, &[a, b]);
+}
+
 /// A pod member cannot move alone (its namespace would be taken from the
 /// other), and a list with a container that does not run, or a
 /// destination id for several, is refused with one line; nothing moves.

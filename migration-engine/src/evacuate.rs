@@ -227,11 +227,11 @@ fn running_members(runc: &Runc, named: Option<&[String]>, rep: &Reporter) -> Res
 /// A pod sharing an IPC namespace moves only if that namespace holds no
 /// System V objects (see `container_network::ipcns`); else it stays.
 fn ipc_movable(unit: Unit, members: &[Member]) -> Unit {
-    let Unit::Pod { leader, members: ids, shared_ipc: true } = unit else { return unit };
+    let Unit::Pod { leader, members: ids, shared_net, shared_ipc: true } = unit else { return unit };
     let init = members.iter().find(|m| m.id == leader).map(|m| m.init_pid).unwrap_or(0);
     let ns = std::path::PathBuf::from(format!("/proc/{init}/ns/ipc"));
     let why = match container_network::ipcns::sysv_objects(&ns) {
-        Ok(0) => return Unit::Pod { leader, members: ids, shared_ipc: true },
+        Ok(0) => return Unit::Pod { leader, members: ids, shared_net, shared_ipc: true },
         Ok(n) => format!("the pod {}'s shared IPC namespace holds {n} System V object(s) (shared memory, queues, semaphores), which ctmigrate cannot move with a shared namespace yet", ids.join(", ")),
         Err(e) => format!("the pod {}'s shared IPC namespace cannot be read: {e}", ids.join(", ")),
     };
@@ -260,7 +260,7 @@ fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<Containe
             opts.pod = None;
             vec![send_one(&opts, &rep.for_container(&id), None)]
         }
-        Unit::Pod { leader, mut members, shared_ipc } => {
+        Unit::Pod { leader, mut members, shared_net, shared_ipc } => {
             // The leader first: the destination admits its members after it.
             members.sort_by_key(|m| *m != leader);
             let barrier = PodBarrier::new(members.len());
@@ -268,7 +268,8 @@ fn move_unit(template: &SendOptions, unit: Unit, rep: &Reporter) -> Vec<Containe
                 id: format!("pod-{}", crate::journal::new_migration_id()),
                 leader: leader.clone(),
                 members: members.clone(),
-                ipc: shared_ipc,
+                shares_network: shared_net,
+                shares_ipc: shared_ipc,
             };
             let outcomes = Mutex::new(Vec::new());
             std::thread::scope(|scope| {

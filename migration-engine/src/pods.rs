@@ -3,8 +3,9 @@
 //! others join by `/proc/PID/ns/net`) form a pod, moved as one unit (see
 //! [`crate::source::pod`]); those that share an IPC namespace are kept
 //! together too: they move as a pod when they all share one IPC namespace
-//! and one network namespace (as a Kubernetes pod's containers do), and
-//! the shared IPC namespace holds no System V objects (see
+//! and either one network namespace (as a Kubernetes pod's containers do)
+//! or one network namespace each, and the shared IPC namespace holds no
+//! System V objects (see
 //! `container_network::ipcns`); otherwise they stay, all of them, with a
 //! reason. A unit is never split.
 //!
@@ -76,11 +77,13 @@ pub struct Member {
 pub enum Unit {
     /// A container alone.
     Single(String),
-    /// Containers sharing a network namespace; `leader` records, locks
-    /// and moves it (the one that made it, else the first by id). With
-    /// `shared_ipc`, they all share one IPC namespace too (a Kubernetes
-    /// pod's shape), which the destination makes anew for them.
-    Pod { leader: String, members: Vec<String>, shared_ipc: bool },
+    /// Containers that move as one. With `shared_net`, they share one
+    /// network namespace, which `leader` records, locks and moves (the one
+    /// that made it, else the first by id). With `shared_ipc`, they all
+    /// share one IPC namespace (with one network namespace: a Kubernetes
+    /// pod's shape; without, each has a network namespace of its own),
+    /// which the destination makes anew for them when `leader` arrives.
+    Pod { leader: String, members: Vec<String>, shared_net: bool, shared_ipc: bool },
     /// Containers that cannot move, and why; all stay.
     Stays { members: Vec<String>, reason: String },
 }
@@ -161,27 +164,33 @@ pub fn group(
                     };
                 }
             }
+            if ids.len() == 1 {
+                return Unit::Single(ids[0].clone());
+            }
+            let one = |kind: &str| {
+                let first = ns(members[0], kind);
+                first.is_some() && host(kind) != first && members.iter().all(|m| ns(m, kind) == first)
+            };
             let shares_ipc = idx.iter().any(|i| shared_ipc.contains(i));
+            let shared_net = one("net");
             if shares_ipc {
-                let one = |kind: &str| {
-                    let first = ns(members[0], kind);
-                    first.is_some() && host(kind) != first && members.iter().all(|m| ns(m, kind) == first)
+                // One IPC namespace, and one network namespace or one each.
+                let own_networks = {
+                    let nets: Vec<u64> = members.iter().filter_map(|m| ns(m, "net")).filter(|n| Some(*n) != host("net")).collect();
+                    nets.iter().collect::<BTreeSet<_>>().len() == nets.len()
                 };
-                if !(one("ipc") && one("net")) {
+                if !one("ipc") || !(shared_net || own_networks) {
                     return Unit::Stays {
                         reason: format!(
-                            "{} share an IPC namespace, but not all of them one IPC namespace and one network namespace: ctmigrate moves such containers only as a pod that shares both, as a Kubernetes pod does",
+                            "{} share an IPC namespace, but not as one pod: ctmigrate moves containers sharing one IPC namespace with one network namespace (as a Kubernetes pod does) or with a network namespace each",
                             ids.join(", ")
                         ),
                         members: ids,
                     };
                 }
             }
-            if ids.len() == 1 {
-                return Unit::Single(ids[0].clone());
-            }
-            let leader = members.iter().find(|m| !m.joins_network).unwrap_or(&members[0]).id.clone();
-            Unit::Pod { leader, members: ids, shared_ipc: shares_ipc }
+            let leader = members.iter().find(|m| shared_net && !m.joins_network).unwrap_or(&members[0]).id.clone();
+            Unit::Pod { leader, members: ids, shared_net, shared_ipc: shares_ipc }
         })
         .collect()
 }
@@ -223,24 +232,27 @@ mod tests {
         assert_eq!(
             units,
             vec![
-                Unit::Pod { leader: "pause".into(), members: vec!["app".into(), "pause".into(), "side".into()], shared_ipc: false },
+                Unit::Pod { leader: "pause".into(), members: vec!["app".into(), "pause".into(), "side".into()], shared_net: true, shared_ipc: false },
                 Unit::Single("solo".into())
             ]
         );
         // All joining a named namespace: the first leads.
         let units = grouped(&[("x", true, 10, 20), ("y", true, 10, 21)], None);
-        assert_eq!(units, vec![Unit::Pod { leader: "x".into(), members: vec!["x".into(), "y".into()], shared_ipc: false }]);
+        assert_eq!(units, vec![Unit::Pod { leader: "x".into(), members: vec!["x".into(), "y".into()], shared_net: true, shared_ipc: false }]);
     }
 
     #[test]
-    fn a_shared_ipc_namespace_moves_only_with_a_shared_network_namespace() {
-        // Each its own network: they stay, together.
+    fn a_shared_ipc_namespace_moves_with_one_network_namespace_or_one_each() {
+        // Each its own network: a pod of the IPC namespace alone.
         let units = grouped(&[("a", false, 10, 20), ("b", false, 11, 20), ("c", false, 12, 22)], None);
-        assert!(matches!(&units[0], Unit::Stays { members, reason } if members == &["a", "b"] && reason.contains("IPC")), "{units:?}");
+        assert_eq!(units[0], Unit::Pod { leader: "a".into(), members: vec!["a".into(), "b".into()], shared_net: false, shared_ipc: true });
         assert_eq!(units[1], Unit::Single("c".into()));
+        // Two share a network, the third shares only their IPC: it stays.
+        let units = grouped(&[("a", false, 10, 20), ("b", true, 10, 20), ("c", false, 12, 20)], None);
+        assert!(matches!(&units[0], Unit::Stays { members, reason } if members.len() == 3 && reason.contains("IPC")), "{units:?}");
         // A Kubernetes pod: both shared; a pod that moves its IPC too.
         let units = grouped(&[("pause", false, 10, 20), ("app", true, 10, 20)], None);
-        assert_eq!(units, vec![Unit::Pod { leader: "pause".into(), members: vec!["pause".into(), "app".into()], shared_ipc: true }]);
+        assert_eq!(units, vec![Unit::Pod { leader: "pause".into(), members: vec!["pause".into(), "app".into()], shared_net: true, shared_ipc: true }]);
         // One network, but a third member with an IPC namespace of its own.
         let units = grouped(&[("pause", false, 10, 20), ("app", true, 10, 20), ("side", true, 10, 21)], None);
         assert!(matches!(&units[0], Unit::Stays { members, .. } if members.len() == 3), "{units:?}");

@@ -37,12 +37,15 @@ pub use state::{PeerDecision, SourceFate, SourceMachine, SourceState, Destinatio
 /// answers queries about a migration's outcome ([`state`]). Older peers
 /// are refused at the handshake: they would run the copy before Commit.
 pub const PROTOCOL_VERSION_MIN: u32 = 4;
-pub const PROTOCOL_VERSION_MAX: u32 = 6;
+pub const PROTOCOL_VERSION_MAX: u32 = 7;
 /// The first version with post-copy (RunOnLease and the lazy-pages relay).
 pub const PROTOCOL_VERSION_POSTCOPY: u32 = 5;
 /// The first version with pods (the Manifest's `pod`: containers sharing a
 /// network namespace, committed or rolled back as one).
 pub const PROTOCOL_VERSION_PODS: u32 = 6;
+/// The first version with pods sharing an IPC namespace (the pod's
+/// `shares_ipc` and `shares_network`).
+pub const PROTOCOL_VERSION_IPC_PODS: u32 = 7;
 
 /// Errors reading or writing the stream.
 #[derive(Debug, thiserror::Error)]

@@ -68,14 +68,18 @@ pub struct Manifest {
     pub pod: Option<PodWire>,
 }
 
-/// Wire format of the Manifest's `pod`: the containers that share one
-/// network namespace and move as one unit. The leader's manifest carries
-/// the namespace's record (`network`); the destination builds it once
-/// and every member is restored into it. The first Commit of any member
-/// commits the pod, and the first failure of any member before that
-/// aborts it: the destination then commits, or removes, every member.
-/// `{"id": "...", "leader": "pause", "members": ["pause", "app"]}`.
-/// Unchecked as received.
+/// Wire format of the Manifest's `pod`: containers that share a network
+/// namespace, an IPC namespace or both, and move as one unit. With
+/// `shares_network`, the leader's manifest alone carries the namespace's
+/// record (`network`); the destination builds it once and every member
+/// is restored into it (without, each member's manifest carries its own).
+/// With `shares_ipc` (version 7), the destination makes one IPC namespace
+/// when the leader arrives, and every member is restored into it. The
+/// first Commit of any member commits the pod, and the first failure of
+/// any member before that aborts it: the destination then commits, or
+/// removes, every member.
+/// `{"id": "...", "leader": "pause", "members": ["pause", "app"],
+/// "shares_network": true, "shares_ipc": true}`. Unchecked as received.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodWire {
     /// Names the pod's migration (made by the sender, unique).
@@ -84,10 +88,29 @@ pub struct PodWire {
     pub leader: String,
     /// Destination ids of every member, the leader included.
     pub members: Vec<String>,
-    /// The members share one IPC namespace too: the destination makes one
-    /// for the pod, and every member is restored into it.
+    /// The members share one network namespace (version 6's only kind of
+    /// pod, hence the default).
+    #[serde(default = "yes")]
+    pub shares_network: bool,
+    /// The members share one IPC namespace (version 7).
     #[serde(default)]
-    pub ipc: bool,
+    pub shares_ipc: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl PodWire {
+    /// The protocol version that can carry this pod: a receiver of an
+    /// older one would restore its members in IPC namespaces of their own.
+    pub fn needs_version(&self) -> u32 {
+        if self.shares_ipc || !self.shares_network {
+            crate::PROTOCOL_VERSION_IPC_PODS
+        } else {
+            crate::PROTOCOL_VERSION_PODS
+        }
+    }
 }
 
 /// The modes a Manifest may name.
@@ -366,6 +389,15 @@ pub struct ErrorMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_6_pod_reads_as_sharing_its_network_and_ipc_pods_need_version_7() {
+        let v6: PodWire = serde_json::from_str(r#"{"id":"p","leader":"a","members":["a","b"]}"#).unwrap();
+        assert!(v6.shares_network && !v6.shares_ipc);
+        assert_eq!(v6.needs_version(), crate::PROTOCOL_VERSION_PODS);
+        assert_eq!(PodWire { shares_ipc: true, ..v6.clone() }.needs_version(), crate::PROTOCOL_VERSION_IPC_PODS);
+        assert_eq!(PodWire { shares_network: false, shares_ipc: true, ..v6 }.needs_version(), crate::PROTOCOL_VERSION_IPC_PODS);
+    }
 
     #[test]
     fn migration_ids_cannot_name_other_files() {

@@ -102,7 +102,7 @@ impl<'a> Session<'a> {
             self.host
                 .build_network(record, &manifest.dest_id, self.opts.bridge.as_deref())
                 .map_err(|e| refused(format!("cannot rebuild the container's network: {e}")))?;
-            match pod_leader {
+            match pod_leader.filter(|p| p.shares_network) {
                 Some(pod) => {
                     pod_namespaces.network = Some(record.clone());
                     super::pods::PODS.hold(&pod.id, pod_namespaces.clone());
@@ -110,7 +110,7 @@ impl<'a> Session<'a> {
                 None => staging.network = Some(record.clone()),
             }
         }
-        if let Some(pod) = pod_leader.filter(|p| p.ipc) {
+        if let Some(pod) = pod_leader.filter(|p| p.shares_ipc) {
             self.host
                 .make_pod_ipc_namespace(&pod.leader)
                 .map_err(|e| refused(format!("cannot make the pod's IPC namespace: {e}")))?;
@@ -200,14 +200,14 @@ impl<'a> Session<'a> {
             policy.poststop_hook = Some((exe, vec!["ctmigrate".into(), "hook".into(), "remove-netns".into()]));
         }
         if let Some(pod) = &m.pod {
-            if self.version < migration_protocol::PROTOCOL_VERSION_PODS {
-                return Err(refused(format!("pods need protocol version {} (agreed: {})", migration_protocol::PROTOCOL_VERSION_PODS, self.version)));
+            if self.version < pod.needs_version() {
+                return Err(refused(format!("this pod needs protocol version {} (agreed: {})", pod.needs_version(), self.version)));
             }
             if m.postcopy() {
                 return Err(refused("post-copy does not move pods".into()));
             }
             super::pods::validate(pod, &m.dest_id, m.network.is_some()).map_err(refused)?;
-            if pod.ipc {
+            if pod.shares_ipc {
                 // Every member joins the IPC namespace made for the pod
                 // when its leader is admitted.
                 let ipc = container_network::ipcns::ipc_namespace_path(&pod.leader);
@@ -219,20 +219,22 @@ impl<'a> Session<'a> {
                 }
                 policy.ipc_namespace = Some(ipc);
             }
-            if pod.leader != m.dest_id {
-                // A member is restored into the namespace its leader's
-                // session built (admitted first, see pods::admit).
-                let netns = container_network::Netns::Named(DestinationNetwork::netns_name(&pod.leader));
-                if !netns.exists() {
-                    return Err(refused(format!("pod {}'s network namespace {} does not exist: its leader `{}` is sent first", pod.id, netns.path().display(), pod.leader)));
+            if pod.shares_network {
+                if pod.leader != m.dest_id {
+                    // A member is restored into the namespace its leader's
+                    // session built (admitted first, see pods::admit).
+                    let netns = container_network::Netns::Named(DestinationNetwork::netns_name(&pod.leader));
+                    if !netns.exists() {
+                        return Err(refused(format!("pod {}'s network namespace {} does not exist: its leader `{}` is sent first", pod.id, netns.path().display(), pod.leader)));
+                    }
+                    policy.network_namespace = Some(netns.path());
                 }
-                policy.network_namespace = Some(netns.path());
+                // Each member's deletion removes the pod's namespace, if no
+                // other member runs in it any more.
+                let exe = std::env::current_exe().map_err(|e| refused(format!("cannot find the ctmigrate binary for the poststop hook: {e}")))?;
+                let args = ["ctmigrate", "hook", "remove-netns", "--pod-leader", &pod.leader];
+                policy.poststop_hook = Some((exe, args.iter().map(|a| a.to_string()).collect()));
             }
-            // Each member's deletion removes the pod's namespace, if no
-            // other member runs in it any more.
-            let exe = std::env::current_exe().map_err(|e| refused(format!("cannot find the ctmigrate binary for the poststop hook: {e}")))?;
-            let args = ["ctmigrate", "hook", "remove-netns", "--pod-leader", &pod.leader];
-            policy.poststop_hook = Some((exe, args.iter().map(|a| a.to_string()).collect()));
         }
         if m.empty_tmpfs.len() > container_runtime::tmpfs::MAX_EMPTY_TMPFS {
             return Err(refused(format!("the manifest lists {} empty tmpfs mounts (at most {})", m.empty_tmpfs.len(), container_runtime::tmpfs::MAX_EMPTY_TMPFS)));

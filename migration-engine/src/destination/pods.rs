@@ -100,8 +100,11 @@ pub(crate) fn validate(pod: &PodWire, dest_id: &str, has_network: bool) -> Resul
     if pod.members.iter().collect::<std::collections::BTreeSet<_>>().len() != pod.members.len() {
         return Err("the manifest's pod lists a member twice".into());
     }
-    if (pod.leader == dest_id) != has_network {
-        return Err("in a pod, the leader's manifest and only it carries the network namespace".into());
+    if !pod.shares_network && !pod.shares_ipc {
+        return Err("the manifest's pod shares no namespace".into());
+    }
+    if pod.shares_network && (pod.leader == dest_id) != has_network {
+        return Err("in a pod sharing a network namespace, the leader's manifest and only it carries the namespace".into());
     }
     Ok(())
 }
@@ -223,7 +226,7 @@ mod tests {
     use super::*;
 
     fn pod(id: &str) -> PodWire {
-        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()], ipc: false }
+        PodWire { id: id.into(), leader: "pause".into(), members: vec!["pause".into(), "app".into()], shares_network: true, shares_ipc: false }
     }
 
     #[test]
@@ -291,6 +294,11 @@ mod tests {
         assert!(validate(&pod("p1"), "app", false).is_ok());
         assert!(validate(&pod("p1"), "app", true).is_err(), "only the leader carries the network");
         assert!(validate(&pod("p1"), "pause", false).is_err());
+        // Sharing only an IPC namespace, each member carries its network.
+        let ipc_only = PodWire { shares_network: false, shares_ipc: true, ..pod("p1") };
+        assert!(validate(&ipc_only, "app", true).is_ok());
+        assert!(validate(&ipc_only, "pause", false).is_ok());
+        assert!(validate(&PodWire { shares_ipc: false, ..ipc_only }, "app", true).is_err(), "a pod shares something");
         assert!(validate(&pod("p1"), "stranger", false).is_err());
         assert!(validate(&pod("../x"), "app", false).is_err());
         let mut twice = pod("p1");

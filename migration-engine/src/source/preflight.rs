@@ -36,8 +36,10 @@ fn inspect(opts: &SendOptions, dest_id: &str, rep: &Reporter) -> Result<Inspecte
     let internal: RuncInternalState = runc.internal_state(&opts.container)?;
     let mut plan = DumpPlan::for_container(&internal)?;
     let (network, network_handling) = match &opts.pod {
-        // The pod's namespace is its leader's to record, lock and move.
-        Some(member) if !member.leader => (None, Some(format!("the pod's, moved with `{}`", member.wire.leader))),
+        // A shared network namespace is the pod's leader's to record, lock
+        // and move; each member of a pod sharing only its IPC namespace
+        // moves its own.
+        Some(member) if member.wire.shares_network && !member.leader => (None, Some(format!("the pod's, moved with `{}`", member.wire.leader))),
         Some(_) => source_network(&mut plan, &internal, rep)?,
         None => {
             refuse_shared_namespaces(&opts.container, &plan)?;
@@ -105,10 +107,12 @@ pub(super) fn agree(opts: &SendOptions, dest_id: &str, found: Inspected, rep: &R
             ack.software, ack.version
         )));
     }
-    if opts.pod.is_some() && ack.version < migration_protocol::PROTOCOL_VERSION_PODS {
+    if let Some(needs) = opts.pod.as_ref().map(|m| m.wire.needs_version()).filter(|v| ack.version < *v) {
         return Err(MigrationError::Preflight(format!(
-            "the receiver ({}) speaks protocol version {}, which cannot take a pod (containers sharing a network namespace) as one unit: upgrade it",
-            ack.software, ack.version
+            "the receiver ({}) speaks protocol version {}, which cannot take this pod (containers sharing {}) as one unit (version {needs} can): upgrade it",
+            ack.software,
+            ack.version,
+            if needs > migration_protocol::PROTOCOL_VERSION_PODS { "an IPC namespace" } else { "a network namespace" }
         )));
     }
     let uts = nix::sys::utsname::uname().map_err(|e| MigrationError::Other(e.to_string()))?;
