@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::echo::{start_echo, EchoClient};
-use migration_testbed::{join_network_namespace, CommandResult, ContainerNetwork, FixtureContainer, Side, Testbed, Workload};
+use migration_testbed::{join_ipc_namespace, join_network_namespace, CommandResult, ContainerNetwork, FixtureContainer, Side, Testbed, Workload};
 
 /// The five containers; fields drop in order (containers, then the
 /// networks, then the hosts).
@@ -43,14 +43,7 @@ fn start_counter(bed: &Testbed, id: &str, netns: Option<&PathBuf>, ipc: Option<&
         join_network_namespace(&bundle, ns).unwrap();
     }
     if let Some(ipc) = ipc {
-        let path = bundle.join("config.json");
-        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        for ns in cfg["linux"]["namespaces"].as_array_mut().unwrap() {
-            if ns["type"] == "ipc" {
-                ns["path"] = ipc.to_string_lossy().into_owned().into();
-            }
-        }
-        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        join_ipc_namespace(&bundle, ipc).unwrap();
     }
     let c = FixtureContainer::start(bed.src_runc.clone(), id, &bundle).unwrap();
     let (token, _) = common::counter_at_least(&c.rootfs(), 3);

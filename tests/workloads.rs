@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use migration_testbed::debian;
 use migration_testbed::services::{self, processes_in, pseudo_random, run_token, Client, ServiceBed, ServiceSpec};
-use migration_testbed::{nginx, postgres, redis, FixtureContainer};
+use migration_testbed::{join_ipc_namespace, join_network_namespace, nginx, postgres, redis, ChildProcess, FixtureContainer, Side, Workload};
 use migration_engine::MigrationError;
 
 // ---------------------------------------------------------------------------
@@ -284,6 +284,86 @@ fn workload_redis_million_keys_one_connection_every_value_checked() {
     let dst_procs = processes_in(pid_namespace(sb.bed.dst_runc.running(&sb.id).unwrap().pid));
     assert!(dst_procs.iter().all(|p| p.uid == redis_uid), "destination redis not running as redis: {dst_procs:?}");
     finish(sb, dst, "workload_redis");
+}
+
+/// Draining a host with a real service on it: Debian's redis, a client on
+/// one connection checking every answer, and beside it a two-container
+/// pod shaped as Kubernetes makes one (the app in the pause container's
+/// network and IPC namespaces) leave with one `evacuate`: every value
+/// arrives, the pod whole, and nothing is left on the source.
+#[test]
+fn workload_redis_and_a_pod_leave_with_one_evacuate() {
+    let Some((sb, stream, mut conn, redis_uid, src_pidns)) = redis_bed("wev") else { return };
+    let run_id = conn.run_id().unwrap();
+    let token = run_token();
+    let mut client = redis::client(&stream, conn, &token).or_panic();
+    client.assert_progress(2_000, Duration::from_secs(60), "before evacuating");
+
+    let tag = sb.bed.tag.clone();
+    let start = |id: String, pod_of: Option<i32>| {
+        let bundle = sb.bed.fixture_bundle(&id, &Workload::Counter).unwrap();
+        if let Some(pid) = pod_of {
+            join_network_namespace(&bundle, Path::new(&format!("/proc/{pid}/ns/net"))).unwrap();
+            join_ipc_namespace(&bundle, Path::new(&format!("/proc/{pid}/ns/ipc"))).unwrap();
+        }
+        let c = FixtureContainer::start(sb.bed.src_runc.clone(), &id, &bundle).unwrap();
+        let (token, _) = common::counter_at_least(&c.rootfs(), 3);
+        (c, token)
+    };
+    let pause = start(format!("pause-{tag}"), None);
+    let app = start(format!("app-{tag}"), Some(sb.bed.src_runc.state(&pause.0.id).unwrap().pid));
+
+    let port = common::port();
+    let _receiver = sb.bed.spawn_receiver(port, &["--bridge", &sb.net.bridge, "--max-migrations", "4"], &[]).or_panic();
+    let mut evacuate = ChildProcess::spawn(sb.bed.evacuate_command(port, &["--tcp-established", "--parallel", "2"])).or_panic();
+    // The client's route moves once the destination runs redis (what the
+    // receiver's gratuitous ARP does on a shared segment).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut routed = false;
+    while matches!(evacuate.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        if !routed && sb.bed.dst_runc.live_init_pid(&sb.id).is_ok() {
+            sb.net.route_via(Side::Destination).or_panic();
+            routed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let code = evacuate.wait(Duration::from_secs(5));
+    assert_eq!(code, Some(0), "evacuate failed: {}", evacuate.stderr());
+    sb.net.route_via(Side::Destination).or_panic();
+    let summary = evacuate.events.iter().find(|e| e["event"] == "summary").cloned().expect("no summary event");
+    assert_eq!((summary["moved"].as_u64(), summary["stayed"].as_u64()), (Some(3), Some(0)), "{summary}");
+
+    client.assert_progress(5_000, Duration::from_secs(120), "after evacuating");
+    let (mut conn, steps, gap) = client.stop().or_panic();
+    eprintln!("redis client: {steps} SET/GET rounds on one connection across the evacuation, longest gap {gap:?}");
+    assert_eq!(conn.run_id().unwrap(), run_id, "redis was restarted");
+    redis::check_every_value(&mut conn, &token, steps).or_panic();
+    drop(conn);
+
+    // The pod runs whole on the destination, counting on.
+    for (c, token) in [&pause, &app] {
+        let rootfs = sb.bed.dst_bundles().join(&c.id).join("rootfs");
+        let (_, now) = migration_testbed::read_counter(&rootfs).unwrap();
+        common::assert_counting_on(&rootfs, token, now);
+    }
+    let dst_pid = |id: &str| sb.bed.dst_runc.state(id).unwrap().pid;
+    for kind in ["net", "ipc"] {
+        let ns = |id: &str| std::fs::metadata(format!("/proc/{}/ns/{kind}", dst_pid(id))).unwrap().ino();
+        assert_eq!(ns(&pause.0.id), ns(&app.0.id), "the pod's members are in two {kind} namespaces on the destination");
+    }
+    let dst = sb.exactly_one_copy(src_pidns).or_panic();
+    let dst_procs = processes_in(pid_namespace(dst_pid(&sb.id)));
+    assert!(dst_procs.iter().all(|p| p.uid == redis_uid), "destination redis not running as redis: {dst_procs:?}");
+    assert!(sb.bed.src_runc.list().unwrap().is_empty(), "the source still has {:?}", sb.bed.src_runc.list());
+    // The pod's copies deleted, nothing of it remains; finish() checks
+    // the rest.
+    for (c, _) in [&pause, &app] {
+        drop(sb.bed.dst_container(&c.id));
+        let _ = std::fs::remove_dir_all(sb.bed.dst_bundles().join(&c.id));
+    }
+    let netns = PathBuf::from(format!("/run/netns/ctmigrate-{}", pause.0.id));
+    assert!(!netns.exists(), "{} outlived the pod", netns.display());
+    finish(sb, dst, "workload_redis_evacuated");
 }
 
 // ---------------------------------------------------------------------------

@@ -180,12 +180,23 @@ pub fn build_bundle(runc_binary: &Path, dir: &Path, workload: &Workload) -> Resu
 /// Makes the bundle's container join the network namespace at `netns`
 /// (as CNI plugins and engines set containers up).
 pub fn join_network_namespace(bundle: &Path, netns: &Path) -> Result<(), MigrationError> {
+    join_namespace(bundle, "network", netns)
+}
+
+/// Makes the bundle's container join the IPC namespace at `ipc` (a
+/// `/proc/PID/ns/ipc`, as a Kubernetes pod's containers join their pause
+/// container's).
+pub fn join_ipc_namespace(bundle: &Path, ipc: &Path) -> Result<(), MigrationError> {
+    join_namespace(bundle, "ipc", ipc)
+}
+
+fn join_namespace(bundle: &Path, kind: &str, ns: &Path) -> Result<(), MigrationError> {
     let path = bundle.join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).map_err(MigrationError::io("reading config.json"))?)
         .map_err(|e| MigrationError::Other(e.to_string()))?;
     let namespaces = cfg["linux"]["namespaces"].as_array_mut().ok_or_else(|| MigrationError::Other("config.json has no namespaces".into()))?;
-    namespaces.retain(|n| n["type"] != "network");
-    namespaces.push(serde_json::json!({"type": "network", "path": netns}));
+    namespaces.retain(|n| n["type"] != kind);
+    namespaces.push(serde_json::json!({"type": kind, "path": ns}));
     let text = serde_json::to_vec_pretty(&cfg).map_err(|e| MigrationError::Other(e.to_string()))?;
     std::fs::write(&path, text).map_err(MigrationError::io("writing config.json"))
 }
