@@ -65,8 +65,10 @@ fn fleet(prefix: &str) -> Option<Fleet> {
     // namespace, both join the pod's network namespace.
     let pause = start_counter(&bed, &format!("pause-{tag}"), Some(&pod_path), None);
     let pause_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", bed.src_runc.state(&pause.0.id).unwrap().pid));
-    // A setting of the pod's IPC namespace, which must move with it.
+    // A setting of the pod's IPC namespace and System V objects in it,
+    // which must move with it.
     ipc_setting(&pause_ipc, Some(POD_MSGMNB));
+    make_sysv_objects(&pause_ipc);
     let app = start_counter(&bed, &format!("app-{tag}"), Some(&pod_path), Some(&pause_ipc));
     let pod = vec![pause, app];
     Some(Fleet { counters, pod, echo, pod_netns, net, bed })
@@ -89,6 +91,95 @@ fn ipc_setting(ns: &std::path::Path, value: Option<&str>) -> String {
     })
     .join()
     .unwrap()
+}
+
+/// The key of the System V objects the tests make in a pod's IPC namespace.
+const SYSV_KEY: libc::key_t = 0x5c7e;
+/// What they hold: the segment's first bytes, the one message queued, the
+/// semaphore's value.
+const SHM_BYTES: &[u8] = b"ctmigrate: shared memory of the pod";
+const MESSAGE: &[u8] = b"ctmigrate: one message, once";
+const SEM_VALUE: i32 = 7;
+
+/// Runs `f` in a thread of its own inside the IPC namespace at `ns`.
+fn in_ipc_namespace<T: Send + 'static>(ns: &std::path::Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
+    std::thread::spawn(move || {
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWIPC).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[repr(C)]
+struct Message {
+    mtype: libc::c_long,
+    mtext: [u8; 64],
+}
+
+/// Makes a shared memory segment, a message queue with one message and a
+/// semaphore set in the IPC namespace at `ns`, each with [`SYSV_KEY`].
+fn make_sysv_objects(ns: &std::path::Path) {
+    in_ipc_namespace(ns, || {
+        // SAFETY: shmget, msgget and semget take plain integers.
+        let (shm, queue, sem) = unsafe {
+            (libc::shmget(SYSV_KEY, 4096, libc::IPC_CREAT | 0o600), libc::msgget(SYSV_KEY, libc::IPC_CREAT | 0o600), libc::semget(SYSV_KEY, 1, libc::IPC_CREAT | 0o600))
+        };
+        assert!(shm >= 0 && queue >= 0 && sem >= 0, "making System V objects: {}", std::io::Error::last_os_error());
+        // SAFETY: shmat maps the segment at an address of the kernel's
+        // choosing; we write within its 4096 bytes and unmap it.
+        unsafe {
+            let at = libc::shmat(shm, std::ptr::null(), 0);
+            assert_ne!(at as isize, -1, "shmat: {}", std::io::Error::last_os_error());
+            std::ptr::copy_nonoverlapping(SHM_BYTES.as_ptr(), at as *mut u8, SHM_BYTES.len());
+            libc::shmdt(at);
+        }
+        let mut message = Message { mtype: 1, mtext: [0; 64] };
+        message.mtext[..MESSAGE.len()].copy_from_slice(MESSAGE);
+        // SAFETY: msgsnd reads MESSAGE.len() bytes of mtext after mtype,
+        // within `message`; semctl SETVAL takes an int.
+        unsafe {
+            assert_eq!(libc::msgsnd(queue, &message as *const Message as *const libc::c_void, MESSAGE.len(), 0), 0, "msgsnd");
+            assert_eq!(libc::semctl(sem, 0, libc::SETVAL, SEM_VALUE), 0, "semctl SETVAL");
+        }
+    })
+}
+
+/// Checks that the IPC namespace at `ns` holds what [`make_sysv_objects`]
+/// made, the message once (taken off the queue if `take`).
+fn assert_sysv_objects(ns: &std::path::Path, take: bool, side: &str) {
+    let side = side.to_string();
+    in_ipc_namespace(ns, move || {
+        // SAFETY: the *get calls take plain integers (no IPC_CREAT: the
+        // objects must be there).
+        let (shm, queue, sem) = unsafe { (libc::shmget(SYSV_KEY, 0, 0), libc::msgget(SYSV_KEY, 0), libc::semget(SYSV_KEY, 0, 0)) };
+        assert!(shm >= 0 && queue >= 0 && sem >= 0, "{side}: the pod's System V objects are missing ({shm}, {queue}, {sem})");
+        // SAFETY: the segment is mapped read-only, read within its first
+        // bytes and unmapped.
+        let bytes = unsafe {
+            let at = libc::shmat(shm, std::ptr::null(), libc::SHM_RDONLY);
+            assert_ne!(at as isize, -1, "shmat: {}", std::io::Error::last_os_error());
+            let bytes = std::slice::from_raw_parts(at as *const u8, SHM_BYTES.len()).to_vec();
+            libc::shmdt(at);
+            bytes
+        };
+        assert_eq!(bytes, SHM_BYTES, "{side}: the segment's contents");
+        // SAFETY: msgctl writes a msqid_ds we own; semctl GETVAL takes ints.
+        let (queued, value) = unsafe {
+            let mut stat: libc::msqid_ds = std::mem::zeroed();
+            assert_eq!(libc::msgctl(queue, libc::IPC_STAT, &mut stat), 0, "msgctl");
+            (stat.msg_qnum, libc::semctl(sem, 0, libc::GETVAL))
+        };
+        assert_eq!(queued, 1, "{side}: messages on the queue (once, not once a member)");
+        assert_eq!(value, SEM_VALUE, "{side}: the semaphore's value");
+        if take {
+            let mut message = Message { mtype: 0, mtext: [0; 64] };
+            // SAFETY: msgrcv writes at most 64 bytes of mtext into `message`.
+            let n = unsafe { libc::msgrcv(queue, &mut message as *mut Message as *mut libc::c_void, 64, 0, libc::IPC_NOWAIT) };
+            assert_eq!(&message.mtext[..n.max(0) as usize], MESSAGE, "{side}: the message");
+        }
+    })
 }
 
 /// The pod's IPC namespace's file goes once every member's receiver
@@ -175,6 +266,7 @@ fn evacuate_moves_every_container_a_pod_whole_and_a_live_connection() {
     assert_ne!(ipc(pause), netns_inode("/proc/self/ns/ipc"), "the pod runs in the host's IPC namespace");
     let moved_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", pid(app)));
     assert_eq!(ipc_setting(&moved_ipc, None), POD_MSGMNB, "the pod's IPC settings did not move");
+    assert_sysv_objects(&moved_ipc, true, "destination");
     assert_pod_ipc_file_goes(&leader);
 
     // The client's connection carries on to the moved echo server.
@@ -267,6 +359,7 @@ fn a_fault_keeps_one_container_and_one_pod_whole_on_the_source() {
         assert_pod_ipc_file_goes(id);
     }
     assert_eq!(netns_inode(&format!("/proc/{}/ns/ipc", src_pid(pause))), netns_inode(&format!("/proc/{}/ns/ipc", src_pid(app))), "the pod's members no longer share their IPC namespace");
+    assert_sysv_objects(&PathBuf::from(format!("/proc/{}/ns/ipc", src_pid(app))), false, "source");
     assert_moved(bed, c2, &f.counters[1].1);
     net.route_via(Side::Destination).unwrap();
     client.assert_flowing(5_000, Duration::from_secs(90), "after evacuating");
@@ -311,6 +404,7 @@ fn a_sender_killed_during_a_pods_commit_leaves_the_pod_whole_on_one_side() {
     }
     let moved_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", pid(&app)));
     assert_eq!(ipc_setting(&moved_ipc, None), POD_MSGMNB, "the pod's IPC settings did not move");
+    assert_sysv_objects(&moved_ipc, true, "destination");
     assert_pod_ipc_file_goes(&pause);
     receiver.poll_events();
     for e in receiver.events.iter().filter(|e| e["event"] == "warning" || e["event"] == "result") {
@@ -350,6 +444,7 @@ fn a_receiver_killed_between_a_pods_commits_runs_the_whole_pod_after_its_restart
     for kind in ["net", "ipc"] {
         assert_eq!(netns_inode(&format!("/proc/{}/ns/{kind}", pid(&pause))), netns_inode(&format!("/proc/{}/ns/{kind}", pid(&app))), "{kind}");
     }
+    assert_sysv_objects(&PathBuf::from(format!("/proc/{}/ns/ipc", pid(&app))), true, "destination");
     // The dead receiver's sessions left the IPC namespace's file; the
     // restarted one's recovery removes it.
     assert_pod_ipc_file_goes(&pause);
@@ -367,6 +462,7 @@ fn containers_sharing_only_an_ipc_namespace_move_as_a_pod_each_with_its_network(
     let first = start_counter(&bed, &format!("ipca-{tag}"), None, None);
     let first_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", bed.src_runc.state(&first.0.id).unwrap().pid));
     ipc_setting(&first_ipc, Some(POD_MSGMNB));
+    make_sysv_objects(&first_ipc);
     let second = start_counter(&bed, &format!("ipcb-{tag}"), None, Some(&first_ipc));
     let (a, b) = (first.0.id.clone(), second.0.id.clone());
     let src_pid = |id: &str| bed.src_runc.state(id).unwrap().pid;
@@ -387,7 +483,9 @@ fn containers_sharing_only_an_ipc_namespace_move_as_a_pod_each_with_its_network(
     assert_eq!(ns(&a, "ipc"), ns(&b, "ipc"), "the pair is in two IPC namespaces on the destination");
     assert_ne!(ns(&a, "ipc"), netns_inode("/proc/self/ns/ipc"));
     assert_ne!(ns(&a, "net"), ns(&b, "net"), "the pair was put in one network namespace");
-    assert_eq!(ipc_setting(&PathBuf::from(format!("/proc/{}/ns/ipc", pid(&b))), None), POD_MSGMNB, "the IPC settings did not move");
+    let moved_ipc = PathBuf::from(format!("/proc/{}/ns/ipc", pid(&b)));
+    assert_eq!(ipc_setting(&moved_ipc, None), POD_MSGMNB, "the IPC settings did not move");
+    assert_sysv_objects(&moved_ipc, true, "destination");
     assert_pod_ipc_file_goes(&a);
     remove_moved(&bed, &[a, b]);
 }
@@ -414,25 +512,6 @@ fn a_pod_member_alone_and_bad_lists_are_refused_with_nothing_touched() {
     let renamed = CommandResult::run(bed.source_command_for(&["send", pause, app, "--dest-id", "x"], port, &[])).unwrap();
     assert_eq!(renamed.code, Some(2), "{}", renamed.stderr);
     assert!(renamed.stderr.contains("--dest-id"), "{}", renamed.stderr);
-
-    // A System V segment in the pod's shared IPC namespace: the pod
-    // cannot move that namespace, and stays whole.
-    let pause_ipc = format!("/proc/{}/ns/ipc", bed.src_runc.state(pause).unwrap().pid);
-    std::thread::spawn(move || {
-        nix::sched::setns(std::fs::File::open(&pause_ipc).unwrap(), nix::sched::CloneFlags::CLONE_NEWIPC).unwrap();
-        // SAFETY: shmget takes plain integers and touches no memory of ours.
-        let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600) };
-        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
-    })
-    .join()
-    .unwrap();
-    let held = CommandResult::run(bed.source_command_for(&["send", pause, app], port, &[])).unwrap();
-    assert_eq!(held.code, Some(3), "{}", held.stderr);
-    let s = summary(&held);
-    for id in [pause, app] {
-        let o = outcome(&s, id);
-        assert!(o["reason"].as_str().is_some_and(|r| r.contains("System V")), "{o}");
-    }
 
     assert_eq!(bed.src_runc.list().unwrap(), before, "a refused command changed the source");
     for (c, token) in f.pod.iter().chain(&f.counters) {

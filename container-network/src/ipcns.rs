@@ -6,10 +6,10 @@
 //! the restores only; the receiver removes it after the pod's last
 //! session (the restored tasks keep the namespace).
 //!
-//! On the source, [`sysv_objects`] tells whether a shared namespace holds
-//! System V objects: those cannot move this way (each member's dump
-//! carries a copy of them, and the second restore would clash with the
-//! first), so such a pod stays.
+//! Its System V objects come with the members' dumps, each of which holds
+//! a copy of them: the first member restored makes them, the others find
+//! them there (CRIU patch 0006), so the receiver restores such a pod's
+//! members one at a time.
 
 use std::path::{Path, PathBuf};
 
@@ -61,25 +61,4 @@ pub fn remove_ipc_namespace(id: &str) -> Result<(), NetworkError> {
     }
     let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
     std::fs::remove_file(&path).map_err(|source| NetworkError::Io { context: format!("removing IPC namespace {}", path.display()), source })
-}
-
-/// How many System V objects (shared memory segments, message queues,
-/// semaphore sets) the IPC namespace at `ns` holds, read from inside it
-/// by a thread of its own.
-pub fn sysv_objects(ns: &Path) -> Result<usize, NetworkError> {
-    let file = std::fs::File::open(ns).map_err(|source| NetworkError::Io { context: format!("opening {}", ns.display()), source })?;
-    std::thread::spawn(move || -> Result<usize, NetworkError> {
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWIPC)
-            .map_err(|e| NetworkError::Io { context: "entering an IPC namespace".into(), source: e.into() })?;
-        let mut objects = 0;
-        for kind in ["shm", "msg", "sem"] {
-            let path = format!("/proc/sysvipc/{kind}");
-            let text = std::fs::read_to_string(&path).map_err(|source| NetworkError::Io { context: format!("reading {path}"), source })?;
-            // A header line, then one line an object.
-            objects += text.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
-        }
-        Ok(objects)
-    })
-    .join()
-    .unwrap_or_else(|_| Err(NetworkError::Invalid("the thread reading an IPC namespace panicked".into())))
 }

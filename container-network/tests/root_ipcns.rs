@@ -1,10 +1,10 @@
 //! Root test of the IPC namespace a receiver makes for a pod (skipped,
 //! with a note, when not root; failed when CTMIGRATE_REQUIRE_ROOT_TESTS=1).
 
-use container_network::ipcns::{create_ipc_namespace, ipc_namespace_path, remove_ipc_namespace, sysv_objects};
+use container_network::ipcns::{create_ipc_namespace, ipc_namespace_path, remove_ipc_namespace};
 
 #[test]
-fn a_pods_ipc_namespace_is_made_told_empty_or_not_and_removed() {
+fn a_pods_ipc_namespace_is_made_once_and_removed() {
     if !nix::unistd::geteuid().is_root() {
         assert_ne!(std::env::var("CTMIGRATE_REQUIRE_ROOT_TESTS").as_deref(), Ok("1"), "root test cannot run: not root");
         eprintln!("SKIPPED: not root");
@@ -17,20 +17,6 @@ fn a_pods_ipc_namespace_is_made_told_empty_or_not_and_removed() {
     let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
     let own = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/ipc").unwrap());
     assert_ne!(inode, own, "not a new namespace");
-    assert_eq!(sysv_objects(&path).unwrap(), 0, "a new namespace holds nothing");
-
-    // A shared memory segment made inside it is seen.
-    let target = path.clone();
-    std::thread::spawn(move || {
-        nix::sched::setns(std::fs::File::open(&target).unwrap(), nix::sched::CloneFlags::CLONE_NEWIPC).unwrap();
-        // SAFETY: shmget takes plain integers and touches no memory of ours.
-        let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600) };
-        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
-    })
-    .join()
-    .unwrap();
-    assert_eq!(sysv_objects(&path).unwrap(), 1);
-
     remove_ipc_namespace(&id).unwrap();
     assert!(!path.exists());
     remove_ipc_namespace(&id).expect("removing what is gone is fine");

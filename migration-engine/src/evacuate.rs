@@ -151,7 +151,6 @@ pub fn evacuate(opts: &EvacuateOptions, rep: &Reporter) -> Result<Summary, Migra
         let inits: Vec<i32> = group.iter().map(|m| m.init_pid).collect();
         crate::pods::namespace_sharers(group[0].init_pid, kind, &crate::pods::in_cgroups_of(&inits))
     });
-    let units: Vec<Unit> = units.into_iter().map(|unit| ipc_movable(unit, &members)).collect();
     let parallel = opts.parallel.max(1);
     rep.note(format!(
         "moving {} container(s) in {} unit(s), at most {parallel} at once{}",
@@ -222,20 +221,6 @@ fn running_members(runc: &Runc, named: Option<&[String]>, rep: &Reporter) -> Res
         rep.note("no running container to move");
     }
     Ok(members)
-}
-
-/// A pod sharing an IPC namespace moves only if that namespace holds no
-/// System V objects (see `container_network::ipcns`); else it stays.
-fn ipc_movable(unit: Unit, members: &[Member]) -> Unit {
-    let Unit::Pod { leader, members: ids, shared_net, shared_ipc: true } = unit else { return unit };
-    let init = members.iter().find(|m| m.id == leader).map(|m| m.init_pid).unwrap_or(0);
-    let ns = std::path::PathBuf::from(format!("/proc/{init}/ns/ipc"));
-    let why = match container_network::ipcns::sysv_objects(&ns) {
-        Ok(0) => return Unit::Pod { leader, members: ids, shared_net, shared_ipc: true },
-        Ok(n) => format!("the pod {}'s shared IPC namespace holds {n} System V object(s) (shared memory, queues, semaphores), which ctmigrate cannot move with a shared namespace yet", ids.join(", ")),
-        Err(e) => format!("the pod {}'s shared IPC namespace cannot be read: {e}", ids.join(", ")),
-    };
-    Unit::Stays { members: ids, reason: why }
 }
 
 /// Moves one unit: a container alone, or a pod (one thread a member).

@@ -4,8 +4,7 @@
 //! [`crate::source::pod`]); those that share an IPC namespace are kept
 //! together too: they move as a pod when they all share one IPC namespace
 //! and either one network namespace (as a Kubernetes pod's containers do)
-//! or one network namespace each, and the shared IPC namespace holds no
-//! System V objects (see
+//! or one network namespace each (its System V objects move with it, see
 //! `container_network::ipcns`); otherwise they stay, all of them, with a
 //! reason. A unit is never split.
 //!

@@ -52,6 +52,10 @@ struct PodEntry {
     open_sessions: usize,
     /// What the leader built for the pod, removed after the last session.
     namespaces: PodNamespaces,
+    /// Held by a member's restore while it runs: members sharing an IPC
+    /// namespace are restored one at a time (the first makes its System V
+    /// objects, the others find them there; CRIU patch 0006).
+    restore_turn: Arc<Mutex<()>>,
     since: Instant,
 }
 
@@ -129,6 +133,7 @@ impl PodRegistry {
                     leader_admitted: true,
                     open_sessions: 1,
                     namespaces: PodNamespaces::default(),
+                    restore_turn: Arc::default(),
                     since: Instant::now(),
                 },
             );
@@ -150,6 +155,11 @@ impl PodRegistry {
         if let Some(e) = self.pods.lock().unwrap().get_mut(pod_id) {
             e.namespaces = namespaces;
         }
+    }
+
+    /// What a member's restore holds while it runs (see `restore_turn`).
+    pub(crate) fn restore_turn(&self, pod_id: &str) -> Option<Arc<Mutex<()>>> {
+        self.pods.lock().unwrap().get(pod_id).map(|e| e.restore_turn.clone())
     }
 
     /// A member's session ended; the last one gets what is to be removed.
@@ -198,6 +208,8 @@ pub(crate) struct PodSeat {
     pub pod_id: String,
     /// This session's container leads the pod.
     pub leads: bool,
+    /// The pod's members share an IPC namespace.
+    pub shares_ipc: bool,
     host: Arc<dyn DestinationHost>,
 }
 
@@ -205,7 +217,7 @@ impl PodSeat {
     /// Admits `dest_id` into `pod` in [`PODS`].
     pub(crate) fn take(pod: &PodWire, dest_id: &str, host: Arc<dyn DestinationHost>) -> Result<Self, String> {
         PODS.admit(pod, dest_id)?;
-        Ok(Self { pod_id: pod.id.clone(), leads: pod.leader == dest_id, host })
+        Ok(Self { pod_id: pod.id.clone(), leads: pod.leader == dest_id, shares_ipc: pod.shares_ipc, host })
     }
 }
 

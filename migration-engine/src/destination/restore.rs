@@ -44,6 +44,9 @@ impl<'a> Session<'a> {
             drop(handover);
             restored
         };
+        // A pod sharing an IPC namespace restores one member at a time.
+        let turn = self.pod.as_ref().filter(|seat| seat.shares_ipc).and_then(|seat| pods::PODS.restore_turn(&seat.pod_id));
+        let my_turn = turn.as_ref().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()));
         let restored = if lazy_pages {
             // The restore itself may fault on memory still on the source:
             // pages are relayed while it runs.
@@ -56,6 +59,7 @@ impl<'a> Session<'a> {
         } else {
             restore()
         };
+        drop(my_turn);
         let st = self.staging.as_mut().expect("staging exists");
         restored.map_err(|e| resumed(MigrationError::Remote(format!("restore on the destination failed: {e}"))))?;
         // The fence: CRIU left every task stopped (the bundle's CRIU

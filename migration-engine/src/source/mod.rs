@@ -627,6 +627,9 @@ impl<'a> Migration<'a> {
         if let Err(e) = self.step(SourceEvent::Froze) {
             return Err(self.fail(e));
         }
+        if let Err(e) = self.pod_wait(pod::Stage::Frozen) {
+            return Err(self.fail(e));
+        }
         if let Err(e) = self.frozen_phase(result) {
             return Err(self.fail(e));
         }

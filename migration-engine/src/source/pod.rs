@@ -36,6 +36,10 @@ use crate::MigrationError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     BeforeFreeze,
+    /// Every member frozen, before any dumps: their dumps then agree on
+    /// what they share (a shared IPC namespace's objects, which each
+    /// member's dump holds a copy of).
+    Frozen,
     Ready,
     CommitJournalled,
 }
