@@ -374,8 +374,9 @@ const CRIU_GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// which runc adopts as their subreaper) can outlive it holding the RPC
 /// socket open, and runc then never sees the end of it (CRIU killed during
 /// a restore). Those tasks are named `criu` too, so the one watched is
-/// runc's `criu swrk`: once it has ended (a zombie runc does not reap, or
-/// gone) for [`CRIU_GONE_GRACE`], runc is killed, so that the command fails
+/// runc's `criu swrk` (the newest: runc's feature check runs one first):
+/// once it has ended (a zombie runc does not reap, or gone) for
+/// [`CRIU_GONE_GRACE`], runc is killed, so that the command fails
 /// instead of hanging for ever. What CRIU left goes with the container's
 /// cgroups (the caller's removal kills their tasks).
 fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
@@ -391,11 +392,19 @@ fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std:
             .filter_map(|c| crate::procinfo::stat(c as i32))
             .filter(|stat| stat.comm == "criu")
             .collect();
-        if swrk.is_none() {
-            swrk = criu_children
+        // runc may run a short `criu swrk` (its feature check) before the
+        // one that restores: once runc reaped the one watched, the next
+        // live one is. (Not while the watched one is a zombie: the helpers
+        // a killed CRIU leaves to runc carry its command line too.)
+        let watched_present = swrk.is_some_and(|s| criu_children.iter().any(|stat| stat.pid as u32 == s));
+        if !watched_present {
+            if let Some(live) = criu_children
                 .iter()
+                .filter(|stat| !crate::procinfo::has_ended(stat))
                 .find(|stat| crate::procinfo::cmdline(stat.pid).is_some_and(|args| args.iter().any(|a| a == b"swrk")))
-                .map(|stat| stat.pid as u32);
+            {
+                swrk = Some(live.pid as u32);
+            }
         }
         let ended = match swrk {
             Some(s) => criu_children.iter().find(|stat| stat.pid as u32 == s).is_none_or(crate::procinfo::has_ended),
@@ -405,6 +414,11 @@ fn wait_unless_criu_died(runc: &mut std::process::Child) -> std::io::Result<std:
         match (ended, gone_since) {
             (true, None) => gone_since = Some(std::time::Instant::now()),
             (true, Some(t)) if t.elapsed() > CRIU_GONE_GRACE => {
+                eprintln!(
+                    "ctmigrate: runc (pid {pid}) waited {} s on a CRIU that ended (swrk {swrk:?}, criu children {:?}): stopping it",
+                    CRIU_GONE_GRACE.as_secs(),
+                    criu_children.iter().map(|s| (s.pid, s.state)).collect::<Vec<_>>()
+                );
                 let _ = runc.kill();
                 return runc.wait();
             }
