@@ -186,9 +186,10 @@ fn unknown_kind_and_flags_are_refused() {
 
 #[test]
 fn version_negotiation() {
-    assert_eq!(negotiate_version(1, 6).unwrap(), PROTOCOL_VERSION_MAX);
+    assert_eq!(negotiate_version(1, 7).unwrap(), PROTOCOL_VERSION_MAX);
+    assert_eq!(negotiate_version(1, 6).unwrap(), 6, "a version-6 sender is still served (pods sharing a network namespace)");
     assert_eq!(negotiate_version(1, 5).unwrap(), 5, "a version-5 sender is still served");
-    assert!(matches!(negotiate_version(7, 9), Err(ProtocolError::NoCommonVersion { .. })));
+    assert!(matches!(negotiate_version(8, 9), Err(ProtocolError::NoCommonVersion { .. })));
 }
 
 #[test]
