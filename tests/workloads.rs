@@ -363,6 +363,9 @@ fn workload_redis_and_a_pod_leave_with_one_evacuate() {
     }
     let netns = PathBuf::from(format!("/run/netns/ctmigrate-{}", pause.0.id));
     assert!(!netns.exists(), "{} outlived the pod", netns.display());
+    // The source's handles go before the testbed (their drop runs runc
+    // there, which would make its runtime root again).
+    drop((pause, app));
     finish(sb, dst, "workload_redis_evacuated");
 }
 
